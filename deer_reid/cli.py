@@ -1,0 +1,198 @@
+"""The `deer-reid` command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.config import Settings
+
+
+def _settings(args) -> Settings:
+    overrides = {}
+    if getattr(args, "home", None):
+        overrides["home"] = args.home
+    if getattr(args, "body_model", None):
+        overrides["body_model"] = args.body_model
+    if getattr(args, "allow_random_weights", False):
+        overrides["allow_random_weights"] = True
+    if getattr(args, "api_port", None):
+        overrides["api_port"] = args.api_port
+    return Settings(**overrides)
+
+
+def cmd_up(args) -> int:
+    from deer_reid.stack import Stack, StackError, pid_alive, read_state
+
+    settings = _settings(args)
+    existing = read_state(settings.home)
+    if existing and pid_alive(existing["supervisor_pid"]):
+        print(f"already running (supervisor pid {existing['supervisor_pid']}, API {existing['api_url']})")
+        return 0
+    if args.detach:
+        return _detach(args, settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s up %(levelname)s %(message)s")
+    stack = Stack(settings)
+    try:
+        stack.start()
+    except StackError as exc:
+        stack.stop()
+        print(f"deer-reid up: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:
+        stack.stop()
+        raise
+    print(f"deer-reid is up: API {stack.api_url}  (logs in {settings.home / 'logs'}; Ctrl-C stops everything)",
+          flush=True)
+    stack.run_forever()
+    return 0
+
+
+def _detach(args, settings: Settings) -> int:
+    from deer_reid.stack import pid_alive, read_state
+
+    from shared.models import missing_weights_message, weights_available
+
+    # Refuse before forking: the message must reach this terminal.
+    for name in [n.strip() for n in settings.body_model.split(",") if n.strip()]:
+        if not settings.allow_random_weights and not weights_available(name, settings.model_cache):
+            print(f"deer-reid up: {missing_weights_message(name, settings.model_cache)}", file=sys.stderr)
+            return 2
+    (settings.home / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = settings.home / "logs" / "supervisor.log"
+    argv = [sys.executable, "-m", "deer_reid.cli", "up", "--home", str(settings.home),
+            "--body-model", settings.body_model, "--api-port", str(settings.api_port)]
+    if settings.allow_random_weights:
+        argv.append("--allow-random-weights")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        state = read_state(settings.home)
+        if state and state.get("supervisor_pid") == proc.pid and state.get("status") == "healthy":
+            print(f"deer-reid is up: API {state['api_url']} (supervisor pid {proc.pid}; `deer-reid down` stops it)")
+            return 0
+        if proc.poll() is not None:
+            print(f"deer-reid up failed (exit {proc.returncode}); last lines of {log_path}:", file=sys.stderr)
+            print("\n".join(log_path.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+            return 2
+        time.sleep(0.3)
+    print(f"deer-reid up: not healthy after {args.timeout}s; see {log_path}", file=sys.stderr)
+    if pid_alive(proc.pid):
+        os.kill(proc.pid, signal.SIGTERM)
+    return 2
+
+
+def cmd_down(args) -> int:
+    from deer_reid.stack import pid_alive, read_state
+
+    settings = _settings(args)
+    state = read_state(settings.home)
+    if not state or not pid_alive(state["supervisor_pid"]):
+        print("deer-reid is not running")
+        return 0
+    pid = state["supervisor_pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid_alive(pid):
+        print(f"supervisor {pid} did not stop in 60s", file=sys.stderr)
+        return 1
+    print("deer-reid stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from deer_reid.stack import pid_alive, read_state
+
+    state = read_state(_settings(args).home)
+    running = bool(state and pid_alive(state["supervisor_pid"]))
+    print(json.dumps({"running": running, **(state or {})}, indent=2))
+    return 0 if running else 1
+
+
+def api_url_for(args, settings: Settings) -> str:
+    from deer_reid.stack import read_state
+
+    if args.api_url:
+        return args.api_url
+    if os.environ.get("DEER_API_URL"):
+        return os.environ["DEER_API_URL"]
+    state = read_state(settings.home)
+    return state["api_url"] if state else settings.api_url
+
+
+def cmd_ingest(args) -> int:
+    from deer_reid.ingest import ingest
+
+    settings = _settings(args)
+    report = asyncio.run(ingest(
+        api_url_for(args, settings), Path(args.path), site=args.site, fallback_site="default", camera=args.camera,
+        captured_at=args.captured_at, wait=args.wait, timeout=args.timeout, concurrency=args.concurrency,
+        progress=not args.quiet))
+    text = json.dumps(report, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    summary = {k: v for k, v in report.items() if k != "rejected"}
+    summary["rejected"] = len(report["rejected"])
+    print(json.dumps(summary, indent=2))
+    for r in report["rejected"][:10]:
+        print(f"rejected {r['path']}: {r['status']} {r['error']}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deer-reid", description="Re-identification of individual deer.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, help="state directory of the embedded stack (DEER_HOME)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
+
+    up = sub.add_parser("up", help="start the embedded stack: PostgreSQL, broker, services, API")
+    up.add_argument("--detach", action="store_true", help="return once every service is healthy")
+    up.add_argument("--body-model", help="body model(s) by registry name, e.g. efficientnet_lite0")
+    up.add_argument("--allow-random-weights", action="store_true",
+                    help="run models without weights on random initialisation (results are flagged)")
+    up.add_argument("--api-port", type=int)
+    up.add_argument("--timeout", type=float, default=300, help="seconds --detach waits for health")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop the stack started by `up`")
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="print the running stack's state")
+    status.set_defaults(func=cmd_status)
+
+    ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")
+    ing.add_argument("path")
+    ing.add_argument("--site", help="site (property) of the images; default: from SITE_YYYYMMDD_HHMMSS file "
+                     "names, else 'default'")
+    ing.add_argument("--camera")
+    ing.add_argument("--captured-at", help="ISO-8601 time for images whose own time cannot be read")
+    ing.add_argument("--wait", action="store_true", help="wait until every detection is terminal")
+    ing.add_argument("--json", help="write the report here")
+    ing.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    ing.add_argument("--concurrency", type=int, default=4)
+    ing.add_argument("--api-url")
+    ing.add_argument("--quiet", action="store_true", help="no progress bars")
+    ing.set_defaults(func=cmd_ingest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""`deer-reid up`: the whole system on one machine, and its supervisor.
+
+Starts the embedded PostgreSQL + pgvector and the Tansu broker (unless
+DEER_DATABASE_URL / DEER_KAFKA_BOOTSTRAP point at real ones), creates the topics,
+applies the migrations, then runs every service as its own process, restarting
+any that dies (as a container orchestrator would). Stopping it stops everything
+it started; each child also gets SIGTERM if the supervisor itself dies.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import Settings
+from shared.db import migrate
+from shared.embedded import EmbeddedBroker, EmbeddedPostgres, die_with_parent, free_port
+from shared.models import get_spec, missing_weights_message, weights_available
+from shared.topics import ensure_topics
+
+log = logging.getLogger("deer_reid.stack")
+
+SERVICES = ("reconciler", "fusion", "body", "api")
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+class StackError(RuntimeError):
+    """The stack cannot start; the message names the fix."""
+
+
+@dataclass
+class Child:
+    name: str
+    port: int
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    env: dict[str, str] = field(default_factory=dict)  # extra DEER_* settings for the services
+    postgres: EmbeddedPostgres | None = None
+    broker: EmbeddedBroker | None = None
+    children: dict[str, Child] = field(default_factory=dict)
+    dsn: str = ""
+    bootstrap: str = ""
+    _stopping: bool = False
+
+    @property
+    def home(self) -> Path:
+        return self.settings.home
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "run" / "stack.json"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.children['api'].port}"
+
+    def check_models(self) -> None:
+        for name in [n.strip() for n in self.settings.body_model.split(",") if n.strip()]:
+            try:
+                get_spec(name)
+            except KeyError as exc:
+                raise StackError(str(exc)) from None
+            if not self.settings.allow_random_weights and not weights_available(name, self.settings.model_cache):
+                raise StackError(missing_weights_message(name, self.settings.model_cache))
+
+    def start(self) -> None:
+        self.check_models()
+        for sub in ("logs", "run"):
+            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        self.dsn = self.settings.database_url
+        if not self.dsn:
+            self.postgres = EmbeddedPostgres(self.home / "pg")
+            self.dsn = self.postgres.start()
+        if "DEER_KAFKA_BOOTSTRAP" in os.environ:
+            self.bootstrap = self.settings.kafka_bootstrap
+        else:
+            self.broker = EmbeddedBroker(free_port(), self.home / "logs" / "broker.log")
+            self.bootstrap = self.broker.start()
+        asyncio.run(self._prepare())
+        for name in SERVICES:
+            port = self.settings.api_port if name == "api" else free_port()
+            self.children[name] = Child(name, port)
+            self._spawn(self.children[name])
+        self.wait_healthy()
+        self._write_state("healthy")
+
+    async def _prepare(self) -> None:
+        await ensure_topics(self.bootstrap)
+        await migrate(self.dsn)
+
+    def service_env(self, child: Child) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()}
+        env.update(self.env)
+        env.update({
+            "DEER_HOME": str(self.home),
+            "DEER_DATABASE_URL": self.dsn,
+            "DEER_KAFKA_BOOTSTRAP": self.bootstrap,
+            "DEER_BODY_MODEL": self.settings.body_model,
+            "DEER_ALLOW_RANDOM_WEIGHTS": "true" if self.settings.allow_random_weights else "false",
+            "DEER_MODEL_CACHE": str(self.settings.model_cache),
+            "DEER_METRICS_PORT": str(child.port),
+            "DEER_API_PORT": str(self.children["api"].port if "api" in self.children else self.settings.api_port),
+            "PYTHONUNBUFFERED": "1",
+        })
+        # jemalloc: glibc malloc fragments under torch's allocation pattern and timings swing 2-4x.
+        if JEMALLOC.exists() and "jemalloc" not in env.get("LD_PRELOAD", ""):
+            env["LD_PRELOAD"] = ":".join(p for p in (str(JEMALLOC), env.get("LD_PRELOAD", "")) if p)
+        return env
+
+    def _spawn(self, child: Child) -> None:
+        out = open(self.home / "logs" / f"{child.name}.log", "ab")
+        child.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{child.name}"], env=self.service_env(child),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        out.close()
+        child.started_at = time.monotonic()
+
+    def healthy(self, child: Child) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{child.port}/healthz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.children)
+        while pending and time.monotonic() < deadline:
+            for name in list(pending):
+                child = self.children[name]
+                if child.process.poll() is not None:
+                    raise StackError(f"service {name} exited with {child.process.returncode} while starting; "
+                                     f"see {self.home / 'logs' / (name + '.log')}")
+                if self.healthy(child):
+                    pending.discard(name)
+            time.sleep(0.2)
+        if pending:
+            raise StackError(f"services not healthy after {timeout:.0f}s: {sorted(pending)}")
+
+    def supervise_once(self) -> None:
+        """Restart any service that died (with a pause that grows if it keeps dying)."""
+        for child in self.children.values():
+            if self._stopping or child.process is None or child.process.poll() is None:
+                continue
+            code = child.process.returncode
+            quick = time.monotonic() - child.started_at < 10
+            child.restarts += 1
+            log.warning("service %s exited with %s; restarting (restart %d)", child.name, code, child.restarts)
+            if quick:
+                time.sleep(min(2 ** min(child.restarts, 5), 30))
+            self._spawn(child)
+            self._write_state("healthy")
+
+    def run_forever(self) -> None:
+        def request_stop(*_):
+            self._stopping = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        while not self._stopping:
+            self.supervise_once()
+            time.sleep(0.5)
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopping = True
+        for child in self.children.values():
+            if child.process and child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + 20
+        for child in self.children.values():
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("service %s did not stop in time; killing it", child.name)
+                child.process.kill()
+                child.process.wait()
+        if self.broker:
+            self.broker.stop()
+        if self.postgres:
+            self.postgres.stop()
+        self.state_file.unlink(missing_ok=True)
+
+    def _write_state(self, status: str) -> None:
+        state = {
+            "status": status,
+            "supervisor_pid": os.getpid(),
+            "api_url": self.api_url,
+            "database_url": self.dsn,
+            "kafka_bootstrap": self.bootstrap,
+            "body_model": self.settings.body_model,
+            "random_weights_allowed": self.settings.allow_random_weights,
+            "services": {n: {"pid": c.process.pid if c.process else None, "metrics_port": c.port,
+                             "restarts": c.restarts} for n, c in self.children.items()},
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_file)
+
+
+def read_state(home: Path) -> dict | None:
+    path = home / "run" / "stack.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,181 @@
+"""The HTTP API: uploads in, detection states and results out.
+
+An upload is validated completely (every file, every field) before anything is
+stored; then the originals go to the content-addressed blob store and the
+image, detection and outbox rows are written in one transaction. The
+reconciler's relay publishes the detection events from the outbox.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated
+from uuid import UUID
+
+import asyncpg
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from services.api.uploads import PlannedImage, UploadRejected, parse_detections, parse_time, plan_image, \
+    safe_file_name
+from shared.config import Settings, get_settings
+from shared.db import create_pool
+from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
+from shared.schemas import DetectionClass
+
+router = APIRouter()
+
+
+def get_pool(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool
+
+
+Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
+Config = Annotated[Settings, Depends(get_settings)]
+
+
+def store_blob(root: Path, sha256: str, data: bytes) -> Path:
+    """Write an original image under its checksum (atomic; a second write of the same bytes is a no-op)."""
+    path = root / sha256[:2] / sha256
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{sha256}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+async def read_limited(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise UploadRejected(f"file is over the limit of {limit} bytes", status=413, file=upload.filename)
+    return data
+
+
+async def persist(pool: asyncpg.Pool, images: list[PlannedImage]) -> list[dict]:
+    """Insert images, detections and outbox rows in one transaction; a known image is a no-op."""
+    out = []
+    async with pool.acquire() as conn, conn.transaction():
+        for im in images:
+            inserted = await conn.fetchval(
+                """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
+                                       captured_at, time_source)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (sha256) DO NOTHING
+                   RETURNING sha256""",
+                im.sha256, len(im.data), im.width, im.height, im.format, im.name, im.site, im.camera,
+                im.captured_at, im.time_source)
+            if inserted:
+                await conn.executemany(
+                    """INSERT INTO detections (id, image_sha256, ordinal, box, cls, detector_confidence, site,
+                                               camera, captured_at, crop)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                    [(d.id, im.sha256, d.ordinal, list(d.box), d.cls, d.confidence, im.site, im.camera,
+                      im.captured_at, d.crop) for d in im.detections])
+                await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])",
+                                   [d.id for d in im.detections])
+            rows = await conn.fetch(
+                "SELECT id, state FROM detections WHERE image_sha256 = $1 ORDER BY ordinal", im.sha256)
+            out.append({"name": im.name, "sha256": im.sha256, "duplicate": not inserted,
+                        "captured_at": im.captured_at.isoformat(), "time_source": im.time_source,
+                        "detections": [{"id": str(r["id"]), "state": r["state"]} for r in rows]})
+    return out
+
+
+@router.post("/v1/uploads", status_code=201)
+async def upload(
+    pool: Pool,
+    settings: Config,
+    files: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP)")],
+    site: Annotated[str | None, Form(description="beats a SITE_YYYYMMDD_HHMMSS file name")] = None,
+    fallback_site: Annotated[str | None, Form(description="used only when neither gives a site")] = None,
+    camera: Annotated[str | None, Form()] = None,
+    captured_at: Annotated[str | None, Form(description="ISO-8601 with zone; beats EXIF and file name")] = None,
+    fallback_captured_at: Annotated[str | None, Form(description="used only when nothing else gives a time")] = None,
+    cls: Annotated[DetectionClass, Form(description="class of a whole-image detection")] = DetectionClass.unknown,
+    detections: Annotated[str | None, Form(description="JSON boxes: a list, or {file name: list}")] = None,
+):
+    with STAGE_SECONDS.labels("api", "upload").time():
+        if len(files) > settings.max_files_per_upload:
+            raise UploadRejected(f"{len(files)} files in one upload; at most {settings.max_files_per_upload}",
+                                 status=413)
+        names = [safe_file_name(f.filename) for f in files]
+        if len(set(names)) != len(names):
+            raise UploadRejected("two files in one upload have the same name")
+        when = parse_time(captured_at, "captured_at") if captured_at else None
+        fallback = parse_time(fallback_captured_at, "fallback_captured_at") if fallback_captured_at else None
+        boxes = parse_detections(detections, names)
+        now = datetime.now(timezone.utc)
+        planned = []
+        for name, upload_file in zip(names, files):
+            data = await read_limited(upload_file, settings.max_upload_bytes)
+            # Decoding and cropping are CPU work: keep the event loop answering.
+            planned.append(await asyncio.to_thread(
+                plan_image, name, data, boxes[name], site=site, fallback_site=fallback_site, camera=camera, captured_at=when,
+                fallback_time=fallback, whole_image_cls=cls, max_bytes=settings.max_upload_bytes,
+                max_pixels=settings.max_pixels, crop_max_side=settings.crop_max_side, now=now))
+        for im in planned:
+            await asyncio.to_thread(store_blob, settings.blobs, im.sha256, im.data)
+        images = await persist(pool, planned)
+    EVENTS.labels("api", "upload").inc(len(images))
+    status = 201 if any(not i["duplicate"] for i in images) else 200
+    return JSONResponse({"images": images}, status_code=status)
+
+
+class StatesQuery(BaseModel):
+    ids: list[UUID] = Field(max_length=5000)
+
+
+@router.post("/v1/detections/states")
+async def detection_states(query: StatesQuery, pool: Pool):
+    """States of many detections at once (what `deer-reid ingest --wait` polls)."""
+    rows = await pool.fetch("SELECT id, state FROM detections WHERE id = ANY($1::uuid[])", query.ids)
+    states = {str(r["id"]): r["state"] for r in rows}
+    return {"states": states, "missing": [str(i) for i in query.ids if str(i) not in states]}
+
+
+@router.get("/v1/detections/{detection_id}")
+async def detection(detection_id: UUID, pool: Pool):
+    row = await pool.fetchrow(
+        """SELECT id, image_sha256, ordinal, box, cls, detector_confidence, site, camera, captured_at, state,
+                  state_reason, attempts, individual_id, score, result, decided_by, created_at, updated_at
+           FROM detections WHERE id = $1""", detection_id)
+    if row is None:
+        raise HTTPException(404, detail={"error": f"no detection {detection_id}"})
+    return {k: (str(v) if isinstance(v, UUID) else v) for k, v in dict(row).items()}
+
+
+@router.get("/healthz")
+async def healthz(pool: Pool):
+    try:
+        await pool.fetchval("SELECT 1")
+    except (OSError, asyncpg.PostgresError) as exc:
+        return JSONResponse({"service": "api", "ready": False, "error": repr(exc)}, status_code=503)
+    return {"service": "api", "ready": True}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.pool = await create_pool(settings.database_url)
+        try:
+            yield
+        finally:
+            await app.state.pool.close()
+
+    app = FastAPI(title="deer-reid", version="1", lifespan=lifespan)
+    app.include_router(router)
+    app.add_route("/metrics", metrics_endpoint)
+    app.dependency_overrides[get_settings] = lambda: settings
+
+    @app.exception_handler(UploadRejected)
+    async def rejected(_: Request, exc: UploadRejected):
+        EVENTS.labels("api", "rejected").inc()
+        return JSONResponse({"error": str(exc), "file": exc.file}, status_code=exc.status)
+
+    return app

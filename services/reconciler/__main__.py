@@ -1,0 +1,6 @@
+"""`python -m services.reconciler`: outbox relay, stuck-work reconciler and dead-letter recorder."""
+from services.reconciler.ledger import make_handler
+from shared.service import main
+
+if __name__ == "__main__":
+    main("reconciler", make_handler)

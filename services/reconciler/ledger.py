@@ -1,0 +1,172 @@
+"""PostgreSQL is the source of truth, Kafka the transport (invariant 1).
+
+- the outbox relay publishes the detection events the API (or the reconciler) enqueued;
+- the reconciler re-enqueues detections stuck in a non-terminal state, and fails
+  those that made no progress after `max_attempts`, so every detection ends terminal;
+- the dead-letter recorder marks detections failed with the reason a service gave.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Sequence
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from shared.broker import TRANSIENT, Handled, producer_for
+from shared.db import create_pool
+from shared.observability import DETECTIONS_BY_STATE
+from shared.schemas import Box, DeadLetter, DetectionEvent
+from shared.states import PENDING, STATES
+from shared.topics import DEAD_LETTERS, DETECTIONS, ensure_topics
+
+log = logging.getLogger(__name__)
+
+_PENDING = sorted(PENDING)
+
+
+def event_from_row(row: asyncpg.Record) -> DetectionEvent:
+    x0, y0, x1, y1 = row["box"]
+    return DetectionEvent(
+        detection_id=row["id"], site=row["site"], camera=row["camera"], captured_at=row["captured_at"],
+        cls=row["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=row["image_sha256"],
+        crop_jpeg=bytes(row["crop"]), attempt=row["attempts"],
+    )
+
+
+async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int) -> int:
+    """Publish up to `limit` enqueued detections; the rows leave the outbox only once the broker has them."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            """WITH batch AS (SELECT id, detection_id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+               SELECT b.id AS outbox_id, d.* FROM batch b JOIN detections d ON d.id = b.detection_id""",
+            limit,
+        )
+        if not rows:
+            return 0
+        live = [r for r in rows if r["state"] in PENDING]
+        futures = [await producer.send(DETECTIONS.name, event_from_row(r).to_bytes(), key=str(r["id"]).encode())
+                   for r in live]
+        await asyncio.gather(*futures)
+        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["outbox_id"] for r in rows])
+        await conn.execute(
+            "UPDATE detections SET state = 'extracting', updated_at = now() WHERE id = ANY($1::uuid[]) "
+            "AND state = 'received'", [r["id"] for r in live])
+        return len(rows)
+
+
+async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int) -> tuple[int, int]:
+    """Re-enqueue detections with no progress for `stuck_after_s`; fail those out of attempts.
+
+    Returns (re-enqueued, failed). Detections still waiting in the outbox are not stuck.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            """WITH stuck AS (
+                   SELECT id FROM detections d
+                   WHERE state = ANY($1::text[]) AND updated_at < now() - make_interval(secs => $2)
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.detection_id = d.id)
+                   ORDER BY updated_at LIMIT 2000 FOR UPDATE SKIP LOCKED)
+               UPDATE detections d SET
+                   attempts = d.attempts + 1, updated_at = now(),
+                   state = CASE WHEN d.attempts + 1 >= $3 THEN 'failed' ELSE d.state END,
+                   state_reason = CASE WHEN d.attempts + 1 >= $3
+                       THEN format('no progress after %s attempts', d.attempts + 1) ELSE d.state_reason END
+               FROM stuck WHERE d.id = stuck.id
+               RETURNING d.id, d.state""",
+            _PENDING, stuck_after_s, max_attempts,
+        )
+        retry = [r["id"] for r in rows if r["state"] != "failed"]
+        if retry:
+            await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])", retry)
+        if rows:
+            log.warning("reconciler: re-enqueued %d stuck detections, failed %d", len(retry), len(rows) - len(retry))
+        return len(retry), len(rows) - len(retry)
+
+
+async def count_states(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT state, count(*) AS n FROM detections GROUP BY state")
+    counts = {state: 0 for state in STATES}
+    counts.update({r["state"]: r["n"] for r in rows})
+    for state, n in counts.items():
+        DETECTIONS_BY_STATE.labels(state).set(n)
+    return counts
+
+
+class DeadLetterRecorder:
+    """Marks the detection of every dead letter failed, with the reason."""
+
+    name = "dead-letters"
+    input_topics = DEAD_LETTERS
+    input_schema = DeadLetter
+    dead_letters = False
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def handle(self, letters: Sequence[DeadLetter]) -> list[Handled]:
+        marks = [(l.detection_id, f"{l.service}: {l.reason}") for l in letters if l.detection_id is not None]
+        if marks:
+            await self.pool.executemany(
+                """UPDATE detections SET state = 'failed', state_reason = $2, updated_at = now()
+                   WHERE id = $1 AND state = ANY($3::text[])""",
+                [(d, reason, _PENDING) for d, reason in marks],
+            )
+        for letter in letters:
+            log.warning("dead letter from %s (%s): %s", letter.service, letter.detection_id, letter.reason)
+        return [Handled() for _ in letters]
+
+
+class Reconciler(DeadLetterRecorder):
+    """The reconciler process: dead-letter recorder, plus the outbox relay and the stuck-work loop."""
+
+    def __init__(self, pool: asyncpg.Pool, settings):
+        super().__init__(pool)
+        self.settings = settings
+        self.producer = producer_for(settings.kafka_bootstrap, "reconciler")
+        self._tasks: list[asyncio.Task] = []
+        self.states: dict[str, int] = {}
+
+    def health(self) -> dict:
+        return {"detections": self.states}
+
+    async def start(self) -> None:
+        await self.producer.start()
+        self._tasks = [asyncio.create_task(self._relay_loop(), name="relay"),
+                       asyncio.create_task(self._reconcile_loop(), name="reconcile")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.producer.stop()
+        await self.pool.close()
+
+    async def _relay_loop(self) -> None:
+        while True:
+            try:
+                sent = await relay_once(self.pool, self.producer, self.settings.relay_batch)
+            except TRANSIENT as exc:
+                log.warning("relay: %r; retrying", exc)
+                sent = 0
+                await asyncio.sleep(1.0)
+            if sent < self.settings.relay_batch:
+                await asyncio.sleep(0.05)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_every_s)
+            try:
+                # A broker restarted empty has lost its topics: put them back before anything auto-creates them.
+                await ensure_topics(self.settings.kafka_bootstrap)
+                await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts)
+                self.states = await count_states(self.pool)
+            except TRANSIENT as exc:
+                log.warning("reconciler: %r; retrying", exc)
+
+
+async def make_handler(settings) -> Reconciler:
+    reconciler = Reconciler(await create_pool(settings.database_url), settings)
+    await reconciler.start()
+    return reconciler

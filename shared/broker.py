@@ -1,0 +1,279 @@
+"""The broker loop every service runs: consume a batch, process, produce, then commit.
+
+Guarantees (ARCHITECTURE.md, invariants 2, 3 and 7):
+- offsets are committed only after every output of the batch is acknowledged by
+  the broker (acks=all), so a crash redelivers rather than loses;
+- a message that cannot be decoded, or whose processing fails for a reason that
+  retrying cannot fix, goes to the input's dead-letter topic with the reason and
+  the partition moves on;
+- infrastructure failures (broker or database unreachable) are retried with
+  capped backoff for as long as they last, never dead-lettered: they say nothing
+  about the event;
+- SIGTERM finishes the batch in hand, commits, and leaves the group.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol, Sequence
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from shared.observability import BATCH_SIZE, CONSUMER_LAG, ERRORS, EVENTS, STAGE_SECONDS
+from shared.schemas import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, MalformedEvent
+from shared.topics import Topic, dead_letter_of
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class PermanentError(Exception):
+    """Processing this event can never succeed (bad image, impossible data): dead-letter it."""
+
+
+# Failures that say the infrastructure is down, not that the event is bad.
+TRANSIENT = (KafkaError, OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: Topic
+    key: bytes | None
+    value: bytes
+
+
+@dataclass
+class Handled:
+    """What a handler made of one event: outputs to produce, or a permanent error."""
+
+    outputs: list[Output] = field(default_factory=list)
+    error: str | None = None
+
+
+class Handler(Protocol):
+    """A service's domain logic, plugged into the runner."""
+
+    name: str
+    input_topics: tuple[Topic, ...]
+    input_schema: Any  # a shared.schemas event class
+    dead_letters: bool  # False only for the dead-letter recorder itself: a bad letter is logged, not re-lettered
+
+    async def handle(self, events: Sequence[Any]) -> list[Handled]:
+        """Process decoded events; one `Handled` per event, same order."""
+
+
+def producer_for(bootstrap: str, client_id: str) -> AIOKafkaProducer:
+    # Tansu has no InitProducerId, so no idempotent producer; idempotence comes from the consumers.
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=False,
+        max_request_size=MAX_MESSAGE_BYTES,
+        linger_ms=2,
+        request_timeout_ms=30_000,
+    )
+
+
+def consumer_for(bootstrap: str, group: str, topics: tuple[Topic, ...], client_id: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        *(t.name for t in topics),
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+        fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
+        session_timeout_ms=30_000,
+        heartbeat_interval_ms=3_000,
+        max_poll_interval_ms=600_000,
+        metadata_max_age_ms=5_000,  # see re-created topics quickly after a broker restart
+    )
+
+
+def dead_letter(service: str, record: ConsumerRecord, reason: str, detection_id=None) -> Output:
+    payload = record.value or b""
+    letter = DeadLetter(
+        service=service,
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key.decode("utf-8", "replace") if record.key else None,
+        detection_id=detection_id,
+        reason=reason[:2000],
+        payload=payload[:DEAD_LETTER_PAYLOAD_MAX],
+        payload_truncated=len(payload) > DEAD_LETTER_PAYLOAD_MAX,
+        at=datetime.now(timezone.utc),
+    )
+    return Output(dead_letter_of(record.topic), record.key, letter.to_bytes())
+
+
+def _detection_id_of(record: ConsumerRecord):
+    """Best effort: the detection id of an undecodable event, so it can still be marked failed."""
+    import json
+    from uuid import UUID
+
+    try:
+        return UUID(str(json.loads(record.value)["detection_id"]))
+    except Exception:  # noqa: BLE001 - the event is malformed; there may be no id at all
+        return None
+
+
+class BrokerRunner:
+    """Runs one handler against its input topic until stopped."""
+
+    def __init__(self, handler: Handler, bootstrap: str, *, batch_max: int = 16, batch_wait_ms: int = 25,
+                 max_retries: int = 3, retry_backoff_ms: int = 200, group: str | None = None):
+        self.handler = handler
+        self.bootstrap = bootstrap
+        self.batch_max = batch_max
+        self.batch_wait = batch_wait_ms / 1000
+        self.max_retries = max_retries
+        self.backoff = retry_backoff_ms / 1000
+        self.group = group or f"deer-{handler.name}"
+        self._stop = asyncio.Event()
+        self.ready = False
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        name = self.handler.name
+        self.producer = producer_for(self.bootstrap, name)
+        self.consumer = consumer_for(self.bootstrap, self.group, self.handler.input_topics, name)
+        await self.producer.start()
+        await self.consumer.start()
+        self.ready = True
+        log.info("%s consuming %s as group %s", name, [t.name for t in self.handler.input_topics], self.group)
+        try:
+            while not self._stop.is_set():
+                records = await self._next_batch()
+                if records:
+                    await self._process(records)
+        finally:
+            self.ready = False
+            await self.consumer.stop()
+            await self.producer.stop()
+            log.info("%s stopped", name)
+
+    async def _next_batch(self) -> list[ConsumerRecord]:
+        """Up to batch_max records: block for the first, then wait at most batch_wait for company."""
+        assert self.consumer is not None
+        records: list[ConsumerRecord] = []
+        first = await self.consumer.getmany(timeout_ms=500, max_records=self.batch_max)
+        for part in first.values():
+            records.extend(part)
+        if not records:
+            return records
+        deadline = time.monotonic() + self.batch_wait
+        while len(records) < self.batch_max and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            more = await self.consumer.getmany(timeout_ms=int(left * 1000), max_records=self.batch_max - len(records))
+            for part in more.values():
+                records.extend(part)
+        return records
+
+    async def _process(self, records: list[ConsumerRecord]) -> None:
+        name = self.handler.name
+        BATCH_SIZE.labels(name).observe(len(records))
+        outputs: list[Output] = []
+        decoded: list[tuple[ConsumerRecord, Any]] = []
+        for record in records:
+            try:
+                decoded.append((record, self.handler.input_schema.from_bytes(record.value)))
+            except MalformedEvent as exc:
+                EVENTS.labels(name, "dead_letter").inc()
+                if getattr(self.handler, "dead_letters", True):
+                    outputs.append(dead_letter(name, record, str(exc), _detection_id_of(record)))
+                else:
+                    log.error("%s: dropped malformed message at %s[%d]@%d: %s", name, record.topic,
+                              record.partition, record.offset, exc)
+        if decoded:
+            with STAGE_SECONDS.labels(name, "handle").time():
+                results = await self._handle_with_retries(decoded)
+            for (record, event), result in zip(decoded, results):
+                if result.error is not None:
+                    EVENTS.labels(name, "dead_letter").inc()
+                    outputs.append(dead_letter(name, record, result.error, getattr(event, "detection_id", None)))
+                else:
+                    EVENTS.labels(name, "ok").inc()
+                    outputs.extend(result.outputs)
+        with STAGE_SECONDS.labels(name, "produce").time():
+            await self._produce_durably(outputs)
+        await self._commit(records)
+
+    async def _handle_with_retries(self, decoded: list[tuple[ConsumerRecord, Any]]) -> list[Handled]:
+        events = [event for _, event in decoded]
+        attempt = 0
+        while True:
+            try:
+                results = await self.handler.handle(events)
+                if len(results) != len(events):
+                    raise RuntimeError(f"handler returned {len(results)} results for {len(events)} events")
+                return results
+            except TRANSIENT as exc:
+                # The infrastructure is down: wait for it, however long, and lose nothing.
+                ERRORS.labels(self.handler.name, "transient").inc()
+                log.warning("%s: transient failure, retrying: %r", self.handler.name, exc)
+                await asyncio.sleep(min(self.backoff * 2 ** min(attempt, 6), 10.0))
+                attempt += 1
+            except Exception as exc:  # noqa: BLE001 - anything else may be one poisonous event
+                ERRORS.labels(self.handler.name, "handler").inc()
+                attempt += 1
+                if attempt <= self.max_retries:
+                    log.warning("%s: batch failed (attempt %d): %r", self.handler.name, attempt, exc)
+                    await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+                    continue
+                if len(events) == 1:
+                    log.error("%s: giving up on event: %r", self.handler.name, exc)
+                    return [Handled(error=f"{type(exc).__name__}: {exc}")]
+                # Isolate the poison: retry each event on its own.
+                out: list[Handled] = []
+                for item in decoded:
+                    out.extend(await self._handle_with_retries([item]))
+                return out
+
+    async def _produce_durably(self, outputs: list[Output]) -> None:
+        if not outputs:
+            return
+        assert self.producer is not None
+        attempt = 0
+        while True:
+            try:
+                futures = [await self.producer.send(o.topic.name, o.value, key=o.key) for o in outputs]
+                await asyncio.gather(*futures)
+                return
+            except KafkaError as exc:
+                # Re-sending everything may duplicate some outputs; consumers are idempotent.
+                ERRORS.labels(self.handler.name, "produce").inc()
+                log.warning("%s: produce failed, retrying: %r", self.handler.name, exc)
+                await asyncio.sleep(min(self.backoff * 2 ** min(attempt, 6), 10.0))
+                attempt += 1
+
+    async def _commit(self, records: list[ConsumerRecord]) -> None:
+        assert self.consumer is not None
+        offsets: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # A rebalance took the partitions away; their new owner redelivers, and handlers are idempotent.
+            ERRORS.labels(self.handler.name, "commit").inc()
+            log.warning("%s: commit failed: %r", self.handler.name, exc)
+        for tp in offsets:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                CONSUMER_LAG.labels(self.handler.name, tp.topic, str(tp.partition)).set(max(0, high - offsets[tp]))

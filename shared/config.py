@@ -1,0 +1,88 @@
+"""Validated configuration, read from `DEER_*` environment variables.
+
+Every process (service, API, CLI) reads the same settings, so pointing the whole
+system at an external Kafka and PostgreSQL is a matter of two variables:
+`DEER_KAFKA_BOOTSTRAP` and `DEER_DATABASE_URL`.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "deer-reid"
+
+
+def _default_model_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "deer-reid" / "models"
+
+
+class Settings(BaseSettings):
+    """Settings shared by every deer-reid process."""
+
+    model_config = SettingsConfigDict(env_prefix="DEER_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="state directory of the embedded stack")
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    database_url: str = ""  # empty: the embedded PostgreSQL under `home`
+    blob_dir: Path | None = None  # original images, content-addressed; default home/blobs
+    model_cache: Path = Field(default_factory=_default_model_cache)
+
+    body_model: str = "efficientnet_lite0"
+    allow_random_weights: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    torch_threads: int = 0  # 0: one per available core
+
+    # micro-batching of the broker runner
+    batch_max: int = Field(16, ge=1, le=1024)
+    batch_wait_ms: int = Field(25, ge=0, le=5000)
+    max_retries: int = Field(3, ge=0, le=20)
+    retry_backoff_ms: int = Field(200, ge=0)
+
+    # fusion decision; defaults until a calibration artifact replaces them
+    match_threshold: float = Field(0.80, ge=-1, le=1)
+    new_threshold: float = Field(0.65, ge=-1, le=1)
+    candidates_k: int = Field(50, ge=1, le=1000)
+    exemplars_per_individual: int = Field(8, ge=1, le=64)
+
+    # reconciler
+    stuck_after_s: float = Field(120.0, gt=0)
+    reconcile_every_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    relay_batch: int = Field(256, ge=1)
+
+    # uploads
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(80_000_000, ge=1)
+    max_files_per_upload: int = Field(64, ge=1)
+    crop_max_side: int = Field(512, ge=64, le=4096)
+
+    # ports of the embedded stack
+    api_host: str = "127.0.0.1"
+    api_port: int = 18080
+    metrics_port: int = 0  # the port this process serves /metrics and /healthz on (0: none)
+
+    @field_validator("home", "model_cache", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def blobs(self) -> Path:
+        return (self.blob_dir or self.home / "blobs").expanduser().resolve()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

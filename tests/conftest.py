@@ -1,0 +1,64 @@
+"""Fixtures: the real broker and the real database, started here; real images from ../shared/data."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from shared.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+NYALA = Path(os.environ.get("DEER_TEST_DATA", REPO.parent / "shared" / "data" / "nyala-train"))
+
+
+@pytest.fixture(scope="session")
+def nyala_rows() -> list[dict]:
+    """metadata.csv of the real labelled images (evaluation data, read in place, never copied)."""
+    meta = NYALA / "metadata.csv"
+    if not meta.exists():
+        pytest.fail(f"test data missing: {meta} (../shared must sit beside the repository)")
+    with open(meta) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def nyala_paths(nyala_rows) -> list[Path]:
+    return [NYALA / r["path"] for r in nyala_rows]
+
+
+@pytest.fixture
+def jpeg_bytes(nyala_paths) -> bytes:
+    return nyala_paths[0].read_bytes()
+
+
+def make_jpeg(width: int = 64, height: int = 48, **save_args) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 90, 60)).save(out, format="JPEG", **save_args)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory):
+    """A real PostgreSQL + pgvector with the migrations applied."""
+    import asyncio
+
+    from shared.db import migrate
+
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    dsn = server.start()
+    asyncio.run(migrate(dsn))
+    yield dsn
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A real Kafka-protocol broker (Tansu, memory storage)."""
+    b = EmbeddedBroker(free_port())
+    b.start()
+    yield b
+    b.stop()

@@ -1,0 +1,205 @@
+"""The upload API against the real database: good uploads stored once, hostile ones refused with nothing stored."""
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from PIL import Image
+
+from services.api.app import create_app
+from shared.config import Settings
+from shared.db import create_pool
+from tests.conftest import make_jpeg
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def api(pg_dsn, tmp_path):
+    """The FastAPI app on a clean database, driven in-process through httpx."""
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute("TRUNCATE images, detections, outbox, embeddings, individuals CASCADE")
+    await conn.close()
+    settings = Settings(home=tmp_path, database_url=pg_dsn, max_upload_bytes=50 * 1024 * 1024)
+    app = create_app(settings)
+    app.state.pool = await create_pool(pg_dsn)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        client.settings = settings
+        client.pool = app.state.pool
+        yield client
+    await app.state.pool.close()
+
+
+async def stored(client) -> dict:
+    pool = client.pool
+    counts = {t: await pool.fetchval(f"SELECT count(*) FROM {t}") for t in ("images", "detections", "outbox")}
+    blobs = client.settings.blobs
+    counts["blobs"] = sum(1 for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else 0
+    return counts
+
+
+NOTHING = {"images": 0, "detections": 0, "outbox": 0, "blobs": 0}
+FIELDS = {"site": "ridge", "camera": "cam1", "captured_at": "2025-11-01T06:00:00Z"}
+
+
+async def post(client, files, **fields):
+    data = {**FIELDS, **fields}
+    data = {k: v for k, v in data.items() if v is not None}
+    return await client.post("/v1/uploads", data=data, files=[("files", f) for f in files])
+
+
+async def test_upload_stores_image_detection_and_outbox_once(api, jpeg_bytes):
+    r = await post(api, [("a.jpg", jpeg_bytes, "image/jpeg")], cls="doe")
+    assert r.status_code == 201, r.text
+    image = r.json()["images"][0]
+    assert image["duplicate"] is False and len(image["detections"]) == 1
+    assert await stored(api) == {"images": 1, "detections": 1, "outbox": 1, "blobs": 1}
+    det = (await api.get(f"/v1/detections/{image['detections'][0]['id']}")).json()
+    assert det["state"] == "received" and det["cls"] == "doe" and det["site"] == "ridge"
+
+    again = await post(api, [("renamed.jpg", jpeg_bytes, "image/jpeg")])
+    assert again.status_code == 200
+    assert again.json()["images"][0]["duplicate"] is True
+    assert again.json()["images"][0]["detections"] == image["detections"]
+    assert await stored(api) == {"images": 1, "detections": 1, "outbox": 1, "blobs": 1}
+
+
+async def test_boxes_become_detections(api, jpeg_bytes):
+    w, h = Image.open(io.BytesIO(jpeg_bytes)).size
+    boxes = [{"box": [0, 0, w // 2, h // 2], "cls": "buck", "confidence": 0.9},
+             {"box": [w // 2, h // 2, w, h], "cls": "fawn"}]
+    r = await post(api, [("a.jpg", jpeg_bytes, "image/jpeg")], detections=json.dumps(boxes))
+    assert r.status_code == 201, r.text
+    ids = [d["id"] for d in r.json()["images"][0]["detections"]]
+    assert len(ids) == 2
+    det = (await api.get(f"/v1/detections/{ids[0]}")).json()
+    assert det["box"] == [0, 0, w // 2, h // 2] and det["cls"] == "buck"
+
+
+async def test_time_from_file_name_and_fallback(api, jpeg_bytes):
+    r = await post(api, [("north-1_20251102_071530.jpg", jpeg_bytes, "image/jpeg")], site=None, captured_at=None)
+    assert r.status_code == 201, r.text
+    img = r.json()["images"][0]
+    assert img["time_source"] == "file name" and img["captured_at"].startswith("2025-11-02T07:15:30")
+    other = make_jpeg(80, 60)
+    r = await post(api, [("x.jpg", other, "image/jpeg")], captured_at=None,
+                   fallback_captured_at="2025-10-01T00:00:00Z")
+    assert r.json()["images"][0]["time_source"] == "fallback"
+
+
+def _exif_jpeg(when: str) -> bytes:
+    im = Image.new("RGB", (64, 64), (10, 20, 30))
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[36867] = when
+    out = io.BytesIO()
+    im.save(out, format="JPEG", exif=exif)
+    return out.getvalue()
+
+
+async def test_exif_time_beats_file_name(api):
+    r = await post(api, [("north_20251102_071530.jpg", _exif_jpeg("2024:06:01 12:00:00"), "image/jpeg")],
+                   captured_at=None)
+    img = r.json()["images"][0]
+    assert img["time_source"] == "exif" and img["captured_at"].startswith("2024-06-01T12:00:00")
+
+
+def _bomb_png(side: int = 20000) -> bytes:
+    """A tiny PNG that declares side x side pixels: a decompression bomb."""
+    import struct
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    row = b"\0" + b"\0" * (side * 3)
+    body = zlib.compress(row * 64, 9)  # only a few rows: the size is in the header
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+HOSTILE = {
+    "not an image": ([("a.jpg", b"hello, I am text", "image/jpeg")], {}, 422, "not a decodable image"),
+    "zero bytes": ([("a.jpg", b"", "image/jpeg")], {}, 422, "empty"),
+    "gif": ([("a.gif", b"GIF89a\x10\x00\x10\x00\x00\x00\x00;", "image/gif")], {}, None, ""),
+    "bomb": ([("a.png", _bomb_png(), "image/png")], {}, 413, "pixels"),
+    "wrong class": (None, {"cls": "elk"}, 422, ""),
+    "box outside": (None, {"detections": json.dumps([{"box": [0, 0, 5000, 50]}])}, 422, "outside"),
+    "negative box": (None, {"detections": json.dumps([{"box": [-5, 0, 50, 50]}])}, 422, "box"),
+    "box class": (None, {"detections": json.dumps([{"box": [0, 0, 50, 50], "cls": "moose"}])}, 422, "cls"),
+    "detections junk": (None, {"detections": "{not json"}, 422, "detections"),
+    "missing time": (None, {"captured_at": None}, 422, "capture time unknown"),
+    "absurd time": (None, {"captured_at": "1850-01-01T00:00:00Z"}, 422, "not plausible"),
+    "future time": (None, {"captured_at": "2999-01-01T00:00:00Z"}, 422, "not plausible"),
+    "naive time": (None, {"captured_at": "2025-01-01T00:00:00"}, 422, "time zone"),
+    "garbage time": (None, {"captured_at": "yesterday"}, 422, "ISO-8601"),
+    "missing site": (None, {"site": None}, 422, "site missing"),
+    "hostile site": (None, {"site": "../../etc"}, 422, "site"),
+    "path in name": ([("../../etc/passwd.jpg", None, "image/jpeg")], {}, 422, "plain file name"),
+    "backslash name": ([("..\\..\\boot.jpg", None, "image/jpeg")], {}, 422, "plain file name"),
+    "hidden name": ([(".htaccess", None, "image/jpeg")], {}, 422, "plain file name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+async def test_hostile_uploads_get_a_clear_4xx_and_store_nothing(api, jpeg_bytes, case):
+    files, fields, status, text = HOSTILE[case]
+    files = [(n, jpeg_bytes if b is None else b, m) for n, b, m in (files or [("a.jpg", None, "image/jpeg")])]
+    r = await post(api, files, **fields)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    if status:
+        assert r.status_code == status, r.text
+    body = r.json()
+    message = body.get("error") or json.dumps(body.get("detail"))
+    assert text.lower() in message.lower(), message
+    assert await stored(api) == NOTHING
+
+
+async def test_truncated_jpeg_is_refused(api, jpeg_bytes):
+    r = await post(api, [("a.jpg", jpeg_bytes[: len(jpeg_bytes) // 2], "image/jpeg")])
+    assert r.status_code == 422 and "truncated" in r.json()["error"]
+    assert await stored(api) == NOTHING
+
+
+async def test_sixty_megabytes_is_refused(api):
+    big = b"\xff\xd8\xff\xe0" + b"\0" * (60 * 1024 * 1024)
+    r = await post(api, [("big.jpg", big, "image/jpeg")])
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert await stored(api) == NOTHING
+
+
+async def test_one_bad_file_refuses_the_whole_upload(api, jpeg_bytes):
+    r = await post(api, [("good.jpg", jpeg_bytes, "image/jpeg"), ("bad.jpg", b"junk", "image/jpeg")])
+    assert r.status_code == 422 and r.json()["file"] == "bad.jpg"
+    assert await stored(api) == NOTHING
+
+
+async def test_unknown_detection_is_404(api):
+    r = await api.get("/v1/detections/00000000-0000-0000-0000-000000000000")
+    assert r.status_code == 404
+    assert (await api.get("/v1/detections/not-a-uuid")).status_code == 422
+
+
+@pytest.mark.parametrize("name", ["a\x07b.jpg", "a\x00.jpg", "x/../y.jpg", "..", "C:\\evil.jpg", "n" * 300, ""])
+def test_safe_file_name_refuses_tricks(name):
+    from services.api.uploads import UploadRejected, safe_file_name
+
+    with pytest.raises(UploadRejected):
+        safe_file_name(name)
+
+
+async def test_control_characters_in_a_raw_multipart_name_are_refused(api, jpeg_bytes):
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"site\"\r\n\r\nridge\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"captured_at\"\r\n\r\n2025-11-01T06:00:00Z\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a\x07b.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg_bytes + f"\r\n--{boundary}--\r\n".encode()
+    r = await api.post("/v1/uploads", content=body,
+                       headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 422 and "plain file name" in r.json()["error"]
+    assert await stored(api) == NOTHING

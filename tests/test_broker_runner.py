@@ -1,0 +1,90 @@
+"""The broker loop on the real broker: dead letters, progress past poison, commit after produce."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.body.extractor import BodyExtractor
+from services.body.service import BodyHandler
+from shared.broker import BrokerRunner, producer_for
+from shared.config import Settings
+from shared.images import crop_jpeg, decode_upload
+from shared.models import load_model
+from shared.schemas import BodyFeatures, DeadLetter, DetectionEvent
+from shared.topics import DETECTIONS, FEATURES_BODY, dead_letter_of, ensure_topics
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_model("efficientnet_lite0", Settings().model_cache)
+
+
+def detection(crop: bytes, site: str = "s1") -> DetectionEvent:
+    return DetectionEvent(detection_id=uuid.uuid4(), site=site, camera="c", captured_at=datetime.now(timezone.utc),
+                          cls="doe", box={"x0": 0, "y0": 0, "x1": 10, "y1": 10}, image_sha256="b" * 64,
+                          crop_jpeg=crop)
+
+
+async def read_all(bootstrap: str, topic: str, want: int, timeout: float = 30) -> list:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=f"reader-{uuid.uuid4()}", max_partition_fetch_bytes=4 << 20)
+    await consumer.start()
+    got = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(got) < want and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                got.extend(records)
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def test_poison_goes_to_the_dead_letter_topic_and_the_partition_moves_on(broker, lite0, jpeg_bytes):
+    await ensure_topics(broker.bootstrap)
+    good = crop_jpeg(decode_upload(jpeg_bytes, max_bytes=1 << 26, max_pixels=1 << 26).image, (0, 0, 200, 200), 512)
+    key = b"same-partition"
+    valid_before, valid_after = detection(good), detection(good)
+    bad_crop = detection(b"\xff\xd8 this is not a jpeg")
+    producer = producer_for(broker.bootstrap, "test")
+    await producer.start()
+    for value in (b"{not json", valid_before.to_bytes(), bad_crop.to_bytes(), b'{"schema_version": 1}',
+                  valid_after.to_bytes()):
+        await producer.send_and_wait(DETECTIONS.name, value, key=key)
+    await producer.stop()
+
+    runner = BrokerRunner(BodyHandler(BodyExtractor([lite0])), broker.bootstrap, batch_max=2, batch_wait_ms=10,
+                          max_retries=0, group="test-body")
+    task = asyncio.create_task(runner.run())
+    try:
+        features = [BodyFeatures.from_bytes(r.value) for r in await read_all(broker.bootstrap, FEATURES_BODY.name, 2)]
+        letters = [DeadLetter.from_bytes(r.value)
+                   for r in await read_all(broker.bootstrap, dead_letter_of(DETECTIONS).name, 3)]
+    finally:
+        runner.stop()
+        await task
+
+    assert {f.detection_id for f in features} == {valid_before.detection_id, valid_after.detection_id}
+    assert all(f.embeddings[0].dim == 1280 and not f.embeddings[0].random_weights for f in features)
+    reasons = sorted(letter.reason for letter in letters)
+    assert len(letters) == 3
+    assert any("undecodable crop" in r for r in reasons)
+    assert sum("not a valid DetectionEvent" in r for r in reasons) == 2
+    assert next(l for l in letters if "undecodable" in l.reason).detection_id == bad_crop.detection_id
+    assert all(l.payload for l in letters)
+
+    # everything was committed: a restarted consumer of the group starts past all five events
+    check = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id="test-body", enable_auto_commit=False)
+    await check.start()
+    try:
+        partitions = check.partitions_for_topic(DETECTIONS.name) or set()
+        committed = [await check.committed(TopicPartition(DETECTIONS.name, p)) for p in partitions]
+    finally:
+        await check.stop()
+    assert sum(c or 0 for c in committed) == 5

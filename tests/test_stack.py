@@ -1,0 +1,178 @@
+"""The whole system as `deer-reid up` runs it, with faults injected: nothing is lost, nothing done twice."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from deer_reid.ingest import upload_all, wait_terminal
+from deer_reid.stack import Stack
+from services.reconciler.ledger import event_from_row
+from shared.broker import producer_for
+from shared.config import Settings
+from shared.embedded import EmbeddedBroker, free_port
+from shared.schemas import DetectionResult
+from shared.states import TERMINAL
+from shared.topics import DETECTIONS, RESULTS
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.stack]
+
+WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0")
+    # Short reconciler timings so that lost work is found within the test's patience.
+    s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_LOG_LEVEL": "INFO"})
+    s.start()
+    stop = threading.Event()
+
+    def supervise():
+        while not stop.is_set():
+            s.supervise_once()
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    yield s
+    stop.set()
+    thread.join()
+    s.stop()
+
+
+@pytest.fixture
+async def db(stack):
+    conn = await asyncpg.connect(stack.dsn)
+    yield conn
+    await conn.close()
+
+
+async def ingest(stack, paths, site, cls="doe"):
+    """Upload paths one per request as the CLI does; returns the detection ids."""
+    fields = {"site": site, "camera": "cam1", "captured_at": "2025-11-01T06:00:00Z", "cls": cls}
+    results = await upload_all(stack.api_url, paths, fields, concurrency=4, progress=False)
+    rejected = [r for r in results if "error" in r]
+    assert not rejected, rejected[:3]
+    return [d["id"] for r in results for d in r["detections"]]
+
+
+async def assert_exactly_once(db, ids: list[str], site: str) -> dict[str, int]:
+    """Every detection terminal and not failed; decided once; individuals' sightings add up."""
+    rows = await db.fetch("SELECT id, state, state_reason FROM detections WHERE id = ANY($1::uuid[])", ids)
+    assert len(rows) == len(ids)
+    states = {}
+    for r in rows:
+        assert r["state"] in TERMINAL
+        assert r["state"] != "failed", r["state_reason"]
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    per_detection = await db.fetch(
+        "SELECT detection_id, count(*) AS n FROM embeddings WHERE detection_id = ANY($1::uuid[]) GROUP BY 1", ids)
+    assert len(per_detection) == len(ids) and all(r["n"] == 1 for r in per_detection)
+    sightings = await db.fetchval("SELECT coalesce(sum(sightings), 0) FROM individuals WHERE site = $1", site)
+    placed = await db.fetchval(
+        "SELECT count(*) FROM detections WHERE site = $1 AND state IN ('assigned', 'new')", site)
+    assert sightings == placed
+    founded = await db.fetchval("SELECT count(*) FROM individuals WHERE site = $1", site)
+    assert founded == states.get("new", 0)
+    return states
+
+
+async def test_upload_to_identity_end_to_end(stack, db, nyala_paths, nyala_rows):
+    # two identities with several photos each, in upload order
+    by_identity: dict[str, list] = {}
+    for row, path in zip(nyala_rows, nyala_paths):
+        by_identity.setdefault(row["identity"], []).append(path)
+    paths = [p for ps in list(by_identity.values())[:3] for p in ps[:4]]
+    ids = await ingest(stack, paths, "e2e")
+    states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
+    assert all(states[i] in TERMINAL for i in ids)
+    counts = await assert_exactly_once(db, ids, "e2e")
+    assert counts.get("new", 0) >= 1  # the first detection of an empty site founds an individual
+
+    import httpx
+
+    founder = next(i for i in ids if states[i] == "new")
+    async with httpx.AsyncClient(base_url=stack.api_url) as client:
+        det = (await client.get(f"/v1/detections/{founder}")).json()
+    assert det["individual_id"] is not None and det["decided_by"] == "fusion"
+    assert det["result"]["versions"]["efficientnet_lite0"].startswith("efficientnet_lite0:579344248a93")
+    assert det["result"]["random_weights"] is False
+
+    # the same image again: a no-op answered with the same detection
+    again = await upload_all(stack.api_url, paths[:1], {"site": "e2e", "captured_at": "2025-11-01T06:00:00Z"},
+                             progress=False)
+    assert again[0]["duplicate"] is True and again[0]["detections"][0]["id"] == ids[0]
+    assert await db.fetchval("SELECT count(*) FROM detections WHERE site = 'e2e'") == len(ids)
+
+
+async def test_the_same_event_twice_has_no_second_effect(stack, db, nyala_paths):
+    ids = await ingest(stack, nyala_paths[20:24], "twice")
+    await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
+    before = await db.fetch("SELECT id, state, individual_id, score FROM detections WHERE site = 'twice' ORDER BY id")
+    individuals = await db.fetchval("SELECT count(*) FROM individuals WHERE site = 'twice'")
+
+    results = AIOKafkaConsumer(RESULTS.name, bootstrap_servers=stack.bootstrap, auto_offset_reset="latest",
+                               group_id="test-twice")
+    await results.start()
+    await asyncio.sleep(2)  # let the group settle at the end of the topic
+    rows = await db.fetch("SELECT * FROM detections WHERE id = ANY($1::uuid[])", ids)
+    producer = producer_for(stack.bootstrap, "test")
+    await producer.start()
+    for row in rows:
+        await producer.send_and_wait(DETECTIONS.name, event_from_row(row).to_bytes(), key=str(row["id"]).encode())
+    await producer.stop()
+    seen = set()
+    deadline = time.monotonic() + 120
+    try:
+        while not set(ids) <= seen and time.monotonic() < deadline:
+            for records in (await results.getmany(timeout_ms=500)).values():
+                seen.update(str(DetectionResult.from_bytes(r.value).detection_id) for r in records)
+    finally:
+        await results.stop()
+    assert set(ids) <= seen, "the redelivered events were not processed"
+    after = await db.fetch("SELECT id, state, individual_id, score FROM detections WHERE site = 'twice' ORDER BY id")
+    assert [dict(r) for r in after] == [dict(r) for r in before]
+    assert await db.fetchval("SELECT count(*) FROM individuals WHERE site = 'twice'") == individuals
+    await assert_exactly_once(db, ids, "twice")
+
+
+FAULT_BATCH = 40
+
+
+@pytest.mark.parametrize("service", ["body", "fusion", "reconciler", "api"])
+async def test_kill_9_of_a_service_mid_ingest_loses_nothing(stack, db, nyala_paths, service):
+    offset = 100 + ["body", "fusion", "reconciler", "api"].index(service) * FAULT_BATCH
+    paths = nyala_paths[offset:offset + FAULT_BATCH]
+    site = f"kill-{service}"
+    upload = asyncio.create_task(ingest(stack, paths, site))
+    await asyncio.sleep(1.5)
+    child = stack.children[service]
+    restarts = child.restarts
+    os.kill(child.process.pid, signal.SIGKILL)
+    ids = await upload
+    states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
+    assert child.restarts == restarts + 1, "the supervisor did not restart the killed service"
+    assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == FAULT_BATCH
+    await assert_exactly_once(db, ids, site)
+
+
+async def test_broker_restarted_empty_mid_ingest_loses_nothing(stack, db, nyala_paths):
+    paths = nyala_paths[300:300 + FAULT_BATCH]
+    upload = asyncio.create_task(ingest(stack, paths, "broker-restart"))
+    await asyncio.sleep(1.5)
+    port = stack.broker.port
+    stack.broker.kill()
+    await asyncio.sleep(2)
+    stack.broker = EmbeddedBroker(port, stack.home / "logs" / "broker.log")
+    stack.broker.start()
+    ids = await upload
+    states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
+    assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == FAULT_BATCH
+    await assert_exactly_once(db, ids, "broker-restart")

@@ -120,6 +120,27 @@ def cmd_status(args) -> int:
     return 0 if running else 1
 
 
+def cmd_migrate(args) -> int:
+    """Apply the database migrations and create the topics (an external Kafka and PostgreSQL)."""
+    from shared.db import migrate
+    from shared.topics import ensure_topics
+
+    settings = _settings(args)
+    if not settings.database_url:
+        print("deer-reid migrate: DEER_DATABASE_URL is not set (`up` migrates the embedded database itself)",
+              file=sys.stderr)
+        return 2
+
+    async def run():
+        created = await ensure_topics(settings.kafka_bootstrap)
+        applied = await migrate(settings.database_url)
+        return created, applied
+
+    created, applied = asyncio.run(run())
+    print(json.dumps({"topics_created": created, "migrations_applied": applied}))
+    return 0
+
+
 def api_url_for(args, settings: Settings) -> str:
     from deer_reid.stack import read_state
 
@@ -172,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="print the running stack's state")
     status.set_defaults(func=cmd_status)
+
+    mig = sub.add_parser("migrate", help="apply migrations and create topics on DEER_DATABASE_URL / DEER_KAFKA_BOOTSTRAP")
+    mig.set_defaults(func=cmd_migrate)
 
     ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")
     ing.add_argument("path")

@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 18080
     metrics_port: int = 0  # the port this process serves /metrics and /healthz on (0: none)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers
 
     @field_validator("home", "model_cache", mode="after")
     @classmethod

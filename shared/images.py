@@ -116,4 +116,4 @@ def model_input(jpeg: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(jpeg)) as im:
         im.draft("RGB", (size, size))  # let libjpeg decode at reduced scale when the crop is much larger
         rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)

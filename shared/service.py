@@ -40,7 +40,7 @@ async def run_handler(name: str, make_handler: Callable[[Settings], Awaitable[Ha
         extra = getattr(handler, "health", lambda: {})()
         return {"service": name, "ready": runner.ready, **extra}
 
-    ops = await serve_ops(settings.metrics_port, health)
+    ops = await serve_ops(settings.metrics_port, health, settings.metrics_host)
     try:
         await runner.run()
     finally:

@@ -17,7 +17,7 @@ from shared.config import Settings
 from shared.db import create_pool
 from tests.conftest import make_jpeg
 
-pytestmark = pytest.mark.asyncio
+
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from shared.models import load_model
 from shared.schemas import BodyFeatures, DeadLetter, DetectionEvent
 from shared.topics import DETECTIONS, FEATURES_BODY, dead_letter_of, ensure_topics
 
-pytestmark = pytest.mark.asyncio
+
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from shared.schemas import DetectionResult
 from shared.states import TERMINAL
 from shared.topics import DETECTIONS, RESULTS
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.stack]
+pytestmark = pytest.mark.stack
 
 WAIT_S = 300
 

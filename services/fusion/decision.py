@@ -6,6 +6,10 @@ from typing import Iterable, Mapping
 
 ASSIGNED, NEW, REVIEW = "assigned", "new", "review"
 
+# Which individuals a detection may join: a buck never joins a doe, and the reverse.
+COMPATIBLE_SEXES = {"male": ("male", "unknown"), "female": ("female", "unknown"),
+                    "unknown": ("male", "female", "unknown")}
+
 
 @dataclass(frozen=True)
 class Thresholds:

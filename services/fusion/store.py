@@ -7,11 +7,8 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 
-from services.fusion.decision import ASSIGNED, NEW, Decision
+from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
 from shared.schemas import Embedding
-
-COMPATIBLE_SEXES = {"male": ["male", "unknown"], "female": ["female", "unknown"],
-                    "unknown": ["male", "female", "unknown"]}
 
 
 async def lock_site(conn: asyncpg.Connection, site: str) -> None:
@@ -36,7 +33,7 @@ async def nearest_exemplars(conn: asyncpg.Connection, emb: Embedding, site: str,
             WHERE e.exemplar AND e.dim = {dim} AND e.version = $2 AND e.site = $3 AND i.sex = ANY($4::text[])
             ORDER BY e.vec::halfvec({dim}) <=> $1::halfvec({dim})
             LIMIT $5""",
-        emb.array(), emb.version, site, COMPATIBLE_SEXES[sex], k,
+        emb.array(), emb.version, site, list(COMPATIBLE_SEXES[sex]), k,
     )
     return [(r["individual_id"], float(r["sim"])) for r in rows]
 

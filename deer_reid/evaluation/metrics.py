@@ -1,0 +1,105 @@
+"""Re-identification metrics: retrieval (CMC, mAP) and clustering (B-cubed, false merges and splits).
+
+Ties are broken pessimistically: among gallery items with equal scores, the wrong
+identities rank first, so a model that scores everything alike earns nothing.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Hashable, Sequence
+
+import numpy as np
+
+
+def rank(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Relevance of the gallery items in ranked order (best score first, ties: irrelevant first)."""
+    order = np.lexsort((relevant.astype(np.int8), -scores))
+    return relevant[order]
+
+
+def average_precision(ranked_relevance: np.ndarray) -> float:
+    hits = np.flatnonzero(ranked_relevance)
+    if hits.size == 0:
+        return 0.0
+    return float(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
+
+
+def retrieval(similarity: np.ndarray, identities: Sequence[Hashable], encounters: Sequence[Hashable],
+              viewpoints: Sequence[Hashable] | None = None, max_rank: int = 20) -> dict:
+    """Leave-one-encounter-out retrieval over a square similarity matrix.
+
+    The gallery of query i is every image outside i's encounter (restricted to i's
+    viewpoint when `viewpoints` is given). Queries with no image of their identity
+    in their gallery are skipped; those images still serve as distractors.
+    """
+    ids = np.asarray(identities)
+    enc = np.asarray(encounters)
+    views = None if viewpoints is None else np.asarray(viewpoints)
+    first_hit, aps = [], []
+    for i in range(len(ids)):
+        gallery = enc != enc[i]
+        if views is not None:
+            gallery &= views == views[i]
+        relevant = ids[gallery] == ids[i]
+        if not relevant.any():
+            continue
+        ranked = rank(similarity[i, gallery], relevant)
+        first_hit.append(int(np.argmax(ranked)))
+        aps.append(average_precision(ranked))
+    n = len(first_hit)
+    hits = np.asarray(first_hit)
+    cmc = [float(np.mean(hits < k)) if n else 0.0 for k in range(1, max_rank + 1)]
+    return {"queries": n, "top1": cmc[0], "top5": cmc[4] if max_rank >= 5 else None,
+            "mAP": float(np.mean(aps)) if n else 0.0, "cmc": cmc}
+
+
+def bcubed(predicted: Sequence[Hashable], truth: Sequence[Hashable]) -> dict:
+    """B-cubed precision, recall and F1 of a clustering against the true identities."""
+    if len(predicted) != len(truth):
+        raise ValueError("predicted and truth differ in length")
+    if not predicted:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    pair = Counter(zip(predicted, truth))
+    pred_size = Counter(predicted)
+    true_size = Counter(truth)
+    precision = sum(pair[(p, t)] / pred_size[p] for p, t in zip(predicted, truth)) / len(predicted)
+    recall = sum(pair[(p, t)] / true_size[t] for p, t in zip(predicted, truth)) / len(predicted)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def merges_and_splits(predicted: Sequence[Hashable | None], truth: Sequence[Hashable]) -> dict:
+    """False merges and splits over the detections placed in an individual (None: not placed, e.g. review).
+
+    false_merge_rate: share of predicted individuals holding more than one true identity;
+    false_merge_detection_rate: share of placed detections inside such individuals;
+    false_split_rate: share of true identities (with a placed detection) spread over several individuals.
+    """
+    members: dict[Hashable, list[Hashable]] = defaultdict(list)
+    homes: dict[Hashable, set] = defaultdict(set)
+    for p, t in zip(predicted, truth):
+        if p is None:
+            continue
+        members[p].append(t)
+        homes[t].add(p)
+    merged = [p for p, ts in members.items() if len(set(ts)) > 1]
+    placed = sum(len(ts) for ts in members.values())
+    return {
+        "predicted_individuals": len(members),
+        "false_merge_rate": len(merged) / len(members) if members else 0.0,
+        "false_merge_detection_rate": sum(len(members[p]) for p in merged) / placed if placed else 0.0,
+        "false_split_rate": sum(1 for ps in homes.values() if len(ps) > 1) / len(homes) if homes else 0.0,
+    }
+
+
+def clustering_report(predicted: Sequence[Hashable | None], truth: Sequence[Hashable]) -> dict:
+    """B-cubed with unplaced detections as singletons, plus merges, splits and the review rate."""
+    singletons = [p if p is not None else ("unplaced", i) for i, p in enumerate(predicted)]
+    b = bcubed(singletons, truth)
+    ms = merges_and_splits(predicted, truth)
+    return {
+        "bcubed_precision": b["precision"], "bcubed_recall": b["recall"], "bcubed_f1": b["f1"],
+        **ms,
+        "true_individuals": len(set(truth)),
+        "review_rate": sum(1 for p in predicted if p is None) / len(predicted) if predicted else 0.0,
+    }

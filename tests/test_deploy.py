@@ -1,0 +1,70 @@
+"""The deployment files, checked by what runs here (no Docker engine): they must agree with the code."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from shared import observability
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_every_service_container_runs_a_real_entry_point():
+    services = compose()["services"]
+    for name in ("api", "reconciler", "fusion", "body"):
+        command = services[name]["command"]
+        assert command[:2] == ["python", "-m"], command
+        module = command[2]
+        assert importlib.util.find_spec(module) is not None, module
+        assert importlib.util.find_spec(f"{module}.__main__") is not None, module
+    assert services["migrate"]["command"] == ["deer-reid", "migrate"]
+
+
+def test_body_reserves_a_gpu_and_scales_by_replicas():
+    body = compose()["services"]["body"]
+    assert body["build"]["dockerfile"] == "deploy/Dockerfile.body"
+    assert "nvidia/cuda" in (REPO / "deploy/Dockerfile.body").read_text()
+    devices = body["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "replicas" in body["deploy"]
+
+
+def test_configuration_is_environment_only_and_names_real_settings():
+    from shared.config import Settings
+
+    known = {f"DEER_{name.upper()}" for name in Settings.model_fields}
+    for name, service in compose()["services"].items():
+        for key in (service.get("environment") or {}):
+            if key.startswith("DEER_"):
+                assert key in known, f"{name}: {key} is not a setting"
+
+
+def test_prometheus_scrapes_every_service_on_its_metrics_port():
+    prom = yaml.safe_load((REPO / "deploy/prometheus.yml").read_text())
+    targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    services = compose()["services"]
+    for target in targets:
+        host, port = target.split(":")
+        env = services[host]["environment"]
+        expected = env["DEER_API_PORT"] if host == "api" else env["DEER_METRICS_PORT"]
+        assert port == str(expected), target
+
+
+def test_dashboard_queries_only_metrics_the_services_export():
+    from prometheus_client.metrics import MetricWrapperBase
+
+    exported = {m.describe()[0].name for m in vars(observability).values() if isinstance(m, MetricWrapperBase)}
+    dash = json.loads((REPO / "deploy/grafana/dashboards/deer-reid.json").read_text())
+    names = set()
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            names |= set(re.findall(r"\b(deer_[a-z_]+?)(?:_bucket|_sum|_count|_total)?\b", target["expr"]))
+    assert names and names <= exported, names - exported

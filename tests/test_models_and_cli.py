@@ -1,0 +1,120 @@
+"""The model registry and weights cache, and the `deer-reid` command line on a real stack."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.embedded import free_port
+from shared.images import model_input
+from shared.models import MissingWeights, get_spec, load_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_missing_weights_refuse_to_load_and_name_the_fix(tmp_path):
+    with pytest.raises(MissingWeights) as err:
+        load_model("resnet50", tmp_path)
+    message = str(err.value)
+    assert "--allow-random-weights" in message and "efficientnet_lite0" in message
+
+
+def test_random_weights_only_when_asked_and_then_flagged_and_reproducible(tmp_path, jpeg_bytes):
+    a = load_model("resnet50", tmp_path, allow_random=True)
+    b = load_model("resnet50", tmp_path, allow_random=True)
+    assert a.random_weights and "random" in a.version
+    x = model_input(jpeg_bytes, a.spec.input_size)[None]
+    assert np.array_equal(a.embed(x), b.embed(x))
+
+
+def test_real_weights_give_the_same_embedding_across_restarts(tmp_path, jpeg_bytes):
+    first = load_model("efficientnet_lite0", tmp_path)
+    assert not first.random_weights
+    assert first.version.startswith("efficientnet_lite0:579344248a93:")
+    x = model_input(jpeg_bytes, 224)[None]
+    e1 = first.embed(x)
+    # A new process would load from the cache filled by the first load.
+    assert (tmp_path / "efficientnet_lite0" / "efficientnet-lite0.pth").exists()
+    e2 = load_model("efficientnet_lite0", tmp_path).embed(x)
+    assert e1.shape == (1, 1280) and np.allclose(np.linalg.norm(e1), 1, atol=1e-5)
+    assert np.array_equal(e1, e2)
+
+
+def test_a_corrupted_cache_file_is_refused(tmp_path):
+    target = tmp_path / "efficientnet_lite0" / get_spec("efficientnet_lite0").weights_file
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not the weights")
+    with pytest.raises(MissingWeights, match="checksum"):
+        load_model("efficientnet_lite0", tmp_path)
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(KeyError, match="efficientnet_lite0"):
+        get_spec("alexnet")
+
+
+def cli(*args, env, timeout=300):
+    return subprocess.run([sys.executable, "-m", "deer_reid.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEER_")}
+    env.update({"DEER_HOME": str(tmp_path / "home"), "DEER_MODEL_CACHE": str(tmp_path / "models"),
+                "DEER_API_PORT": str(free_port())})
+    return env
+
+
+def test_up_refuses_a_model_without_weights_and_starts_nothing(cli_env, tmp_path):
+    for detach in ([], ["--detach"]):
+        result = cli("up", *detach, "--body-model", "resnet50", env=cli_env)
+        assert result.returncode == 2
+        assert "no weights for body model 'resnet50'" in result.stderr
+        assert "--body-model efficientnet_lite0" in result.stderr
+        assert not (tmp_path / "home" / "run" / "stack.json").exists()
+
+
+@pytest.mark.stack
+def test_up_detach_then_down_leaves_no_process_behind(cli_env, tmp_path, nyala_paths):
+    up = cli("up", "--detach", "--body-model", "resnet50", "--allow-random-weights", env=cli_env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    state = json.loads(cli("status", env=cli_env).stdout)
+    try:
+        assert state["running"] and state["random_weights_allowed"]
+        pids = [state["supervisor_pid"]] + [s["pid"] for s in state["services"].values()]
+        pg_pid = int((tmp_path / "home" / "pg" / "postmaster.pid").read_text().split()[0])
+        assert all(alive(p) for p in pids + [pg_pid])
+
+        out = tmp_path / "out.json"
+        ingest = cli("ingest", str(nyala_paths[0].parent), "--captured-at", "2025-11-01T06:00:00Z", "--wait",
+                     "--json", str(out), "--quiet", "--timeout", "240", env=cli_env)
+        assert ingest.returncode == 0, ingest.stderr
+        report = json.loads(out.read_text())
+        assert report["submitted"] == report["terminal"] > 0 and "failed" not in report["states"]
+        assert set(report) >= {"submitted", "terminal", "states"}
+    finally:
+        down = cli("down", env=cli_env)
+    assert down.returncode == 0, down.stderr
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids + [pg_pid]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids + [pg_pid] if alive(p)]

@@ -171,6 +171,46 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from deer_reid.evaluation.dataset import DatasetError
+    from deer_reid.evaluation.run import run_loo, run_open_set
+
+    settings = _settings(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report_dir = Path(args.report) if args.report else Path("reports") / f"eval-{args.protocol}-{stamp}"
+    try:
+        if args.protocol == "loo":
+            result = run_loo(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
+                             seed=args.seed, report_dir=report_dir, json_path=args.json,
+                             target_false_merge=args.target_false_merge, calibration_out=args.calibration_out,
+                             settings=settings, allow_random=args.allow_random_weights, progress=not args.quiet)
+        else:
+            result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
+                                  seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
+                                  json_path=args.json, progress=not args.quiet)
+    except (DatasetError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"deer-reid eval: {exc}", file=sys.stderr)
+        return 2
+    skip = {"cmc", "ablation", "calibration", "plots"}
+    print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=2, default=str))
+    if "ablation" in result:
+        print("\nablation (loo):")
+        for name, a in result["ablation"].items():
+            print(f"  {name:45s} queries {a['queries']:5d}  top-1 {a['top1']:.3f}  top-5 {a['top5']:.3f}  "
+                  f"mAP {a['mAP']:.3f}")
+    if "calibration" in result:
+        c = result["calibration"]
+        print(f"\nthresholds (fit on {c['fit']['identities']} identities): match {c['thresholds']['match']:.3f}, "
+              f"new {c['thresholds']['new']:.3f}; artifact {c['artifact']}")
+        for part in ("fit", "held_out"):
+            r = c[part]["report"]
+            print(f"  {part:8s} B3 P/R/F1 {r['bcubed_precision']:.3f}/{r['bcubed_recall']:.3f}/{r['bcubed_f1']:.3f}"
+                  f"  false-merge {r['false_merge_rate']:.3f}  false-split {r['false_split_rate']:.3f}"
+                  f"  review {r['review_rate']:.3f}  individuals {r['predicted_individuals']}/{r['true_individuals']}")
+    print(f"\nreport: {report_dir / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deer-reid", description="Re-identification of individual deer.")
     common = argparse.ArgumentParser(add_help=False)
@@ -196,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     mig = sub.add_parser("migrate", help="apply migrations and create topics on DEER_DATABASE_URL / DEER_KAFKA_BOOTSTRAP")
     mig.set_defaults(func=cmd_migrate)
+
+    ev = sub.add_parser("eval", help="measure re-identification accuracy on a labelled folder")
+    ev.add_argument("data_dir", help="folder with metadata.csv (path, identity[, viewpoint, encounter, ...])")
+    ev.add_argument("--protocol", choices=("loo", "open-set"), required=True)
+    ev.add_argument("--mode", choices=("fast", "enhanced"), default="fast")
+    ev.add_argument("--body-model", help="body model(s), comma-separated for an ensemble")
+    ev.add_argument("--json", help="write the full result here")
+    ev.add_argument("--report", help="folder for report.md and the plots (default reports/eval-...)")
+    ev.add_argument("--limit", type=int, help="use whole identities (seeded) up to this many images")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--target-false-merge", type=float, default=0.02)
+    ev.add_argument("--calibration-out", type=Path, help="where to write the threshold artifact "
+                    "(default $DEER_HOME/calibration.json, which fusion reads)")
+    ev.add_argument("--allow-random-weights", action="store_true")
+    ev.add_argument("--api-url")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")
     ing.add_argument("path")

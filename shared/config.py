@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     retry_backoff_ms: int = Field(200, ge=0)
 
     # fusion decision; defaults until a calibration artifact replaces them
+    calibration: Path | None = None  # artifact of `deer-reid eval`; default home/calibration.json
     match_threshold: float = Field(0.80, ge=-1, le=1)
     new_threshold: float = Field(0.65, ge=-1, le=1)
     candidates_k: int = Field(50, ge=1, le=1000)
@@ -78,6 +79,10 @@ class Settings(BaseSettings):
     @property
     def blobs(self) -> Path:
         return (self.blob_dir or self.home / "blobs").expanduser().resolve()
+
+    @property
+    def calibration_path(self) -> Path:
+        return (self.calibration or self.home / "calibration.json").expanduser().resolve()
 
     @property
     def api_url(self) -> str:

@@ -16,10 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from deer_reid.evaluation.metrics import clustering_report
+from services.fusion.calibration import ARTIFACT_KIND
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Thresholds, best_per_individual, combine, \
     decide
-
-ARTIFACT_KIND = "deer-reid-calibration"
 
 
 def simulate(per_model: dict[str, np.ndarray], order: Sequence[int], sexes: Sequence[str], thresholds: Thresholds,
@@ -124,11 +123,6 @@ def fit_isotonic(scores: np.ndarray, same: np.ndarray) -> dict:
     return {"x": [round(float(v), 6) for v in iso.X_thresholds_], "y": [round(float(v), 6) for v in iso.y_thresholds_]}
 
 
-def p_same(calibration: dict, score: float) -> float:
-    """Calibrated probability that a candidate with this score is the same individual."""
-    return float(np.interp(score, calibration["x"], calibration["y"]))
-
-
 def split_identities(identities: Sequence[str], seed: int, fit_share: float = 0.5) -> tuple[set, set]:
     uniq = sorted(set(identities))
     rng = np.random.default_rng(seed)
@@ -150,14 +144,4 @@ def write_artifact(path: Path, *, versions: dict[str, str], weights: dict[str, f
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(artifact, indent=2))
     tmp.replace(path)
-    return artifact
-
-
-def load_artifact(path: Path) -> dict | None:
-    try:
-        artifact = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if artifact.get("kind") != ARTIFACT_KIND:
-        return None
     return artifact

@@ -11,6 +11,7 @@ from typing import Sequence
 import asyncpg
 
 from services.fusion import store
+from services.fusion.calibration import CalibrationSource, p_same
 from services.fusion.decision import Thresholds, best_per_individual, combine, decide
 from shared.broker import Handled, Output
 from shared.config import Settings
@@ -28,12 +29,14 @@ class FusionHandler:
     def __init__(self, pool: asyncpg.Pool, settings: Settings):
         self.pool = pool
         self.settings = settings
-        self.thresholds = Thresholds(match=settings.match_threshold, new=settings.new_threshold)
+        self.calibration = CalibrationSource(
+            settings.calibration_path, Thresholds(match=settings.match_threshold, new=settings.new_threshold))
 
     async def close(self) -> None:
         await self.pool.close()
 
     async def handle(self, events: Sequence[BodyFeatures]) -> list[Handled]:
+        self.calibration.refresh()
         async with self.pool.acquire() as conn:
             return [await self._fuse(conn, event) for event in events]
 
@@ -54,7 +57,9 @@ class FusionHandler:
                     await store.nearest_exemplars(conn, emb, event.site, sex, self.settings.candidates_k))
                 for emb in event.embeddings
             }
-            decision = decide(combine(per_model), self.thresholds)
+            versions = {e.model: e.version for e in event.embeddings}
+            thresholds, artifact = self.calibration.for_versions(versions)
+            decision = decide(combine(per_model), thresholds)
             random_weights = any(e.random_weights for e in event.embeddings)
             flags = list(decision.flags) + (["random-weights"] if random_weights else [])
             result = {
@@ -68,9 +73,12 @@ class FusionHandler:
                                 "components": {k: round(v, 5) for k, v in c.components.items()}}
                                for c in decision.candidates],
                 "components": dict(decision.candidates[0].components) if decision.candidates else {},
-                "versions": {e.model: e.version for e in event.embeddings},
+                "versions": versions,
                 "random_weights": random_weights,
-                "thresholds": {"match": self.thresholds.match, "new": self.thresholds.new},
+                "thresholds": {"match": thresholds.match, "new": thresholds.new,
+                               "source": "calibrated" if artifact else "default"},
+                "p_same": round(p_same(artifact, decision.score), 4)
+                if artifact and decision.score is not None else None,
                 "timings_ms": event.timings_ms,
             }
             individual = await store.apply_decision(

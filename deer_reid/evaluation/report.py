@@ -1,0 +1,131 @@
+"""Plots and the markdown report of an evaluation run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cmc(curves: dict[str, list[float]], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, cmc in curves.items():
+        ax.plot(range(1, len(cmc) + 1), cmc, marker="o", ms=3, label=label)
+    ax.set(xlabel="rank", ylabel="identification rate", title="CMC (leave-one-encounter-out)", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_scores(scores: np.ndarray, same: np.ndarray, thresholds: dict, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(min(scores.min(), 0), 1, 60)
+    ax.hist(scores[~same], bins=bins, alpha=0.6, density=True, label=f"different individuals (n={int((~same).sum())})")
+    ax.hist(scores[same], bins=bins, alpha=0.6, density=True, label=f"same individual (n={int(same.sum())})")
+    for name, value in thresholds.items():
+        ax.axvline(value, ls="--", color="k" if name == "match" else "grey", label=f"{name} threshold {value:.2f}")
+    ax.set(xlabel="score (best image of the candidate individual)", ylabel="density",
+           title="Scores: same vs different individual (fit part)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_operating_curve(points, chosen, target: float, path: Path) -> Path:
+    plt = _plt()
+    best_by_match: dict[float, object] = {}
+    for p in points:  # for each match threshold, its best new threshold by F1
+        cur = best_by_match.get(p.match)
+        if cur is None or p.report["bcubed_f1"] > cur.report["bcubed_f1"]:
+            best_by_match[p.match] = p
+    xs = sorted(best_by_match)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("false_merge_rate", "false-merge rate (individuals)"), ("false_split_rate", "false-split rate"),
+                       ("review_rate", "review rate"), ("bcubed_f1", "B-cubed F1")):
+        ax.plot(xs, [best_by_match[x].report[key] for x in xs], marker=".", label=label)
+    ax.axhline(target, color="red", lw=0.8, ls=":", label=f"false-merge target {target:.0%}")
+    ax.axvline(chosen.match, color="k", ls="--", label=f"chosen match {chosen.match:.2f} / new {chosen.new:.2f}")
+    ax.set(xlabel="match threshold", ylabel="rate", ylim=(0, 1), title="Operating curve (simulated open set, fit part)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# deer-reid evaluation: {result['protocol']}", "",
+             f"- data: `{result['data']}` ({result['images']} images, {result['true_individuals']} individuals)",
+             f"- mode: {result['mode']}; body models: {', '.join(result['body_models'])}",
+             f"- weights real: {result['weights_real']}; embedding versions: "
+             + ", ".join(f"`{v}`" for v in result["embedding_versions"].values()),
+             f"- seed: {result['seed']}", ""]
+    if result["protocol"] == "loo":
+        lines += ["## Leave-one-encounter-out retrieval", "",
+                  "| gallery | queries | top-1 | top-5 | mAP |", "|---|---|---|---|---|",
+                  f"| all | {result['queries']} | {result['top1']:.3f} | {result['top5']:.3f} | {result['mAP']:.3f} |"]
+        if result.get("same_viewpoint"):
+            v = result["same_viewpoint"]
+            lines.append(f"| same viewpoint | {v['queries']} | {v['top1']:.3f} | {v['top5']:.3f} | {v['mAP']:.3f} |")
+        lines += ["", "## Ablation", "", "| components | queries | top-1 | top-5 | mAP |", "|---|---|---|---|---|"]
+        for name, a in result["ablation"].items():
+            lines.append(f"| {name} | {a['queries']} | {a['top1']:.3f} | {a['top5']:.3f} | {a['mAP']:.3f} |")
+        lines += ["", "Components that do not exist yet (antler, coat, pose, temporal) are not in the table.", ""]
+    if "calibration" in result:
+        c = result["calibration"]
+        lines += ["## Thresholds", "",
+                  f"Fitted on {c['fit']['identities']} identities ({c['fit']['images']} images), reported on the other "
+                  f"{c['held_out']['identities']} identities ({c['held_out']['images']} images), split by identity "
+                  f"with seed {result['seed']}. Target false-merge rate {c['target_false_merge_rate']:.1%}"
+                  + ("" if c["target_met_on_fit"] else " (NOT reachable on the fit part: safest point chosen)") + ".",
+                  "", f"- match threshold: **{c['thresholds']['match']:.3f}**, new-individual threshold: "
+                  f"**{c['thresholds']['new']:.3f}**", f"- artifact: `{c['artifact']}`", "",
+                  "| part | B-cubed P | B-cubed R | F1 | false-merge | false-merge (detections) | false-split | "
+                  "review | predicted / true individuals |", "|---|---|---|---|---|---|---|---|---|"]
+        for part in ("fit", "held_out"):
+            r = c[part]["report"]
+            lines.append(f"| {part} | {r['bcubed_precision']:.3f} | {r['bcubed_recall']:.3f} | {r['bcubed_f1']:.3f} | "
+                         f"{r['false_merge_rate']:.3f} | {r['false_merge_detection_rate']:.3f} | "
+                         f"{r['false_split_rate']:.3f} | {r['review_rate']:.3f} | "
+                         f"{r['predicted_individuals']} / {r['true_individuals']} |")
+        lines.append("")
+    if result["protocol"] == "open-set":
+        lines += ["## Open-set sequential ingestion through the running stack", "",
+                  "| metric | value |", "|---|---|"]
+        for key in ("bcubed_precision", "bcubed_recall", "bcubed_f1", "false_merge_rate",
+                    "false_merge_detection_rate", "false_split_rate", "predicted_individuals", "true_individuals",
+                    "review_rate", "failed", "thresholds"):
+            lines.append(f"| {key} | {_fmt(result.get(key))} |")
+        lines += ["", result.get("temporal_note", ""), ""]
+    if result.get("plots"):
+        lines += ["## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in result["plots"].items()] + [""]
+    return "\n".join(lines)
+
+
+def write_report(result: dict, report_dir: Path | None, json_path: Path | None) -> None:
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
+    if report_dir:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        (Path(report_dir) / "report.md").write_text(markdown(result))

@@ -1,0 +1,193 @@
+"""The evaluation: metrics on hand-worked cases, CSV errors, and the loo protocol on a tiny real folder.
+
+No test here asserts an accuracy level: accuracy is measured by `deer-reid eval`, not tested.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from deer_reid.evaluation import calibration as cal
+from deer_reid.evaluation.dataset import DatasetError, load_dataset
+from deer_reid.evaluation.metrics import average_precision, bcubed, clustering_report, merges_and_splits, rank, \
+    retrieval
+from services.fusion.calibration import CalibrationSource, load_artifact, p_same
+from services.fusion.decision import Thresholds
+from shared.config import Settings
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def test_perfect_ranking_scores_one():
+    ids = ["a", "a", "b", "b"]
+    enc = ["1", "2", "3", "4"]
+    sim = np.array([[1, .9, .1, .1], [.9, 1, .1, .1], [.1, .1, 1, .8], [.1, .1, .8, 1]])
+    r = retrieval(sim, ids, enc)
+    assert (r["queries"], r["top1"], r["top5"], r["mAP"]) == (4, 1.0, 1.0, 1.0)
+
+
+def test_same_encounter_is_excluded_from_the_gallery():
+    # image 1 only matches its own encounter twin: it is no query, but stays a distractor
+    ids = ["a", "a", "b", "b", "b"]
+    enc = ["e1", "e1", "e2", "e3", "e4"]
+    sim = np.eye(5)
+    r = retrieval(sim, ids, enc)
+    assert r["queries"] == 3
+
+
+def test_ties_rank_the_wrong_identity_first():
+    assert rank(np.array([0.5, 0.5, 0.4]), np.array([True, False, False])).tolist() == [False, True, False]
+    ids = ["a", "a", "b"]
+    sim = np.ones((3, 3))  # a model that scores everything alike
+    r = retrieval(sim, ids, ["1", "2", "3"])
+    assert r["top1"] == 0.0 and r["queries"] == 2
+
+
+def test_average_precision_by_hand():
+    # relevant at ranks 1 and 3: (1/1 + 2/3) / 2
+    assert average_precision(np.array([True, False, True])) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(np.array([False, False])) == 0.0
+
+
+def test_bcubed_known_example():
+    # predicted clusters {0,1,2} {3,4}; truth {0,1} {2,3,4}
+    pred = ["x", "x", "x", "y", "y"]
+    truth = ["A", "A", "B", "B", "B"]
+    b = bcubed(pred, truth)
+    # precision per item: 2/3, 2/3, 1/3, 1, 1 -> 11/15; recall: 1, 1, 1/3, 2/3, 2/3 -> 11/15
+    assert b["precision"] == pytest.approx(11 / 15)
+    assert b["recall"] == pytest.approx(11 / 15)
+    assert b["f1"] == pytest.approx(11 / 15)
+
+
+def test_merges_splits_and_review():
+    pred = [1, 1, 2, None, 3]
+    truth = ["A", "B", "B", "C", "C"]
+    ms = merges_and_splits(pred, truth)
+    assert ms["predicted_individuals"] == 3
+    assert ms["false_merge_rate"] == pytest.approx(1 / 3)
+    assert ms["false_merge_detection_rate"] == pytest.approx(2 / 4)
+    assert ms["false_split_rate"] == pytest.approx(1 / 3)  # B is in 1 and 2
+    report = clustering_report(pred, truth)
+    assert report["review_rate"] == pytest.approx(1 / 5)
+    assert report["true_individuals"] == 3
+
+
+# ---- sequential simulation (fusion's decision code) -----------------------------------------
+
+def test_simulation_founds_and_assigns_like_the_service():
+    sim = np.array([[1, .95, .2, .2], [.95, 1, .2, .2], [.2, .2, 1, .7], [.2, .2, .7, 1]])
+    placed = cal.simulate({"m": sim}, [0, 1, 2, 3], ["female"] * 4, Thresholds(match=0.9, new=0.5))
+    assert placed[0] == placed[1] != placed[2]
+    assert placed[3] is None  # 0.7: between new and match -> review
+
+
+def test_simulation_never_puts_a_buck_with_a_doe():
+    sim = np.ones((2, 2))
+    placed = cal.simulate({"m": sim}, [0, 1], ["male", "female"], Thresholds(match=0.9, new=0.5))
+    assert placed[0] != placed[1] and None not in placed
+
+
+def test_threshold_choice_respects_the_false_merge_target():
+    P = cal.OperatingPoint
+    points = [P(0.5, 0.4, {"false_merge_rate": 0.3, "bcubed_f1": 0.9}),
+              P(0.7, 0.6, {"false_merge_rate": 0.01, "bcubed_f1": 0.6}),
+              P(0.8, 0.6, {"false_merge_rate": 0.0, "bcubed_f1": 0.5})]
+    chosen, met = cal.choose(points, 0.02)
+    assert met and chosen.match == 0.7
+    chosen, met = cal.choose(points[:1], 0.02)
+    assert not met and chosen.match == 0.5
+
+
+def test_calibration_artifact_applies_only_to_its_embedding_versions(tmp_path):
+    path = tmp_path / "calibration.json"
+    default = Thresholds(match=0.8, new=0.6)
+    source = CalibrationSource(path, default)
+    source.refresh()
+    assert source.for_versions({"m": "m:1"}) == (default, None)
+    isotonic = cal.fit_isotonic(np.array([0.1, 0.2, 0.8, 0.9]), np.array([False, False, True, True]))
+    cal.write_artifact(path, versions={"m": "m:1"}, weights={"m": 1.0}, chosen=cal.OperatingPoint(0.85, 0.7, {}),
+                       met_target=True, target=0.02, isotonic=isotonic, fit={}, held_out={})
+    source.refresh()
+    thresholds, artifact = source.for_versions({"m": "m:1"})
+    assert (thresholds.match, thresholds.new) == (0.85, 0.7) and artifact is not None
+    assert source.for_versions({"m": "m:2"}) == (default, None)
+    assert p_same(artifact, 0.95) == pytest.approx(1.0) and p_same(artifact, 0.05) == pytest.approx(0.0)
+    path.write_text("{broken")
+    assert load_artifact(path) is None
+
+
+# ---- the labelled folder ----------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_folder(tmp_path, nyala_rows, nyala_paths):
+    """Three identities with four real photos each, in a folder of the test's own (never in the repo)."""
+    by_identity: dict[str, list] = {}
+    for row, path in zip(nyala_rows, nyala_paths):
+        by_identity.setdefault(row["identity"], []).append((row, path))
+    chosen = [items[:4] for items in by_identity.values() if len(items) >= 4][:3]
+    lines = ["path,identity,viewpoint,encounter"]
+    for items in chosen:
+        for row, path in items:
+            rel = f"img/{row['identity']}_{path.name}"
+            (tmp_path / "img").mkdir(exist_ok=True)
+            shutil.copyfile(path, tmp_path / rel)
+            lines.append(f"{rel},{row['identity']},{row['viewpoint']},{row['encounter']}")
+    (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
+    sexes = ["identity,sex"] + [f"{items[0][0]['identity']},{'male' if n == 0 else 'female'}"
+                                for n, items in enumerate(chosen)]
+    (tmp_path / "sex.csv").write_text("\n".join(sexes) + "\n")
+    return tmp_path
+
+
+def test_loo_protocol_on_a_tiny_real_folder(tiny_folder, tmp_path_factory):
+    from deer_reid.evaluation.run import run_loo
+
+    out = tmp_path_factory.mktemp("out")
+    samples = load_dataset(tiny_folder)
+    assert len(samples) == 12 and {s.cls.value for s in samples} == {"buck", "doe"}
+    result = run_loo(tiny_folder, mode="fast", body_model="efficientnet_lite0", limit=None, seed=3,
+                     report_dir=out / "report", json_path=out / "r.json", target_false_merge=0.02,
+                     calibration_out=out / "cal.json", settings=Settings(), progress=False)
+    enc = {}
+    for s in samples:
+        enc.setdefault(s.identity, set()).add(s.encounter)
+    expected_queries = sum(1 for s in samples if len(enc[s.identity] - {s.encounter}) > 0)
+    assert result["queries"] == expected_queries
+    assert 0 <= result["top1"] <= result["top5"] <= 1 and 0 <= result["mAP"] <= 1
+    assert result["weights_real"] is True
+    saved = json.loads((out / "r.json").read_text())
+    assert {"protocol", "mode", "queries", "top1", "top5", "mAP", "weights_real", "embedding_versions"} <= set(saved)
+    assert (out / "report" / "report.md").read_text().startswith("# deer-reid evaluation: loo")
+    for name in ("cmc.png", "scores.png", "operating_curve.png"):
+        assert (out / "report" / name).stat().st_size > 1000
+    artifact = load_artifact(out / "cal.json")
+    assert artifact["embedding_versions"] == result["embedding_versions"]
+    assert artifact["thresholds"]["new"] <= artifact["thresholds"]["match"]
+
+
+@pytest.mark.parametrize("csv_text, sex_text, message", [
+    ("identity\n1\n", None, "missing column(s) path"),
+    ("path,identity\n", None, "no rows"),
+    ("path,identity\nimg/none.jpg,1\n", None, "row 2: image 'img/none.jpg' not found"),
+    ("path,identity\n../../etc/passwd,1\n", None, "leaves the data folder"),
+    ("path,identity\nimg/a.jpg,\n", None, "row 2: empty path or identity"),
+    ("path,identity\nimg/a.jpg,1\n", "identity,sex\n1,robot\n", "sex.csv row 2"),
+    ("path,identity\nimg/a.jpg,1\n", "id,gender\n", "needs columns identity,sex"),
+])
+def test_bad_labelled_folders_name_the_problem(tmp_path, jpeg_bytes, csv_text, sex_text, message):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(jpeg_bytes)
+    (tmp_path / "metadata.csv").write_text(csv_text)
+    if sex_text is not None:
+        (tmp_path / "sex.csv").write_text(sex_text)
+    with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_dataset(tmp_path)
+
+
+def test_missing_metadata_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="metadata.csv: file not found"):
+        load_dataset(tmp_path)

@@ -25,6 +25,8 @@ def _settings(args) -> Settings:
         overrides["allow_random_weights"] = True
     if getattr(args, "api_port", None):
         overrides["api_port"] = args.api_port
+    if getattr(args, "precision", None):
+        overrides["precision"] = args.precision
     return Settings(**overrides)
 
 
@@ -211,6 +213,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from deer_reid.bench import run_bench
+
+    settings = _settings(args)
+    result = run_bench(args.mode, args.detections, settings, body_model=args.body_model,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deer-reid", description="Re-identification of individual deer.")
     common = argparse.ArgumentParser(add_help=False)
@@ -250,9 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--calibration-out", type=Path, help="where to write the threshold artifact "
                     "(default $DEER_HOME/calibration.json, which fusion reads)")
     ev.add_argument("--allow-random-weights", action="store_true")
+    ev.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="as the body service (default auto)")
     ev.add_argument("--api-url")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help="body throughput: bare models vs the whole pipeline, in one run")
+    be.add_argument("--mode", choices=("fast", "enhanced"), default="fast")
+    be.add_argument("--detections", type=int, default=512)
+    be.add_argument("--body-model", help="override the mode's models (comma-separated)")
+    be.add_argument("--precision", choices=("auto", "fp32", "bf16"))
+    be.add_argument("--json", help="write the result here")
+    be.set_defaults(func=cmd_bench)
 
     ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")
     ing.add_argument("path")

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     body_model: str = "efficientnet_lite0"
     allow_random_weights: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 where native: CUDA, AMX, AVX-512 BF16) | bf16 | fp32
     torch_threads: int = 0  # 0: one per available core
 
     # micro-batching of the broker runner

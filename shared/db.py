@@ -10,6 +10,7 @@ from pgvector.asyncpg import register_vector
 
 log = logging.getLogger(__name__)
 
+OUTBOX_CHANNEL = "deer_outbox"  # NOTIFY channel: a detection was enqueued for publishing
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _MIGRATION_LOCK = 0x6465_6572  # "deer": one migrator at a time across processes
 

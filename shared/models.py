@@ -198,6 +198,24 @@ def missing_weights_message(name: str, cache: Path) -> str:
 
 # ---- loaded models -----------------------------------------------------------------------
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AMX or AVX-512 BF16)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(preference: str, device) -> str:
+    """'bf16' or 'fp32': bf16 autocast where the hardware runs it natively (CUDA, AMX, AVX-512 BF16)."""
+    if preference in ("fp32", "bf16"):
+        return preference
+    if preference != "auto":
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {preference!r}")
+    return "bf16" if getattr(device, "type", "cpu") == "cuda" or cpu_has_bf16() else "fp32"
+
+
 @dataclass
 class LoadedModel:
     """A model ready to embed batches of preprocessed images."""
@@ -206,6 +224,7 @@ class LoadedModel:
     module: "object"
     device: "object"
     weights_sha256: str | None
+    precision: str = "fp32"  # bf16 runs under autocast; the embedding itself is returned in fp32
 
     @property
     def random_weights(self) -> bool:
@@ -224,7 +243,8 @@ class LoadedModel:
         mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.precision == "bf16"):
             feats = self.module(x).float()
         feats = torch.nn.functional.normalize(feats, dim=1)
         return feats.cpu().numpy()
@@ -238,7 +258,8 @@ def pick_device(preference: str = "auto"):
     return torch.device("cpu")
 
 
-def load_model(name: str, cache: Path, *, allow_random: bool = False, device: str = "auto") -> LoadedModel:
+def load_model(name: str, cache: Path, *, allow_random: bool = False, device: str = "auto",
+               precision: str = "fp32") -> LoadedModel:
     """Build `name` and load its cached weights; random weights only when explicitly allowed."""
     import torch
 
@@ -262,4 +283,5 @@ def load_model(name: str, cache: Path, *, allow_random: bool = False, device: st
         log.warning("model %s runs on RANDOM weights: its embeddings identify nothing", name)
     dev = pick_device(device)
     module = module.eval().to(dev).to(memory_format=torch.channels_last)
-    return LoadedModel(spec=spec, module=module, device=dev, weights_sha256=checksum)
+    return LoadedModel(spec=spec, module=module, device=dev, weights_sha256=checksum,
+                       precision=resolve_precision(precision, dev))

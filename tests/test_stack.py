@@ -143,7 +143,21 @@ async def test_the_same_event_twice_has_no_second_effect(stack, db, nyala_paths)
     await assert_exactly_once(db, ids, "twice")
 
 
-FAULT_BATCH = 40
+FAULT_BATCH = 60
+
+
+async def fault_when_started(db, site: str, fault) -> int:
+    """Inject `fault` once the site's first detection is decided; returns how many were terminal then."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = await db.fetchval(
+            "SELECT count(*) FROM detections WHERE site = $1 AND state IN ('assigned', 'new', 'review', 'failed')",
+            site)
+        if done:
+            fault()
+            return done
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nothing of {site} was processed within 120 s")
 
 
 @pytest.mark.parametrize("service", ["body", "fusion", "reconciler", "api"])
@@ -151,28 +165,36 @@ async def test_kill_9_of_a_service_mid_ingest_loses_nothing(stack, db, nyala_pat
     offset = 100 + ["body", "fusion", "reconciler", "api"].index(service) * FAULT_BATCH
     paths = nyala_paths[offset:offset + FAULT_BATCH]
     site = f"kill-{service}"
-    upload = asyncio.create_task(ingest(stack, paths, site))
-    await asyncio.sleep(1.5)
     child = stack.children[service]
     restarts = child.restarts
-    os.kill(child.process.pid, signal.SIGKILL)
+    upload = asyncio.create_task(ingest(stack, paths, site))
+    done_at_kill = await fault_when_started(db, site, lambda: os.kill(child.process.pid, signal.SIGKILL))
     ids = await upload
+    assert done_at_kill < FAULT_BATCH, "the fault came after the ingest, not in the middle of it"
     states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
-    assert child.restarts == restarts + 1, "the supervisor did not restart the killed service"
     assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == FAULT_BATCH
-    await assert_exactly_once(db, ids, site)
+    counts = await assert_exactly_once(db, ids, site)
+    print(f"\nFAULT kill -9 {service}: submitted {len(ids)}, decided before the kill {done_at_kill}, "
+          f"lost 0, states {counts}")
+    deadline = time.monotonic() + 10
+    while child.restarts == restarts and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert child.restarts == restarts + 1, "the supervisor did not restart the killed service"
 
 
 async def test_broker_restarted_empty_mid_ingest_loses_nothing(stack, db, nyala_paths):
-    paths = nyala_paths[300:300 + FAULT_BATCH]
-    upload = asyncio.create_task(ingest(stack, paths, "broker-restart"))
-    await asyncio.sleep(1.5)
+    paths = nyala_paths[400:400 + FAULT_BATCH]
+    site = "broker-restart"
+    upload = asyncio.create_task(ingest(stack, paths, site))
     port = stack.broker.port
-    stack.broker.kill()
+    done_at_kill = await fault_when_started(db, site, stack.broker.kill)
     await asyncio.sleep(2)
     stack.broker = EmbeddedBroker(port, stack.home / "logs" / "broker.log")
     stack.broker.start()
     ids = await upload
+    assert done_at_kill < FAULT_BATCH, "the fault came after the ingest, not in the middle of it"
     states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
     assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == FAULT_BATCH
-    await assert_exactly_once(db, ids, "broker-restart")
+    counts = await assert_exactly_once(db, ids, site)
+    print(f"\nFAULT broker killed, restarted empty: submitted {len(ids)}, decided before the kill "
+          f"{done_at_kill}, lost 0, states {counts}")

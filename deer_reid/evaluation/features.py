@@ -36,12 +36,12 @@ def embed_samples(samples: Sequence[Sample], model_names: Sequence[str], setting
     """{model name: (N, dim) L2-normalised embeddings} for the samples, and the loaded models."""
     cache = cache or settings.model_cache.parent / "features"
     cache.mkdir(parents=True, exist_ok=True)
-    models = [load_model(n, settings.model_cache, allow_random=allow_random, device=settings.device)
-              for n in model_names]
+    models = [load_model(n, settings.model_cache, allow_random=allow_random, device=settings.device,
+                         precision=settings.precision) for n in model_names]
     shas = [hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples]
     out: dict[str, np.ndarray] = {}
     for model in models:
-        file = _cache_file(cache, model.version, settings)
+        file = _cache_file(cache, f"{model.version}_{model.precision}", settings)
         known: dict[str, np.ndarray] = {}
         if file.exists() and not model.random_weights:
             with np.load(file) as z:

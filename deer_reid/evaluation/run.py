@@ -64,6 +64,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         "body_models": names,
         "embedding_versions": {m.spec.name: m.version for m in models},
         "weights_real": not any(m.random_weights for m in models),
+        "precision": {m.spec.name: m.precision for m in models},
     })
     main = retrieval(sim, ids, enc)
     result.update({k: main[k] for k in ("queries", "top1", "top5", "mAP")})

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from services.api.uploads import PlannedImage, UploadRejected, parse_detections, parse_time, plan_image, \
     safe_file_name
 from shared.config import Settings, get_settings
-from shared.db import create_pool
+from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
 from shared.schemas import DetectionClass
 
@@ -77,6 +77,7 @@ async def persist(pool: asyncpg.Pool, images: list[PlannedImage]) -> list[dict]:
                       im.captured_at, d.crop) for d in im.detections])
                 await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])",
                                    [d.id for d in im.detections])
+                await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")  # delivered at commit: wakes the relay
             rows = await conn.fetch(
                 "SELECT id, state FROM detections WHERE image_sha256 = $1 ORDER BY ordinal", im.sha256)
             out.append({"name": im.name, "sha256": im.sha256, "duplicate": not inserted,

@@ -29,7 +29,8 @@ class BodyHandler:
         self.extractor = extractor
 
     def health(self) -> dict:
-        return {"models": [m.version for m in self.extractor.models], "random_weights": self.extractor.random_weights}
+        return {"models": [m.version for m in self.extractor.models], "random_weights": self.extractor.random_weights,
+                "precision": [m.precision for m in self.extractor.models]}
 
     async def handle(self, events: Sequence[DetectionEvent]) -> list[Handled]:
         started = time.perf_counter()
@@ -57,8 +58,8 @@ async def make_handler(settings: Settings) -> BodyHandler:
 
     torch.set_num_threads(settings.torch_threads or len(os.sched_getaffinity(0)))
     models = [
-        await asyncio.to_thread(load_model, name, settings.model_cache,
-                                allow_random=settings.allow_random_weights, device=settings.device)
+        await asyncio.to_thread(load_model, name, settings.model_cache, allow_random=settings.allow_random_weights,
+                                device=settings.device, precision=settings.precision)
         for name in body_model_names(settings)
     ]
     return BodyHandler(BodyExtractor(models, batch=settings.batch_max))

@@ -36,55 +36,61 @@ class FusionHandler:
         await self.pool.close()
 
     async def handle(self, events: Sequence[BodyFeatures]) -> list[Handled]:
+        """One transaction per batch: one commit instead of one per detection.
+
+        A failing event rolls the batch back; the runner then retries the events one by
+        one, so only the bad one is dead-lettered.
+        """
         self.calibration.refresh()
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire() as conn, conn.transaction():
+            for site in sorted({e.site for e in events}):  # sorted: two workers never wait on each other in a cycle
+                await store.lock_site(conn, site)
+            await store.prepare_search(conn)
             return [await self._fuse(conn, event) for event in events]
 
     async def _fuse(self, conn: asyncpg.Connection, event: BodyFeatures) -> Handled:
         sex = sex_of(event.cls)
-        async with conn.transaction():
-            await store.lock_site(conn, event.site)
-            row = await store.lock_detection(conn, event.detection_id)
-            if row is None:
-                return Handled(error=f"unknown detection {event.detection_id}")
-            if is_terminal(row["state"]):
-                if row["state"] == FAILED or row["result"] is None:
-                    return Handled()
-                return Handled([self._output(event.site, row["result"])])
-            await store.store_embeddings(conn, event.detection_id, event.site, event.embeddings)
-            per_model = {
-                emb.model: best_per_individual(
-                    await store.nearest_exemplars(conn, emb, event.site, sex, self.settings.candidates_k))
-                for emb in event.embeddings
-            }
-            versions = {e.model: e.version for e in event.embeddings}
-            thresholds, artifact = self.calibration.for_versions(versions)
-            decision = decide(combine(per_model), thresholds)
-            random_weights = any(e.random_weights for e in event.embeddings)
-            flags = list(decision.flags) + (["random-weights"] if random_weights else [])
-            result = {
-                "detection_id": str(event.detection_id),
-                "site": event.site,
-                "state": decision.state,
-                "score": decision.score,
-                "flags": flags,
-                "mode": "fast" if len(event.embeddings) == 1 else "enhanced",
-                "candidates": [{"individual_id": c.individual_id, "score": round(c.score, 5),
-                                "components": {k: round(v, 5) for k, v in c.components.items()}}
-                               for c in decision.candidates],
-                "components": dict(decision.candidates[0].components) if decision.candidates else {},
-                "versions": versions,
-                "random_weights": random_weights,
-                "thresholds": {"match": thresholds.match, "new": thresholds.new,
-                               "source": "calibrated" if artifact else "default"},
-                "p_same": round(p_same(artifact, decision.score), 4)
-                if artifact and decision.score is not None else None,
-                "timings_ms": event.timings_ms,
-            }
-            individual = await store.apply_decision(
-                conn, detection_id=event.detection_id, site=event.site, sex=sex, captured_at=event.captured_at,
-                decision=decision, result=result, exemplars_per_individual=self.settings.exemplars_per_individual)
-            result["individual_id"] = individual
+        row = await store.lock_detection(conn, event.detection_id)
+        if row is None:
+            return Handled(error=f"unknown detection {event.detection_id}")
+        if is_terminal(row["state"]):
+            if row["state"] == FAILED or row["result"] is None:
+                return Handled()
+            return Handled([self._output(event.site, row["result"])])
+        await store.store_embeddings(conn, event.detection_id, event.site, event.embeddings)
+        per_model = {
+            emb.model: best_per_individual(
+                await store.nearest_exemplars(conn, emb, event.site, sex, self.settings.candidates_k))
+            for emb in event.embeddings
+        }
+        versions = {e.model: e.version for e in event.embeddings}
+        thresholds, artifact = self.calibration.for_versions(versions)
+        decision = decide(combine(per_model), thresholds)
+        random_weights = any(e.random_weights for e in event.embeddings)
+        flags = list(decision.flags) + (["random-weights"] if random_weights else [])
+        result = {
+            "detection_id": str(event.detection_id),
+            "site": event.site,
+            "state": decision.state,
+            "score": decision.score,
+            "flags": flags,
+            "mode": "fast" if len(event.embeddings) == 1 else "enhanced",
+            "candidates": [{"individual_id": c.individual_id, "score": round(c.score, 5),
+                            "components": {k: round(v, 5) for k, v in c.components.items()}}
+                           for c in decision.candidates],
+            "components": dict(decision.candidates[0].components) if decision.candidates else {},
+            "versions": versions,
+            "random_weights": random_weights,
+            "thresholds": {"match": thresholds.match, "new": thresholds.new,
+                           "source": "calibrated" if artifact else "default"},
+            "p_same": round(p_same(artifact, decision.score), 4)
+            if artifact and decision.score is not None else None,
+            "timings_ms": event.timings_ms,
+        }
+        individual = await store.apply_decision(
+            conn, detection_id=event.detection_id, site=event.site, sex=sex, captured_at=event.captured_at,
+            decision=decision, result=result, exemplars_per_individual=self.settings.exemplars_per_individual)
+        result["individual_id"] = individual
         return Handled([self._output(event.site, result)])
 
     @staticmethod

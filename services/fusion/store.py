@@ -21,12 +21,17 @@ async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncp
         "SELECT state, individual_id, score, result FROM detections WHERE id = $1 FOR UPDATE", detection_id)
 
 
+async def prepare_search(conn: asyncpg.Connection) -> None:
+    """Index search settings for this transaction: a wide candidate list, and iterative scans so
+    that the site and sex filters cannot starve the HNSW result."""
+    await conn.execute("SET LOCAL hnsw.ef_search = 200")
+    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+
+
 async def nearest_exemplars(conn: asyncpg.Connection, emb: Embedding, site: str, sex: str,
                             k: int) -> list[tuple[int, float]]:
     """The k nearest gallery exemplars of the same embedding version, site and a compatible sex."""
     dim = int(emb.dim)  # an int from a validated event: safe to put in the SQL text
-    await conn.execute("SET LOCAL hnsw.ef_search = 200")
-    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
     rows = await conn.fetch(
         f"""SELECT e.individual_id, 1 - (e.vec::halfvec({dim}) <=> $1::halfvec({dim})) AS sim
             FROM embeddings e JOIN individuals i ON i.id = e.individual_id

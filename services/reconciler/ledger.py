@@ -15,7 +15,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from shared.broker import TRANSIENT, Handled, producer_for
-from shared.db import create_pool
+from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import DETECTIONS_BY_STATE
 from shared.schemas import Box, DeadLetter, DetectionEvent
 from shared.states import PENDING, STATES
@@ -84,6 +84,7 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
         retry = [r["id"] for r in rows if r["state"] != "failed"]
         if retry:
             await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])", retry)
+            await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
         if rows:
             log.warning("reconciler: re-enqueued %d stuck detections, failed %d", len(retry), len(rows) - len(retry))
         return len(retry), len(rows) - len(retry)
@@ -137,6 +138,10 @@ class Reconciler(DeadLetterRecorder):
 
     async def start(self) -> None:
         await self.producer.start()
+        self._wake = asyncio.Event()
+        self._listener = await self.pool.acquire()
+        # Wake the relay the moment something is enqueued; polling stays as the fallback.
+        await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: self._wake.set())
         self._tasks = [asyncio.create_task(self._relay_loop(), name="relay"),
                        asyncio.create_task(self._reconcile_loop(), name="reconcile")]
 
@@ -144,6 +149,7 @@ class Reconciler(DeadLetterRecorder):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.release(self._listener)
         await self.producer.stop()
         await self.pool.close()
 
@@ -156,7 +162,11 @@ class Reconciler(DeadLetterRecorder):
                 sent = 0
                 await asyncio.sleep(1.0)
             if sent < self.settings.relay_batch:
-                await asyncio.sleep(0.05)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -1,0 +1,245 @@
+"""`deer-reid bench`: body throughput, bare models against the whole pipeline, in one run.
+
+1. matmul peak of this machine (fp32 and bf16), the yardstick for achieved GFLOP/s;
+2. bare: the body extractor alone on the crops (JPEG decode, resize, models), batch 16;
+3. end to end: a fresh embedded stack (broker, database, services); detection rows are
+   written as the API writes them, the events are produced to the detections topic
+   and the bench waits for every result on the results topic. A burst measures
+   throughput; a paced run at half that rate measures latency (p50/p99).
+Speed does not depend on weights, so models without weights run on random ones
+(and the report says so).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from shared.config import Settings
+
+MODES = {"fast": "resnet50", "enhanced": "resnet50,efficientnet_b3,vit_base_patch16_224"}
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    return 2 * n ** 3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def gflop_per_image(model) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, model.spec.input_size, model.spec.input_size)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.module(x)
+    return counter.get_total_flops() / 1e9
+
+
+def synthetic_crops(n: int, seed: int = 0, size: tuple[int, int] = (480, 360)) -> list[bytes]:
+    """Smooth random pictures as JPEG crops: the decoder and models do the same work as on photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(n):
+        small = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        im.save(out, format="JPEG", quality=90)
+        crops.append(out.getvalue())
+    return crops
+
+
+def bare_throughput(extractor, crops: list[bytes], batch: int = 16) -> float:
+    extractor.embed(crops[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(crops), batch):
+        extractor.embed(crops[i:i + batch])
+    return len(crops) / (time.perf_counter() - start)
+
+
+def _scrape(port: int) -> dict[tuple[str, str], tuple[float, float]]:
+    """(stage, service) -> (sum seconds, count) of deer_stage_seconds on a service's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[tuple[str, str], list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "deer_stage_seconds":
+            continue
+        for sample in family.samples:
+            key = (sample.labels["service"], sample.labels["stage"])
+            slot = out.setdefault(key, [0.0, 0.0])
+            if sample.name.endswith("_sum"):
+                slot[0] = sample.value
+            elif sample.name.endswith("_count"):
+                slot[1] = sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+async def _insert_detections(dsn: str, crops: list[bytes], site: str) -> list[tuple[uuid.UUID, bytes]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    rows = []
+    now = datetime.now(timezone.utc)
+    try:
+        async with conn.transaction():
+            for n, crop in enumerate(crops):
+                sha = hashlib.sha256(crop + site.encode() + str(n).encode()).hexdigest()
+                det = uuid.uuid4()
+                await conn.execute(
+                    """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
+                                           captured_at, time_source) VALUES ($1,$2,480,360,'JPEG',$3,$4,'bench',$5,'bench')""",
+                    sha, len(crop), f"bench-{n}.jpg", site, now)
+                await conn.execute(
+                    """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, state)
+                       VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting')""",
+                    det, sha, site, now, crop)
+                rows.append((det, sha))
+    finally:
+        await conn.close()
+    return rows
+
+
+async def _run_events(stack, crops: list[bytes], site: str, rate: float | None) -> dict:
+    """Produce one detection event per crop (paced at `rate`/s, or all at once) and wait for every result."""
+    from aiokafka import AIOKafkaConsumer
+
+    from shared.broker import MAX_MESSAGE_BYTES, producer_for
+    from shared.schemas import Box, DetectionEvent, DetectionResult
+    from shared.topics import DETECTIONS, RESULTS
+
+    rows = await _insert_detections(stack.dsn, crops, site)
+    consumer = AIOKafkaConsumer(RESULTS.name, bootstrap_servers=stack.bootstrap, group_id=f"bench-{uuid.uuid4()}",
+                                auto_offset_reset="latest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+    await consumer.start()
+    while not consumer.assignment():
+        await asyncio.sleep(0.05)
+    await consumer.seek_to_end()
+    producer = producer_for(stack.bootstrap, "bench")
+    await producer.start()
+    sent: dict[str, float] = {}
+    done: dict[str, float] = {}
+
+    async def collect():
+        while len(done) < len(rows):
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                now = time.perf_counter()
+                for r in records:
+                    did = str(DetectionResult.from_bytes(r.value).detection_id)
+                    if did in sent and did not in done:
+                        done[did] = now
+
+    collector = asyncio.create_task(collect())
+    now = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    for n, ((det, sha), crop) in enumerate(zip(rows, crops)):
+        if rate:
+            await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
+        event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls="doe",
+                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop)
+        sent[str(det)] = time.perf_counter()
+        await producer.send(DETECTIONS.name, event.to_bytes(), key=str(det).encode())
+    await producer.flush()
+    await asyncio.wait_for(collector, timeout=600)
+    elapsed = max(done.values()) - start
+    await producer.stop()
+    await consumer.stop()
+    latencies = np.array([1000 * (done[k] - sent[k]) for k in sent])
+    return {"det_per_s": len(rows) / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)), "seconds": elapsed}
+
+
+def run_bench(mode: str, detections: int, settings: Settings, body_model: str | None = None,
+              progress=print) -> dict:
+    import torch
+
+    from deer_reid.stack import Stack
+    from services.body.extractor import BodyExtractor
+    from shared.embedded import free_port
+    from shared.models import load_model, weights_available
+
+    names = [n.strip() for n in (body_model or MODES[mode]).split(",") if n.strip()]
+    allow_random = not all(weights_available(n, settings.model_cache) for n in names)
+    threads = settings.torch_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    result: dict = {"mode": mode, "detections": detections, "body_models": names, "threads": threads}
+    progress("measuring matmul peak ...")
+    result["matmul_peak_gflops"] = {p: round(matmul_peak(p), 1) for p in ("fp32", "bf16")}
+
+    crops = synthetic_crops(detections)
+    models = [load_model(n, settings.model_cache, allow_random=allow_random, device=settings.device,
+                         precision=settings.precision) for n in names]
+    result["weights_real"] = not any(m.random_weights for m in models)
+    result["precision"] = {m.spec.name: m.precision for m in models}
+    gflop = sum(gflop_per_image(m) for m in models)
+    result["gflop_per_det"] = round(gflop, 2)
+    progress(f"bare models on {detections} crops ...")
+    per_model = {m.spec.name: round(bare_throughput(BodyExtractor([m], batch=settings.batch_max),
+                                                    crops[: max(64, detections // 4)], settings.batch_max), 1)
+                 for m in models}
+    result["bare_per_model_det_per_s"] = per_model
+    result["bare_det_per_s"] = round(bare_throughput(BodyExtractor(models, batch=settings.batch_max), crops,
+                                                     settings.batch_max), 2)
+    del models
+
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="deer-bench-"))
+    stack_settings = settings.model_copy(update={
+        "home": home, "body_model": ",".join(names), "allow_random_weights": allow_random, "api_port": free_port(),
+        "database_url": "", "calibration": home / "none.json"})
+    stack = Stack(stack_settings, env={"DEER_PRECISION": settings.precision, "DEER_STUCK_AFTER_S": "600"})
+    progress("starting the stack ...")
+    stack.start()
+    try:
+        asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None))
+        before = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
+        progress(f"end to end: burst of {detections} detections ...")
+        burst = asyncio.run(_run_events(stack, crops, "bench-burst", None))
+        after = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
+        paced_n = max(64, detections // 2)
+        rate = burst["det_per_s"] / 2
+        progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
+        paced = asyncio.run(_run_events(stack, crops[:paced_n], "bench-paced", rate))
+    finally:
+        stack.stop()
+    stages = {}
+    for name in before:
+        for key, (total, count) in after[name].items():
+            b_total, b_count = before[name].get(key, (0.0, 0.0))
+            if count > b_count:
+                stages[f"{key[0]}/{key[1]}"] = {"ms_per_det": round(1000 * (total - b_total) / detections, 3),
+                                               "calls": int(count - b_count)}
+    result.update({
+        "e2e_det_per_s": round(burst["det_per_s"], 2),
+        "ratio": round(burst["det_per_s"] / result["bare_det_per_s"], 3),
+        "p50_ms": round(paced["p50_ms"], 1), "p99_ms": round(paced["p99_ms"], 1),
+        "latency_rate_det_per_s": round(rate, 1),
+        "burst_p50_ms": round(burst["p50_ms"], 1), "burst_p99_ms": round(burst["p99_ms"], 1),
+        "stages": stages,
+    })
+    peak = result["matmul_peak_gflops"]["bf16" if "bf16" in result["precision"].values() else "fp32"]
+    result["achieved_gflops_bare"] = round(gflop * result["bare_det_per_s"], 1)
+    result["achieved_gflops_e2e"] = round(gflop * result["e2e_det_per_s"], 1)
+    result["achieved_share_of_matmul_peak"] = round(result["achieved_gflops_e2e"] / peak, 3)
+    return result

@@ -243,3 +243,23 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     result["achieved_gflops_e2e"] = round(gflop * result["e2e_det_per_s"], 1)
     result["achieved_share_of_matmul_peak"] = round(result["achieved_gflops_e2e"] / peak, 3)
     return result
+
+
+def precision_check(data_dir: Path, names: list[str], settings: Settings, limit: int | None = None,
+                    progress: bool = True) -> dict:
+    """Cosine between fp32 and bf16 embeddings of the same real images, per model."""
+    from deer_reid.evaluation.dataset import load_dataset
+    from deer_reid.evaluation.features import embed_samples
+
+    samples = load_dataset(data_dir)[:limit] if limit else load_dataset(data_dir)
+    out = {}
+    embedded = {}
+    for precision in ("fp32", "bf16"):
+        s = settings.model_copy(update={"precision": precision})
+        embedded[precision], _ = embed_samples(samples, names, s, progress=progress)
+    for name in names:
+        cos = np.sum(embedded["fp32"][name] * embedded["bf16"][name], axis=1)
+        out[name] = {"images": len(samples), "cosine_min": round(float(cos.min()), 5),
+                     "cosine_p1": round(float(np.percentile(cos, 1)), 5), "cosine_mean": round(float(cos.mean()), 5),
+                     "passes_0.99": bool(cos.min() >= 0.99)}
+    return out

@@ -214,9 +214,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from deer_reid.bench import run_bench
+    from deer_reid.bench import precision_check, run_bench
 
     settings = _settings(args)
+    if args.precision_check:
+        names = [n.strip() for n in (args.body_model or "efficientnet_lite0").split(",")]
+        result = precision_check(Path(args.precision_check), names, settings)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     result = run_bench(args.mode, args.detections, settings, body_model=args.body_model,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
     text = json.dumps(result, indent=2)
@@ -276,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--body-model", help="override the mode's models (comma-separated)")
     be.add_argument("--precision", choices=("auto", "fp32", "bf16"))
     be.add_argument("--json", help="write the result here")
+    be.add_argument("--precision-check", metavar="DATA_DIR",
+                    help="instead: cosine of bf16 against fp32 embeddings of the labelled images in DATA_DIR")
     be.set_defaults(func=cmd_bench)
 
     ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")

@@ -120,7 +120,7 @@ async def _insert_detections(dsn: str, crops: list[bytes], site: str) -> list[tu
     return rows
 
 
-async def _run_events(stack, crops: list[bytes], site: str, rate: float | None) -> dict:
+async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, mode: str = "fast") -> dict:
     """Produce one detection event per crop (paced at `rate`/s, or all at once) and wait for every result."""
     from aiokafka import AIOKafkaConsumer
 
@@ -156,7 +156,7 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None) 
         if rate:
             await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
         event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls="doe",
-                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop)
+                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode=mode)
         sent[str(det)] = time.perf_counter()
         await producer.send(DETECTIONS.name, event.to_bytes(), key=str(det).encode())
     await producer.flush()
@@ -206,21 +206,22 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
 
     home = Path(tempfile.mkdtemp(prefix="deer-bench-"))
     stack_settings = settings.model_copy(update={
-        "home": home, "body_model": ",".join(names), "allow_random_weights": allow_random, "api_port": free_port(),
+        "home": home, "body_model": names[0], "body_ensemble": ",".join(names) if mode == "enhanced" else "",
+        "allow_random_weights": allow_random, "api_port": free_port(),
         "database_url": "", "calibration": home / "none.json"})
     stack = Stack(stack_settings, env={"DEER_PRECISION": settings.precision, "DEER_STUCK_AFTER_S": "600"})
     progress("starting the stack ...")
     stack.start()
     try:
-        asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None))
+        asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None, mode))
         before = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
         progress(f"end to end: burst of {detections} detections ...")
-        burst = asyncio.run(_run_events(stack, crops, "bench-burst", None))
+        burst = asyncio.run(_run_events(stack, crops, "bench-burst", None, mode))
         after = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
         paced_n = max(64, detections // 2)
         rate = burst["det_per_s"] / 2
         progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
-        paced = asyncio.run(_run_events(stack, crops[:paced_n], "bench-paced", rate))
+        paced = asyncio.run(_run_events(stack, crops[:paced_n], "bench-paced", rate, mode))
     finally:
         stack.stop()
     stages = {}

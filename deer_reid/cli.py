@@ -19,8 +19,10 @@ def _settings(args) -> Settings:
     overrides = {}
     if getattr(args, "home", None):
         overrides["home"] = args.home
-    if getattr(args, "body_model", None):
+    if getattr(args, "body_model", None) and args.command == "up":
         overrides["body_model"] = args.body_model
+    if getattr(args, "body_ensemble", None):
+        overrides["body_ensemble"] = args.body_ensemble
     if getattr(args, "allow_random_weights", False):
         overrides["allow_random_weights"] = True
     if getattr(args, "api_port", None):
@@ -63,7 +65,7 @@ def _detach(args, settings: Settings) -> int:
     from shared.models import missing_weights_message, weights_available
 
     # Refuse before forking: the message must reach this terminal.
-    for name in [n.strip() for n in settings.body_model.split(",") if n.strip()]:
+    for name in settings.body_models:
         if not settings.allow_random_weights and not weights_available(name, settings.model_cache):
             print(f"deer-reid up: {missing_weights_message(name, settings.model_cache)}", file=sys.stderr)
             return 2
@@ -71,6 +73,8 @@ def _detach(args, settings: Settings) -> int:
     log_path = settings.home / "logs" / "supervisor.log"
     argv = [sys.executable, "-m", "deer_reid.cli", "up", "--home", str(settings.home),
             "--body-model", settings.body_model, "--api-port", str(settings.api_port)]
+    if settings.body_ensemble:
+        argv += ["--body-ensemble", settings.body_ensemble]
     if settings.allow_random_weights:
         argv.append("--allow-random-weights")
     with open(log_path, "ab") as out:
@@ -243,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the embedded stack: PostgreSQL, broker, services, API")
     up.add_argument("--detach", action="store_true", help="return once every service is healthy")
-    up.add_argument("--body-model", help="body model(s) by registry name, e.g. efficientnet_lite0")
+    up.add_argument("--body-model", help="fast-mode body model by registry name, e.g. efficientnet_lite0")
+    up.add_argument("--body-ensemble", help="enhanced-mode body models, comma-separated, e.g. "
+                    "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     up.add_argument("--allow-random-weights", action="store_true",
                     help="run models without weights on random initialisation (results are flagged)")
     up.add_argument("--api-port", type=int)

@@ -69,7 +69,7 @@ class Stack:
         return f"http://{self.settings.api_host}:{self.children['api'].port}"
 
     def check_models(self) -> None:
-        for name in [n.strip() for n in self.settings.body_model.split(",") if n.strip()]:
+        for name in self.settings.body_models:
             try:
                 get_spec(name)
             except KeyError as exc:
@@ -110,6 +110,7 @@ class Stack:
             "DEER_DATABASE_URL": self.dsn,
             "DEER_KAFKA_BOOTSTRAP": self.bootstrap,
             "DEER_BODY_MODEL": self.settings.body_model,
+            "DEER_BODY_ENSEMBLE": self.settings.body_ensemble,
             "DEER_ALLOW_RANDOM_WEIGHTS": "true" if self.settings.allow_random_weights else "false",
             "DEER_MODEL_CACHE": str(self.settings.model_cache),
             "DEER_METRICS_PORT": str(child.port),
@@ -207,6 +208,7 @@ class Stack:
             "database_url": self.dsn,
             "kafka_bootstrap": self.bootstrap,
             "body_model": self.settings.body_model,
+            "body_ensemble": self.settings.ensemble,
             "random_weights_allowed": self.settings.allow_random_weights,
             "services": {n: {"pid": c.process.pid if c.process else None, "metrics_port": c.port,
                              "restarts": c.restarts} for n, c in self.children.items()},

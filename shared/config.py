@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     blob_dir: Path | None = None  # original images, content-addressed; default home/blobs
     model_cache: Path = Field(default_factory=_default_model_cache)
 
-    body_model: str = "efficientnet_lite0"
+    body_model: str = "efficientnet_lite0"  # fast mode
+    body_ensemble: str = ""  # enhanced mode, comma-separated (empty: enhanced runs the fast model)
+    ensemble_weights: str = "resnet50=0.4,efficientnet_b3=0.3,vit_base_patch16_224=0.3"  # others weigh 1
     allow_random_weights: bool = False
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where native: CUDA, AMX, AVX-512 BF16) | bf16 | fp32
@@ -72,6 +74,13 @@ class Settings(BaseSettings):
     metrics_port: int = 0  # the port this process serves /metrics and /healthz on (0: none)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers
 
+    @field_validator("body_model")
+    @classmethod
+    def _one_model(cls, value: str) -> str:
+        if "," in value:
+            raise ValueError("body_model is the one fast-mode model; put several in body_ensemble")
+        return value.strip()
+
     @field_validator("home", "model_cache", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -80,6 +89,22 @@ class Settings(BaseSettings):
     @property
     def blobs(self) -> Path:
         return (self.blob_dir or self.home / "blobs").expanduser().resolve()
+
+    @property
+    def ensemble(self) -> list[str]:
+        return [n.strip() for n in self.body_ensemble.split(",") if n.strip()]
+
+    @property
+    def body_models(self) -> list[str]:
+        """Every body model a body worker must hold: the fast one and the ensemble."""
+        return list(dict.fromkeys([self.body_model, *self.ensemble]))
+
+    def weights(self) -> dict[str, float]:
+        out = {}
+        for item in filter(None, (p.strip() for p in self.ensemble_weights.split(","))):
+            name, _, value = item.partition("=")
+            out[name.strip()] = float(value)
+        return out
 
     @property
     def calibration_path(self) -> Path:

@@ -114,6 +114,7 @@ class DetectionEvent(_Event):
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     crop_jpeg: B64Bytes  # the crop travels with the event: no service reads another's disk
     attempt: int = Field(0, ge=0)
+    mode: Literal["fast", "enhanced"] = "fast"  # the run-time configuration when the event was published
 
 
 class Embedding(BaseModel):
@@ -167,6 +168,13 @@ class DetectionResult(_Event):
     flags: list[str] = []
     components: dict[str, float] = {}
     versions: dict[str, str] = {}
+
+
+class PipelineConfig(BaseModel):
+    """The run-time switches of the pipeline (changed through the API, no restart)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["fast", "enhanced"] = "fast"  # fast: one body model; enhanced: the body ensemble
 
 
 class DeadLetter(_Event):

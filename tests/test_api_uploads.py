@@ -203,3 +203,15 @@ async def test_control_characters_in_a_raw_multipart_name_are_refused(api, jpeg_
                        headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 422 and "plain file name" in r.json()["error"]
     assert await stored(api) == NOTHING
+
+
+async def test_run_time_config_switches_mode_and_keeps_history(api):
+    assert (await api.get("/v1/config")).json()["mode"] == "fast"
+    r = await api.put("/v1/config", json={"mode": "enhanced"}, headers={"x-user": "ranger"})
+    assert r.status_code == 200 and r.json()["mode"] == "enhanced" and r.json()["updated_by"] == "ranger"
+    for bad in ({"mode": "turbo"}, {"mode": "fast", "extra": 1}, {"mode": None}):
+        assert (await api.put("/v1/config", json=bad)).status_code == 422
+    r = await api.put("/v1/config", json={"mode": "fast"})
+    assert r.json()["mode"] == "fast"
+    history = await api.pool.fetch("SELECT value->>'mode' AS mode FROM runtime_config_history ORDER BY id")
+    assert [h["mode"] for h in history][-2:] == ["enhanced", "fast"]

@@ -59,7 +59,8 @@ async def test_poison_goes_to_the_dead_letter_topic_and_the_partition_moves_on(b
         await producer.send_and_wait(DETECTIONS.name, value, key=key)
     await producer.stop()
 
-    runner = BrokerRunner(BodyHandler(BodyExtractor([lite0])), broker.bootstrap, batch_max=2, batch_wait_ms=10,
+    runner = BrokerRunner(BodyHandler(BodyExtractor([lite0]), ["efficientnet_lite0"], []), broker.bootstrap,
+                          batch_max=2, batch_wait_ms=10,
                           max_retries=0, group="test-body")
     task = asyncio.create_task(runner.run())
     try:

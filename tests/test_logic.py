@@ -176,3 +176,33 @@ def test_out_of_memory_at_batch_one_is_raised():
 
     with pytest.raises(torch.OutOfMemoryError):
         embed_in_batches(embed, np.zeros((2, 3), np.uint8), 2)
+
+
+# ---- ensembles ---------------------------------------------------------------------------------
+
+def test_ensemble_high_confidence_needs_every_model_above_the_floor():
+    strong = Candidate(1, 0.93, {"a": 0.95, "b": 0.92, "c": 0.91})
+    d = decide([strong], T)
+    assert d.state == ASSIGNED and "high-confidence" in d.flags
+    one_weak = Candidate(1, 0.91, {"a": 0.99, "b": 0.95, "c": 0.80})
+    d = decide([one_weak], T)
+    assert d.state == ASSIGNED and "high-confidence" not in d.flags
+
+
+def test_ensemble_disagreement_in_the_review_band_goes_to_review():
+    t = Thresholds(match=0.78, new=0.6)
+    split = Candidate(1, 0.80, {"a": 0.95, "b": 0.72, "c": 0.73})
+    d = decide([split], t)
+    assert d.state == REVIEW and "model-disagreement" in d.flags
+    agreeing = Candidate(1, 0.80, {"a": 0.82, "b": 0.79, "c": 0.79})
+    assert decide([agreeing], t).state == ASSIGNED
+
+
+def test_settings_split_fast_model_and_ensemble():
+    from shared.config import Settings
+
+    s = Settings(body_model="resnet50", body_ensemble="resnet50, efficientnet_b3,vit_base_patch16_224")
+    assert s.body_models == ["resnet50", "efficientnet_b3", "vit_base_patch16_224"]
+    assert s.weights() == {"resnet50": 0.4, "efficientnet_b3": 0.3, "vit_base_patch16_224": 0.3}
+    with pytest.raises(ValueError):
+        Settings(body_model="resnet50,efficientnet_b3")

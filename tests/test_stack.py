@@ -28,7 +28,8 @@ WAIT_S = 300
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0")
+    settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0",
+                        body_ensemble="efficientnet_lite0,efficientnet_lite1")
     # Short reconciler timings so that lost work is found within the test's patience.
     s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_LOG_LEVEL": "INFO"})
     s.start()
@@ -141,6 +142,24 @@ async def test_the_same_event_twice_has_no_second_effect(stack, db, nyala_paths)
     assert [dict(r) for r in after] == [dict(r) for r in before]
     assert await db.fetchval("SELECT count(*) FROM individuals WHERE site = 'twice'") == individuals
     await assert_exactly_once(db, ids, "twice")
+
+
+async def test_enhanced_mode_is_switched_on_at_run_time(stack, db, nyala_paths):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=stack.api_url) as client:
+        assert (await client.put("/v1/config", json={"mode": "enhanced"})).status_code == 200
+        try:
+            ids = await ingest(stack, nyala_paths[30:34], "switch")
+            await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
+        finally:
+            await client.put("/v1/config", json={"mode": "fast"})
+        results = [(await client.get(f"/v1/detections/{i}")).json()["result"] for i in ids]
+    assert all(r["mode"] == "enhanced" for r in results)
+    assert all(set(r["versions"]) == {"efficientnet_lite0", "efficientnet_lite1"} for r in results)
+    rows = await db.fetch("SELECT model, count(*) AS n FROM embeddings WHERE detection_id = ANY($1::uuid[]) "
+                          "GROUP BY model ORDER BY model", ids)
+    assert [(r["model"], r["n"]) for r in rows] == [("efficientnet_lite0", 4), ("efficientnet_lite1", 4)]
 
 
 FAULT_BATCH = 60

@@ -38,7 +38,8 @@ def select(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
 
 
 def _model_names(mode: str, body_model: str | None, settings: Settings) -> list[str]:
-    names = [n.strip() for n in (body_model or settings.body_model).split(",") if n.strip()]
+    default = settings.body_model if mode == "fast" else (settings.body_ensemble or settings.body_model)
+    names = [n.strip() for n in (body_model or default).split(",") if n.strip()]
     if mode == "fast" and len(names) > 1:
         raise ValueError("fast mode runs one body model; give one name, or --mode enhanced")
     return names
@@ -58,7 +59,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     ids = [s.identity for s in samples]
     enc = [s.encounter for s in samples]
     sexes = [sex_of(s.cls) for s in samples]
-    sim = similarity(embeddings)
+    weights = {n: settings.weights().get(n, 1.0) for n in names}  # as fusion weighs them
+    sim = similarity(embeddings, weights)
     result = _base("loo", mode, data, samples, seed)
     result.update({
         "body_models": names,
@@ -83,17 +85,18 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     fit_idx = [i for i, s in enumerate(samples) if s.identity in fit_ids]
     held_idx = [i for i, s in enumerate(samples) if s.identity in held_ids]
     started = time.monotonic()
-    points = cal.operating_curve(per_model, fit_idx, ids, sexes, seed)
+    points = cal.operating_curve(per_model, fit_idx, ids, sexes, seed, weights=weights)
     chosen, met = cal.choose(points, target_false_merge)
     held_order = [int(i) for i in np.random.default_rng(seed + 1).permutation(np.asarray(held_idx))]
-    placed = cal.simulate(per_model, held_order, sexes, cal.Thresholds(match=chosen.match, new=chosen.new))
+    placed = cal.simulate(per_model, held_order, sexes, cal.Thresholds(match=chosen.match, new=chosen.new),
+                          weights=weights)
     held_report = clustering_report([placed[i] for i in held_order], [ids[i] for i in held_order])
     scores, same = cal.identity_pairs(sim, fit_idx, ids, enc)
     isotonic = cal.fit_isotonic(scores, same)
     fit = {"identities": len(fit_ids), "images": len(fit_idx), "report": chosen.report}
     held = {"identities": len(held_ids), "images": len(held_idx), "report": held_report}
     artifact_path = calibration_out or settings.calibration_path
-    cal.write_artifact(artifact_path, versions=result["embedding_versions"], weights={n: 1.0 for n in names},
+    cal.write_artifact(artifact_path, versions=result["embedding_versions"], weights=weights,
                        chosen=chosen, met_target=met, target=target_false_merge, isotonic=isotonic,
                        fit={k: v for k, v in fit.items() if k != "report"},
                        held_out={"images": len(held_idx), **held_report})

@@ -25,7 +25,7 @@ from services.api.uploads import PlannedImage, UploadRejected, parse_detections,
 from shared.config import Settings, get_settings
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
-from shared.schemas import DetectionClass
+from shared.schemas import DetectionClass, PipelineConfig
 
 router = APIRouter()
 
@@ -147,6 +147,27 @@ async def detection(detection_id: UUID, pool: Pool):
     if row is None:
         raise HTTPException(404, detail={"error": f"no detection {detection_id}"})
     return {k: (str(v) if isinstance(v, UUID) else v) for k, v in dict(row).items()}
+
+
+@router.get("/v1/config")
+async def get_config(pool: Pool):
+    """The run-time switches (mode: fast | enhanced) applied to every detection published from now on."""
+    row = await pool.fetchrow("SELECT value, updated_at, updated_by FROM runtime_config WHERE key = 'pipeline'")
+    return {**PipelineConfig(**row["value"]).model_dump(), "updated_at": row["updated_at"],
+            "updated_by": row["updated_by"]}
+
+
+@router.put("/v1/config")
+async def put_config(config: PipelineConfig, pool: Pool, request: Request):
+    """Change the switches; no service restarts. Every change is kept in runtime_config_history."""
+    who = request.headers.get("x-user", "api")[:100]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE runtime_config SET value = $1, updated_at = now(), updated_by = $2 WHERE key = 'pipeline'",
+            config.model_dump(), who)
+        await conn.execute("INSERT INTO runtime_config_history (key, value, changed_by) VALUES ('pipeline', $1, $2)",
+                           config.model_dump(), who)
+    return await get_config(pool)
 
 
 @router.get("/healthz")

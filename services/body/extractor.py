@@ -55,10 +55,12 @@ class BodyExtractor:
     def random_weights(self) -> bool:
         return any(m.random_weights for m in self.models)
 
-    def embed(self, crops: Sequence[bytes]) -> list[list[Embedding] | str]:
-        """For each crop: its embeddings (one per model), or the reason it could not be read."""
+    def embed(self, crops: Sequence[bytes], names: Sequence[str] | None = None) -> list[list[Embedding] | str]:
+        """For each crop: its embeddings (one per model, all models or those named), or why it could not be read."""
         results: list[list[Embedding] | str] = [[] for _ in crops]
         for model in self.models:
+            if names is not None and model.spec.name not in names:
+                continue
             size = model.spec.input_size
             arrays, ok = [], []
             for i, crop in enumerate(crops):

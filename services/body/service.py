@@ -15,41 +15,42 @@ from shared.schemas import BodyFeatures, DetectionEvent
 from shared.topics import DETECTIONS, FEATURES_BODY
 
 
-def body_model_names(settings: Settings) -> list[str]:
-    """The configured body models: one name for fast mode, a comma-separated ensemble otherwise."""
-    return [n.strip() for n in settings.body_model.split(",") if n.strip()]
-
-
 class BodyHandler:
     name = "body"
     input_topics = (DETECTIONS,)
     input_schema = DetectionEvent
 
-    def __init__(self, extractor: BodyExtractor):
+    def __init__(self, extractor: BodyExtractor, fast: list[str], enhanced: list[str]):
         self.extractor = extractor
+        self.models_for = {"fast": fast, "enhanced": enhanced or fast}
 
     def health(self) -> dict:
         return {"models": [m.version for m in self.extractor.models], "random_weights": self.extractor.random_weights,
                 "precision": [m.precision for m in self.extractor.models]}
 
     async def handle(self, events: Sequence[DetectionEvent]) -> list[Handled]:
-        started = time.perf_counter()
-        # Decoding and inference leave the event loop free (torch releases the GIL).
-        embeddings = await asyncio.to_thread(self.extractor.embed, [e.crop_jpeg for e in events])
-        elapsed = time.perf_counter() - started
-        STAGE_SECONDS.labels(self.name, "embed").observe(elapsed)
-        per_event_ms = 1000 * elapsed / len(events)
-        out = []
-        for event, result in zip(events, embeddings):
-            if isinstance(result, str):
-                out.append(Handled(error=result))
+        out: list[Handled | None] = [None] * len(events)
+        for mode, names in self.models_for.items():  # each event runs the models of the mode it was published in
+            index = [i for i, e in enumerate(events) if e.mode == mode]
+            if not index:
                 continue
-            features = BodyFeatures(
-                detection_id=event.detection_id, site=event.site, camera=event.camera,
-                captured_at=event.captured_at, cls=event.cls, embeddings=result,
-                timings_ms={"body": round(per_event_ms, 3)}, attempt=event.attempt,
-            )
-            out.append(Handled([Output(FEATURES_BODY, event.site.encode(), features.to_bytes())]))
+            started = time.perf_counter()
+            # Decoding and inference leave the event loop free (torch releases the GIL).
+            embeddings = await asyncio.to_thread(self.extractor.embed, [events[i].crop_jpeg for i in index], names)
+            elapsed = time.perf_counter() - started
+            STAGE_SECONDS.labels(self.name, "embed").observe(elapsed)
+            per_event_ms = round(1000 * elapsed / len(index), 3)
+            for i, result in zip(index, embeddings):
+                event = events[i]
+                if isinstance(result, str):
+                    out[i] = Handled(error=result)
+                    continue
+                features = BodyFeatures(
+                    detection_id=event.detection_id, site=event.site, camera=event.camera,
+                    captured_at=event.captured_at, cls=event.cls, embeddings=result,
+                    timings_ms={"body": per_event_ms}, attempt=event.attempt,
+                )
+                out[i] = Handled([Output(FEATURES_BODY, event.site.encode(), features.to_bytes())])
         return out
 
 
@@ -60,6 +61,6 @@ async def make_handler(settings: Settings) -> BodyHandler:
     models = [
         await asyncio.to_thread(load_model, name, settings.model_cache, allow_random=settings.allow_random_weights,
                                 device=settings.device, precision=settings.precision)
-        for name in body_model_names(settings)
+        for name in settings.body_models
     ]
-    return BodyHandler(BodyExtractor(models, batch=settings.batch_max))
+    return BodyHandler(BodyExtractor(models, batch=settings.batch_max), [settings.body_model], settings.ensemble)

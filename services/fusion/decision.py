@@ -19,6 +19,12 @@ class Thresholds:
     new: float
     ambiguity_margin: float = 0.02  # two individuals this close at the top: a human decides
     high_confidence: float = 0.90
+    # Ensembles (SPEC defaults until calibration replaces them): high confidence needs every model
+    # above `model_floor`; a score in the review band with models disagreeing by more than
+    # `disagreement` goes to a human even above the match threshold.
+    model_floor: float = 0.85
+    review_band: tuple[float, float] = (0.75, 0.85)
+    disagreement: float = 0.15
 
     def __post_init__(self):
         if self.new > self.match:
@@ -87,6 +93,13 @@ def decide(candidates: list[Candidate], thresholds: Thresholds, *, keep: int = 5
         if runner_up is not None and runner_up.score >= thresholds.match \
                 and best.score - runner_up.score < thresholds.ambiguity_margin:
             return Decision(REVIEW, None, best.score, ("manual-review", "ambiguous"), top)
-        flags = ("high-confidence",) if best.score > thresholds.high_confidence else ()
+        models = list(best.components.values())
+        ensemble = len(models) > 1
+        low, high = thresholds.review_band
+        if ensemble and low <= best.score <= high and max(models) - min(models) > thresholds.disagreement:
+            return Decision(REVIEW, None, best.score, ("manual-review", "model-disagreement"), top)
+        confident = best.score > thresholds.high_confidence and (
+            not ensemble or min(models) > thresholds.model_floor)
+        flags = ("high-confidence",) if confident else ()
         return Decision(ASSIGNED, best.individual_id, best.score, flags, top)
     return Decision(REVIEW, None, best.score, ("manual-review",), top)

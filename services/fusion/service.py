@@ -31,6 +31,7 @@ class FusionHandler:
         self.settings = settings
         self.calibration = CalibrationSource(
             settings.calibration_path, Thresholds(match=settings.match_threshold, new=settings.new_threshold))
+        self.weights = settings.weights()
 
     async def close(self) -> None:
         await self.pool.close()
@@ -65,7 +66,7 @@ class FusionHandler:
         }
         versions = {e.model: e.version for e in event.embeddings}
         thresholds, artifact = self.calibration.for_versions(versions)
-        decision = decide(combine(per_model), thresholds)
+        decision = decide(combine(per_model, self.weights), thresholds)
         random_weights = any(e.random_weights for e in event.embeddings)
         flags = list(decision.flags) + (["random-weights"] if random_weights else [])
         result = {
@@ -75,6 +76,7 @@ class FusionHandler:
             "score": decision.score,
             "flags": flags,
             "mode": "fast" if len(event.embeddings) == 1 else "enhanced",
+            "weights": {m: self.weights.get(m, 1.0) for m in per_model},
             "candidates": [{"individual_id": c.individual_id, "score": round(c.score, 5),
                             "components": {k: round(v, 5) for k, v in c.components.items()}}
                            for c in decision.candidates],

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from shared.broker import TRANSIENT, Handled, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import DETECTIONS_BY_STATE
-from shared.schemas import Box, DeadLetter, DetectionEvent
+from shared.schemas import Box, DeadLetter, DetectionEvent, PipelineConfig
 from shared.states import PENDING, STATES
 from shared.topics import DEAD_LETTERS, DETECTIONS, ensure_topics
 
@@ -26,12 +26,17 @@ log = logging.getLogger(__name__)
 _PENDING = sorted(PENDING)
 
 
-def event_from_row(row: asyncpg.Record) -> DetectionEvent:
+async def pipeline_config(conn: asyncpg.Connection) -> PipelineConfig:
+    value = await conn.fetchval("SELECT value FROM runtime_config WHERE key = 'pipeline'")
+    return PipelineConfig(**(value or {}))
+
+
+def event_from_row(row: asyncpg.Record, config: PipelineConfig | None = None) -> DetectionEvent:
     x0, y0, x1, y1 = row["box"]
     return DetectionEvent(
         detection_id=row["id"], site=row["site"], camera=row["camera"], captured_at=row["captured_at"],
         cls=row["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=row["image_sha256"],
-        crop_jpeg=bytes(row["crop"]), attempt=row["attempts"],
+        crop_jpeg=bytes(row["crop"]), attempt=row["attempts"], mode=(config or PipelineConfig()).mode,
     )
 
 
@@ -46,7 +51,9 @@ async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int)
         if not rows:
             return 0
         live = [r for r in rows if r["state"] in PENDING]
-        futures = [await producer.send(DETECTIONS.name, event_from_row(r).to_bytes(), key=str(r["id"]).encode())
+        config = await pipeline_config(conn)  # the run-time switches travel with each event
+        futures = [await producer.send(DETECTIONS.name, event_from_row(r, config).to_bytes(),
+                                       key=str(r["id"]).encode())
                    for r in live]
         await asyncio.gather(*futures)
         await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["outbox_id"] for r in rows])

@@ -219,6 +219,12 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from deer_reid.bench import precision_check, run_bench
+    from deer_reid.stack import with_jemalloc
+
+    env = with_jemalloc(dict(os.environ))
+    if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
+        # The bare measurement runs under the same allocator as the services it is compared with.
+        os.execve(sys.executable, [sys.executable, "-m", "deer_reid.cli", *sys.argv[1:]], env)
 
     settings = _settings(args)
     if args.precision_check:

@@ -53,6 +53,11 @@ class EmbeddedPostgres:
         assert self._server is not None
         return self._server.get_uri()
 
+    @property
+    def pid(self) -> int:
+        assert self._server is not None
+        return self._server.get_pid()
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()

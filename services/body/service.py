@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from services.body.extractor import BodyExtractor
@@ -23,6 +24,12 @@ class BodyHandler:
     def __init__(self, extractor: BodyExtractor, fast: list[str], enhanced: list[str]):
         self.extractor = extractor
         self.models_for = {"fast": fast, "enhanced": enhanced or fast}
+        # One inference thread, always the same: each thread that calls into torch gets its own
+        # OpenMP team, and several teams spinning on two cores starve each other.
+        self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-infer")
+
+    async def close(self) -> None:
+        self._infer.shutdown(wait=True)
 
     def health(self) -> dict:
         return {"models": [m.version for m in self.extractor.models], "random_weights": self.extractor.random_weights,
@@ -36,7 +43,8 @@ class BodyHandler:
                 continue
             started = time.perf_counter()
             # Decoding and inference leave the event loop free (torch releases the GIL).
-            embeddings = await asyncio.to_thread(self.extractor.embed, [events[i].crop_jpeg for i in index], names)
+            embeddings = await asyncio.get_running_loop().run_in_executor(
+                self._infer, self.extractor.embed, [events[i].crop_jpeg for i in index], names)
             elapsed = time.perf_counter() - started
             STAGE_SECONDS.labels(self.name, "embed").observe(elapsed)
             per_event_ms = round(1000 * elapsed / len(index), 3)
@@ -58,9 +66,11 @@ async def make_handler(settings: Settings) -> BodyHandler:
     import torch
 
     torch.set_num_threads(settings.torch_threads or len(os.sched_getaffinity(0)))
-    models = [
-        await asyncio.to_thread(load_model, name, settings.model_cache, allow_random=settings.allow_random_weights,
-                                device=settings.device, precision=settings.precision)
-        for name in settings.body_models
-    ]
-    return BodyHandler(BodyExtractor(models, batch=settings.batch_max), [settings.body_model], settings.ensemble)
+    models = [load_model(name, settings.model_cache, allow_random=settings.allow_random_weights,
+                         device=settings.device, precision=settings.precision)
+              for name in settings.body_models]
+    handler = BodyHandler(BodyExtractor(models, batch=settings.batch_max), [settings.body_model], settings.ensemble)
+    # Set the thread count in the inference thread itself: OpenMP settings are per thread.
+    await asyncio.get_running_loop().run_in_executor(handler._infer, torch.set_num_threads,
+                                                     settings.torch_threads or len(os.sched_getaffinity(0)))
+    return handler

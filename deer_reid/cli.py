@@ -66,7 +66,8 @@ def _detach(args, settings: Settings) -> int:
 
     # Refuse before forking: the message must reach this terminal.
     for name in settings.body_models:
-        if not settings.allow_random_weights and not weights_available(name, settings.model_cache):
+        if not settings.allow_random_weights and not weights_available(name, settings.model_cache,
+                                                                       settings.fetch_weights):
             print(f"deer-reid up: {missing_weights_message(name, settings.model_cache)}", file=sys.stderr)
             return 2
     (settings.home / "logs").mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,8 @@ class Stack:
                 get_spec(name)
             except KeyError as exc:
                 raise StackError(str(exc)) from None
-            if not self.settings.allow_random_weights and not weights_available(name, self.settings.model_cache):
+            if not self.settings.allow_random_weights and not weights_available(
+                    name, self.settings.model_cache, self.settings.fetch_weights):
                 raise StackError(missing_weights_message(name, self.settings.model_cache))
 
     def start(self) -> None:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol, Sequence
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared.observability import BATCH_SIZE, CONSUMER_LAG, ERRORS, EVENTS, STAGE_SECONDS
@@ -81,9 +81,32 @@ def producer_for(bootstrap: str, client_id: str) -> AIOKafkaProducer:
     )
 
 
+class _PositionFromCommitted(ConsumerRebalanceListener):
+    """On every assignment, start from the committed offset, or from the beginning when there is none.
+
+    A broker that restarted empty has lost its topics and the group's offsets; its new
+    partitions start again at 0, while the consumer still holds positions past their end.
+    Tansu answers such fetches with nothing rather than OFFSET_OUT_OF_RANGE, so without
+    this the consumer would wait until the new log grew past its old position.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer):
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        for tp in assigned:
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+
+
 def consumer_for(bootstrap: str, group: str, topics: tuple[Topic, ...], client_id: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        *(t.name for t in topics),
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group,
         client_id=client_id,
@@ -97,6 +120,8 @@ def consumer_for(bootstrap: str, group: str, topics: tuple[Topic, ...], client_i
         max_poll_interval_ms=300_000,
         metadata_max_age_ms=5_000,  # see re-created topics quickly after a broker restart
     )
+    consumer.subscribe([t.name for t in topics], listener=_PositionFromCommitted(consumer))
+    return consumer
 
 
 def dead_letter(service: str, record: ConsumerRecord, reason: str, detection_id=None) -> Output:

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     body_ensemble: str = ""  # enhanced mode, comma-separated (empty: enhanced runs the fast model)
     ensemble_weights: str = "resnet50=0.4,efficientnet_b3=0.3,vit_base_patch16_224=0.3"  # others weigh 1
     allow_random_weights: bool = False
+    fetch_weights: bool = False  # fetch missing weights once from the Hugging Face hub into model_cache
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where native: CUDA, AMX, AVX-512 BF16) | bf16 | fp32
     torch_threads: int = 0  # 0: one per available core
@@ -59,7 +60,7 @@ class Settings(BaseSettings):
     # reconciler
     stuck_after_s: float = Field(120.0, gt=0)
     reconcile_every_s: float = Field(5.0, gt=0)
-    max_attempts: int = Field(6, ge=1)
+    max_attempts: int = Field(10, ge=1)
     relay_batch: int = Field(256, ge=1)
 
     # uploads

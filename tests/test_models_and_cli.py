@@ -118,3 +118,45 @@ def test_up_detach_then_down_leaves_no_process_behind(cli_env, tmp_path, nyala_p
     while any(alive(p) for p in pids + [pg_pid]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in pids + [pg_pid] if alive(p)]
+
+
+def test_weights_are_fetched_once_from_the_hub_when_allowed(tmp_path, monkeypatch):
+    """The hub is a remote store, mocked: a fetched file lands in the cache with its checksum recorded."""
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    from shared.models import resolve_weights
+
+    calls = []
+
+    def fake_download(repo_id, filename, local_dir):
+        calls.append(repo_id)
+        model = get_spec("vit_base_patch16_224").build()
+        path = Path(local_dir) / filename
+        save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(path))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    spec = get_spec("vit_base_patch16_224")
+    assert resolve_weights(spec, tmp_path, fetch=False) is None and calls == []
+    path, checksum = resolve_weights(spec, tmp_path, fetch=True)
+    assert calls == ["timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"]
+    assert (tmp_path / "vit_base_patch16_224" / "model.safetensors.sha256").read_text().strip() == checksum
+    model = load_model("vit_base_patch16_224", tmp_path, fetch=True)
+    assert calls == ["timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"]  # once: the cache serves the rest
+    assert not model.random_weights and model.version.startswith(f"vit_base_patch16_224:{checksum[:12]}:")
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")  # corrupted after the first use
+    with pytest.raises(MissingWeights, match="checksum"):
+        load_model("vit_base_patch16_224", tmp_path)
+
+
+def test_an_unreachable_hub_means_missing_weights(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(MissingWeights, match="DEER_FETCH_WEIGHTS"):
+        load_model("resnet50", tmp_path, fetch=True)
+    assert not any(tmp_path.rglob("*.safetensors"))

@@ -31,7 +31,8 @@ def stack(tmp_path_factory):
     settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0",
                         body_ensemble="efficientnet_lite0,efficientnet_lite1")
     # Short reconciler timings so that lost work is found within the test's patience.
-    s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_LOG_LEVEL": "INFO"})
+    s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_MAX_ATTEMPTS": "40",
+                                 "DEER_LOG_LEVEL": "INFO"})
     s.start()
     stop = threading.Event()
 
@@ -179,22 +180,28 @@ async def fault_when_started(db, site: str, fault) -> int:
     raise AssertionError(f"nothing of {site} was processed within 120 s")
 
 
+async def ingest_through_fault(stack, db, paths, site: str, fault, recover=None) -> dict:
+    """Ingest `paths` with `fault` injected mid-way (and `recover` after it); asserts nothing is lost."""
+    upload = asyncio.create_task(ingest(stack, paths, site))
+    done_at_fault = await fault_when_started(db, site, fault)
+    if recover is not None:
+        await recover()
+    ids = await upload
+    assert done_at_fault < len(paths), "the fault came after the ingest, not in the middle of it"
+    states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
+    assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == len(paths)
+    counts = await assert_exactly_once(db, ids, site)
+    print(f"\nFAULT {site}: submitted {len(ids)}, decided before the fault {done_at_fault}, lost 0, states {counts}")
+    return counts
+
+
 @pytest.mark.parametrize("service", ["body", "fusion", "reconciler", "api"])
 async def test_kill_9_of_a_service_mid_ingest_loses_nothing(stack, db, nyala_paths, service):
     offset = 100 + ["body", "fusion", "reconciler", "api"].index(service) * FAULT_BATCH
-    paths = nyala_paths[offset:offset + FAULT_BATCH]
-    site = f"kill-{service}"
     child = stack.children[service]
     restarts = child.restarts
-    upload = asyncio.create_task(ingest(stack, paths, site))
-    done_at_kill = await fault_when_started(db, site, lambda: os.kill(child.process.pid, signal.SIGKILL))
-    ids = await upload
-    assert done_at_kill < FAULT_BATCH, "the fault came after the ingest, not in the middle of it"
-    states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
-    assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == FAULT_BATCH
-    counts = await assert_exactly_once(db, ids, site)
-    print(f"\nFAULT kill -9 {service}: submitted {len(ids)}, decided before the kill {done_at_kill}, "
-          f"lost 0, states {counts}")
+    await ingest_through_fault(stack, db, nyala_paths[offset:offset + FAULT_BATCH], f"kill-{service}",
+                               lambda: os.kill(child.process.pid, signal.SIGKILL))
     deadline = time.monotonic() + 10
     while child.restarts == restarts and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
@@ -202,18 +209,12 @@ async def test_kill_9_of_a_service_mid_ingest_loses_nothing(stack, db, nyala_pat
 
 
 async def test_broker_restarted_empty_mid_ingest_loses_nothing(stack, db, nyala_paths):
-    paths = nyala_paths[400:400 + FAULT_BATCH]
-    site = "broker-restart"
-    upload = asyncio.create_task(ingest(stack, paths, site))
     port = stack.broker.port
-    done_at_kill = await fault_when_started(db, site, stack.broker.kill)
-    await asyncio.sleep(2)
-    stack.broker = EmbeddedBroker(port, stack.home / "logs" / "broker.log")
-    stack.broker.start()
-    ids = await upload
-    assert done_at_kill < FAULT_BATCH, "the fault came after the ingest, not in the middle of it"
-    states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
-    assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == FAULT_BATCH
-    counts = await assert_exactly_once(db, ids, site)
-    print(f"\nFAULT broker killed, restarted empty: submitted {len(ids)}, decided before the kill "
-          f"{done_at_kill}, lost 0, states {counts}")
+
+    async def restart_empty():
+        await asyncio.sleep(2)
+        stack.broker = EmbeddedBroker(port, stack.home / "logs" / "broker.log")
+        stack.broker.start()
+
+    await ingest_through_fault(stack, db, nyala_paths[400:400 + FAULT_BATCH], "broker-restart", stack.broker.kill,
+                               restart_empty)

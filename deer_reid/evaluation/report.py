@@ -16,18 +16,23 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, path: Path, legend_size: int = 8) -> Path:
+    plt = _plt()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_cmc(curves: dict[str, list[float]], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, cmc in curves.items():
         ax.plot(range(1, len(cmc) + 1), cmc, marker="o", ms=3, label=label)
     ax.set(xlabel="rank", ylabel="identification rate", title="CMC (leave-one-encounter-out)", ylim=(0, 1))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_scores(scores: np.ndarray, same: np.ndarray, thresholds: dict, path: Path) -> Path:
@@ -40,11 +45,7 @@ def plot_scores(scores: np.ndarray, same: np.ndarray, thresholds: dict, path: Pa
         ax.axvline(value, ls="--", color="k" if name == "match" else "grey", label=f"{name} threshold {value:.2f}")
     ax.set(xlabel="score (best image of the candidate individual)", ylabel="density",
            title="Scores: same vs different individual (fit part)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_operating_curve(points, chosen, target: float, path: Path) -> Path:
@@ -62,12 +63,7 @@ def plot_operating_curve(points, chosen, target: float, path: Path) -> Path:
     ax.axhline(target, color="red", lw=0.8, ls=":", label=f"false-merge target {target:.0%}")
     ax.axvline(chosen.match, color="k", ls="--", label=f"chosen match {chosen.match:.2f} / new {chosen.new:.2f}")
     ax.set(xlabel="match threshold", ylabel="rate", ylim=(0, 1), title="Operating curve (simulated open set, fit part)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_size=7)
 
 
 def _fmt(v):

@@ -67,7 +67,7 @@ async def make_handler(settings: Settings) -> BodyHandler:
 
     torch.set_num_threads(settings.torch_threads or len(os.sched_getaffinity(0)))
     models = [load_model(name, settings.model_cache, allow_random=settings.allow_random_weights,
-                         device=settings.device, precision=settings.precision)
+                         device=settings.device, precision=settings.precision, fetch=settings.fetch_weights)
               for name in settings.body_models]
     handler = BodyHandler(BodyExtractor(models, batch=settings.batch_max), [settings.body_model], settings.ensemble)
     # Set the thread count in the inference thread itself: OpenMP settings are per thread.

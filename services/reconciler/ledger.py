@@ -66,9 +66,9 @@ async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int)
 async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int) -> tuple[int, int]:
     """Re-enqueue detections with no progress; fail those out of attempts.
 
-    The patience doubles with every attempt (stuck_after_s, 2x, 4x, ...): a service that
-    is down for a while is not flooded with copies of the same work, and failing a
-    detection is a last resort, hours away with the defaults. Returns (re-enqueued,
+    The patience doubles with every attempt up to 8x (stuck_after_s, 2x, 4x, 8x, 8x, ...):
+    a service that is down for a while is not flooded with copies of the same work, and
+    failing a detection is a last resort, over an hour away with the defaults. Returns (re-enqueued,
     failed). Detections still waiting in the outbox are not stuck.
     """
     async with pool.acquire() as conn, conn.transaction():
@@ -76,7 +76,7 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
             """WITH stuck AS (
                    SELECT id FROM detections d
                    WHERE state = ANY($1::text[])
-                     AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 8)))
+                     AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 3)))
                      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.detection_id = d.id)
                    ORDER BY updated_at LIMIT 2000 FOR UPDATE SKIP LOCKED)
                UPDATE detections d SET

@@ -31,6 +31,8 @@ from shared.topics import Topic, dead_letter_of
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+STALL_AFTER_S = 20.0  # no records for this long while the partitions have some: check the consumer
+STALL_CHECK_S = 10.0
 
 
 class PermanentError(Exception):
@@ -180,16 +182,56 @@ class BrokerRunner:
         await self.consumer.start()
         self.ready = True
         log.info("%s consuming %s as group %s", name, [t.name for t in self.handler.input_topics], self.group)
+        last_progress = last_check = time.monotonic()
         try:
             while not self._stop.is_set():
                 records = await self._next_batch()
+                now = time.monotonic()
                 if records:
                     await self._process(records)
+                    last_progress = now
+                elif now - last_progress > STALL_AFTER_S and now - last_check > STALL_CHECK_S:
+                    last_check = now
+                    if await self._stalled():
+                        await self._recreate_consumer()
+                        last_progress = time.monotonic()
         finally:
             self.ready = False
             await self.consumer.stop()
             await self.producer.stop()
             log.info("%s stopped", name)
+
+    async def _stalled(self) -> bool:
+        """Whether the consumer has work waiting on its partitions yet fetches nothing.
+
+        Seen after the broker restarted empty: the group settles, but the consumer's fetcher
+        stays wedged on the old broker's state. Nothing about the events is wrong, so the
+        cure is a fresh consumer, not a dead letter.
+        """
+        assert self.consumer is not None
+        assignment = list(self.consumer.assignment())
+        if not assignment:
+            return False
+        try:
+            ends = await asyncio.wait_for(self.consumer.end_offsets(assignment), 10)
+            for tp in assignment:
+                if ends.get(tp, 0) > await asyncio.wait_for(self.consumer.position(tp), 10):
+                    return True
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.warning("%s: cannot tell whether the consumer is stalled: %r", self.handler.name, exc)
+            return True
+        return False
+
+    async def _recreate_consumer(self) -> None:
+        ERRORS.labels(self.handler.name, "consumer_stalled").inc()
+        log.warning("%s: consumer stalled with messages waiting; starting a fresh one", self.handler.name)
+        old, self.consumer = self.consumer, consumer_for(self.bootstrap, self.group, self.handler.input_topics,
+                                                         self.handler.name)
+        try:
+            await asyncio.wait_for(old.stop(), 10)
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.warning("%s: old consumer did not stop cleanly: %r", self.handler.name, exc)
+        await self.consumer.start()
 
     async def _next_batch(self) -> list[ConsumerRecord]:
         """Up to batch_max records: block for the first, then wait at most batch_wait for company."""

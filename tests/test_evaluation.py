@@ -93,9 +93,13 @@ def test_simulation_never_puts_a_buck_with_a_doe():
 
 def test_threshold_choice_respects_the_false_merge_target():
     P = cal.OperatingPoint
-    points = [P(0.5, 0.4, {"false_merge_rate": 0.3, "bcubed_f1": 0.9}),
-              P(0.7, 0.6, {"false_merge_rate": 0.01, "bcubed_f1": 0.6}),
-              P(0.8, 0.6, {"false_merge_rate": 0.0, "bcubed_f1": 0.5})]
+    def rates(by_individual, by_detection, f1):
+        return {"false_merge_rate": by_individual, "false_merge_detection_rate": by_detection, "bcubed_f1": f1}
+
+    points = [P(0.5, 0.4, rates(0.3, 0.5, 0.9)),
+              P(0.6, 0.5, rates(0.01, 0.4, 0.8)),  # one giant merge: few individuals, many detections
+              P(0.7, 0.6, rates(0.01, 0.015, 0.6)),
+              P(0.8, 0.6, rates(0.0, 0.0, 0.5))]
     chosen, met = cal.choose(points, 0.02)
     assert met and chosen.match == 0.7
     chosen, met = cal.choose(points[:1], 0.02)

@@ -89,12 +89,21 @@ def operating_curve(per_model: dict[str, np.ndarray], indices: Sequence[int], id
     return points
 
 
+def merge_risk(report: dict) -> float:
+    """The worse of the two false-merge rates: by individuals, and by the detections inside them.
+
+    Either alone can hide a disaster: one giant merged individual is a small share of the
+    individuals but swallows a large share of the detections.
+    """
+    return max(report["false_merge_rate"], report["false_merge_detection_rate"])
+
+
 def choose(points: list[OperatingPoint], target_false_merge: float) -> tuple[OperatingPoint, bool]:
     """Best B-cubed F1 among the points within the false-merge target (the safest point if none is)."""
-    ok = [p for p in points if p.report["false_merge_rate"] <= target_false_merge]
+    ok = [p for p in points if merge_risk(p.report) <= target_false_merge]
     if ok:
         return max(ok, key=lambda p: (round(p.report["bcubed_f1"], 6), p.match, p.new)), True
-    return min(points, key=lambda p: (p.report["false_merge_rate"], -p.report["bcubed_f1"])), False
+    return min(points, key=lambda p: (merge_risk(p.report), -p.report["bcubed_f1"])), False
 
 
 def identity_pairs(sim: np.ndarray, indices: Sequence[int], identities: Sequence[str],

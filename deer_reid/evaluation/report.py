@@ -57,7 +57,9 @@ def plot_operating_curve(points, chosen, target: float, path: Path) -> Path:
             best_by_match[p.match] = p
     xs = sorted(best_by_match)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("false_merge_rate", "false-merge rate (individuals)"), ("false_split_rate", "false-split rate"),
+    for key, label in (("false_merge_rate", "false-merge rate (individuals)"),
+                       ("false_merge_detection_rate", "false-merge rate (detections)"),
+                       ("false_split_rate", "false-split rate"),
                        ("review_rate", "review rate"), ("bcubed_f1", "B-cubed F1")):
         ax.plot(xs, [best_by_match[x].report[key] for x in xs], marker=".", label=label)
     ax.axhline(target, color="red", lw=0.8, ls=":", label=f"false-merge target {target:.0%}")
@@ -93,7 +95,8 @@ def markdown(result: dict) -> str:
         lines += ["## Thresholds", "",
                   f"Fitted on {c['fit']['identities']} identities ({c['fit']['images']} images), reported on the other "
                   f"{c['held_out']['identities']} identities ({c['held_out']['images']} images), split by identity "
-                  f"with seed {result['seed']}. Target false-merge rate {c['target_false_merge_rate']:.1%}"
+                  f"with seed {result['seed']}. Target false-merge rate {c['target_false_merge_rate']:.1%}, "
+                  f"held by individuals and by detections alike"
                   + ("" if c["target_met_on_fit"] else " (NOT reachable on the fit part: safest point chosen)") + ".",
                   "", f"- match threshold: **{c['thresholds']['match']:.3f}**, new-individual threshold: "
                   f"**{c['thresholds']['new']:.3f}**", f"- artifact: `{c['artifact']}`", "",

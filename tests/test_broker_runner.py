@@ -31,16 +31,18 @@ def detection(crop: bytes, site: str = "s1") -> DetectionEvent:
                           crop_jpeg=crop)
 
 
-async def read_all(bootstrap: str, topic: str, want: int, timeout: float = 30) -> list:
+async def read_unique(bootstrap: str, topic: str, want: int, key, timeout: float = 30) -> dict:
+    """Read `topic` until `want` distinct keys were seen: delivery is at least once, so copies may come."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 group_id=f"reader-{uuid.uuid4()}", max_partition_fetch_bytes=4 << 20)
     await consumer.start()
-    got = []
+    got: dict = {}
     try:
         deadline = asyncio.get_running_loop().time() + timeout
         while len(got) < want and asyncio.get_running_loop().time() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
-                got.extend(records)
+                for r in records:
+                    got.setdefault(key(r), r)
     finally:
         await consumer.stop()
     return got
@@ -64,9 +66,11 @@ async def test_poison_goes_to_the_dead_letter_topic_and_the_partition_moves_on(b
                           max_retries=0, group="test-body")
     task = asyncio.create_task(runner.run())
     try:
-        features = [BodyFeatures.from_bytes(r.value) for r in await read_all(broker.bootstrap, FEATURES_BODY.name, 2)]
-        letters = [DeadLetter.from_bytes(r.value)
-                   for r in await read_all(broker.bootstrap, dead_letter_of(DETECTIONS).name, 3)]
+        features = [BodyFeatures.from_bytes(r.value) for r in (await read_unique(
+            broker.bootstrap, FEATURES_BODY.name, 2, lambda r: BodyFeatures.from_bytes(r.value).detection_id)).values()]
+        letters = [DeadLetter.from_bytes(r.value) for r in (await read_unique(
+            broker.bootstrap, dead_letter_of(DETECTIONS).name, 3,
+            lambda r: DeadLetter.from_bytes(r.value).offset)).values()]
     finally:
         runner.stop()
         await task

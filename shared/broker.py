@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 STALL_AFTER_S = 20.0  # no records for this long while the partitions have some: check the consumer
 STALL_CHECK_S = 10.0
+PRODUCE_TIMEOUT_S = 45.0  # acks=all for one batch; past this the producer is presumed wedged
 
 
 class PermanentError(Exception):
@@ -319,15 +320,29 @@ class BrokerRunner:
         attempt = 0
         while True:
             try:
-                futures = [await self.producer.send(o.topic.name, o.value, key=o.key) for o in outputs]
-                await asyncio.gather(*futures)
+                await asyncio.wait_for(self._send_all(outputs), PRODUCE_TIMEOUT_S)
                 return
-            except KafkaError as exc:
+            except (KafkaError, asyncio.TimeoutError) as exc:
                 # Re-sending everything may duplicate some outputs; consumers are idempotent.
                 ERRORS.labels(self.handler.name, "produce").inc()
                 log.warning("%s: produce failed, retrying: %r", self.handler.name, exc)
+                if attempt >= 2:
+                    # A producer that keeps failing may hold the old broker's state: start afresh.
+                    await self._recreate_producer()
                 await asyncio.sleep(min(self.backoff * 2 ** min(attempt, 6), 10.0))
                 attempt += 1
+
+    async def _send_all(self, outputs: list[Output]) -> None:
+        futures = [await self.producer.send(o.topic.name, o.value, key=o.key) for o in outputs]
+        await asyncio.gather(*futures)
+
+    async def _recreate_producer(self) -> None:
+        old, self.producer = self.producer, producer_for(self.bootstrap, self.handler.name)
+        try:
+            await asyncio.wait_for(old.stop(), 10)
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.warning("%s: old producer did not stop cleanly: %r", self.handler.name, exc)
+        await self.producer.start()
 
     async def _commit(self, records: list[ConsumerRecord]) -> None:
         assert self.consumer is not None

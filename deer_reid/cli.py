@@ -60,16 +60,13 @@ def cmd_up(args) -> int:
 
 
 def _detach(args, settings: Settings) -> int:
-    from deer_reid.stack import pid_alive, read_state
+    from deer_reid.stack import Stack, StackError, pid_alive, read_state
 
-    from shared.models import missing_weights_message, weights_available
-
-    # Refuse before forking: the message must reach this terminal.
-    for name in settings.body_models:
-        if not settings.allow_random_weights and not weights_available(name, settings.model_cache,
-                                                                       settings.fetch_weights):
-            print(f"deer-reid up: {missing_weights_message(name, settings.model_cache)}", file=sys.stderr)
-            return 2
+    try:
+        Stack(settings).check_models()  # refuse before forking: the message must reach this terminal
+    except StackError as exc:
+        print(f"deer-reid up: {exc}", file=sys.stderr)
+        return 2
     (settings.home / "logs").mkdir(parents=True, exist_ok=True)
     log_path = settings.home / "logs" / "supervisor.log"
     argv = [sys.executable, "-m", "deer_reid.cli", "up", "--home", str(settings.home),

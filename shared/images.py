@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 FILENAME_TIME = re.compile(r"^(?P<site>[A-Za-z0-9-]+)_(?P<date>\d{8})_(?P<time>\d{6})(?:\D|$)")
 _EXIF_IFD = 0x8769
 _DATETIME_ORIGINAL, _OFFSET_TIME_ORIGINAL, _DATETIME = 36867, 36881, 306

@@ -22,7 +22,7 @@ from typing import Any, Protocol, Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownError
 
 from shared.observability import BATCH_SIZE, CONSUMER_LAG, ERRORS, EVENTS, STAGE_SECONDS
 from shared.schemas import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, MalformedEvent
@@ -34,6 +34,18 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 STALL_AFTER_S = 20.0  # no records for this long while the partitions have some: check the consumer
 STALL_CHECK_S = 10.0
 PRODUCE_TIMEOUT_S = 45.0  # acks=all for one batch; past this the producer is presumed wedged
+# Tansu answers a produce whose offset clashes with a batch it already stored with UnknownError,
+# and moves that partition's next offset on by one per clash. Clashes come in runs right after a
+# topic is (re)created while producers are retrying, so they are retried at once, not backed off.
+CLASH_RETRIES = 50
+CLASH_RETRY_S = 0.05
+
+
+def produce_retry_delay(exc: BaseException, attempt: int, backoff: float) -> float:
+    """Seconds to wait before re-sending after a failed produce."""
+    if isinstance(exc, UnknownError) and attempt < CLASH_RETRIES:
+        return CLASH_RETRY_S
+    return min(backoff * 2 ** min(attempt, 6), 10.0)
 
 
 class PermanentError(Exception):
@@ -326,10 +338,10 @@ class BrokerRunner:
                 # Re-sending everything may duplicate some outputs; consumers are idempotent.
                 ERRORS.labels(self.handler.name, "produce").inc()
                 log.warning("%s: produce failed, retrying: %r", self.handler.name, exc)
-                if attempt >= 2:
+                if attempt >= 2 and not isinstance(exc, UnknownError):
                     # A producer that keeps failing may hold the old broker's state: start afresh.
                     await self._recreate_producer()
-                await asyncio.sleep(min(self.backoff * 2 ** min(attempt, 6), 10.0))
+                await asyncio.sleep(produce_retry_delay(exc, attempt, self.backoff))
                 attempt += 1
 
     async def _send_all(self, outputs: list[Output]) -> None:

@@ -3,16 +3,33 @@
 Tansu auto-creates unknown topics with 4 partitions and forgets all topics on a
 restart, so each process calls `ensure_topics` before it produces or consumes,
 and the reconciler calls it again on every pass.
+
+No client of ours ever asks the broker to auto-create a topic (production Kafka
+runs with auto.create.topics.enable=false for the same reason). After a Tansu
+restart, producers retrying their metadata used to auto-create topics a few
+milliseconds before the reconciler created them explicitly; the partitions'
+watermarks then fell back to 0 while the early batches stayed in storage, and
+every produce to them failed with AlreadyExists until the watermark had crept
+past them, one failed produce at a time. Without auto-creation, a client simply
+waits (UnknownTopicOrPartition, retried) until `ensure_topics` has run.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
+import aiokafka.client
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import for_code
+from aiokafka.protocol.metadata import MetadataRequest
 
 log = logging.getLogger(__name__)
+
+# aiokafka has no setting for this: every client it builds sends its metadata requests through
+# `aiokafka.client.MetadataRequest`, which asks for auto-creation unless told otherwise.
+aiokafka.client.MetadataRequest = functools.partial(MetadataRequest, allow_auto_topic_creation=False)
+TOPIC_ALREADY_EXISTS = 36
 
 
 @dataclass(frozen=True)
@@ -54,11 +71,15 @@ async def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] = ALL) -> list
         missing = [t for t in topics if t.name not in existing]
         if not missing:
             return []
-        try:
-            await admin.create_topics([NewTopic(t.name, t.partitions, 1) for t in missing])
-        except TopicAlreadyExistsError:
-            pass  # another process won the race; the topic is there, which is all we need
-        log.info("created topics %s", [t.name for t in missing])
-        return [t.name for t in missing]
+        response = await admin.create_topics([NewTopic(t.name, t.partitions, 1) for t in missing])
+        created = []
+        for name, code, *message in response.topic_errors:  # (topic, error_code[, error_message])
+            if code == 0:
+                created.append(name)
+            elif code != TOPIC_ALREADY_EXISTS:  # already there: another process won the race, which is fine
+                raise for_code(code)(f"creating topic {name}: {message[0] if message else 'no message'}")
+        if created:
+            log.info("created topics %s", created)
+        return created
     finally:
         await admin.close()

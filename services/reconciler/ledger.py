@@ -14,7 +14,7 @@ from typing import Sequence
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from shared.broker import TRANSIENT, Handled, producer_for
+from shared.broker import TRANSIENT, Handled, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import DETECTIONS_BY_STATE
 from shared.schemas import Box, DeadLetter, DetectionEvent, PipelineConfig
@@ -161,13 +161,16 @@ class Reconciler(DeadLetterRecorder):
         await self.pool.close()
 
     async def _relay_loop(self) -> None:
+        failures = 0
         while True:
             try:
                 sent = await relay_once(self.pool, self.producer, self.settings.relay_batch)
+                failures = 0
             except TRANSIENT as exc:
                 log.warning("relay: %r; retrying", exc)
                 sent = 0
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(produce_retry_delay(exc, failures, 0.5))
+                failures += 1
             if sent < self.settings.relay_batch:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=0.5)

@@ -191,7 +191,8 @@ def cmd_eval(args) -> int:
         else:
             result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                                   seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
-                                  json_path=args.json, progress=not args.quiet)
+                                  json_path=args.json, progress=not args.quiet,
+                                  calibration=settings.calibration_path)
     except (DatasetError, ValueError, KeyError, RuntimeError) as exc:
         print(f"deer-reid eval: {exc}", file=sys.stderr)
         return 2

@@ -172,6 +172,17 @@ def test_loo_protocol_on_a_tiny_real_folder(tiny_folder, tmp_path_factory):
     assert artifact["embedding_versions"] == result["embedding_versions"]
     assert artifact["thresholds"]["new"] <= artifact["thresholds"]["match"]
 
+    # The open-set run reports only on identities the thresholds were not fitted on.
+    from deer_reid.evaluation.run import held_out_of
+
+    fitted = set(artifact["fit"]["identity_names"])
+    assert fitted and fitted < {s.identity for s in samples}
+    kept, note = held_out_of(samples, out / "cal.json")
+    assert {s.identity for s in kept} == {s.identity for s in samples} - fitted
+    assert [s.index for s in kept] == list(range(len(kept)))
+    assert note["identities_excluded"] == len(fitted) and note["images_excluded"] == len(samples) - len(kept)
+    assert held_out_of(samples, out / "absent.json")[0] == samples
+
 
 @pytest.mark.parametrize("csv_text, sex_text, message", [
     ("identity\n1\n", None, "missing column(s) path"),

@@ -98,7 +98,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     artifact_path = calibration_out or settings.calibration_path
     cal.write_artifact(artifact_path, versions=result["embedding_versions"], weights=weights,
                        chosen=chosen, met_target=met, target=target_false_merge, isotonic=isotonic,
-                       fit={k: v for k, v in fit.items() if k != "report"},
+                       fit={**{k: v for k, v in fit.items() if k != "report"},
+                            "identity_names": sorted(fit_ids)},
                        held_out={"images": len(held_idx), **held_report})
     result["calibration"] = {"thresholds": {"match": chosen.match, "new": chosen.new},
                              "target_false_merge_rate": target_false_merge, "target_met_on_fit": met,
@@ -148,9 +149,30 @@ async def _open_set(api_url: str, samples: list[Sample], order: list[int], site:
     return out
 
 
+def held_out_of(samples: list[Sample], calibration: Path | None) -> tuple[list[Sample], dict]:
+    """The samples whose identities the calibration artifact was not fitted on (all without an artifact).
+
+    The running fusion service decides with the artifact's thresholds, so scoring it on the
+    images those thresholds were chosen on would report the fit, not the system.
+    """
+    from services.fusion.calibration import load_artifact
+
+    artifact = load_artifact(calibration) if calibration else None
+    fitted = set((artifact or {}).get("fit", {}).get("identity_names", []))
+    if not fitted:
+        return samples, {"calibration_artifact": str(calibration) if artifact else None, "identities_excluded": 0}
+    kept = [s for s in samples if s.identity not in fitted]
+    if not kept:
+        raise ValueError(f"every identity of the data was used to fit {calibration}: nothing is left to report on")
+    return [Sample(**{**s.__dict__, "index": n}) for n, s in enumerate(kept)], {
+        "calibration_artifact": str(calibration), "identities_excluded": len({s.identity for s in samples} & fitted),
+        "images_excluded": len(samples) - len(kept)}
+
+
 def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, api_url: str,
-                 report_dir: Path | None, json_path: Path | None, progress: bool = True) -> dict:
-    samples = select(load_dataset(data), limit, seed)
+                 report_dir: Path | None, json_path: Path | None, progress: bool = True,
+                 calibration: Path | None = None) -> dict:
+    samples, held_out = held_out_of(select(load_dataset(data), limit, seed), calibration)
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(samples))]
     site = f"eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-s{seed}"
     has_time = all(s.captured_at for s in samples)
@@ -163,7 +185,7 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
     results = [d.get("result") or {} for d in dets]
     versions = next((r["versions"] for r in results if r.get("versions")), {})
     result.update({
-        "site": site, "body_models": list(versions), "embedding_versions": versions,
+        "site": site, "body_models": list(versions), "embedding_versions": versions, "held_out": held_out,
         "weights_real": not any(r.get("random_weights", True) for r in results if r),
         **clustering_report([placed[i] for i in order], [ids[i] for i in order]),
         "failed": sum(1 for d in dets if d.get("state") == "failed"),

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from shared.config import Settings
 from shared.embedded import free_port
 from shared.images import model_input
 from shared.models import MissingWeights, get_spec, load_model
@@ -44,6 +46,24 @@ def test_real_weights_give_the_same_embedding_across_restarts(tmp_path, jpeg_byt
     e2 = load_model("efficientnet_lite0", tmp_path).embed(x)
     assert e1.shape == (1, 1280) and np.allclose(np.linalg.norm(e1), 1, atol=1e-5)
     assert np.array_equal(e1, e2)
+
+
+def test_the_frozen_runtime_embeds_real_images_as_eager_does(monkeypatch, nyala_paths):
+    import dataclasses
+
+    from shared import models
+
+    spec = get_spec("efficientnet_lite0")
+    assert spec.runtime == "torchscript"
+    images = np.stack([model_input(p.read_bytes(), spec.input_size) for p in nyala_paths[:5]])
+    cache = Settings().model_cache
+    frozen = load_model("efficientnet_lite0", cache, precision="fp32")
+    monkeypatch.setitem(models.REGISTRY, "efficientnet_lite0", dataclasses.replace(spec, runtime="eager"))
+    eager = load_model("efficientnet_lite0", cache, precision="fp32")
+    assert isinstance(frozen.module, torch.jit.ScriptModule) and not isinstance(eager.module, torch.jit.ScriptModule)
+    for n in (1, 5):  # the trace does not fix the batch size
+        cosine = np.sum(frozen.embed(images[:n]) * eager.embed(images[:n]), axis=1)
+        assert cosine.min() > 0.99999
 
 
 def test_a_corrupted_cache_file_is_refused(tmp_path):

@@ -41,7 +41,7 @@ def embed_samples(samples: Sequence[Sample], model_names: Sequence[str], setting
     shas = [hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples]
     out: dict[str, np.ndarray] = {}
     for model in models:
-        file = _cache_file(cache, f"{model.version}_{model.precision}", settings)
+        file = _cache_file(cache, f"{model.version}_{model.precision}_{model.spec.runtime}", settings)
         known: dict[str, np.ndarray] = {}
         if file.exists() and not model.random_weights:
             with np.load(file) as z:

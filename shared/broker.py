@@ -9,6 +9,8 @@ Guarantees (ARCHITECTURE.md, invariants 2, 3 and 7):
 - infrastructure failures (broker or database unreachable) are retried with
   capped backoff for as long as they last, never dead-lettered: they say nothing
   about the event;
+- one batch is produced and committed while the next is fetched and handled (the
+  handler never waits on the broker's round trips); commits keep batch order;
 - SIGTERM finishes the batch in hand, commits, and leaves the group.
 """
 from __future__ import annotations
@@ -196,19 +198,33 @@ class BrokerRunner:
         self.ready = True
         log.info("%s consuming %s as group %s", name, [t.name for t in self.handler.input_topics], self.group)
         last_progress = last_check = time.monotonic()
+        finishing: asyncio.Task | None = None  # the previous batch's produce + commit
         try:
             while not self._stop.is_set():
                 records = await self._next_batch()
                 now = time.monotonic()
                 if records:
-                    await self._process(records)
+                    outputs = await self._handle_batch(records)
+                    # Batch N is produced and committed while batch N+1 is fetched and handled, so the
+                    # handler (the body's inference) never waits on the broker's round trips. Commits
+                    # stay in order: a batch is committed only after the one before it.
+                    if finishing is not None:
+                        await finishing
+                    finishing = asyncio.create_task(self._finish(records, outputs))
                     last_progress = now
                 elif now - last_progress > STALL_AFTER_S and now - last_check > STALL_CHECK_S:
                     last_check = now
+                    if finishing is not None:
+                        await finishing
+                        finishing = None
                     if await self._stalled():
                         await self._recreate_consumer()
                         last_progress = time.monotonic()
+            if finishing is not None:
+                await finishing  # SIGTERM: the batch in hand is produced and committed before leaving
         finally:
+            if finishing is not None and not finishing.done():
+                finishing.cancel()
             self.ready = False
             await self.consumer.stop()
             await self.producer.stop()
@@ -265,7 +281,8 @@ class BrokerRunner:
                 records.extend(part)
         return records
 
-    async def _process(self, records: list[ConsumerRecord]) -> None:
+    async def _handle_batch(self, records: list[ConsumerRecord]) -> list[Output]:
+        """Decode and handle a batch: its outputs, dead letters included."""
         name = self.handler.name
         BATCH_SIZE.labels(name).observe(len(records))
         outputs: list[Output] = []
@@ -290,7 +307,11 @@ class BrokerRunner:
                 else:
                     EVENTS.labels(name, "ok").inc()
                     outputs.extend(result.outputs)
-        with STAGE_SECONDS.labels(name, "produce").time():
+        return outputs
+
+    async def _finish(self, records: list[ConsumerRecord], outputs: list[Output]) -> None:
+        """Produce a batch's outputs until the broker has them all, then commit its offsets."""
+        with STAGE_SECONDS.labels(self.handler.name, "produce").time():
             await self._produce_durably(outputs)
         await self._commit(records)
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,11 +47,15 @@ def embed_in_batches(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarr
 class BodyExtractor:
     """Embeds detection crops with each model of the ensemble (one model in fast mode)."""
 
-    def __init__(self, models: Sequence[LoadedModel], batch: int = 16):
+    def __init__(self, models: Sequence[LoadedModel], batch: int = 16, decoders: int | None = None):
         if not models:
             raise ValueError("the body extractor needs at least one model")
         self.models = list(models)
         self.batch = batch
+        # JPEG decoding and resizing release the GIL: spread a batch's crops over every core rather
+        # than leave all but one idle between two inference calls (2 ms per crop here).
+        self._decode = ThreadPoolExecutor(max_workers=decoders or len(os.sched_getaffinity(0)),
+                                          thread_name_prefix="body-decode")
 
     @property
     def random_weights(self) -> bool:
@@ -58,25 +64,35 @@ class BodyExtractor:
     def embed(self, crops: Sequence[bytes], names: Sequence[str] | None = None) -> list[list[Embedding] | str]:
         """For each crop: its embeddings (one per model, all models or those named), or why it could not be read."""
         results: list[list[Embedding] | str] = [[] for _ in crops]
+        inputs: dict[int, list[np.ndarray | str]] = {}  # by input size: models of one size share the decode
         for model in self.models:
             if names is not None and model.spec.name not in names:
                 continue
             size = model.spec.input_size
+            if size not in inputs:
+                inputs[size] = list(self._decode.map(lambda crop: _decoded(crop, size), crops))
+            todo = [i for i in range(len(crops)) if not isinstance(results[i], str)]
             arrays, ok = [], []
-            for i, crop in enumerate(crops):
-                if isinstance(results[i], str):
-                    continue
-                try:
-                    arrays.append(model_input(crop, size))
+            for i, decoded in zip(todo, (inputs[size][i] for i in todo)):
+                if isinstance(decoded, str):
+                    results[i] = decoded  # an undecodable crop fails only its own detection
+                else:
+                    arrays.append(decoded)
                     ok.append(i)
-                except Exception as exc:  # noqa: BLE001 - an undecodable crop fails only its own detection
-                    results[i] = f"undecodable crop: {exc}"
             if not ok:
                 continue
             vectors, self.batch = embed_in_batches(model.embed, np.stack(arrays), self.batch, _empty_cuda_cache)
             for i, vec in zip(ok, vectors):
                 results[i].append(Embedding.of(model.spec.name, model.version, vec, model.random_weights))
         return results
+
+
+def _decoded(crop: bytes, size: int) -> np.ndarray | str:
+    """The model input of one crop, or why it could not be read."""
+    try:
+        return model_input(crop, size)
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder says, it is about this crop alone
+        return f"undecodable crop: {exc}"
 
 
 def _empty_cuda_cache() -> None:

@@ -95,6 +95,34 @@ def _scrape(port: int) -> dict[tuple[str, str], tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def _cpu_seconds(stack) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process of the stack and by the bench itself."""
+    import psutil
+
+    def tree(pid: int) -> float:
+        try:
+            root = psutil.Process(pid)
+            total = 0.0
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass
+            return total
+        except psutil.Error:
+            return 0.0
+
+    out = {name: tree(child.process.pid) for name, child in stack.children.items()}
+    if stack.broker is not None:
+        out["broker"] = tree(stack.broker.process.pid)
+    if stack.postgres is not None:
+        out["postgres"] = tree(stack.postgres.pid)
+    me = psutil.Process().cpu_times()
+    out["bench client"] = me.user + me.system
+    return out
+
+
 async def _insert_detections(dsn: str, crops: list[bytes], site: str) -> list[tuple[uuid.UUID, bytes]]:
     import asyncpg
 
@@ -220,8 +248,10 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     try:
         asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None, mode))
         before = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
+        cpu_before = _cpu_seconds(stack)
         progress(f"end to end: burst of {detections} detections ...")
         burst = asyncio.run(_run_events(stack, crops, "bench-burst", None, mode))
+        cpu_after = _cpu_seconds(stack)
         after = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
         paced_n = max(64, detections // 2)
         rate = burst["det_per_s"] / 2
@@ -243,6 +273,10 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
         "latency_rate_det_per_s": round(rate, 1),
         "burst_p50_ms": round(burst["p50_ms"], 1), "burst_p99_ms": round(burst["p99_ms"], 1),
         "stages": stages,
+        # Where the two cores went during the burst: CPU milliseconds per detection, by process.
+        "cpu_ms_per_det": {name: round(1000 * (cpu_after[name] - cpu_before.get(name, 0.0)) / detections, 2)
+                           for name in cpu_after},
+        "cpu_ms_per_det_available": round(1000 * result["threads"] * burst["seconds"] / detections, 2),
     })
     peak = result["matmul_peak_gflops"]["bf16" if "bf16" in result["precision"].values() else "fp32"]
     result["achieved_gflops_bare"] = round(gflop * result["bare_det_per_s"], 1)

@@ -36,6 +36,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 STALL_AFTER_S = 20.0  # no records for this long while the partitions have some: check the consumer
 STALL_CHECK_S = 10.0
 PRODUCE_TIMEOUT_S = 45.0  # acks=all for one batch; past this the producer is presumed wedged
+# An offset this far past a partition's reported end means the partition was re-created (the broker
+# restarted empty). Tansu's reported end can trail the records it already serves by a batch or so
+# after a restart (seen: 1), so a smaller overshoot is left to heal as the log grows.
+RECREATED_SLACK = 16
 # Tansu answers a produce whose offset clashes with a batch it already stored with UnknownError,
 # and moves that partition's next offset on by one per clash. Clashes come in runs right after a
 # topic is (re)created while producers are retrying, so they are retried at once, not backed off.
@@ -99,12 +103,16 @@ def producer_for(bootstrap: str, client_id: str) -> AIOKafkaProducer:
 
 
 class _PositionFromCommitted(ConsumerRebalanceListener):
-    """On every assignment, start from the committed offset, or from the beginning when there is none.
+    """On every assignment, start from the committed offset, or from the beginning when there is none
+    or when it lies past the end of the log.
 
-    A broker that restarted empty has lost its topics and the group's offsets; its new
-    partitions start again at 0, while the consumer still holds positions past their end.
-    Tansu answers such fetches with nothing rather than OFFSET_OUT_OF_RANGE, so without
-    this the consumer would wait until the new log grew past its old position.
+    A broker that restarted empty has lost its topics; their new partitions start again at 0,
+    while the consumer still holds positions past their end, and a batch fetched before the
+    restart may even commit its old offset into the new broker's group (past the end by more than
+    RECREATED_SLACK: see there). Tansu answers fetches
+    past the end with nothing rather than OFFSET_OUT_OF_RANGE, so without this the consumer
+    would wait until the new log grew past its old position. Reading a re-created partition from
+    its beginning is safe: every handler is idempotent.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer):
@@ -114,9 +122,20 @@ class _PositionFromCommitted(ConsumerRebalanceListener):
         pass
 
     async def on_partitions_assigned(self, assigned) -> None:
+        if not assigned:
+            return
+        try:
+            ends = await self.consumer.end_offsets(list(assigned))
+        except KafkaError as exc:
+            log.warning("cannot read the end offsets of %s: %r", sorted(assigned), exc)
+            ends = {}
         for tp in assigned:
             committed = await self.consumer.committed(tp)
             if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            elif tp in ends and committed > ends[tp] + RECREATED_SLACK:
+                log.warning("%s: committed offset %d is past the end of the log (%d): the partition was "
+                            "re-created; reading it from the beginning", tp, committed, ends[tp])
                 await self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
@@ -231,20 +250,45 @@ class BrokerRunner:
             log.info("%s stopped", name)
 
     async def _stalled(self) -> bool:
-        """Whether the consumer has work waiting on its partitions yet fetches nothing.
+        """Whether work waits on the input topics that this consumer should be fetching, yet it fetches nothing.
 
-        Seen after the broker restarted empty: the group settles, but the consumer's fetcher
-        stays wedged on the old broker's state. Nothing about the events is wrong, so the
-        cure is a fresh consumer, not a dead letter.
+        These cases were seen after the broker restarted empty; nothing about the events is
+        wrong, so the cure is a fresh consumer (whose assignment starts each partition afresh,
+        see `_PositionFromCommitted`), not a dead letter:
+        - partitions assigned, but the fetcher stays wedged on the old broker's state;
+        - a position past the end of its partition's log: the partition was re-created, and the
+          consumer would wait for the new log to grow past the old offset;
+        - nothing assigned at all: the group was rejoined while the topics were gone, and
+          their re-creation never triggered a rebalance. Work is then waiting when the group's
+          committed offset of some partition is behind its end. (A replica beyond the partition
+          count also holds nothing; it is only recreated while the group lags, which hands it
+          partitions.)
         """
         assert self.consumer is not None
-        assignment = list(self.consumer.assignment())
-        if not assignment:
-            return False
         try:
+            assignment = list(self.consumer.assignment())
+            if not assignment:
+                # The consumer refreshes its subscribed topics' metadata every metadata_max_age_ms.
+                assignment = [TopicPartition(t.name, p) for t in self.handler.input_topics
+                              for p in sorted(self.consumer.partitions_for_topic(t.name) or ())]
+                if not assignment:
+                    return False  # the topics are not back yet: the reconciler re-creates them
+                ends = await asyncio.wait_for(self.consumer.end_offsets(assignment), 10)
+                for tp in assignment:
+                    committed = await asyncio.wait_for(self.consumer.committed(tp), 10) or 0
+                    if tp in ends and (committed < ends[tp] or committed > ends[tp] + RECREATED_SLACK):
+                        log.warning("%s: no partitions assigned while %s has end %d and committed offset %d",
+                                    self.handler.name, tp, ends[tp], committed)
+                        return True
+                return False
             ends = await asyncio.wait_for(self.consumer.end_offsets(assignment), 10)
             for tp in assignment:
-                if ends.get(tp, 0) > await asyncio.wait_for(self.consumer.position(tp), 10):
+                position = await asyncio.wait_for(self.consumer.position(tp), 10)
+                if tp in ends and position > ends[tp] + RECREATED_SLACK:
+                    log.warning("%s: position %d of %s is past the end of its log (%d)", self.handler.name,
+                                position, tp, ends[tp])
+                    return True
+                if ends.get(tp, 0) > position:
                     return True
         except (KafkaError, asyncio.TimeoutError) as exc:
             log.warning("%s: cannot tell whether the consumer is stalled: %r", self.handler.name, exc)

@@ -10,12 +10,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.body.extractor import BodyExtractor
 from services.body.service import BodyHandler
-from shared.broker import BrokerRunner, producer_for
+from shared.broker import BrokerRunner, consumer_for, producer_for
 from shared.config import Settings
 from shared.images import crop_jpeg, decode_upload
 from shared.models import load_model
 from shared.schemas import BodyFeatures, DeadLetter, DetectionEvent
-from shared.topics import DETECTIONS, FEATURES_BODY, dead_letter_of, ensure_topics
+from shared.topics import DETECTIONS, FEATURES_BODY, Topic, dead_letter_of, ensure_topics
 
 
 
@@ -93,3 +93,90 @@ async def test_poison_goes_to_the_dead_letter_topic_and_the_partition_moves_on(b
     finally:
         await check.stop()
     assert sum(c or 0 for c in committed) == 5
+
+
+class _Idle:
+    """A handler that is never called: the test drives the runner's watchdog directly."""
+
+    name = "stall-test"
+    input_schema = DetectionEvent
+
+    def __init__(self, topic: Topic):
+        self.input_topics = (topic,)
+
+    async def handle(self, events):
+        raise AssertionError("not called")
+
+
+async def test_a_consumer_holding_no_partition_counts_as_stalled_only_while_its_group_lags(broker):
+    # After an empty broker restart, consumers were seen rejoining with no partitions and never
+    # rebalancing once the topics came back; the watchdog must tell that from an idle spare replica.
+    topic = Topic(f"test.stall.{uuid.uuid4().hex[:8]}", 1)
+    await ensure_topics(broker.bootstrap, (topic,))
+    group = f"stall-{uuid.uuid4().hex[:8]}"
+    consumers = [consumer_for(broker.bootstrap, group, (topic,), f"member-{i}") for i in range(2)]
+    for c in consumers:
+        await c.start()
+    try:
+        settled_since, deadline = None, asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < deadline:
+            for c in consumers:
+                await c.getmany(timeout_ms=100)
+            held = [bool(c.assignment()) for c in consumers]
+            if sorted(held) == [False, True]:
+                settled_since = settled_since or asyncio.get_running_loop().time()
+                if asyncio.get_running_loop().time() - settled_since > 2:
+                    break
+            else:
+                settled_since = None
+        assert sorted(held) == [False, True], "the group never settled with one member holding the partition"
+        owner, spare = (consumers[0], consumers[1]) if held[0] else (consumers[1], consumers[0])
+        runner = BrokerRunner(_Idle(topic), broker.bootstrap, group=group)
+        runner.consumer = spare
+
+        assert await runner._stalled() is False  # nothing waiting: a spare replica is just idle
+        producer = producer_for(broker.bootstrap, "test")
+        await producer.start()
+        await producer.send_and_wait(topic.name, b"work")
+        await producer.stop()
+        assert await runner._stalled() is True  # work waits that the group has not committed past
+        tp = TopicPartition(topic.name, 0)
+        await owner.commit({tp: 1})
+        assert await runner._stalled() is False
+    finally:
+        for c in consumers:
+            await c.stop()
+
+
+async def test_a_committed_offset_past_the_end_of_a_recreated_partition_is_read_from_the_beginning(broker):
+    # After an empty broker restart, a batch fetched from the old broker committed its old offset
+    # into the new broker's group; the consumer then waited for the new log to grow past it.
+    topic = Topic(f"test.recreated.{uuid.uuid4().hex[:8]}", 1)
+    await ensure_topics(broker.bootstrap, (topic,))
+    tp = TopicPartition(topic.name, 0)
+    producer = producer_for(broker.bootstrap, "test")
+    await producer.start()
+    for n in range(3):
+        await producer.send_and_wait(topic.name, str(n).encode())
+    await producer.stop()
+    group = f"recreated-{uuid.uuid4().hex[:8]}"
+    old = consumer_for(broker.bootstrap, group, (topic,), "old")
+    await old.start()
+    try:
+        while not old.assignment():
+            await old.getmany(timeout_ms=200)
+        await old.commit({tp: 57})
+    finally:
+        await old.stop()
+
+    fresh = consumer_for(broker.bootstrap, group, (topic,), "fresh")
+    await fresh.start()
+    got: list[bytes] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(got) < 3 and asyncio.get_running_loop().time() < deadline:
+            for records in (await fresh.getmany(timeout_ms=200)).values():
+                got.extend(r.value for r in records)
+    finally:
+        await fresh.stop()
+    assert got == [b"0", b"1", b"2"]

@@ -47,6 +47,11 @@ CLASH_RETRIES = 50
 CLASH_RETRY_S = 0.05
 
 
+def past_recreated_end(offset: int, end: int) -> bool:
+    """Whether an offset lies so far past its partition's end that the partition must have been re-created."""
+    return offset > end + RECREATED_SLACK
+
+
 def produce_retry_delay(exc: BaseException, attempt: int, backoff: float) -> float:
     """Seconds to wait before re-sending after a failed produce."""
     if isinstance(exc, UnknownError) and attempt < CLASH_RETRIES:
@@ -108,8 +113,7 @@ class _PositionFromCommitted(ConsumerRebalanceListener):
 
     A broker that restarted empty has lost its topics; their new partitions start again at 0,
     while the consumer still holds positions past their end, and a batch fetched before the
-    restart may even commit its old offset into the new broker's group (past the end by more than
-    RECREATED_SLACK: see there). Tansu answers fetches
+    restart may even commit its old offset into the new broker's group. Tansu answers fetches
     past the end with nothing rather than OFFSET_OUT_OF_RANGE, so without this the consumer
     would wait until the new log grew past its old position. Reading a re-created partition from
     its beginning is safe: every handler is idempotent.
@@ -133,7 +137,7 @@ class _PositionFromCommitted(ConsumerRebalanceListener):
             committed = await self.consumer.committed(tp)
             if committed is None:
                 await self.consumer.seek_to_beginning(tp)
-            elif tp in ends and committed > ends[tp] + RECREATED_SLACK:
+            elif tp in ends and past_recreated_end(committed, ends[tp]):
                 log.warning("%s: committed offset %d is past the end of the log (%d): the partition was "
                             "re-created; reading it from the beginning", tp, committed, ends[tp])
                 await self.consumer.seek_to_beginning(tp)
@@ -267,28 +271,24 @@ class BrokerRunner:
         assert self.consumer is not None
         try:
             assignment = list(self.consumer.assignment())
-            if not assignment:
+            held = bool(assignment)
+            if not held:
                 # The consumer refreshes its subscribed topics' metadata every metadata_max_age_ms.
                 assignment = [TopicPartition(t.name, p) for t in self.handler.input_topics
                               for p in sorted(self.consumer.partitions_for_topic(t.name) or ())]
                 if not assignment:
                     return False  # the topics are not back yet: the reconciler re-creates them
-                ends = await asyncio.wait_for(self.consumer.end_offsets(assignment), 10)
-                for tp in assignment:
-                    committed = await asyncio.wait_for(self.consumer.committed(tp), 10) or 0
-                    if tp in ends and (committed < ends[tp] or committed > ends[tp] + RECREATED_SLACK):
-                        log.warning("%s: no partitions assigned while %s has end %d and committed offset %d",
-                                    self.handler.name, tp, ends[tp], committed)
-                        return True
-                return False
             ends = await asyncio.wait_for(self.consumer.end_offsets(assignment), 10)
             for tp in assignment:
-                position = await asyncio.wait_for(self.consumer.position(tp), 10)
-                if tp in ends and position > ends[tp] + RECREATED_SLACK:
-                    log.warning("%s: position %d of %s is past the end of its log (%d)", self.handler.name,
-                                position, tp, ends[tp])
-                    return True
-                if ends.get(tp, 0) > position:
+                if tp not in ends:
+                    continue
+                # Where this consumer stands in a partition it holds; where the group stands otherwise.
+                standing = self.consumer.position(tp) if held else self.consumer.committed(tp)
+                offset = await asyncio.wait_for(standing, 10) or 0
+                if ends[tp] > offset or past_recreated_end(offset, ends[tp]):
+                    log.warning("%s: %s ends at %d while %s is %d", self.handler.name, tp, ends[tp],
+                                "this consumer's position" if held else "the group's committed offset (none held)",
+                                offset)
                     return True
         except (KafkaError, asyncio.TimeoutError) as exc:
             log.warning("%s: cannot tell whether the consumer is stalled: %r", self.handler.name, exc)

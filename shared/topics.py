@@ -5,13 +5,11 @@ restart, so each process calls `ensure_topics` before it produces or consumes,
 and the reconciler calls it again on every pass.
 
 No client of ours ever asks the broker to auto-create a topic (production Kafka
-runs with auto.create.topics.enable=false for the same reason). After a Tansu
-restart, producers retrying their metadata used to auto-create topics a few
-milliseconds before the reconciler created them explicitly; the partitions'
-watermarks then fell back to 0 while the early batches stayed in storage, and
-every produce to them failed with AlreadyExists until the watermark had crept
-past them, one failed produce at a time. Without auto-creation, a client simply
-waits (UnknownTopicOrPartition, retried) until `ensure_topics` has run.
+runs with auto.create.topics.enable=false for the same reason): topics exist only
+as `ensure_topics` makes them, with their fixed partition counts, and until then a
+client waits (UnknownTopicOrPartition, retried). Producers that retry while Tansu
+creates a topic can still leave its partitions' next offsets behind batches it has
+stored; `shared.broker` retries the resulting clashes at once.
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 
 import aiokafka.client
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import for_code
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
 log = logging.getLogger(__name__)
@@ -29,7 +27,6 @@ log = logging.getLogger(__name__)
 # aiokafka has no setting for this: every client it builds sends its metadata requests through
 # `aiokafka.client.MetadataRequest`, which asks for auto-creation unless told otherwise.
 aiokafka.client.MetadataRequest = functools.partial(MetadataRequest, allow_auto_topic_creation=False)
-TOPIC_ALREADY_EXISTS = 36
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ async def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] = ALL) -> list
         for name, code, *message in response.topic_errors:  # (topic, error_code[, error_message])
             if code == 0:
                 created.append(name)
-            elif code != TOPIC_ALREADY_EXISTS:  # already there: another process won the race, which is fine
+            elif code != TopicAlreadyExistsError.errno:  # already there: another process won the race, which is fine
                 raise for_code(code)(f"creating topic {name}: {message[0] if message else 'no message'}")
         if created:
             log.info("created topics %s", created)

@@ -1,6 +1,7 @@
 """Body appearance: crops in, one embedding per configured model out (pure compute, no I/O)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -47,15 +48,11 @@ def embed_in_batches(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarr
 class BodyExtractor:
     """Embeds detection crops with each model of the ensemble (one model in fast mode)."""
 
-    def __init__(self, models: Sequence[LoadedModel], batch: int = 16, decoders: int | None = None):
+    def __init__(self, models: Sequence[LoadedModel], batch: int = 16):
         if not models:
             raise ValueError("the body extractor needs at least one model")
         self.models = list(models)
         self.batch = batch
-        # JPEG decoding and resizing release the GIL: spread a batch's crops over every core rather
-        # than leave all but one idle between two inference calls (2 ms per crop here).
-        self._decode = ThreadPoolExecutor(max_workers=decoders or len(os.sched_getaffinity(0)),
-                                          thread_name_prefix="body-decode")
 
     @property
     def random_weights(self) -> bool:
@@ -70,10 +67,11 @@ class BodyExtractor:
                 continue
             size = model.spec.input_size
             if size not in inputs:
-                inputs[size] = list(self._decode.map(lambda crop: _decoded(crop, size), crops))
-            todo = [i for i in range(len(crops)) if not isinstance(results[i], str)]
+                inputs[size] = list(_decoder_pool().map(lambda crop: _decoded(crop, size), crops))
             arrays, ok = [], []
-            for i, decoded in zip(todo, (inputs[size][i] for i in todo)):
+            for i, decoded in enumerate(inputs[size]):
+                if isinstance(results[i], str):
+                    continue  # already failed with another model's input size
                 if isinstance(decoded, str):
                     results[i] = decoded  # an undecodable crop fails only its own detection
                 else:
@@ -85,6 +83,14 @@ class BodyExtractor:
             for i, vec in zip(ok, vectors):
                 results[i].append(Embedding.of(model.spec.name, model.version, vec, model.random_weights))
         return results
+
+
+@functools.cache
+def _decoder_pool() -> ThreadPoolExecutor:
+    """One pool per process for crop decoding: JPEG decoding and resizing release the GIL, so a
+    batch's crops spread over every core instead of leaving all but one idle between two
+    inference calls (2 ms per crop here)."""
+    return ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="body-decode")
 
 
 def _decoded(crop: bytes, size: int) -> np.ndarray | str:

@@ -123,10 +123,13 @@ def _cpu_seconds(stack) -> dict[str, float]:
     return out
 
 
-async def _insert_detections(dsn: str, crops: list[bytes], site: str) -> list[tuple[uuid.UUID, bytes]]:
+async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: dict) -> list[tuple[uuid.UUID, bytes]]:
     import asyncpg
 
+    from shared.db import _init_connection
+
     conn = await asyncpg.connect(dsn)
+    await _init_connection(conn)
     rows = []
     now = datetime.now(timezone.utc)
     try:
@@ -139,9 +142,11 @@ async def _insert_detections(dsn: str, crops: list[bytes], site: str) -> list[tu
                                            captured_at, time_source) VALUES ($1,$2,480,360,'JPEG',$3,$4,'bench',$5,'bench')""",
                     sha, len(crop), f"bench-{n}.jpg", site, now)
                 await conn.execute(
-                    """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, state)
-                       VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting')""",
-                    det, sha, site, now, crop)
+                    """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, state,
+                                               property, pipeline, expected)
+                       VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting','default',$6,
+                               ARRAY['body'])""",
+                    det, sha, site, now, crop, pipeline)
                 rows.append((det, sha))
     finally:
         await conn.close()
@@ -153,10 +158,11 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
     from aiokafka import AIOKafkaConsumer
 
     from shared.broker import MAX_MESSAGE_BYTES, producer_for
-    from shared.schemas import Box, DetectionEvent, DetectionResult
+    from shared.schemas import Box, DetectionEvent, DetectionResult, PipelineConfig
     from shared.topics import DETECTIONS, RESULTS
 
-    rows = await _insert_detections(stack.dsn, crops, site)
+    config = PipelineConfig(mode=mode)
+    rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()})
     consumer = AIOKafkaConsumer(RESULTS.name, bootstrap_servers=stack.bootstrap, group_id=f"bench-{uuid.uuid4()}",
                                 auto_offset_reset="latest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
     await consumer.start()
@@ -184,7 +190,8 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
         if rate:
             await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
         event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls="doe",
-                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode=mode)
+                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode=mode,
+                               switches=config.switches(), expected=["body"])
         sent[str(det)] = time.perf_counter()
         await producer.send(DETECTIONS.name, event.to_bytes(), key=str(det).encode())
     await producer.flush()

@@ -156,6 +156,71 @@ def api_url_for(args, settings: Settings) -> str:
     return state["api_url"] if state else settings.api_url
 
 
+def database_url_for(settings: Settings) -> str:
+    from deer_reid.stack import read_state
+
+    if settings.database_url:
+        return settings.database_url
+    state = read_state(settings.home)
+    if not state:
+        raise SystemExit("deer-reid: no running stack found (deer-reid up) and DEER_DATABASE_URL is not set")
+    return state["database_url"]
+
+
+def _api(args, method: str, path: str, **kw):
+    import httpx
+
+    url = api_url_for(args, _settings(args))
+    try:
+        resp = httpx.request(method, url + path, timeout=60, **kw)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"deer-reid: the API at {url} did not answer ({exc}); is the stack up?") from None
+    if resp.status_code >= 400:
+        raise SystemExit(f"deer-reid: {method} {path}: {resp.status_code} {resp.text[:500]}")
+    return resp.json()
+
+
+def cmd_sites(args) -> int:
+    if args.action == "add":
+        body = {"property": args.property, "lat": args.lat, "lon": args.lon}
+        print(json.dumps(_api(args, "PUT", f"/v1/sites/{args.name}", json=body), indent=2))
+        return 0
+    sites = _api(args, "GET", "/v1/sites")["sites"]
+    print(f"{'site':24s} {'property':16s} {'lat':>10s} {'lon':>11s} {'detections':>10s}")
+    for s in sites:
+        lat = f"{s['lat']:.5f}" if s["lat"] is not None else "-"
+        lon = f"{s['lon']:.5f}" if s["lon"] is not None else "-"
+        print(f"{s['name']:24s} {s['property']:16s} {lat:>10s} {lon:>11s} {s['detections']:>10d}")
+    return 0
+
+
+def cmd_gallery(args) -> int:
+    from deer_reid.gallery import rebuild
+
+    settings = _settings(args)
+    report = asyncio.run(rebuild(database_url_for(settings), settings.exemplars_per_individual,
+                                 prop=args.property, progress=not args.quiet))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_calibration(args) -> int:
+    from services.fusion.calibration import ArtifactError, load_file
+
+    if args.action == "show":
+        print(json.dumps(_api(args, "GET", "/v1/calibration"), indent=2, default=str))
+        return 0
+    try:
+        artifact = load_file(Path(args.file))
+    except ArtifactError as exc:
+        print(f"deer-reid calibration: {exc}", file=sys.stderr)
+        return 2
+    installed = _api(args, "POST", "/v1/calibration", json=artifact)
+    print(f"installed calibration {installed['id']} (thresholds {artifact['thresholds']}); fusion uses it from its "
+          "next batch")
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from deer_reid.ingest import ingest
 
@@ -191,12 +256,15 @@ def cmd_eval(args) -> int:
         else:
             result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                                   seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
-                                  json_path=args.json, progress=not args.quiet,
-                                  calibration=settings.calibration_path)
+                                  json_path=args.json, progress=not args.quiet)
     except (DatasetError, ValueError, KeyError, RuntimeError) as exc:
         print(f"deer-reid eval: {exc}", file=sys.stderr)
         return 2
-    skip = {"cmc", "ablation", "calibration", "plots"}
+    if args.protocol == "loo" and args.install:
+        installed = _api(args, "POST", "/v1/calibration", json=result.pop("_artifact"))
+        result["calibration"]["installed_id"] = installed["id"]
+    result.pop("_artifact", None)
+    skip = {"cmc", "ablation", "ablation_same_viewpoint", "calibration", "plots"}
     print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=2, default=str))
     if "ablation" in result:
         print("\nablation (loo):")
@@ -207,8 +275,9 @@ def cmd_eval(args) -> int:
         c = result["calibration"]
         print(f"\nthresholds (fit on {c['fit']['identities']} identities): match {c['thresholds']['match']:.3f}, "
               f"new {c['thresholds']['new']:.3f}; artifact {c['artifact']}")
-        for part in ("fit", "held_out"):
-            r = c[part]["report"]
+        parts = [("fit", c["fit"]["report"]), ("held_out", c["held_out"]["report"]),
+                 ("before", c["before"]["held_out"])]
+        for part, r in parts:
             print(f"  {part:8s} B3 P/R/F1 {r['bcubed_precision']:.3f}/{r['bcubed_recall']:.3f}/{r['bcubed_f1']:.3f}"
                   f"  false-merge {r['false_merge_rate']:.3f}  false-split {r['false_split_rate']:.3f}"
                   f"  review {r['review_rate']:.3f}  individuals {r['predicted_individuals']}/{r['true_individuals']}")
@@ -280,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="use whole identities (seeded) up to this many images")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--target-false-merge", type=float, default=0.02)
-    ev.add_argument("--calibration-out", type=Path, help="where to write the threshold artifact "
-                    "(default $DEER_HOME/calibration.json, which fusion reads)")
+    ev.add_argument("--calibration-out", type=Path, help="where to write the calibration artifact "
+                    "(default $DEER_HOME/calibration.json)")
+    ev.add_argument("--install", action="store_true", help="loo: also install the artifact in the running "
+                    "stack (fusion uses it from its next batch); same as `deer-reid calibration install`")
     ev.add_argument("--allow-random-weights", action="store_true")
     ev.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="as the body service (default auto)")
     ev.add_argument("--api-url")
@@ -298,10 +369,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead: cosine of bf16 against fp32 embeddings of the labelled images in DATA_DIR")
     be.set_defaults(func=cmd_bench)
 
+    si = sub.add_parser("sites", help="camera sites and the property (population) each belongs to")
+    si_sub = si.add_subparsers(dest="action", required=True)
+    si_add = si_sub.add_parser("add", help="register a site, or move one that has no detections yet")
+    si_add.add_argument("name")
+    si_add.add_argument("--property", default="default", help="the population it belongs to (default: default)")
+    si_add.add_argument("--lat", type=float, help="latitude (temporal conflicts need coordinates)")
+    si_add.add_argument("--lon", type=float)
+    si_sub.add_parser("list", help="every site with its property, coordinates and detections")
+    for p in (si, si_add):
+        p.add_argument("--api-url")
+    si.set_defaults(func=cmd_sites)
+
+    ga = sub.add_parser("gallery", help="the gallery of exemplars")
+    ga_sub = ga.add_subparsers(dest="action", required=True)
+    ga_re = ga_sub.add_parser("rebuild", help="re-choose every individual's exemplars")
+    ga_re.add_argument("--property", help="only this property")
+    ga_re.add_argument("--quiet", action="store_true")
+    ga.set_defaults(func=cmd_gallery)
+
+    ca = sub.add_parser("calibration", help="the fitted fusion that fusion applies")
+    ca_sub = ca.add_subparsers(dest="action", required=True)
+    ca_in = ca_sub.add_parser("install", help="make an artifact written by `eval --protocol loo` the active one")
+    ca_in.add_argument("file")
+    ca_sub.add_parser("show", help="print the active artifact")
+    ca.add_argument("--api-url")
+    ca.set_defaults(func=cmd_calibration)
+
     ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")
     ing.add_argument("path")
-    ing.add_argument("--site", help="site (property) of the images; default: from SITE_YYYYMMDD_HHMMSS file "
-                     "names, else 'default'")
+    ing.add_argument("--site", help="camera site of the images (its property is looked up: `deer-reid sites`); "
+                     "default: from SITE_YYYYMMDD_HHMMSS file names, else 'default'")
     ing.add_argument("--camera")
     ing.add_argument("--captured-at", help="ISO-8601 time for images whose own time cannot be read")
     ing.add_argument("--wait", action="store_true", help="wait until every detection is terminal")

@@ -89,6 +89,9 @@ class Handler(Protocol):
     input_topics: tuple[Topic, ...]
     input_schema: Any  # a shared.schemas event class
     dead_letters: bool  # False only for the dead-letter recorder itself: a bad letter is logged, not re-lettered
+    # False where a bad event says nothing about its detection: a feature event fusion refuses makes that
+    # component "missing" for the join, and must not let a hostile sender fail someone else's detection.
+    dead_letter_fails_detection: bool
 
     async def handle(self, events: Sequence[Any]) -> list[Handled]:
         """Process decoded events; one `Handled` per event, same order."""
@@ -164,7 +167,8 @@ def consumer_for(bootstrap: str, group: str, topics: tuple[Topic, ...], client_i
     return consumer
 
 
-def dead_letter(service: str, record: ConsumerRecord, reason: str, detection_id=None) -> Output:
+def dead_letter(service: str, record: ConsumerRecord, reason: str, detection_id=None,
+                fails_detection: bool = True) -> Output:
     payload = record.value or b""
     letter = DeadLetter(
         service=service,
@@ -173,6 +177,7 @@ def dead_letter(service: str, record: ConsumerRecord, reason: str, detection_id=
         offset=record.offset,
         key=record.key.decode("utf-8", "replace") if record.key else None,
         detection_id=detection_id,
+        fails_detection=fails_detection,
         reason=reason[:2000],
         payload=payload[:DEAD_LETTER_PAYLOAD_MAX],
         payload_truncated=len(payload) > DEAD_LETTER_PAYLOAD_MAX,
@@ -198,6 +203,7 @@ class BrokerRunner:
     def __init__(self, handler: Handler, bootstrap: str, *, batch_max: int = 16, batch_wait_ms: int = 25,
                  max_retries: int = 3, retry_backoff_ms: int = 200, group: str | None = None):
         self.handler = handler
+        self._fails = getattr(handler, "dead_letter_fails_detection", True)
         self.bootstrap = bootstrap
         self.batch_max = batch_max
         self.batch_wait = batch_wait_ms / 1000
@@ -337,7 +343,7 @@ class BrokerRunner:
             except MalformedEvent as exc:
                 EVENTS.labels(name, "dead_letter").inc()
                 if getattr(self.handler, "dead_letters", True):
-                    outputs.append(dead_letter(name, record, str(exc), _detection_id_of(record)))
+                    outputs.append(dead_letter(name, record, str(exc), _detection_id_of(record), self._fails))
                 else:
                     log.error("%s: dropped malformed message at %s[%d]@%d: %s", name, record.topic,
                               record.partition, record.offset, exc)
@@ -347,7 +353,8 @@ class BrokerRunner:
             for (record, event), result in zip(decoded, results):
                 if result.error is not None:
                     EVENTS.labels(name, "dead_letter").inc()
-                    outputs.append(dead_letter(name, record, result.error, getattr(event, "detection_id", None)))
+                    outputs.append(dead_letter(name, record, result.error, getattr(event, "detection_id", None),
+                                               self._fails))
                 else:
                     EVENTS.labels(name, "ok").inc()
                     outputs.extend(result.outputs)

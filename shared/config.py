@@ -51,11 +51,17 @@ class Settings(BaseSettings):
     retry_backoff_ms: int = Field(200, ge=0)
 
     # fusion decision; defaults until a calibration artifact replaces them
-    calibration: Path | None = None  # artifact of `deer-reid eval`; default home/calibration.json
+    calibration: Path | None = None  # file `deer-reid eval` writes (fusion reads the one installed in the database)
     match_threshold: float = Field(0.80, ge=-1, le=1)
     new_threshold: float = Field(0.65, ge=-1, le=1)
     candidates_k: int = Field(50, ge=1, le=1000)
     exemplars_per_individual: int = Field(8, ge=1, le=64)
+    # the join: how long fusion waits, once the body features are in, for the other expected components
+    join_timeout_s: float = Field(10.0, gt=0, le=3600)
+    # an individual's score from its exemplars without a fitted artifact: best | mean2 (eval measures both)
+    identity_aggregation: str = Field("best", pattern="^(best|mean2)$")
+    rut_months: list[int] = [11, 12]  # temporal boost x0.3 in these months (DEER_RUT_MONTHS='[10,11,12]')
+    join_sweep_every_s: float = Field(1.0, gt=0)  # the reconciler's look for joins past their deadline
 
     # reconciler
     stuck_after_s: float = Field(120.0, gt=0)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import enum
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 from uuid import UUID
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, TypeAdapter, ValidationError, \
+    model_validator
 
 SCHEMA_VERSION = 1
 
@@ -115,6 +116,9 @@ class DetectionEvent(_Event):
     crop_jpeg: B64Bytes  # the crop travels with the event: no service reads another's disk
     attempt: int = Field(0, ge=0)
     mode: Literal["fast", "enhanced"] = "fast"  # the run-time configuration when the event was published
+    property: str = "default"  # the population the site belongs to: identity is decided per property
+    switches: dict[str, bool] = {}  # the run-time switches at first publication
+    expected: list[str] = ["body"]  # the components fusion waits for (shared.pipeline.expected_components)
 
 
 class Embedding(BaseModel):
@@ -142,18 +146,63 @@ class Embedding(BaseModel):
         return np.frombuffer(self.vector, dtype="<f4")
 
 
-class BodyFeatures(_Event):
-    """Body-appearance embeddings of one detection (one per model in the ensemble)."""
+COMPONENTS = ("body", "coat", "pose", "antler")
 
-    kind: Literal["features.body"] = "features.body"
+
+class Features(_Event):
+    """One extractor's output for one detection: what fusion joins by detection id.
+
+    `status` says whether the extractor found evidence: "no-evidence" (antlers not visible, a
+    crop too small for coat patterns) is an answer, not an error, and fusion scores without it.
+    Vectors travel as `embeddings`; small structured features (counts, flags, keypoints) as
+    `attributes`. Every vector names its version, so vectors of different versions never meet.
+    """
+
+    kind: Literal["features"] = "features"
+    component: Literal["body", "coat", "pose", "antler"]
     detection_id: UUID
     site: str
+    property: str = "default"
     camera: str
     captured_at: datetime
     cls: DetectionClass
-    embeddings: list[Embedding] = Field(min_length=1)
+    status: Literal["ok", "no-evidence"] = "ok"
+    embeddings: list[Embedding] = []
+    attributes: dict = {}
+    flags: list[str] = []
     timings_ms: dict[str, float] = {}
     attempt: int = 0
+
+    @model_validator(mode="after")
+    def _body_has_vectors(self) -> "Features":
+        if self.component == "body" and self.status == "ok" and not self.embeddings:
+            raise ValueError("body features need at least one embedding")
+        return self
+
+
+class JoinDeadline(_Event):
+    """The join of a detection is due: decide with the components that arrived (reconciler -> fusion)."""
+
+    kind: Literal["join-deadline"] = "join-deadline"
+    detection_id: UUID
+    property: str = "default"
+
+
+class FusionInput:
+    """Decodes what fusion consumes: features of any component, or a join deadline (by `kind`)."""
+
+    _adapter = TypeAdapter(Annotated[Union[Features, JoinDeadline], Field(discriminator="kind")])
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> "Features | JoinDeadline":
+        if raw is None:
+            raise MalformedEvent("empty message (tombstone)")
+        try:
+            return cls._adapter.validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "event"
+            raise MalformedEvent(f"not a valid fusion input: {where}: {first.get('msg')}") from None
 
 
 class DetectionResult(_Event):
@@ -171,10 +220,25 @@ class DetectionResult(_Event):
 
 
 class PipelineConfig(BaseModel):
-    """The run-time switches of the pipeline (changed through the API, no restart)."""
+    """The run-time switches of the pipeline (changed through the API, no restart).
+
+    Every detection is stamped with them at its first publication, and its result records them.
+    `mode` fast runs the one body model (+ temporal): bulk backlogs; enhanced runs every switched-on
+    enhancement. coat, pose and antler are off until their services are deployed: a switched-on
+    component with no service behind it makes every detection wait the join timeout and come out
+    `degraded` with that component named as missing.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["fast", "enhanced"] = "fast"  # fast: one body model; enhanced: the body ensemble
+    mode: Literal["fast", "enhanced"] = "fast"
+    ensemble: bool = True  # enhanced mode runs the body ensemble (off: the fast model only)
+    temporal: bool = True  # temporal priors in fusion (both modes)
+    coat: bool = False  # enhanced mode only
+    pose: bool = False  # enhanced mode only, and only when the body-only match is uncertain
+    antler: bool = False  # enhanced mode only, antlered classes only
+
+    def switches(self) -> dict[str, bool]:
+        return {k: v for k, v in self.model_dump().items() if isinstance(v, bool)}
 
 
 class DeadLetter(_Event):
@@ -187,6 +251,7 @@ class DeadLetter(_Event):
     offset: int
     key: str | None
     detection_id: UUID | None
+    fails_detection: bool = True  # False: the detection goes on without this event (a refused feature)
     reason: str
     payload: B64Bytes  # the original bytes, truncated to DEAD_LETTER_PAYLOAD_MAX
     payload_truncated: bool = False

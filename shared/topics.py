@@ -37,16 +37,18 @@ class Topic:
 
 # Detections are keyed by detection id so extractors scale out across partitions.
 DETECTIONS = Topic("deer.detections.v1", 8)
-# Feature topics are keyed by site: one fusion worker sees a site's events in order,
-# and fusion also takes a per-site database lock, so parallel workers never race.
+# Feature topics are keyed by property: one fusion worker sees a property's events in order,
+# and fusion also takes a per-property database lock, so parallel workers never race.
 FEATURES_BODY = Topic("deer.features.body.v1", 8)
 FEATURES_ANTLER = Topic("deer.features.antler.v1", 8)
 FEATURES_COAT = Topic("deer.features.coat.v1", 8)
 FEATURES_POSE = Topic("deer.features.pose.v1", 8)
 POSE_REQUESTS = Topic("deer.pose.requests.v1", 8)
+# The reconciler announces joins whose deadline passed; fusion decides them with what arrived.
+JOIN_DEADLINES = Topic("deer.fusion.deadlines.v1", 8)
 RESULTS = Topic("deer.results.v1", 4)
 
-INPUTS = (DETECTIONS, FEATURES_BODY, FEATURES_ANTLER, FEATURES_COAT, FEATURES_POSE, POSE_REQUESTS)
+INPUTS = (DETECTIONS, FEATURES_BODY, FEATURES_ANTLER, FEATURES_COAT, FEATURES_POSE, POSE_REQUESTS, JOIN_DEADLINES)
 
 
 def dead_letter_of(topic: Topic | str) -> Topic:

@@ -62,3 +62,48 @@ def broker():
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The whole system as `deer-reid up` runs it, supervised (a killed service is restarted)."""
+    import threading
+    import time
+
+    from deer_reid.stack import Stack
+    from shared.config import Settings
+
+    settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0",
+                        body_ensemble="efficientnet_lite0,efficientnet_lite1")
+    # Short reconciler timings so that lost work is found within the tests' patience, and a short
+    # join timeout so that a component that never comes costs seconds.
+    s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_MAX_ATTEMPTS": "40",
+                             "DEER_JOIN_TIMEOUT_S": "3", "DEER_LOG_LEVEL": "INFO"})
+    s.start()
+    stop = threading.Event()
+
+    def supervise():
+        while not stop.is_set():
+            s.supervise_once()
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    yield s
+    stop.set()
+    thread.join()
+    s.stop()
+
+
+@pytest.fixture
+async def db(stack):
+    import asyncpg
+
+    from shared.db import _init_connection
+
+    conn = await asyncpg.connect(stack.dsn)
+    await _init_connection(conn)  # the services' codecs: jsonb as Python values, vectors as numpy
+    yield conn
+    await conn.close()
+
+

@@ -215,3 +215,20 @@ async def test_run_time_config_switches_mode_and_keeps_history(api):
     assert r.json()["mode"] == "fast"
     history = await api.pool.fetch("SELECT value->>'mode' AS mode FROM runtime_config_history ORDER BY id")
     assert [h["mode"] for h in history][-2:] == ["enhanced", "fast"]
+
+
+async def test_each_enhancement_switches_on_its_own_and_the_rest_stay(api):
+    before = (await api.get("/v1/config")).json()
+    assert {k: before[k] for k in ("ensemble", "temporal", "coat", "pose", "antler")} == \
+        {"ensemble": True, "temporal": True, "coat": False, "pose": False, "antler": False}
+    try:
+        r = (await api.put("/v1/config", json={"temporal": False})).json()
+        assert r["temporal"] is False and r["mode"] == before["mode"] and r["ensemble"] is True
+        r = (await api.put("/v1/config", json={"coat": True, "antler": True})).json()
+        assert (r["temporal"], r["coat"], r["antler"]) == (False, True, True)
+        assert (await api.put("/v1/config", json={"temporal": None})).status_code == 422
+        assert (await api.put("/v1/config", json={"temporal": "yes please"})).status_code == 422
+    finally:
+        await api.put("/v1/config", json={"temporal": True, "coat": False, "antler": False})
+    last = await api.pool.fetchval("SELECT value FROM runtime_config_history ORDER BY id DESC LIMIT 1")
+    assert last["temporal"] is True and last["coat"] is False

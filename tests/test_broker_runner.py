@@ -14,7 +14,7 @@ from shared.broker import BrokerRunner, consumer_for, producer_for
 from shared.config import Settings
 from shared.images import crop_jpeg, decode_upload
 from shared.models import load_model
-from shared.schemas import BodyFeatures, DeadLetter, DetectionEvent
+from shared.schemas import Features, DeadLetter, DetectionEvent
 from shared.topics import DETECTIONS, FEATURES_BODY, Topic, dead_letter_of, ensure_topics
 
 
@@ -66,8 +66,8 @@ async def test_poison_goes_to_the_dead_letter_topic_and_the_partition_moves_on(b
                           max_retries=0, group="test-body")
     task = asyncio.create_task(runner.run())
     try:
-        features = [BodyFeatures.from_bytes(r.value) for r in (await read_unique(
-            broker.bootstrap, FEATURES_BODY.name, 2, lambda r: BodyFeatures.from_bytes(r.value).detection_id)).values()]
+        features = [Features.from_bytes(r.value) for r in (await read_unique(
+            broker.bootstrap, FEATURES_BODY.name, 2, lambda r: Features.from_bytes(r.value).detection_id)).values()]
         letters = [DeadLetter.from_bytes(r.value) for r in (await read_unique(
             broker.bootstrap, dead_letter_of(DETECTIONS).name, 3,
             lambda r: DeadLetter.from_bytes(r.value).offset)).values()]

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from pathlib import Path
+
+import asyncpg
 
 import numpy as np
 import pytest
@@ -14,9 +18,10 @@ from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import DatasetError, load_dataset
 from deer_reid.evaluation.metrics import average_precision, bcubed, clustering_report, merges_and_splits, rank, \
     retrieval
-from services.fusion.calibration import CalibrationSource, load_artifact, p_same
+from services.fusion.calibration import ArtifactError, CalibrationSource, install, load_file
 from services.fusion.decision import Thresholds
 from shared.config import Settings
+from shared.db import _init_connection
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -106,22 +111,40 @@ def test_threshold_choice_respects_the_false_merge_target():
     assert not met and chosen.match == 0.5
 
 
-def test_calibration_artifact_applies_only_to_its_embedding_versions(tmp_path):
-    path = tmp_path / "calibration.json"
-    default = Thresholds(match=0.8, new=0.6)
-    source = CalibrationSource(path, default)
-    source.refresh()
-    assert source.for_versions({"m": "m:1"}) == (default, None)
-    isotonic = cal.fit_isotonic(np.array([0.1, 0.2, 0.8, 0.9]), np.array([False, False, True, True]))
-    cal.write_artifact(path, versions={"m": "m:1"}, weights={"m": 1.0}, chosen=cal.OperatingPoint(0.85, 0.7, {}),
-                       met_target=True, target=0.02, isotonic=isotonic, fit={}, held_out={})
-    source.refresh()
-    thresholds, artifact = source.for_versions({"m": "m:1"})
-    assert (thresholds.match, thresholds.new) == (0.85, 0.7) and artifact is not None
-    assert source.for_versions({"m": "m:2"}) == (default, None)
-    assert p_same(artifact, 0.95) == pytest.approx(1.0) and p_same(artifact, 0.05) == pytest.approx(0.0)
-    path.write_text("{broken")
-    assert load_artifact(path) is None
+def _artifact(versions: dict, chosen=(0.85, 0.7)) -> dict:
+    sims = {"body:m": np.array([[1, .9, .2], [.9, 1, .3], [.2, .3, 1]])}
+    fusion = cal.fit_fusion(sims, [0, 1, 2], ["a", "a", "b"], ["1", "2", "3"])
+    return cal.write_artifact(Path(tempfile.mkdtemp()) / "c.json", versions=versions, fusion=fusion,
+                              chosen=cal.OperatingPoint(*chosen, {}), met_target=True, target=0.02, fit={},
+                              held_out={})
+
+
+async def test_calibration_artifact_applies_only_to_its_embedding_versions(pg_dsn):
+    conn = await asyncpg.connect(pg_dsn)
+    await _init_connection(conn)
+    try:
+        default = Thresholds(match=0.8, new=0.6)
+        source = CalibrationSource(default)
+        await conn.execute("UPDATE calibrations SET active = false")
+        await source.refresh(conn)
+        assert source.for_versions({"m": "m:1"}) == (default, None)
+        with pytest.raises(ArtifactError):
+            await install(conn, {"kind": "something else"})
+        installed = await install(conn, _artifact({"m": "m:1"}))
+        await source.refresh(conn)
+        assert source.id == installed
+        thresholds, model = source.for_versions({"m": "m:1"})
+        assert (thresholds.match, thresholds.new) == (0.85, 0.7) and model is not None
+        assert source.for_versions({"m": "m:2"}) == (default, None)
+        p = model.calibrations["body:m"]
+        assert p(0.95) == pytest.approx(1.0) and p(0.05) == pytest.approx(0.0)
+        # a newer fit replaces it without a restart
+        newer = await install(conn, _artifact({"m": "m:1"}, chosen=(0.9, 0.8)))
+        await source.refresh(conn)
+        assert source.id == newer and source.for_versions({"m": "m:1"})[0].match == 0.9
+    finally:
+        await conn.execute("UPDATE calibrations SET active = false")
+        await conn.close()
 
 
 # ---- the labelled folder ----------------------------------------------------------------------
@@ -166,22 +189,30 @@ def test_loo_protocol_on_a_tiny_real_folder(tiny_folder, tmp_path_factory):
     saved = json.loads((out / "r.json").read_text())
     assert {"protocol", "mode", "queries", "top1", "top5", "mAP", "weights_real", "embedding_versions"} <= set(saved)
     assert (out / "report" / "report.md").read_text().startswith("# deer-reid evaluation: loo")
-    for name in ("cmc.png", "scores.png", "operating_curve.png"):
+    for name in ("cmc.png", "scores.png", "calibration.png", "operating_curve.png"):
         assert (out / "report" / name).stat().st_size > 1000
-    artifact = load_artifact(out / "cal.json")
+    artifact = load_file(out / "cal.json")
     assert artifact["embedding_versions"] == result["embedding_versions"]
     assert artifact["thresholds"]["new"] <= artifact["thresholds"]["match"]
+    assert set(artifact["fusion"]["calibrations"]) == {"body:efficientnet_lite0"}
+    assert artifact["fusion"]["aggregation"] in ("best", "mean2")
+    # the ablation and the before/after comparison are reported on the identities the fit never saw
+    assert set(result["ablation"]) == {"body:efficientnet_lite0 alone",
+                                       f"all fused through calibration ({artifact['fusion']['aggregation']})"}
+    held = result["calibration"]["held_out"]
+    assert result["calibration"]["before"]["held_out"]["true_individuals"] == held["report"]["true_individuals"]
+    assert result["ablation_gallery"]["identities"] == held["identities"]
 
     # The open-set run reports only on identities the thresholds were not fitted on.
     from deer_reid.evaluation.run import held_out_of
 
     fitted = set(artifact["fit"]["identity_names"])
     assert fitted and fitted < {s.identity for s in samples}
-    kept, note = held_out_of(samples, out / "cal.json")
+    kept, note = held_out_of(samples, artifact)
     assert {s.identity for s in kept} == {s.identity for s in samples} - fitted
     assert [s.index for s in kept] == list(range(len(kept)))
     assert note["identities_excluded"] == len(fitted) and note["images_excluded"] == len(samples) - len(kept)
-    assert held_out_of(samples, out / "absent.json")[0] == samples
+    assert held_out_of(samples, None)[0] == samples
 
 
 @pytest.mark.parametrize("csv_text, sex_text, message", [

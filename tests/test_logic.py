@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from services.body.extractor import embed_in_batches
-from services.fusion.decision import ASSIGNED, NEW, REVIEW, Candidate, Thresholds, best_per_individual, combine, \
-    decide
-from shared.schemas import BodyFeatures, DetectionEvent, Embedding, MalformedEvent, sex_of
+from services.fusion.components import aggregate
+from services.fusion.decision import ASSIGNED, NEW, REVIEW, Thresholds, decide
+from services.fusion.scoring import Candidate, score_candidates
+from shared.schemas import Features, DetectionEvent, Embedding, MalformedEvent, sex_of
 from shared.states import STATES, TERMINAL, is_terminal, machine_may_move
 
 T = Thresholds(match=0.8, new=0.6)
@@ -74,16 +75,21 @@ def test_thresholds_must_be_ordered():
         Thresholds(match=0.5, new=0.7)
 
 
-def test_best_per_individual_keeps_the_nearest_exemplar():
-    assert best_per_individual([(1, 0.5), (2, 0.7), (1, 0.9), (2, 0.1)]) == {1: 0.9, 2: 0.7}
+def test_identity_score_is_the_best_exemplar_or_the_mean_of_the_best_two():
+    assert aggregate([0.5, 0.9, 0.7], "best") == 0.9
+    assert aggregate([0.5, 0.9, 0.7], "mean2") == pytest.approx(0.8)
+    assert aggregate([0.6], "mean2") == 0.6
+    assert aggregate([], "best") is None
+    with pytest.raises(ValueError):
+        aggregate([0.1], "median")
 
 
-def test_combine_weights_models_and_floors_missing_ones():
-    cands = combine({"a": {1: 0.9, 2: 0.5}, "b": {1: 0.7}}, {"a": 3, "b": 1})
+def test_spec_weighted_mean_weighs_models_and_floors_missing_ones():
+    cands = score_candidates({"body:a": {1: 0.9, 2: 0.5}, "body:b": {1: 0.7}}, None, {"a": 3, "b": 1})
     assert [c.individual_id for c in cands] == [1, 2]
     assert cands[0].score == pytest.approx((3 * 0.9 + 0.7) / 4)
     # individual 2 was not among model b's neighbours: it gets b's floor (0.7 here)
-    assert cands[1].components == {"a": 0.5, "b": 0.7}
+    assert cands[1].components == {"body:a": 0.5, "body:b": 0.7}
 
 
 # ---- schemas -------------------------------------------------------------------------------
@@ -122,11 +128,11 @@ def test_bad_class_and_box_are_malformed():
 def test_embedding_travels_as_compact_float32():
     vec = np.linspace(-1, 1, 1280, dtype=np.float32)
     emb = Embedding.of("m", "m:abc:p", vec, False)
-    features = BodyFeatures(detection_id=uuid.uuid4(), site="s", camera="c", captured_at=datetime.now(timezone.utc),
-                            cls="doe", embeddings=[emb])
+    features = Features(component="body", detection_id=uuid.uuid4(), site="s", camera="c",
+                        captured_at=datetime.now(timezone.utc), cls="doe", embeddings=[emb])
     raw = features.to_bytes()
     assert len(raw) < 4 * 1280 * 1.4 + 600  # base64 float32, not a decimal list
-    back = BodyFeatures.from_bytes(raw).embeddings[0]
+    back = Features.from_bytes(raw).embeddings[0]
     assert np.array_equal(back.array(), vec)
 
 
@@ -181,21 +187,23 @@ def test_out_of_memory_at_batch_one_is_raised():
 # ---- ensembles ---------------------------------------------------------------------------------
 
 def test_ensemble_high_confidence_needs_every_model_above_the_floor():
-    strong = Candidate(1, 0.93, {"a": 0.95, "b": 0.92, "c": 0.91})
+    strong = Candidate(1, 0.93, {"body:a": 0.95, "body:b": 0.92, "body:c": 0.91})
     d = decide([strong], T)
     assert d.state == ASSIGNED and "high-confidence" in d.flags
-    one_weak = Candidate(1, 0.91, {"a": 0.99, "b": 0.95, "c": 0.80})
+    one_weak = Candidate(1, 0.91, {"body:a": 0.99, "body:b": 0.95, "body:c": 0.80})
     d = decide([one_weak], T)
     assert d.state == ASSIGNED and "high-confidence" not in d.flags
 
 
 def test_ensemble_disagreement_in_the_review_band_goes_to_review():
     t = Thresholds(match=0.78, new=0.6)
-    split = Candidate(1, 0.80, {"a": 0.95, "b": 0.72, "c": 0.73})
+    split = Candidate(1, 0.80, {"body:a": 0.95, "body:b": 0.72, "body:c": 0.73})
     d = decide([split], t)
     assert d.state == REVIEW and "model-disagreement" in d.flags
-    agreeing = Candidate(1, 0.80, {"a": 0.82, "b": 0.79, "c": 0.79})
+    agreeing = Candidate(1, 0.80, {"body:a": 0.82, "body:b": 0.79, "body:c": 0.79})
     assert decide([agreeing], t).state == ASSIGNED
+    # with a fitted fusion the calibrated probability already weighs the models' agreement
+    assert decide([split], t, calibrated=True).state == ASSIGNED
 
 
 def test_settings_split_fast_model_and_ensemble():

@@ -4,86 +4,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 
-import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from deer_reid.ingest import upload_all, wait_terminal
-from deer_reid.stack import Stack
 from services.reconciler.ledger import event_from_row
 from shared.broker import producer_for
-from shared.config import Settings
-from shared.embedded import EmbeddedBroker, free_port
+from shared.embedded import EmbeddedBroker
 from shared.schemas import DetectionResult
 from shared.states import TERMINAL
 from shared.topics import DETECTIONS, RESULTS
+from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, ingest_through_fault
 
 pytestmark = pytest.mark.stack
 
-WAIT_S = 300
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0",
-                        body_ensemble="efficientnet_lite0,efficientnet_lite1")
-    # Short reconciler timings so that lost work is found within the test's patience.
-    s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_MAX_ATTEMPTS": "40",
-                                 "DEER_LOG_LEVEL": "INFO"})
-    s.start()
-    stop = threading.Event()
-
-    def supervise():
-        while not stop.is_set():
-            s.supervise_once()
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=supervise, daemon=True)
-    thread.start()
-    yield s
-    stop.set()
-    thread.join()
-    s.stop()
-
-
-@pytest.fixture
-async def db(stack):
-    conn = await asyncpg.connect(stack.dsn)
-    yield conn
-    await conn.close()
-
-
-async def ingest(stack, paths, site, cls="doe"):
-    """Upload paths one per request as the CLI does; returns the detection ids."""
-    fields = {"site": site, "camera": "cam1", "captured_at": "2025-11-01T06:00:00Z", "cls": cls}
-    results = await upload_all(stack.api_url, paths, fields, concurrency=4, progress=False)
-    rejected = [r for r in results if "error" in r]
-    assert not rejected, rejected[:3]
-    return [d["id"] for r in results for d in r["detections"]]
-
-
-async def assert_exactly_once(db, ids: list[str], site: str) -> dict[str, int]:
-    """Every detection terminal and not failed; decided once; individuals' sightings add up."""
-    rows = await db.fetch("SELECT id, state, state_reason FROM detections WHERE id = ANY($1::uuid[])", ids)
-    assert len(rows) == len(ids)
-    states = {}
-    for r in rows:
-        assert r["state"] in TERMINAL
-        assert r["state"] != "failed", r["state_reason"]
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    per_detection = await db.fetch(
-        "SELECT detection_id, count(*) AS n FROM embeddings WHERE detection_id = ANY($1::uuid[]) GROUP BY 1", ids)
-    assert len(per_detection) == len(ids) and all(r["n"] == 1 for r in per_detection)
-    sightings = await db.fetchval("SELECT coalesce(sum(sightings), 0) FROM individuals WHERE site = $1", site)
-    placed = await db.fetchval(
-        "SELECT count(*) FROM detections WHERE site = $1 AND state IN ('assigned', 'new')", site)
-    assert sightings == placed
-    founded = await db.fetchval("SELECT count(*) FROM individuals WHERE site = $1", site)
-    assert founded == states.get("new", 0)
-    return states
 
 
 async def test_upload_to_identity_end_to_end(stack, db, nyala_paths, nyala_rows):
@@ -164,35 +100,6 @@ async def test_enhanced_mode_is_switched_on_at_run_time(stack, db, nyala_paths):
 
 
 FAULT_BATCH = 60
-
-
-async def fault_when_started(db, site: str, fault) -> int:
-    """Inject `fault` once the site's first detection is decided; returns how many were terminal then."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = await db.fetchval(
-            "SELECT count(*) FROM detections WHERE site = $1 AND state IN ('assigned', 'new', 'review', 'failed')",
-            site)
-        if done:
-            fault()
-            return done
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"nothing of {site} was processed within 120 s")
-
-
-async def ingest_through_fault(stack, db, paths, site: str, fault, recover=None, wait_s: float = WAIT_S) -> dict:
-    """Ingest `paths` with `fault` injected mid-way (and `recover` after it); asserts nothing is lost."""
-    upload = asyncio.create_task(ingest(stack, paths, site))
-    done_at_fault = await fault_when_started(db, site, fault)
-    if recover is not None:
-        await recover()
-    ids = await upload
-    assert done_at_fault < len(paths), "the fault came after the ingest, not in the middle of it"
-    states = await wait_terminal(stack.api_url, ids, timeout=wait_s, progress=False)
-    assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == len(paths)
-    counts = await assert_exactly_once(db, ids, site)
-    print(f"\nFAULT {site}: submitted {len(ids)}, decided before the fault {done_at_fault}, lost 0, states {counts}")
-    return counts
 
 
 @pytest.mark.parametrize("service", ["body", "fusion", "reconciler", "api"])

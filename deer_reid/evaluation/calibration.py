@@ -1,55 +1,76 @@
-"""From labelled data to thresholds: sequential simulation, the operating curve, isotonic calibration.
+"""From labelled data to the fitted fusion: per-component calibration, combination weights, thresholds.
 
-The simulation runs fusion's own decision code (best exemplar per individual,
-`combine`, `decide`, the exemplar cap and sex compatibility) over an in-memory
-gallery, one image at a time, exactly as the service sees a stream of uploads.
-Thresholds are fitted on one part of the identities and reported on the other.
+Everything here reuses fusion's own pure code (the components' identity-level aggregation,
+`score_candidates`, `decide`, exemplar choice, sex compatibility), so the simulation decides as the
+service does:
+- `component_pairs`: for each image of the fitting part and each identity, that component's
+  identity-level raw score (never counting the image's own encounter: the scene, not the animal);
+- `fit_fusion`: an isotonic calibration per component on those pairs, then a logistic regression on
+  the calibrated log-odds (the combination weights);
+- `simulate` + `operating_curve` + `choose`: a sequential open-set ingestion over an in-memory
+  gallery, for a grid of thresholds; the best B-cubed F1 within the false-merge target is chosen.
+Fitted on one part of the identities, reported on the other.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from deer_reid.evaluation.metrics import clustering_report
-from services.fusion.calibration import ARTIFACT_KIND
-from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Thresholds, best_per_individual, combine, \
-    decide
+from services.fusion import exemplars as exemplar_choice
+from services.fusion.calibration import ARTIFACT_KIND, ARTIFACT_VERSION
+from services.fusion.components import aggregate
+from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Thresholds, decide
+from services.fusion.scoring import FusionModel, logit, score_candidates
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
-def simulate(per_model: dict[str, np.ndarray], order: Sequence[int], sexes: Sequence[str], thresholds: Thresholds,
-             *, exemplars_per_individual: int = 8, k: int = 50,
-             weights: dict[str, float] | None = None) -> list[int | None]:
-    """Sequential ingestion: the individual each image is placed in (None: sent to review)."""
+def simulate(per_component: Mapping[str, np.ndarray], order: Sequence[int], sexes: Sequence[str],
+             thresholds: Thresholds, *, model: FusionModel | None = None, spec_weights: Mapping[str, float] | None = None,
+             aggregation: str = "best", exemplars_per_individual: int = 8, k: int = 50,
+             exemplar_vectors: np.ndarray | None = None) -> list[int | None]:
+    """Sequential ingestion: the individual each image is placed in (None: sent to review).
+
+    `per_component[name]` is that component's (N, N) raw similarity (NaN: no evidence). With
+    `exemplar_vectors`, exemplars are re-chosen by fusion's rule after every placement (else the
+    first ones are kept, as a capped gallery).
+    """
+    how = model.aggregation if model else aggregation
+    arrival = {index: _EPOCH + timedelta(seconds=n) for n, index in enumerate(order)}  # newest = latest arrival
     placed: list[int | None] = [None] * len(sexes)
-    ex_index: list[int] = []
-    ex_owner: list[int] = []
+    members: dict[int, list[int]] = {}
+    exemplars: dict[int, list[int]] = {}
     owner_sex: dict[int, str] = {}
-    ex_count: dict[int, int] = {}
     next_id = 0
-    for i in order:
+    for step, i in enumerate(order):
         sex = sexes[i]
-        per_model_best = {}
-        if ex_index:
-            idx = np.asarray(ex_index)
-            owners = np.asarray(ex_owner)
-            allowed = np.array([owner_sex[o] in COMPATIBLE_SEXES[sex] for o in ex_owner])
-            for name, sim in per_model.items():
-                sims = sim[i, idx][allowed]
-                own = owners[allowed]
-                top = np.argsort(-sims, kind="stable")[:k]
-                per_model_best[name] = best_per_individual(zip(own[top].tolist(), sims[top].tolist()))
-            per_model_best = {m: b for m, b in per_model_best.items() if b}
-        decision = decide(combine(per_model_best, weights), thresholds)
+        allowed = [ind for ind, s in owner_sex.items() if s in COMPATIBLE_SEXES[sex]]
+        scored: dict[str, dict[int, float]] = {}
+        if allowed:
+            ex_idx = np.asarray([e for ind in allowed for e in exemplars[ind]])
+            ex_own = np.asarray([ind for ind in allowed for _ in exemplars[ind]])
+            for name, sim in per_component.items():
+                sims = sim[i, ex_idx]
+                ok = ~np.isnan(sims)
+                top = np.argsort(-np.where(ok, sims, -np.inf), kind="stable")[:k]
+                top = top[ok[top]]
+                by_ind: dict[int, list[float]] = {}
+                for own, s in zip(ex_own[top].tolist(), sims[top].tolist()):
+                    by_ind.setdefault(own, []).append(s)
+                if by_ind:
+                    scored[name] = {ind: aggregate(v, how) for ind, v in by_ind.items()}
+        decision = decide(score_candidates(scored, model, spec_weights), thresholds, calibrated=model is not None)
         if decision.state == NEW:
             ind = next_id
             next_id += 1
             owner_sex[ind] = sex
-            ex_count[ind] = 0
+            members[ind], exemplars[ind] = [], []
         elif decision.state == ASSIGNED:
             ind = decision.individual_id
             if owner_sex[ind] == "unknown":
@@ -57,10 +78,13 @@ def simulate(per_model: dict[str, np.ndarray], order: Sequence[int], sexes: Sequ
         else:
             continue
         placed[i] = ind
-        if ex_count[ind] < exemplars_per_individual:
-            ex_index.append(i)
-            ex_owner.append(ind)
-            ex_count[ind] += 1
+        members[ind].append(i)
+        if exemplar_vectors is None:
+            if len(exemplars[ind]) < exemplars_per_individual:
+                exemplars[ind].append(i)
+        else:
+            items = [exemplar_choice.ExemplarCandidate(m, exemplar_vectors[m], arrival[m]) for m in members[ind]]
+            exemplars[ind] = list(exemplar_choice.choose(items, exemplars_per_individual))
     return placed
 
 
@@ -71,19 +95,26 @@ class OperatingPoint:
     report: dict
 
 
-def operating_curve(per_model: dict[str, np.ndarray], indices: Sequence[int], identities: Sequence[str],
-                    sexes: Sequence[str], seed: int, match_grid: Sequence[float] | None = None,
-                    new_gaps: Sequence[float] = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3),
-                    weights: dict[str, float] | None = None) -> list[OperatingPoint]:
+def threshold_grid(scores: np.ndarray, size: int = 30) -> list[float]:
+    """Match thresholds spread over the upper half of the pair scores (works on any scale: raw or P)."""
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        return [0.5]
+    qs = np.quantile(finite, np.linspace(0.5, 0.9995, size))
+    return sorted({round(float(q), 4) for q in qs})
+
+
+def operating_curve(per_component: Mapping[str, np.ndarray], indices: Sequence[int], identities: Sequence[str],
+                    sexes: Sequence[str], seed: int, match_grid: Sequence[float],
+                    new_gaps: Sequence[float] = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3), **kw) -> list[OperatingPoint]:
     """Simulated open-set outcomes of the images `indices` for a grid of (match, new) thresholds."""
     rng = np.random.default_rng(seed)
     order = [int(i) for i in rng.permutation(np.asarray(indices))]
-    grid = match_grid if match_grid is not None else np.round(np.arange(0.30, 0.985, 0.02), 3)
     points = []
-    for match in grid:
+    for match in match_grid:
         for gap in new_gaps:
-            new = round(float(match) - gap, 3)
-            placed = simulate(per_model, order, sexes, Thresholds(match=float(match), new=new), weights=weights)
+            new = round(float(match) - gap, 4)
+            placed = simulate(per_component, order, sexes, Thresholds(match=float(match), new=new), **kw)
             report = clustering_report([placed[i] for i in order], [identities[i] for i in order])
             points.append(OperatingPoint(float(match), new, report))
     return points
@@ -106,30 +137,98 @@ def choose(points: list[OperatingPoint], target_false_merge: float) -> tuple[Ope
     return min(points, key=lambda p: (merge_risk(p.report), -p.report["bcubed_f1"])), False
 
 
-def identity_pairs(sim: np.ndarray, indices: Sequence[int], identities: Sequence[str],
-                   encounters: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(score, same) for each image against each other identity of the part: its best-image similarity,
-    never counting the image's own encounter (the scene, not the animal)."""
+def component_pairs(sim: np.ndarray, indices: Sequence[int], identities: Sequence[str], encounters: Sequence[str],
+                    aggregation: str = "best") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query index, score, same) for each image of `indices` against each identity of the part, scored by
+    fusion's identity-level aggregation over that identity's images outside the query's encounter.
+    NaN where the component had no evidence."""
     idx = np.asarray(indices)
     ids = np.asarray(identities)[idx]
     enc = np.asarray(encounters)[idx]
-    scores, same = [], []
+    uniq = np.unique(ids)
+    queries, scores, same = [], [], []
     for row, i in enumerate(idx):
-        s = sim[i, idx].copy()
-        s[enc == enc[row]] = -np.inf
-        for ident in np.unique(ids):
-            best = s[ids == ident].max()
-            if np.isfinite(best):
-                scores.append(best)
-                same.append(ident == ids[row])
-    return np.asarray(scores, dtype=np.float64), np.asarray(same, dtype=bool)
+        s = sim[i, idx].astype(np.float64)
+        usable = (enc != enc[row]) & ~np.isnan(s)
+        for ident in uniq:
+            mask = usable & (ids == ident)
+            if not mask.any():
+                continue
+            value = aggregate(s[mask].tolist(), aggregation)
+            queries.append(i)
+            scores.append(np.nan if value is None else value)
+            same.append(ident == ids[row])
+    return np.asarray(queries), np.asarray(scores, dtype=np.float64), np.asarray(same, dtype=bool)
 
 
 def fit_isotonic(scores: np.ndarray, same: np.ndarray) -> dict:
     from sklearn.isotonic import IsotonicRegression
 
-    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True).fit(scores, same)
-    return {"x": [round(float(v), 6) for v in iso.X_thresholds_], "y": [round(float(v), 6) for v in iso.y_thresholds_]}
+    ok = np.isfinite(scores)
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True).fit(scores[ok], same[ok])
+    return {"x": [round(float(v), 6) for v in iso.X_thresholds_], "y": [round(float(v), 6) for v in iso.y_thresholds_],
+            "prior": round(float(same[ok].mean()), 6) if ok.any() else 0.0}
+
+
+def fit_fusion(per_component: Mapping[str, np.ndarray], indices: Sequence[int], identities: Sequence[str],
+               encounters: Sequence[str], aggregation: str = "best") -> dict:
+    """Per-component isotonic calibrations and logistic-regression weights on their log-odds.
+
+    Returns the artifact's `fusion` section. A single component gets weight 1 and intercept 0 (its
+    calibration alone is the probability).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    names = list(per_component)
+    pairs = {n: component_pairs(per_component[n], indices, identities, encounters, aggregation) for n in names}
+    calibrations = {n: fit_isotonic(pairs[n][1], pairs[n][2]) for n in names}
+    base_q, _, base_same = pairs[names[0]]
+    if len(names) == 1:
+        weights, intercept = {names[0]: 1.0}, 0.0
+    else:
+        # the pairs line up across components: same queries, same identities, same order
+        for n in names[1:]:
+            if not np.array_equal(pairs[n][0], base_q) or not np.array_equal(pairs[n][2], base_same):
+                raise ValueError(f"component {n} was evaluated on other pairs than {names[0]}")
+        models = {n: FusionModel("fit", {n: _calibration(calibrations[n])}, {n: 1.0}, 0.0) for n in names}
+        x = np.column_stack([
+            [logit(models[n].calibrations[n](v)) if np.isfinite(v) else logit(calibrations[n]["prior"])
+             for v in pairs[n][1]] for n in names])
+        lr = LogisticRegression(C=1.0, max_iter=1000).fit(x, base_same)
+        weights = {n: round(float(w), 6) for n, w in zip(names, lr.coef_[0])}
+        intercept = round(float(lr.intercept_[0]), 6)
+    return {"calibrations": calibrations, "weights": weights, "intercept": intercept, "aggregation": aggregation,
+            "pairs": int(base_same.size), "same_pairs": int(base_same.sum())}
+
+
+def _calibration(c: dict):
+    from services.fusion.scoring import ComponentCalibration
+
+    return ComponentCalibration(tuple(c["x"]), tuple(c["y"]), float(c["prior"]))
+
+
+def fused_similarity(per_component: Mapping[str, np.ndarray], model: FusionModel | None,
+                     spec_weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """The (N, N) image-to-image score fusion gives, for retrieval metrics (same code as the service)."""
+    names = list(per_component)
+    n = next(iter(per_component.values())).shape[0]
+    out = np.zeros((n, n), dtype=np.float64)
+    if model is None:
+        from services.fusion.scoring import default_weight
+
+        w = np.asarray([default_weight(c, spec_weights or {}) for c in names])
+        stack = np.stack([per_component[c] for c in names])
+        present = ~np.isnan(stack)
+        out = np.nansum(stack * w[:, None, None], axis=0) / np.maximum((present * w[:, None, None]).sum(0), 1e-12)
+        return out
+    z = np.full((n, n), model.intercept)
+    for c in names:
+        cal = model.calibrations[c]
+        p = np.interp(np.nan_to_num(per_component[c], nan=-np.inf), cal.x, cal.y)
+        p = np.where(np.isnan(per_component[c]), cal.prior, p)
+        p = np.clip(p, 1e-3, 1 - 1e-3)
+        z += model.weights.get(c, 0.0) * np.log(p / (1 - p))
+    return 1 / (1 + np.exp(-z))
 
 
 def split_identities(identities: Sequence[str], seed: int, fit_share: float = 0.5) -> tuple[set, set]:
@@ -140,14 +239,14 @@ def split_identities(identities: Sequence[str], seed: int, fit_share: float = 0.
     return set(perm[:cut]), set(perm[cut:])
 
 
-def write_artifact(path: Path, *, versions: dict[str, str], weights: dict[str, float], chosen: OperatingPoint,
-                   met_target: bool, target: float, isotonic: dict, fit: dict, held_out: dict) -> dict:
+def write_artifact(path: Path, *, versions: dict[str, str], fusion: dict, chosen: OperatingPoint, met_target: bool,
+                   target: float, fit: dict, held_out: dict) -> dict:
     artifact = {
-        "kind": ARTIFACT_KIND, "version": 1, "created_at": datetime.now(timezone.utc).isoformat(),
-        "embedding_versions": versions, "weights": weights,
+        "kind": ARTIFACT_KIND, "version": ARTIFACT_VERSION, "created_at": datetime.now(timezone.utc).isoformat(),
+        "embedding_versions": versions, "fusion": fusion,
         "thresholds": {"match": chosen.match, "new": chosen.new},
         "target_false_merge_rate": target, "target_met_on_fit": met_target,
-        "isotonic": isotonic, "fit": fit, "held_out": held_out,
+        "fit": fit, "held_out": held_out,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -11,14 +11,18 @@ from tqdm import tqdm
 
 from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import Sample, load_dataset
-from deer_reid.evaluation.features import embed_samples, similarity
+from deer_reid.evaluation.calibration import fused_similarity
+from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.metrics import clustering_report, retrieval
-from deer_reid.evaluation.report import plot_cmc, plot_operating_curve, plot_scores, write_report
+from deer_reid.evaluation.report import plot_calibrations, plot_cmc, plot_operating_curve, plot_scores, write_report
+from services.fusion.components import AGGREGATIONS, body_component, body_similarity_matrix
+from services.fusion.scoring import FusionModel
 from shared.config import Settings
 from shared.schemas import sex_of
 
-TEMPORAL_OFF = ("Temporal priors were off for this run: the data has no capture times or places, and "
-                "invented times would measure nothing. (The fusion service has no temporal scoring yet either.)")
+TEMPORAL_OFF = ("Temporal priors were switched off for this run: the data has no capture times or places, and "
+                "the fallback time every upload needs would be an invented habit. Their effect on accuracy cannot "
+                "be measured on such data.")
 
 
 def select(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
@@ -50,17 +54,35 @@ def _base(protocol: str, mode: str, data: Path, samples: list[Sample], seed: int
             "true_individuals": len({s.identity for s in samples}), "seed": seed}
 
 
+def _subset(matrix: np.ndarray, idx: list[int]) -> np.ndarray:
+    return matrix[np.ix_(idx, idx)]
+
+
+def _rows(result: dict) -> dict:
+    return {m: result[m] for m in ("queries", "top1", "top5", "mAP")}
+
+
 def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, report_dir: Path | None,
             json_path: Path | None, target_false_merge: float, calibration_out: Path | None,
             settings: Settings, allow_random: bool = False, progress: bool = True) -> dict:
+    """Closed-set retrieval, the ablation, and the fitted fusion (written as the calibration artifact).
+
+    Identities are split in two (seeded): the fusion (per-component calibrations, weights, the
+    identity-level aggregation, thresholds) is fitted on one half; every figure that depends on the
+    fit (fused retrieval, the ablation, the open-set outcome) is reported on the other half only.
+    """
     samples = select(load_dataset(data), limit, seed)
     names = _model_names(mode, body_model, settings)
     embeddings, models = embed_samples(samples, names, settings, allow_random=allow_random, progress=progress)
     ids = [s.identity for s in samples]
     enc = [s.encounter for s in samples]
     sexes = [sex_of(s.cls) for s in samples]
-    weights = {n: settings.weights().get(n, 1.0) for n in names}  # as fusion weighs them
-    sim = similarity(embeddings, weights)
+    views = [s.viewpoint for s in samples] if all(s.viewpoint for s in samples) else None
+    spec_weights = settings.weights()
+    # The components, built by fusion's own functions: one per body network.
+    per_component = {body_component(n): body_similarity_matrix(embeddings[n]) for n in names}
+    exemplar_vectors = embeddings[names[0]]
+    unfitted = fused_similarity(per_component, None, spec_weights)
     result = _base("loo", mode, data, samples, seed)
     result.update({
         "body_models": names,
@@ -68,54 +90,100 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         "weights_real": not any(m.random_weights for m in models),
         "precision": {m.spec.name: m.precision for m in models},
     })
-    main = retrieval(sim, ids, enc)
-    result.update({k: main[k] for k in ("queries", "top1", "top5", "mAP")})
+    main = retrieval(unfitted, ids, enc)
+    result.update(_rows(main))
     result["cmc"] = main["cmc"]
-    if all(s.viewpoint for s in samples):
-        vp = retrieval(sim, ids, enc, [s.viewpoint for s in samples])
-        result["same_viewpoint"] = {k: vp[k] for k in ("queries", "top1", "top5", "mAP")}
-    per_model = {n: embeddings[n] @ embeddings[n].T for n in names}
-    ablation = {f"body ({n})": retrieval(per_model[n], ids, enc) for n in names}
-    if len(names) > 1:
-        ablation[f"body (ensemble {'+'.join(names)})"] = main
-    result["ablation"] = {k: {m: v[m] for m in ("queries", "top1", "top5", "mAP")} for k, v in ablation.items()}
+    if views:
+        result["same_viewpoint"] = _rows(retrieval(unfitted, ids, enc, views))
 
-    # Thresholds: fit on one half of the identities, report on the other.
     fit_ids, held_ids = cal.split_identities(ids, seed)
     fit_idx = [i for i, s in enumerate(samples) if s.identity in fit_ids]
     held_idx = [i for i, s in enumerate(samples) if s.identity in held_ids]
-    started = time.monotonic()
-    points = cal.operating_curve(per_model, fit_idx, ids, sexes, seed, weights=weights)
-    chosen, met = cal.choose(points, target_false_merge)
     held_order = [int(i) for i in np.random.default_rng(seed + 1).permutation(np.asarray(held_idx))]
-    placed = cal.simulate(per_model, held_order, sexes, cal.Thresholds(match=chosen.match, new=chosen.new),
-                          weights=weights)
-    held_report = clustering_report([placed[i] for i in held_order], [ids[i] for i in held_order])
-    scores, same = cal.identity_pairs(sim, fit_idx, ids, enc)
-    isotonic = cal.fit_isotonic(scores, same)
+    started = time.monotonic()
+
+    def held_out(model, thresholds, aggregation):
+        placed = cal.simulate(per_component, held_order, sexes, thresholds, model=model, spec_weights=spec_weights,
+                              aggregation=aggregation, exemplar_vectors=exemplar_vectors)
+        return clustering_report([placed[i] for i in held_order], [ids[i] for i in held_order])
+
+    def fit_thresholds(model, aggregation, scores):
+        points = cal.operating_curve(per_component, fit_idx, ids, sexes, seed, cal.threshold_grid(scores),
+                                     model=model, spec_weights=spec_weights, aggregation=aggregation,
+                                     exemplar_vectors=exemplar_vectors)
+        return points, *cal.choose(points, target_false_merge)
+
+    fit_pairs = _subset(unfitted, fit_idx)[~np.eye(len(fit_idx), dtype=bool)]
+    # Before: the SPEC's weighted mean of raw cosines, thresholds fitted the same way.
+    _, before, before_met = fit_thresholds(None, settings.identity_aggregation, fit_pairs)
+    before_held = held_out(None, cal.Thresholds(match=before.match, new=before.new), settings.identity_aggregation)
+    # After: calibrated per component and fused by fitted weights; the aggregation is chosen on the fit half.
+    fits = {}
+    for how in AGGREGATIONS:
+        fusion = cal.fit_fusion(per_component, fit_idx, ids, enc, how)
+        model = FusionModel.from_artifact({"fusion": fusion, "version_id": f"eval-{how}"})
+        fused = cal.fused_similarity(per_component, model)
+        points, chosen, met = fit_thresholds(model, how, _subset(fused, fit_idx)[~np.eye(len(fit_idx), dtype=bool)])
+        fits[how] = {"fusion": fusion, "model": model, "fused": fused, "points": points, "chosen": chosen,
+                     "met": met,
+                     "held": held_out(model, cal.Thresholds(match=chosen.match, new=chosen.new), how)}
+    how = max(AGGREGATIONS, key=lambda a: (fits[a]["met"], fits[a]["chosen"].report["bcubed_f1"]))
+    best = fits[how]
+    chosen, met, model, fused = best["chosen"], best["met"], best["model"], best["fused"]
+
+    # Ablation, on the held-out identities only (the fit saw the others): each component alone, the
+    # SPEC's weighted mean, and the fitted fusion.
+    hid, hids, henc = held_idx, [ids[i] for i in held_idx], [enc[i] for i in held_idx]
+    hviews = [views[i] for i in held_idx] if views else None
+    ablation = {f"{c} alone": retrieval(_subset(m, hid), hids, henc) for c, m in per_component.items()}
+    if len(names) > 1:
+        ablation["body ensemble, SPEC weighted mean (uncalibrated)"] = retrieval(_subset(unfitted, hid), hids, henc)
+    ablation[f"all fused through calibration ({how})"] = retrieval(_subset(fused, hid), hids, henc)
+    result["ablation_gallery"] = {"identities": len(held_ids), "images": len(held_idx)}
+    result["ablation"] = {k: _rows(v) for k, v in ablation.items()}
+    if hviews:
+        result["ablation_same_viewpoint"] = {
+            k: _rows(retrieval(_subset(m, hid), hids, henc, hviews))
+            for k, m in [*((f"{c} alone", m) for c, m in per_component.items()),
+                         (f"all fused through calibration ({how})", fused)]}
+
     fit = {"identities": len(fit_ids), "images": len(fit_idx), "report": chosen.report}
-    held = {"identities": len(held_ids), "images": len(held_idx), "report": held_report}
+    held = {"identities": len(held_ids), "images": len(held_idx), "report": best["held"]}
     artifact_path = calibration_out or settings.calibration_path
-    cal.write_artifact(artifact_path, versions=result["embedding_versions"], weights=weights,
-                       chosen=chosen, met_target=met, target=target_false_merge, isotonic=isotonic,
-                       fit={**{k: v for k, v in fit.items() if k != "report"},
-                            "identity_names": sorted(fit_ids)},
-                       held_out={"images": len(held_idx), **held_report})
-    result["calibration"] = {"thresholds": {"match": chosen.match, "new": chosen.new},
-                             "target_false_merge_rate": target_false_merge, "target_met_on_fit": met,
-                             "fit": fit, "held_out": held, "artifact": str(artifact_path),
-                             "seconds": round(time.monotonic() - started, 1)}
+    fusion = {k: v for k, v in best["fusion"].items()}
+    artifact = cal.write_artifact(
+        artifact_path, versions=result["embedding_versions"], fusion=fusion, chosen=chosen, met_target=met,
+        target=target_false_merge, fit={"identities": len(fit_ids), "images": len(fit_idx),
+                                        "identity_names": sorted(fit_ids)},
+        held_out={"images": len(held_idx), **best["held"]})
+    result["calibration"] = {
+        "thresholds": {"match": chosen.match, "new": chosen.new}, "aggregation": how,
+        "target_false_merge_rate": target_false_merge, "target_met_on_fit": met,
+        "fusion_weights": fusion["weights"], "fusion_intercept": fusion["intercept"],
+        "fit": fit, "held_out": held, "artifact": str(artifact_path),
+        "by_aggregation": {a: {"thresholds": {"match": f["chosen"].match, "new": f["chosen"].new},
+                               "fit_f1": f["chosen"].report["bcubed_f1"], "held_out": f["held"]}
+                           for a, f in fits.items()},
+        "before": {"fusion": "SPEC weighted mean of raw cosines", "thresholds": {"match": before.match,
+                                                                                  "new": before.new},
+                   "target_met_on_fit": before_met, "held_out": before_held},
+        "seconds": round(time.monotonic() - started, 1)}
+    result["_artifact"] = artifact
     if report_dir:
         report_dir.mkdir(parents=True, exist_ok=True)
         curves = {k: v["cmc"] for k, v in ablation.items()}
+        first = names[0]
+        _, scores, same = cal.component_pairs(per_component[body_component(first)], fit_idx, ids, enc, how)
         result["plots"] = {
             "cmc": str(plot_cmc(curves, report_dir / "cmc.png")),
-            "scores": str(plot_scores(scores, same, {"match": chosen.match, "new": chosen.new},
-                                      report_dir / "scores.png")),
-            "operating_curve": str(plot_operating_curve(points, chosen, target_false_merge,
+            "scores": str(plot_scores(scores, same, {}, report_dir / "scores.png")),
+            "calibration": str(plot_calibrations(
+                {c: cal.component_pairs(per_component[c], fit_idx, ids, enc, how)[1:] for c in per_component},
+                fusion["calibrations"], report_dir / "calibration.png")),
+            "operating_curve": str(plot_operating_curve(best["points"], chosen, target_false_merge,
                                                         report_dir / "operating_curve.png")),
         }
-    write_report(result, report_dir, json_path)
+    write_report({k: v for k, v in result.items() if k != "_artifact"}, report_dir, json_path)
     return result
 
 
@@ -149,35 +217,64 @@ async def _open_set(api_url: str, samples: list[Sample], order: list[int], site:
     return out
 
 
-def held_out_of(samples: list[Sample], calibration: Path | None) -> tuple[list[Sample], dict]:
-    """The samples whose identities the calibration artifact was not fitted on (all without an artifact).
+def held_out_of(samples: list[Sample], artifact: dict | None) -> tuple[list[Sample], dict]:
+    """The samples whose identities the active calibration was not fitted on (all without one).
 
     The running fusion service decides with the artifact's thresholds, so scoring it on the
     images those thresholds were chosen on would report the fit, not the system.
     """
-    from services.fusion.calibration import load_artifact
-
-    artifact = load_artifact(calibration) if calibration else None
     fitted = set((artifact or {}).get("fit", {}).get("identity_names", []))
     if not fitted:
-        return samples, {"calibration_artifact": str(calibration) if artifact else None, "identities_excluded": 0}
+        return samples, {"calibration": "none installed" if artifact is None else "no fitted identities",
+                         "identities_excluded": 0}
     kept = [s for s in samples if s.identity not in fitted]
     if not kept:
-        raise ValueError(f"every identity of the data was used to fit {calibration}: nothing is left to report on")
+        raise ValueError("every identity of the data was used to fit the active calibration: nothing is left "
+                         "to report on")
     return [Sample(**{**s.__dict__, "index": n}) for n, s in enumerate(kept)], {
-        "calibration_artifact": str(calibration), "identities_excluded": len({s.identity for s in samples} & fitted),
-        "images_excluded": len(samples) - len(kept)}
+        "identities_excluded": len({s.identity for s in samples} & fitted), "images_excluded": len(samples) - len(kept)}
+
+
+def _stack_calibration(api_url: str) -> dict | None:
+    import httpx
+
+    resp = httpx.get(f"{api_url}/v1/calibration", timeout=30)
+    if resp.status_code == 404:
+        return None
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _switch(api_url: str, **switches) -> dict:
+    """Set run-time switches of the running stack; returns the configuration it had before."""
+    import httpx
+
+    before = httpx.get(f"{api_url}/v1/config", timeout=30).json()
+    resp = httpx.put(f"{api_url}/v1/config", json=switches, headers={"x-user": "deer-reid eval"}, timeout=30)
+    resp.raise_for_status()
+    return {k: before[k] for k in switches}
 
 
 def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, api_url: str,
-                 report_dir: Path | None, json_path: Path | None, progress: bool = True,
-                 calibration: Path | None = None) -> dict:
-    samples, held_out = held_out_of(select(load_dataset(data), limit, seed), calibration)
+                 report_dir: Path | None, json_path: Path | None, progress: bool = True) -> dict:
+    """Upload the images one by one to the running stack (in `mode`, switched for the run and restored
+    after) and score the individuals it built. Each run uses its own site in its own property, so
+    earlier runs' individuals are never candidates."""
+    import httpx
+
+    installed = _stack_calibration(api_url)
+    samples, held_out = held_out_of(select(load_dataset(data), limit, seed), (installed or {}).get("artifact"))
+    held_out["calibration_id"] = (installed or {}).get("id")
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(samples))]
     site = f"eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-s{seed}"
+    httpx.put(f"{api_url}/v1/sites/{site}", json={"property": site}, timeout=30).raise_for_status()
     has_time = all(s.captured_at for s in samples)
+    before = _switch(api_url, mode=mode, temporal=has_time)
     started = time.monotonic()
-    dets = asyncio.run(_open_set(api_url, samples, order, site, "2025-11-01T06:00:00Z", progress))
+    try:
+        dets = asyncio.run(_open_set(api_url, samples, order, site, "2025-11-01T06:00:00Z", progress))
+    finally:
+        _switch(api_url, **before)
     wall = time.monotonic() - started
     placed = [d.get("individual_id") if d.get("state") in ("assigned", "new") else None for d in dets]
     ids = [s.identity for s in samples]
@@ -191,8 +288,11 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
         "failed": sum(1 for d in dets if d.get("state") == "failed"),
         "states": {s: sum(1 for d in dets if d.get("state") == s) for s in {d.get("state") for d in dets}},
         "thresholds": next((r["thresholds"] for r in results if r.get("thresholds")), None),
-        "temporal": "off",
-        "temporal_note": TEMPORAL_OFF if not has_time else "Temporal priors are not implemented yet: off.",
+        "fusion": next((r["fusion"] for r in results if r.get("fusion")), None),
+        "modes_seen": sorted({r.get("mode") for r in results if r}),
+        "degraded": sum(1 for r in results if "degraded" in (r.get("flags") or [])),
+        "temporal": "on" if has_time else "off",
+        "temporal_note": TEMPORAL_OFF if not has_time else "Temporal priors on, from the data's capture times.",
         "wall_s": round(wall, 1), "detections_per_s": round(len(samples) / wall, 2),
     })
     if body_model and set(n.strip() for n in body_model.split(",")) != set(versions):

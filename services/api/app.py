@@ -12,7 +12,7 @@ import os
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from uuid import UUID
 
 import asyncpg
@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from services.api.uploads import PlannedImage, UploadRejected, parse_detections, parse_time, plan_image, \
     safe_file_name
+from shared import sites
 from shared.config import Settings, get_settings
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
@@ -56,11 +57,18 @@ async def read_limited(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
+async def property_of(conn: asyncpg.Connection, site: str) -> str:
+    """The property a site belongs to; a site seen for the first time joins the default property."""
+    await conn.execute("INSERT INTO sites (name, property) VALUES ($1, 'default') ON CONFLICT DO NOTHING", site)
+    return await conn.fetchval("SELECT property FROM sites WHERE name = $1", site)
+
+
 async def persist(pool: asyncpg.Pool, images: list[PlannedImage]) -> list[dict]:
     """Insert images, detections and outbox rows in one transaction; a known image is a no-op."""
     out = []
     async with pool.acquire() as conn, conn.transaction():
         for im in images:
+            prop = await property_of(conn, im.site)
             inserted = await conn.fetchval(
                 """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
                                        captured_at, time_source)
@@ -71,10 +79,10 @@ async def persist(pool: asyncpg.Pool, images: list[PlannedImage]) -> list[dict]:
             if inserted:
                 await conn.executemany(
                     """INSERT INTO detections (id, image_sha256, ordinal, box, cls, detector_confidence, site,
-                                               camera, captured_at, crop)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                                               camera, captured_at, crop, property)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
                     [(d.id, im.sha256, d.ordinal, list(d.box), d.cls, d.confidence, im.site, im.camera,
-                      im.captured_at, d.crop) for d in im.detections])
+                      im.captured_at, d.crop, prop) for d in im.detections])
                 await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])",
                                    [d.id for d in im.detections])
                 await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")  # delivered at commit: wakes the relay
@@ -151,23 +159,86 @@ async def detection(detection_id: UUID, pool: Pool):
 
 @router.get("/v1/config")
 async def get_config(pool: Pool):
-    """The run-time switches (mode: fast | enhanced) applied to every detection published from now on."""
+    """The run-time switches (mode, ensemble, temporal, coat, pose, antler) applied to every detection
+    published from now on."""
     row = await pool.fetchrow("SELECT value, updated_at, updated_by FROM runtime_config WHERE key = 'pipeline'")
     return {**PipelineConfig(**row["value"]).model_dump(), "updated_at": row["updated_at"],
             "updated_by": row["updated_by"]}
 
 
+class PipelineUpdate(BaseModel):
+    """A change of some switches; the ones left out keep their values."""
+
+    model_config = {"extra": "forbid"}
+    # Not nullable: a field is either left out (unchanged) or given a value; null is refused.
+    mode: Literal["fast", "enhanced"] = Field(None, validate_default=False)
+    ensemble: bool = Field(None, validate_default=False)
+    temporal: bool = Field(None, validate_default=False)
+    coat: bool = Field(None, validate_default=False)
+    pose: bool = Field(None, validate_default=False)
+    antler: bool = Field(None, validate_default=False)
+
+
 @router.put("/v1/config")
-async def put_config(config: PipelineConfig, pool: Pool, request: Request):
-    """Change the switches; no service restarts. Every change is kept in runtime_config_history."""
+async def put_config(update: PipelineUpdate, pool: Pool, request: Request):
+    """Change switches (a partial update); no service restarts. Every change is kept in
+    runtime_config_history. Detections already published keep the switches they were published with."""
     who = request.headers.get("x-user", "api")[:100]
     async with pool.acquire() as conn, conn.transaction():
+        current = await conn.fetchval("SELECT value FROM runtime_config WHERE key = 'pipeline' FOR UPDATE")
+        config = PipelineConfig(**{**(current or {}), **update.model_dump(exclude_unset=True)}).model_dump()
         await conn.execute(
             "UPDATE runtime_config SET value = $1, updated_at = now(), updated_by = $2 WHERE key = 'pipeline'",
-            config.model_dump(), who)
+            config, who)
         await conn.execute("INSERT INTO runtime_config_history (key, value, changed_by) VALUES ('pipeline', $1, $2)",
-                           config.model_dump(), who)
+                           config, who)
     return await get_config(pool)
+
+
+class SiteIn(BaseModel):
+    """A camera site: its property (the population it belongs to) and, optionally, where it is."""
+
+    model_config = {"extra": "forbid"}
+    property: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    lat: float | None = Field(None, ge=-90, le=90)
+    lon: float | None = Field(None, ge=-180, le=180)
+
+
+@router.get("/v1/sites")
+async def list_sites(pool: Pool):
+    """Every site with its property and coordinates."""
+    return {"sites": await sites.list_sites(pool)}
+
+
+@router.put("/v1/sites/{name}")
+async def put_site(name: str, site: SiteIn, pool: Pool):
+    """Register or move a site (a property named for the first time is created)."""
+    try:
+        return await sites.put_site(pool, name, site.property, site.lat, site.lon)
+    except sites.SiteError as exc:
+        raise HTTPException(exc.status, detail={"error": str(exc)}) from None
+
+
+@router.get("/v1/calibration")
+async def calibration(pool: Pool):
+    """The active fusion calibration (per-component calibrations, weights, thresholds), or 404."""
+    row = await pool.fetchrow("SELECT id, artifact, created_at FROM calibrations WHERE active ORDER BY id DESC LIMIT 1")
+    if row is None:
+        raise HTTPException(404, detail={"error": "no calibration installed: run `deer-reid eval --protocol loo`"})
+    return {"id": row["id"], "created_at": row["created_at"], "artifact": row["artifact"]}
+
+
+@router.post("/v1/calibration", status_code=201)
+async def install_calibration(artifact: dict, pool: Pool, request: Request):
+    """Install a calibration artifact (`deer-reid eval --protocol loo` writes one); it becomes the active one."""
+    from services.fusion.calibration import ArtifactError, install
+
+    try:
+        async with pool.acquire() as conn:
+            found = await install(conn, artifact, created_by=request.headers.get("x-user", "api")[:100])
+    except ArtifactError as exc:
+        raise HTTPException(422, detail={"error": str(exc)}) from None
+    return {"id": found}
 
 
 @router.get("/healthz")

@@ -12,7 +12,10 @@ from shared.broker import Handled, Output
 from shared.config import Settings
 from shared.models import load_model
 from shared.observability import STAGE_SECONDS
-from shared.schemas import BodyFeatures, DetectionEvent
+from shared.pipeline import body_models_for
+from shared.schemas import DetectionEvent, Features, PipelineConfig
+
+SWITCHES = set(PipelineConfig.model_fields) - {"mode"}
 from shared.topics import DETECTIONS, FEATURES_BODY
 
 
@@ -23,7 +26,7 @@ class BodyHandler:
 
     def __init__(self, extractor: BodyExtractor, fast: list[str], enhanced: list[str]):
         self.extractor = extractor
-        self.models_for = {"fast": fast, "enhanced": enhanced or fast}
+        self.fast, self.ensemble = fast, enhanced
         # One inference thread, always the same: each thread that calls into torch gets its own
         # OpenMP team, and several teams spinning on two cores starve each other.
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-infer")
@@ -37,14 +40,16 @@ class BodyHandler:
 
     async def handle(self, events: Sequence[DetectionEvent]) -> list[Handled]:
         out: list[Handled | None] = [None] * len(events)
-        for mode, names in self.models_for.items():  # each event runs the models of the mode it was published in
-            index = [i for i, e in enumerate(events) if e.mode == mode]
-            if not index:
-                continue
+        # Each event runs the models of the mode and switches it was published with.
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, e in enumerate(events):
+            config = PipelineConfig(mode=e.mode, **{k: v for k, v in e.switches.items() if k in SWITCHES})
+            groups.setdefault(tuple(body_models_for(config, self.fast, self.ensemble)), []).append(i)
+        for names, index in groups.items():
             started = time.perf_counter()
             # Decoding and inference leave the event loop free (torch releases the GIL).
             embeddings = await asyncio.get_running_loop().run_in_executor(
-                self._infer, self.extractor.embed, [events[i].crop_jpeg for i in index], names)
+                self._infer, self.extractor.embed, [events[i].crop_jpeg for i in index], list(names))
             elapsed = time.perf_counter() - started
             STAGE_SECONDS.labels(self.name, "embed").observe(elapsed)
             per_event_ms = round(1000 * elapsed / len(index), 3)
@@ -53,12 +58,13 @@ class BodyHandler:
                 if isinstance(result, str):
                     out[i] = Handled(error=result)
                     continue
-                features = BodyFeatures(
-                    detection_id=event.detection_id, site=event.site, camera=event.camera,
-                    captured_at=event.captured_at, cls=event.cls, embeddings=result,
+                features = Features(
+                    component="body", detection_id=event.detection_id, site=event.site, property=event.property,
+                    camera=event.camera, captured_at=event.captured_at, cls=event.cls, embeddings=result,
                     timings_ms={"body": per_event_ms}, attempt=event.attempt,
                 )
-                out[i] = Handled([Output(FEATURES_BODY, event.site.encode(), features.to_bytes())])
+                # keyed by property: one fusion worker sees a property's features in order
+                out[i] = Handled([Output(FEATURES_BODY, event.property.encode(), features.to_bytes())])
         return out
 
 

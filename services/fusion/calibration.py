@@ -1,68 +1,88 @@
-"""The calibration artifact the evaluation writes and fusion reads: thresholds and P(same individual).
+"""The fitted fusion artifact (`deer-reid eval` writes it; fusion reads it from the database).
 
-An artifact is only used for the embedding versions it was fitted on: thresholds
-of one model say nothing about another's scores.
+It lives in PostgreSQL (table `calibrations`, newest active row) so that every fusion replica, in a
+container or not, reads the same fit without sharing a disk. It holds per-component calibrations,
+the combination weights and the thresholds, and applies only to detections whose body embeddings
+have exactly the versions it was fitted on: scores of one model say nothing about another's.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
-import numpy as np
+import asyncpg
 
+from services.fusion import store
 from services.fusion.decision import Thresholds
+from services.fusion.scoring import FusionModel
 
 log = logging.getLogger(__name__)
 ARTIFACT_KIND = "deer-reid-calibration"
+ARTIFACT_VERSION = 2  # 2: per-component calibrations and fitted fusion weights
 
 
-def load_artifact(path: Path) -> dict | None:
-    try:
-        artifact = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.error("calibration artifact %s unreadable: %s", path, exc)
-        return None
-    if artifact.get("kind") != ARTIFACT_KIND or "thresholds" not in artifact:
-        log.error("calibration artifact %s is not a %s file", path, ARTIFACT_KIND)
-        return None
+class ArtifactError(ValueError):
+    """Not a usable calibration artifact; the message says why."""
+
+
+def check_artifact(artifact: dict) -> dict:
+    if not isinstance(artifact, dict) or artifact.get("kind") != ARTIFACT_KIND:
+        raise ArtifactError(f"not a {ARTIFACT_KIND} artifact")
+    if artifact.get("version") != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact version {artifact.get('version')} is not {ARTIFACT_VERSION}: "
+                            "fit it again with `deer-reid eval --protocol loo`")
+    for key in ("thresholds", "embedding_versions", "fusion"):
+        if key not in artifact:
+            raise ArtifactError(f"artifact has no {key!r}")
+    FusionModel.from_artifact(artifact)  # raises on a malformed fusion section
     return artifact
 
 
-def p_same(artifact: dict, score: float) -> float:
-    """Calibrated probability that a candidate with this score is the same individual."""
-    iso = artifact["isotonic"]
-    return float(np.interp(score, iso["x"], iso["y"]))
+def load_file(path: Path) -> dict:
+    try:
+        return check_artifact(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+
+
+async def install(conn: asyncpg.Connection, artifact: dict, created_by: str = "eval") -> int:
+    """Make `artifact` the active calibration; earlier ones stay as history."""
+    check_artifact(artifact)
+    async with conn.transaction():
+        await conn.execute("UPDATE calibrations SET active = false WHERE active")
+        return await conn.fetchval("INSERT INTO calibrations (artifact, created_by) VALUES ($1, $2) RETURNING id",
+                                   artifact, created_by)
 
 
 class CalibrationSource:
-    """Reads the artifact at `path`, again whenever the file changes: no restart to pick up a new fit."""
+    """The active artifact, re-read whenever a newer one is installed: no restart to pick up a new fit."""
 
-    def __init__(self, path: Path, default: Thresholds):
-        self.path = Path(path)
+    def __init__(self, default: Thresholds):
         self.default = default
-        self._mtime: float | None = None
+        self.id: int | None = None
         self.artifact: dict | None = None
+        self.model: FusionModel | None = None
 
-    def refresh(self) -> None:
-        try:
-            mtime = os.stat(self.path).st_mtime
-        except FileNotFoundError:
-            self._mtime, self.artifact = None, None
-            return
-        if mtime != self._mtime:
-            self._mtime = mtime
-            self.artifact = load_artifact(self.path)
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        found, artifact = await store.active_calibration(conn, self.id)
+        if found is None:
+            self.id, self.artifact, self.model = None, None, None
+        elif artifact is not None:
+            try:
+                self.artifact = check_artifact(artifact)
+                self.model = FusionModel.from_artifact({**artifact, "version_id": found})
+            except ArtifactError as exc:
+                log.error("calibration %s ignored: %s", found, exc)
+                self.artifact, self.model = None, None
+            self.id = found
             if self.artifact:
-                log.info("calibration loaded from %s: %s", self.path, self.artifact["thresholds"])
+                log.info("calibration %s loaded: thresholds %s", found, self.artifact["thresholds"])
 
-    def for_versions(self, versions: dict[str, str]) -> tuple[Thresholds, dict | None]:
-        """The thresholds for embeddings of these versions, and the artifact if it applies."""
+    def for_versions(self, versions: dict[str, str]) -> tuple[Thresholds, FusionModel | None]:
+        """The thresholds and fitted fusion for body embeddings of these versions (defaults if none applies)."""
         a = self.artifact
         if a and a.get("embedding_versions") == versions:
             t = a["thresholds"]
-            return Thresholds(match=t["match"], new=t["new"]), a
+            return Thresholds(match=t["match"], new=t["new"]), self.model
         return self.default, None

@@ -1,8 +1,9 @@
 """Scoring and the identity decision: pure functions, shared by the service and the evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+
+from services.fusion.scoring import Candidate
 
 ASSIGNED, NEW, REVIEW = "assigned", "new", "review"
 
@@ -32,13 +33,6 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    individual_id: int
-    score: float
-    components: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Decision:
     state: str
     individual_id: int | None
@@ -47,54 +41,30 @@ class Decision:
     candidates: tuple[Candidate, ...]
 
 
-def best_per_individual(neighbours: Iterable[tuple[int, float]]) -> dict[int, float]:
-    """Nearest exemplars (individual, similarity) -> each individual's best similarity."""
-    best: dict[int, float] = {}
-    for individual, sim in neighbours:
-        if sim > best.get(individual, float("-inf")):
-            best[individual] = sim
-    return best
-
-
-def combine(per_model: Mapping[str, Mapping[int, float]], weights: Mapping[str, float] | None = None) -> list[Candidate]:
-    """Per-model best similarities -> candidates scored by the weighted mean over models, best first.
-
-    An individual a model did not return among its nearest neighbours counts as that
-    model's floor (its lowest returned similarity): absent evidence is weak evidence.
-    """
-    if not per_model:
-        return []
-    models = list(per_model)
-    w = {m: (weights or {}).get(m, 1.0) for m in models}
-    total = sum(w.values())
-    floor = {m: min(per_model[m].values(), default=0.0) for m in models}
-    individuals = set().union(*(per_model[m].keys() for m in models))
-    candidates = []
-    for ind in individuals:
-        comps = {m: per_model[m].get(ind, floor[m]) for m in models}
-        score = sum(w[m] * comps[m] for m in models) / total
-        candidates.append(Candidate(ind, score, comps))
-    candidates.sort(key=lambda c: (-c.score, c.individual_id))
-    return candidates
-
-
-def decide(candidates: list[Candidate], thresholds: Thresholds, *, keep: int = 5) -> Decision:
+def decide(candidates: list[Candidate], thresholds: Thresholds, *, keep: int = 5,
+           calibrated: bool = False) -> Decision:
     """Match the best candidate, found a new individual, or ask a human.
 
-    When unsure, review is preferred to a new profile, and a new profile to a wrong merge.
+    When unsure, review is preferred to a new profile, and a new profile to a wrong merge. The SPEC's
+    ensemble rules (high confidence needs every model above the floor; disagreeing models in the
+    review band go to a human) apply to uncalibrated scores: with a fitted fusion, the calibrated
+    probability already weighs the models' agreement, and calibrated values from data win.
     """
     top = tuple(candidates[:keep])
     if not candidates or candidates[0].score < thresholds.new:
         best = candidates[0].score if candidates else None
         return Decision(NEW, None, best, (), top)
     best = candidates[0]
+    if "temporal-conflict" in best.flags and best.score >= thresholds.new:
+        # The best match was seen too far away moments ago: two deer, or one wrong photo time.
+        return Decision(REVIEW, None, best.score, ("manual-review", "temporal-conflict"), top)
     if best.score >= thresholds.match:
         runner_up = candidates[1] if len(candidates) > 1 else None
         if runner_up is not None and runner_up.score >= thresholds.match \
                 and best.score - runner_up.score < thresholds.ambiguity_margin:
             return Decision(REVIEW, None, best.score, ("manual-review", "ambiguous"), top)
-        models = list(best.components.values())
-        ensemble = len(models) > 1
+        models = best.body_models
+        ensemble = len(models) > 1 and not calibrated
         low, high = thresholds.review_band
         if ensemble and low <= best.score <= high and max(models) - min(models) > thresholds.disagreement:
             return Decision(REVIEW, None, best.score, ("manual-review", "model-disagreement"), top)

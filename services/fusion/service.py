@@ -1,108 +1,315 @@
-"""Fusion service: joins a detection's features, finds candidates, decides its identity.
+"""Fusion service: joins every extractor's output by detection id, scores candidates, decides identity.
 
-Idempotent: a detection already in a terminal state is not decided again; its
-stored result is re-published instead (the first publication may have been lost
-in a crash between the database commit and the produce).
+Per batch of events (features of any component, or join deadlines from the reconciler):
+1. Join (one transaction): each feature is validated and recorded in `detection_features`; a
+   detection is due when every component it expects has arrived (or failed), or when its join
+   deadline has passed and the anchoring body features are in. Features arriving after the decision
+   are stored and reopen nothing. A restart or a rebalance mid-join loses nothing: the join is rows.
+2. Decide (one transaction per property): scoring (the gallery search) runs before the property
+   lock; the lock then guards only the decision, after re-checking individuals founded meanwhile.
+
+Idempotent: a detection already decided is not decided again; its stored result is re-published
+(the first publication may have been lost in a crash between the commit and the produce).
 """
 from __future__ import annotations
 
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import asyncpg
 
 from services.fusion import store
-from services.fusion.calibration import CalibrationSource, p_same
-from services.fusion.decision import Thresholds, best_per_individual, combine, decide
+from services.fusion.calibration import CalibrationSource
+from services.fusion.components import aggregate, body_component, body_similarity
+from services.fusion.decision import Decision, Thresholds, decide
+from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_prior
+from services.fusion.temporal import TemporalRules, prior
 from shared.broker import Handled, Output
 from shared.config import Settings
 from shared.db import create_pool
-from shared.schemas import BodyFeatures, DetectionResult, sex_of
+from shared.models import REGISTRY
+from shared.observability import STAGE_SECONDS
+from shared.pipeline import wants_pose
+from shared.schemas import Box, DetectionEvent, DetectionResult, Features, FusionInput, JoinDeadline, \
+    PipelineConfig, sex_of
 from shared.states import FAILED, is_terminal
-from shared.topics import FEATURES_BODY, RESULTS
+from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, JOIN_DEADLINES, \
+    POSE_REQUESTS, RESULTS
+
+log = logging.getLogger(__name__)
+TEMPORAL_CANDIDATES = 10  # temporal priors are looked up for the best few candidates only
+
+
+class Refused(ValueError):
+    """A feature event fusion will not join (hostile or broken); the reason goes to the dead letter."""
+
+
+@dataclass
+class Scored:
+    """A due detection, scored before the property lock."""
+
+    detection: asyncpg.Record
+    sex: str
+    config: PipelineConfig
+    vectors: list[tuple]  # (model, version, vector, random_weights) of its body embeddings
+    per_component: dict[str, dict[int, float]]
+    per_component_exemplars: dict[str, dict[int, list[float]]]
+    searched_up_to: int  # the largest individual id the search could have seen
+    missing: list[str]
+    arrived: dict[str, str]
+
+
+def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, int | None]) -> None:
+    """Refuse feature events that do not belong to this detection or carry broken vectors."""
+    if event.property != detection["property"] or event.site != detection["site"]:
+        raise Refused(f"event names site {event.site!r} / property {event.property!r}, the detection "
+                      f"{event.detection_id} is at {detection['site']!r} / {detection['property']!r}")
+    expected = list(detection["expected"] or ["body"])
+    if event.component not in expected:
+        raise Refused(f"component {event.component!r} was not expected for detection {event.detection_id} "
+                      f"(expects {expected})")
+    for emb in event.embeddings:
+        vec = emb.array()
+        if not all(math.isfinite(v) for v in vec.tolist()):
+            raise Refused(f"{emb.model} vector holds NaN or infinite values")
+        spec = REGISTRY.get(emb.model)
+        want = known_dims.get(emb.version) or (spec.dim if spec and emb.version.startswith(f"{spec.name}:") else None)
+        if want is not None and emb.dim != want:
+            raise Refused(f"{emb.model} vector has {emb.dim} dimensions; version {emb.version} has {want}")
+        if float((vec * vec).sum()) == 0.0:
+            raise Refused(f"{emb.model} vector is all zeros")
 
 
 class FusionHandler:
     name = "fusion"
-    input_topics = (FEATURES_BODY,)
-    input_schema = BodyFeatures
+    input_topics = (FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, FEATURES_ANTLER, JOIN_DEADLINES)
+    input_schema = FusionInput
+    dead_letter_fails_detection = False  # a refused feature is a missing component, not a failed detection
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings):
         self.pool = pool
         self.settings = settings
-        self.calibration = CalibrationSource(
-            settings.calibration_path, Thresholds(match=settings.match_threshold, new=settings.new_threshold))
-        self.weights = settings.weights()
+        self.calibration = CalibrationSource(Thresholds(match=settings.match_threshold, new=settings.new_threshold))
+        self.spec_weights = settings.weights()
+        self.rules = TemporalRules(rut_months=tuple(settings.rut_months))
+        self._dims: dict[str, int] = {}
 
     async def close(self) -> None:
         await self.pool.close()
 
-    async def handle(self, events: Sequence[BodyFeatures]) -> list[Handled]:
-        """One transaction per batch: one commit instead of one per detection.
+    def health(self) -> dict:
+        return {"calibration": self.calibration.id, "join_timeout_s": self.settings.join_timeout_s}
 
-        A failing event rolls the batch back; the runner then retries the events one by
-        one, so only the bad one is dead-lettered.
-        """
-        self.calibration.refresh()
-        async with self.pool.acquire() as conn, conn.transaction():
-            for site in sorted({e.site for e in events}):  # sorted: two workers never wait on each other in a cycle
-                await store.lock_site(conn, site)
-            await store.prepare_search(conn)
-            return [await self._fuse(conn, event) for event in events]
+    async def handle(self, events: Sequence[Features | JoinDeadline]) -> list[Handled]:
+        """A failing event rolls its transaction back; the runner then retries the events one by one,
+        so only the bad one is dead-lettered."""
+        out = [Handled() for _ in events]
+        due: dict = {}  # detection id -> index of the event that made it due (its outputs go there)
+        async with self.pool.acquire() as conn:
+            await self.calibration.refresh(conn)
+            with STAGE_SECONDS.labels(self.name, "join").time():
+                async with conn.transaction():
+                    for i, event in enumerate(events):
+                        out[i], is_due = await self._join(conn, event)
+                        if is_due:
+                            due[event.detection_id] = i
+            if due:
+                with STAGE_SECONDS.labels(self.name, "decide").time():
+                    for i, outputs in (await self._decide(conn, list(due))).items():
+                        out[due[i]].outputs.extend(outputs)
+        return out
 
-    async def _fuse(self, conn: asyncpg.Connection, event: BodyFeatures) -> Handled:
-        sex = sex_of(event.cls)
-        row = await store.lock_detection(conn, event.detection_id)
-        if row is None:
-            return Handled(error=f"unknown detection {event.detection_id}")
-        if is_terminal(row["state"]):
-            if row["state"] == FAILED or row["result"] is None:
-                return Handled()
-            return Handled([self._output(event.site, row["result"])])
-        await store.store_embeddings(conn, event.detection_id, event.site, event.embeddings)
-        per_model = {
-            emb.model: best_per_individual(
-                await store.nearest_exemplars(conn, emb, event.site, sex, self.settings.candidates_k))
-            for emb in event.embeddings
-        }
-        versions = {e.model: e.version for e in event.embeddings}
-        thresholds, artifact = self.calibration.for_versions(versions)
-        decision = decide(combine(per_model, self.weights), thresholds)
-        random_weights = any(e.random_weights for e in event.embeddings)
-        flags = list(decision.flags) + (["random-weights"] if random_weights else [])
-        result = {
-            "detection_id": str(event.detection_id),
-            "site": event.site,
-            "state": decision.state,
-            "score": decision.score,
-            "flags": flags,
-            "mode": "fast" if len(event.embeddings) == 1 else "enhanced",
-            "weights": {m: self.weights.get(m, 1.0) for m in per_model},
-            "candidates": [{"individual_id": c.individual_id, "score": round(c.score, 5),
-                            "components": {k: round(v, 5) for k, v in c.components.items()}}
-                           for c in decision.candidates],
-            "components": dict(decision.candidates[0].components) if decision.candidates else {},
-            "versions": versions,
-            "random_weights": random_weights,
-            "thresholds": {"match": thresholds.match, "new": thresholds.new,
-                           "source": "calibrated" if artifact else "default"},
-            "p_same": round(p_same(artifact, decision.score), 4)
-            if artifact and decision.score is not None else None,
-            "timings_ms": event.timings_ms,
-        }
-        individual = await store.apply_decision(
-            conn, detection_id=event.detection_id, site=event.site, sex=sex, captured_at=event.captured_at,
-            decision=decision, result=result, exemplars_per_individual=self.settings.exemplars_per_individual)
-        result["individual_id"] = individual
-        return Handled([self._output(event.site, result)])
+    # -- the join ---------------------------------------------------------------------------------
+
+    async def _join(self, conn: asyncpg.Connection, event: Features | JoinDeadline) -> tuple[Handled, bool]:
+        det = await store.lock_detection(conn, event.detection_id)
+        if det is None:
+            return Handled(error=f"unknown detection {event.detection_id}"), False
+        if isinstance(event, JoinDeadline):
+            if is_terminal(det["state"]):
+                return Handled(), False
+            # Due with what arrived, as long as the anchoring body did (the shortlist comes from it).
+            return Handled(), (await store.arrived(conn, det["id"])).get("body") == "ok"
+        dims = {e.version: await self._known_dim(conn, e.version) for e in event.embeddings}
+        try:
+            validate(event, det, dims)
+        except Refused as exc:
+            if not is_terminal(det["state"]) and event.component in (det["expected"] or ["body"]) \
+                    and event.property == det["property"]:
+                # The component failed on bad input: missing for the join, never a blocker.
+                await store.add_feature(conn, det["id"], event.component, "failed", {"reason": str(exc)})
+                if event.component == "body":
+                    await store.fail(conn, det["id"], f"fusion: body features refused: {exc}")
+                    return Handled(error=str(exc)), False
+                return Handled(error=str(exc)), await self._complete(conn, det)
+            return Handled(error=str(exc)), False
+        if is_terminal(det["state"]):
+            # Late or redelivered: stored, never reopens the decision; a body redelivery re-publishes the result.
+            await store.add_feature(conn, det["id"], event.component, event.status, _stored(event), late=True)
+            if event.component == "body" and det["state"] != FAILED and det["result"] is not None:
+                return Handled([result_output(det["property"], det["result"])]), False
+            return Handled(), False
+        await store.add_feature(conn, det["id"], event.component, event.status, _stored(event))
+        if event.component == "body":
+            await store.store_embeddings(conn, det["id"], det["site"], det["property"], event.embeddings)
+            await store.start_fusing(conn, det["id"], self.settings.join_timeout_s)
+        else:
+            await store.start_fusing(conn, det["id"], None)
+        return Handled(), await self._complete(conn, det)
+
+    async def _known_dim(self, conn: asyncpg.Connection, version: str) -> int | None:
+        """The dimension vectors of `version` have (a version's dimension never changes: cached)."""
+        if version not in self._dims:
+            dim = await store.known_dim(conn, version)
+            if dim is None:
+                return None
+            self._dims[version] = dim
+        return self._dims[version]
 
     @staticmethod
-    def _output(site: str, result: dict) -> Output:
-        message = DetectionResult(
-            detection_id=result["detection_id"], site=site, state=result["state"],
-            individual_id=result.get("individual_id"), score=result.get("score"), flags=result.get("flags", []),
-            components=result.get("components", {}), versions=result.get("versions", {}),
-        )
-        return Output(RESULTS, site.encode(), message.to_bytes())
+    async def _complete(conn: asyncpg.Connection, det: asyncpg.Record) -> bool:
+        got = await store.arrived(conn, det["id"])
+        return got.get("body") == "ok" and all(c in got for c in (det["expected"] or ["body"]))
+
+    # -- the decision -----------------------------------------------------------------------------
+
+    async def _decide(self, conn: asyncpg.Connection, detection_ids: list) -> dict:
+        """Score the due detections, then decide each property's under its lock. {detection id: outputs}."""
+        outputs: dict = {}
+        by_property: dict[str, list[Scored]] = defaultdict(list)
+        async with conn.transaction():
+            await store.prepare_search(conn)
+            for det_id in detection_ids:
+                scored = await self._score(conn, det_id)
+                if scored is not None:
+                    by_property[scored.detection["property"]].append(scored)
+        for prop in sorted(by_property):  # sorted: two workers never wait on each other in a cycle
+            async with conn.transaction():
+                await store.lock_property(conn, prop)
+                for scored in by_property[prop]:
+                    outputs[scored.detection["id"]] = await self._decide_one(conn, scored)
+        return outputs
+
+    async def _score(self, conn: asyncpg.Connection, det_id) -> Scored | None:
+        det = await conn.fetchrow(
+            """SELECT id, state, property, site, camera, captured_at, cls, image_sha256, expected, pipeline, box
+               FROM detections WHERE id = $1""", det_id)
+        if det is None or is_terminal(det["state"]):
+            return None
+        sex = sex_of(det["cls"])
+        config = PipelineConfig(**(det["pipeline"] or {}))
+        got = await store.arrived(conn, det_id)
+        missing = [c for c in (det["expected"] or ["body"]) if got.get(c) not in ("ok", "no-evidence")]
+        searched_up_to = await store.max_individual(conn, det["property"])
+        vectors = await store.body_embeddings(conn, det_id)
+        per_exemplar: dict[str, dict[int, list[float]]] = {}
+        for model, version, vec, _ in vectors:
+            sims: dict[int, list[float]] = defaultdict(list)
+            for ind, sim in await store.nearest_exemplars(conn, vec, version, det["property"], sex,
+                                                          self.settings.candidates_k):
+                sims[ind].append(sim)
+            per_exemplar[body_component(model)] = dict(sims)
+        return Scored(det, sex, config, vectors, {}, per_exemplar, searched_up_to, missing, got)
+
+    async def _decide_one(self, conn: asyncpg.Connection, s: Scored) -> list[Output]:
+        det = await store.lock_detection(conn, s.detection["id"])
+        if det is None or is_terminal(det["state"]):
+            return [result_output(det["property"], det["result"])] if det is not None and det["result"] else []
+        # Re-check under the lock: individuals founded since the search are candidates too.
+        for model, version, vec, _ in s.vectors:
+            found = s.per_component_exemplars.setdefault(body_component(model), {})
+            for ind, ex in await store.exemplars_founded_after(conn, version, det["property"], s.sex,
+                                                               s.searched_up_to):
+                sim = body_similarity(vec, ex)
+                if sim is not None:
+                    found.setdefault(ind, []).append(sim)
+        versions = {model: version for model, version, _, _ in s.vectors}
+        thresholds, model = self.calibration.for_versions(versions)
+        how = model.aggregation if model else self.settings.identity_aggregation
+        excluded = await store.cannot_link(conn, det["id"], det["image_sha256"])
+        per_component = {name: {ind: aggregate(sims, how) for ind, sims in by_ind.items() if ind not in excluded}
+                         for name, by_ind in s.per_component_exemplars.items()}
+        candidates = score_candidates(per_component, model, self.spec_weights)
+        temporal = s.config.temporal
+        if temporal and candidates:
+            candidates = await self._temporal(conn, det, candidates)
+        best_body = candidates[0].score if candidates else None
+        if wants_pose(s.config, best_body) and "pose" not in s.arrived and "pose" not in (det["expected"] or []):
+            await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
+            return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
+        decision = decide(candidates, thresholds, calibrated=model is not None)
+        result = self._result(det, s, decision, thresholds, model, versions, excluded)
+        individual = await store.apply_decision(
+            conn, detection=det, sex=s.sex, decision=decision, result=result,
+            exemplars_per_individual=self.settings.exemplars_per_individual)
+        result["individual_id"] = individual
+        return [result_output(det["property"], result)]
+
+    async def _temporal(self, conn: asyncpg.Connection, det: asyncpg.Record,
+                        candidates: list[Candidate]) -> list[Candidate]:
+        head = candidates[:TEMPORAL_CANDIDATES]
+        seen = await store.sightings(conn, [c.individual_id for c in head])
+        coords = await store.site_coordinates(conn, det["property"])
+        boosted = []
+        for c in head:
+            p = prior(det["site"], det["captured_at"], seen[c.individual_id], coords, self.rules)
+            boosted.append(with_prior(c, p.boost, p.flags))
+        out = boosted + candidates[TEMPORAL_CANDIDATES:]
+        out.sort(key=lambda c: (-c.score, c.individual_id))
+        return out
+
+    def _result(self, det, s: Scored, decision: Decision, thresholds: Thresholds, model: FusionModel | None,
+                versions: dict, excluded: set[int]) -> dict:
+        flags = list(decision.flags)
+        if s.missing:
+            flags.append("degraded")
+        if any(random for *_, random in s.vectors):
+            flags.append("random-weights")
+        random_weights = any(random for *_, random in s.vectors)
+        return {
+            "detection_id": str(det["id"]), "site": det["site"], "property": det["property"],
+            "state": decision.state, "score": decision.score, "flags": flags,
+            "mode": s.config.mode, "switches": s.config.switches(),
+            "expected": list(det["expected"] or ["body"]), "arrived": s.arrived, "missing": s.missing,
+            "candidates": [c.as_dict() for c in decision.candidates],
+            "components": dict(decision.candidates[0].components) if decision.candidates else {},
+            "versions": versions, "random_weights": random_weights,
+            "fusion": {"source": "fitted" if model else "spec-weighted-mean",
+                       "calibration_id": self.calibration.id if model else None,
+                       "aggregation": model.aggregation if model else self.settings.identity_aggregation},
+            "thresholds": {"match": thresholds.match, "new": thresholds.new,
+                           "source": "calibrated" if model else "default"},
+            "cannot_link": sorted(excluded),
+        }
+
+
+def _stored(event: Features) -> dict:
+    """What the join keeps of a component's features (vectors live in `embeddings` for body)."""
+    keep = event.model_dump(mode="json", exclude={"embeddings"} if event.component == "body" else set())
+    return keep
+
+
+def result_output(prop: str, result: dict) -> Output:
+    message = DetectionResult(
+        detection_id=result["detection_id"], site=result["site"], state=result["state"],
+        individual_id=result.get("individual_id"), score=result.get("score"), flags=result.get("flags", []),
+        components={k: v for k, v in (result.get("components") or {}).items() if isinstance(v, (int, float))},
+        versions=result.get("versions", {}),
+    )
+    return Output(RESULTS, prop.encode(), message.to_bytes())
+
+
+def pose_request(det: asyncpg.Record, crop: bytes, config: PipelineConfig) -> Output:
+    x0, y0, x1, y1 = det["box"]
+    event = DetectionEvent(
+        detection_id=det["id"], site=det["site"], camera=det["camera"], captured_at=det["captured_at"],
+        cls=det["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=det["image_sha256"], crop_jpeg=crop,
+        mode=config.mode, property=det["property"], switches=config.switches(),
+        expected=list(det["expected"] or ["body"]) + ["pose"])
+    return Output(POSE_REQUESTS, str(det["id"]).encode(), event.to_bytes())
 
 
 async def make_handler(settings: Settings) -> FusionHandler:

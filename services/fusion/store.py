@@ -1,4 +1,8 @@
-"""Fusion's database side: the gallery lookup and the assignment transaction."""
+"""Fusion's database side: the join state, the gallery lookup, and the assignment transaction.
+
+Individuals, the gallery and the serialization of identity assignment belong to the property (every
+camera site of one population), never to a single site.
+"""
 from __future__ import annotations
 
 from datetime import datetime
@@ -7,61 +11,173 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 
+from services.fusion import exemplars as exemplar_choice
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
+from services.fusion.temporal import Sighting
 from shared.schemas import Embedding
 
 
-async def lock_site(conn: asyncpg.Connection, site: str) -> None:
-    """Serialize identity assignment per site for the rest of the transaction."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", site)
+async def lock_property(conn: asyncpg.Connection, prop: str) -> None:
+    """Serialize identity assignment per property for the rest of the transaction.
+
+    Individuals are founded only under this lock, so their ids grow in commit order within a
+    property: "founded after my search" is exactly "id above the largest id my search could see".
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", prop)
 
 
 async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT state, individual_id, score, result FROM detections WHERE id = $1 FOR UPDATE", detection_id)
+        """SELECT id, state, individual_id, score, result, property, site, camera, captured_at, cls,
+                  image_sha256, expected, pipeline, join_deadline, box
+           FROM detections WHERE id = $1 FOR UPDATE""", detection_id)
 
 
-async def prepare_search(conn: asyncpg.Connection) -> None:
-    """Index search settings for this transaction: a wide candidate list, and iterative scans so
-    that the site and sex filters cannot starve the HNSW result."""
-    await conn.execute("SET LOCAL hnsw.ef_search = 200")
-    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+async def arrived(conn: asyncpg.Connection, detection_id: UUID) -> dict[str, str]:
+    """{component: status} of what has joined so far."""
+    rows = await conn.fetch("SELECT component, status FROM detection_features WHERE detection_id = $1",
+                            detection_id)
+    return {r["component"]: r["status"] for r in rows}
 
 
-async def nearest_exemplars(conn: asyncpg.Connection, emb: Embedding, site: str, sex: str,
-                            k: int) -> list[tuple[int, float]]:
-    """The k nearest gallery exemplars of the same embedding version, site and a compatible sex."""
-    dim = int(emb.dim)  # an int from a validated event: safe to put in the SQL text
-    rows = await conn.fetch(
-        f"""SELECT e.individual_id, 1 - (e.vec::halfvec({dim}) <=> $1::halfvec({dim})) AS sim
-            FROM embeddings e JOIN individuals i ON i.id = e.individual_id
-            WHERE e.exemplar AND e.dim = {dim} AND e.version = $2 AND e.site = $3 AND i.sex = ANY($4::text[])
-            ORDER BY e.vec::halfvec({dim}) <=> $1::halfvec({dim})
-            LIMIT $5""",
-        emb.array(), emb.version, site, list(COMPATIBLE_SEXES[sex]), k,
-    )
-    return [(r["individual_id"], float(r["sim"])) for r in rows]
+async def add_feature(conn: asyncpg.Connection, detection_id: UUID, component: str, status: str, features: dict,
+                      *, late: bool = False) -> bool:
+    """Record a component's arrival; False when it had arrived before (a redelivery)."""
+    return bool(await conn.fetchval(
+        """INSERT INTO detection_features (detection_id, component, status, features, late)
+           VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true""",
+        detection_id, component, status, features, late))
 
 
-async def store_embeddings(conn: asyncpg.Connection, detection_id: UUID, site: str,
+async def start_fusing(conn: asyncpg.Connection, detection_id: UUID, deadline_s: float | None) -> None:
+    """The detection is joining; with `deadline_s`, the anchoring body arrived and the join clock starts."""
+    await conn.execute(
+        """UPDATE detections SET state = 'fusing', updated_at = now(),
+               join_deadline = CASE WHEN $2::float8 IS NULL THEN join_deadline
+                                    ELSE coalesce(join_deadline, now() + make_interval(secs => $2::float8)) END
+           WHERE id = $1 AND state IN ('received', 'extracting', 'fusing')""", detection_id, deadline_s)
+
+
+async def expect_more(conn: asyncpg.Connection, detection_id: UUID, component: str, deadline_s: float) -> None:
+    """Wait for one more component (a selective pose request) and give the join a fresh deadline."""
+    await conn.execute(
+        """UPDATE detections SET expected = array_append(coalesce(expected, ARRAY['body']), $2),
+               join_deadline = now() + make_interval(secs => $3::float8), updated_at = now()
+           WHERE id = $1 AND NOT ($2 = ANY(coalesce(expected, ARRAY['body'])))""", detection_id, component, deadline_s)
+
+
+async def fail(conn: asyncpg.Connection, detection_id: UUID, reason: str) -> None:
+    await conn.execute(
+        """UPDATE detections SET state = 'failed', state_reason = $2, updated_at = now()
+           WHERE id = $1 AND state IN ('received', 'extracting', 'fusing')""", detection_id, reason[:2000])
+
+
+async def known_dim(conn: asyncpg.Connection, version: str) -> int | None:
+    return await conn.fetchval("SELECT dim FROM embeddings WHERE version = $1 LIMIT 1", version)
+
+
+async def store_embeddings(conn: asyncpg.Connection, detection_id: UUID, site: str, prop: str,
                            embeddings: list[Embedding]) -> None:
     await conn.executemany(
-        """INSERT INTO embeddings (detection_id, version, model, dim, random_weights, vec, site)
-           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (detection_id, version) DO NOTHING""",
-        [(detection_id, e.version, e.model, e.dim, e.random_weights, e.array().astype(np.float32), site)
+        """INSERT INTO embeddings (detection_id, version, model, dim, random_weights, vec, site, property)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (detection_id, version) DO NOTHING""",
+        [(detection_id, e.version, e.model, e.dim, e.random_weights, e.array().astype(np.float32), site, prop)
          for e in embeddings],
     )
 
 
-async def apply_decision(conn: asyncpg.Connection, *, detection_id: UUID, site: str, sex: str,
-                         captured_at: datetime, decision: Decision, result: dict,
-                         exemplars_per_individual: int) -> int | None:
-    """Found or update the individual, link the embeddings, and set the detection's terminal state."""
+async def body_embeddings(conn: asyncpg.Connection, detection_id: UUID) -> list[tuple[str, str, np.ndarray, bool]]:
+    """(model, version, vector, random_weights) of the detection's stored body embeddings."""
+    rows = await conn.fetch(
+        "SELECT model, version, vec, random_weights FROM embeddings WHERE detection_id = $1 ORDER BY model",
+        detection_id)
+    return [(r["model"], r["version"], np.asarray(r["vec"].to_numpy(), dtype=np.float32), r["random_weights"])
+            for r in rows]
+
+
+async def prepare_search(conn: asyncpg.Connection) -> None:
+    """Index search settings for this transaction: a wide candidate list, and iterative scans so
+    that the property and sex filters cannot starve the HNSW result."""
+    await conn.execute("SET LOCAL hnsw.ef_search = 200")
+    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+
+
+async def max_individual(conn: asyncpg.Connection, prop: str) -> int:
+    return await conn.fetchval("SELECT coalesce(max(id), 0) FROM individuals WHERE property = $1", prop)
+
+
+async def nearest_exemplars(conn: asyncpg.Connection, vector: np.ndarray, version: str, prop: str, sex: str,
+                            k: int) -> list[tuple[int, float]]:
+    """The k nearest gallery exemplars of the same embedding version, property and a compatible sex."""
+    dim = int(vector.shape[0])  # from a validated embedding: safe to put in the SQL text
+    rows = await conn.fetch(
+        f"""SELECT e.individual_id, 1 - (e.vec::halfvec({dim}) <=> $1::halfvec({dim})) AS sim
+            FROM embeddings e JOIN individuals i ON i.id = e.individual_id
+            WHERE e.exemplar AND e.dim = {dim} AND e.version = $2 AND e.property = $3 AND i.sex = ANY($4::text[])
+            ORDER BY e.vec::halfvec({dim}) <=> $1::halfvec({dim})
+            LIMIT $5""",
+        vector, version, prop, list(COMPATIBLE_SEXES[sex]), k,
+    )
+    return [(r["individual_id"], float(r["sim"])) for r in rows]
+
+
+async def exemplars_founded_after(conn: asyncpg.Connection, version: str, prop: str, sex: str,
+                                  after_id: int) -> list[tuple[int, np.ndarray]]:
+    """Exemplars of individuals founded after the search (under the lock: nothing is founded meanwhile)."""
+    rows = await conn.fetch(
+        """SELECT e.individual_id, e.vec FROM embeddings e JOIN individuals i ON i.id = e.individual_id
+           WHERE e.exemplar AND e.version = $1 AND i.property = $2 AND i.id > $3 AND i.sex = ANY($4::text[])""",
+        version, prop, after_id, list(COMPATIBLE_SEXES[sex]))
+    return [(r["individual_id"], np.asarray(r["vec"].to_numpy(), dtype=np.float32)) for r in rows]
+
+
+async def cannot_link(conn: asyncpg.Connection, detection_id: UUID, image_sha256: str) -> set[int]:
+    """Individuals of the other animals in the same image: two boxes of one frame are two deer."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT individual_id FROM detections
+           WHERE image_sha256 = $1 AND id <> $2 AND individual_id IS NOT NULL""", image_sha256, detection_id)
+    return {r["individual_id"] for r in rows}
+
+
+async def sightings(conn: asyncpg.Connection, individuals: list[int], limit_each: int = 500) -> dict[int, list[Sighting]]:
+    """The newest placed sightings of each individual (temporal priors)."""
+    rows = await conn.fetch(
+        """SELECT individual_id, site, captured_at FROM (
+               SELECT individual_id, site, captured_at,
+                      row_number() OVER (PARTITION BY individual_id ORDER BY captured_at DESC) AS n
+               FROM detections WHERE individual_id = ANY($1::bigint[]) AND state IN ('assigned', 'new')) s
+           WHERE n <= $2""", individuals, limit_each)
+    out: dict[int, list[Sighting]] = {i: [] for i in individuals}
+    for r in rows:
+        out[r["individual_id"]].append(Sighting(r["site"], r["captured_at"]))
+    return out
+
+
+async def site_coordinates(conn: asyncpg.Connection, prop: str) -> dict[str, tuple[float, float]]:
+    rows = await conn.fetch("SELECT name, lat, lon FROM sites WHERE property = $1 AND lat IS NOT NULL", prop)
+    return {r["name"]: (r["lat"], r["lon"]) for r in rows}
+
+
+async def active_calibration(conn: asyncpg.Connection, known_id: int | None) -> tuple[int | None, dict | None]:
+    """(id, artifact) of the newest active calibration; the artifact only when its id differs from `known_id`."""
+    row = await conn.fetchrow("SELECT id FROM calibrations WHERE active ORDER BY id DESC LIMIT 1")
+    if row is None:
+        return None, None
+    if row["id"] == known_id:
+        return known_id, None
+    return row["id"], await conn.fetchval("SELECT artifact FROM calibrations WHERE id = $1", row["id"])
+
+
+async def apply_decision(conn: asyncpg.Connection, *, detection: asyncpg.Record, sex: str, decision: Decision,
+                         result: dict, exemplars_per_individual: int) -> int | None:
+    """Found or update the individual, link the embeddings, re-choose exemplars, set the terminal state."""
+    detection_id, prop, captured_at = detection["id"], detection["property"], detection["captured_at"]
     individual = decision.individual_id
     if decision.state == NEW:
         individual = await conn.fetchval(
-            """INSERT INTO individuals (site, sex, first_seen, last_seen, sightings, founded_by)
-               VALUES ($1, $2, $3, $3, 1, $4) RETURNING id""", site, sex, captured_at, detection_id)
+            """INSERT INTO individuals (site, property, sex, first_seen, last_seen, sightings, founded_by)
+               VALUES ($1, $2, $3, $4, $4, 1, $5) RETURNING id""",
+            detection["site"], prop, sex, captured_at, detection_id)
     elif decision.state == ASSIGNED:
         await conn.execute(
             """UPDATE individuals SET sightings = sightings + 1,
@@ -69,15 +185,43 @@ async def apply_decision(conn: asyncpg.Connection, *, detection_id: UUID, site: 
                    sex = CASE WHEN sex = 'unknown' THEN $3 ELSE sex END
                WHERE id = $1""", individual, captured_at, sex)
     if individual is not None:
-        # Keep a few exemplars per individual (several views, not one vector); the rest stay searchable rows.
-        await conn.execute(
-            """UPDATE embeddings e SET individual_id = $2,
-                   exemplar = (SELECT count(*) FROM embeddings x
-                               WHERE x.individual_id = $2 AND x.exemplar AND x.version = e.version) < $3
-               WHERE e.detection_id = $1""", detection_id, individual, exemplars_per_individual)
+        await conn.execute("UPDATE embeddings SET individual_id = $2 WHERE detection_id = $1", detection_id, individual)
+        await rechoose_exemplars(conn, individual, exemplars_per_individual)
     result = {**result, "individual_id": individual}
     await conn.execute(
         """UPDATE detections SET state = $2, individual_id = $3, score = $4, result = $5,
-               decided_by = 'fusion', state_reason = NULL, updated_at = now()
+               decided_by = 'fusion', state_reason = NULL, join_deadline = NULL, updated_at = now()
            WHERE id = $1""", detection_id, decision.state, individual, decision.score, result)
+    await conn.execute(
+        "INSERT INTO decisions (detection_id, decided_by, state, individual_id, score) VALUES ($1, 'fusion', $2, $3, $4)",
+        detection_id, decision.state, individual, decision.score)
     return individual
+
+
+async def rechoose_exemplars(conn: asyncpg.Connection, individual: int, n: int, pool_size: int = 200) -> None:
+    """Re-choose the individual's exemplars among its newest `pool_size` embeddings of each version."""
+    rows = await conn.fetch(
+        """SELECT e.id, e.version, e.vec, e.exemplar, d.captured_at, d.result->'pose'->>'viewpoint' AS viewpoint
+           FROM embeddings e JOIN detections d ON d.id = e.detection_id
+           WHERE e.individual_id = $1 ORDER BY d.captured_at DESC""", individual)
+    by_version: dict[str, list] = {}
+    for r in rows:
+        by_version.setdefault(r["version"], []).append(r)
+    keep: list[int] = []
+    drop: list[int] = []
+    for version_rows in by_version.values():
+        pool = version_rows[:pool_size]
+        items = [exemplar_choice.ExemplarCandidate(
+            r["id"], np.asarray(r["vec"].to_numpy(), dtype=np.float32), r["captured_at"], r["viewpoint"])
+            for r in pool]
+        chosen = set(exemplar_choice.choose(items, n))
+        keep += [r["id"] for r in version_rows if r["id"] in chosen and not r["exemplar"]]
+        drop += [r["id"] for r in version_rows if r["id"] not in chosen and r["exemplar"]]
+    if keep:
+        await conn.execute("UPDATE embeddings SET exemplar = true WHERE id = ANY($1::bigint[])", keep)
+    if drop:
+        await conn.execute("UPDATE embeddings SET exemplar = false WHERE id = ANY($1::bigint[])", drop)
+
+
+async def crop_of(conn: asyncpg.Connection, detection_id: UUID) -> bytes:
+    return bytes(await conn.fetchval("SELECT crop FROM detections WHERE id = $1", detection_id))

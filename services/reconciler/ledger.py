@@ -17,9 +17,10 @@ from aiokafka import AIOKafkaProducer
 from shared.broker import TRANSIENT, Handled, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import DETECTIONS_BY_STATE
-from shared.schemas import Box, DeadLetter, DetectionEvent, PipelineConfig
+from shared.pipeline import expected_components
+from shared.schemas import Box, DeadLetter, DetectionEvent, JoinDeadline, PipelineConfig
 from shared.states import PENDING, STATES
-from shared.topics import DEAD_LETTERS, DETECTIONS, ensure_topics
+from shared.topics import DEAD_LETTERS, DETECTIONS, JOIN_DEADLINES, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,16 @@ async def pipeline_config(conn: asyncpg.Connection) -> PipelineConfig:
 
 
 def event_from_row(row: asyncpg.Record, config: PipelineConfig | None = None) -> DetectionEvent:
+    """The detection event of a row: under the pipeline stamped at its first publication, if it had one."""
     x0, y0, x1, y1 = row["box"]
+    stamped = row.get("pipeline")
+    config = PipelineConfig(**stamped) if stamped else (config or PipelineConfig())
+    expected = list(row.get("expected") or [])
     return DetectionEvent(
         detection_id=row["id"], site=row["site"], camera=row["camera"], captured_at=row["captured_at"],
         cls=row["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=row["image_sha256"],
-        crop_jpeg=bytes(row["crop"]), attempt=row["attempts"], mode=(config or PipelineConfig()).mode,
+        crop_jpeg=bytes(row["crop"]), attempt=row["attempts"], mode=config.mode, property=row["property"],
+        switches=config.switches(), expected=expected or expected_components(config, row["cls"]),
     )
 
 
@@ -52,9 +58,14 @@ async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int)
             return 0
         live = [r for r in rows if r["state"] in PENDING]
         config = await pipeline_config(conn)  # the run-time switches travel with each event
-        futures = [await producer.send(DETECTIONS.name, event_from_row(r, config).to_bytes(),
-                                       key=str(r["id"]).encode())
-                   for r in live]
+        events = [event_from_row(r, config) for r in live]
+        # A detection keeps the pipeline of its first publication: a republished one runs the same
+        # components as before, so the join never waits for what was never asked for.
+        await conn.executemany(
+            "UPDATE detections SET pipeline = $2, expected = $3 WHERE id = $1 AND pipeline IS NULL",
+            [(e.detection_id, {"mode": e.mode, **e.switches}, e.expected) for e in events])
+        futures = [await producer.send(DETECTIONS.name, e.to_bytes(), key=str(e.detection_id).encode())
+                   for e in events]
         await asyncio.gather(*futures)
         await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["outbox_id"] for r in rows])
         await conn.execute(
@@ -97,6 +108,23 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
         return len(retry), len(rows) - len(retry)
 
 
+async def announce_due_joins(pool: asyncpg.Pool, producer: AIOKafkaProducer, join_timeout_s: float,
+                             limit: int = 1000) -> int:
+    """Tell fusion about joins past their deadline; each is announced again one timeout later if still open
+    (the announcement may be lost, and deciding is idempotent)."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """UPDATE detections SET join_deadline = now() + make_interval(secs => $1::float8)
+               WHERE id IN (SELECT id FROM detections WHERE state = 'fusing' AND join_deadline < now()
+                            ORDER BY join_deadline LIMIT $2 FOR UPDATE SKIP LOCKED)
+               RETURNING id, property""", join_timeout_s, limit)
+    if rows:
+        futures = [await producer.send(JOIN_DEADLINES.name, JoinDeadline(detection_id=r["id"], property=r["property"])
+                                       .to_bytes(), key=r["property"].encode()) for r in rows]
+        await asyncio.gather(*futures)
+    return len(rows)
+
+
 async def count_states(pool: asyncpg.Pool) -> dict[str, int]:
     rows = await pool.fetch("SELECT state, count(*) AS n FROM detections GROUP BY state")
     counts = {state: 0 for state in STATES}
@@ -118,7 +146,8 @@ class DeadLetterRecorder:
         self.pool = pool
 
     async def handle(self, letters: Sequence[DeadLetter]) -> list[Handled]:
-        marks = [(l.detection_id, f"{l.service}: {l.reason}") for l in letters if l.detection_id is not None]
+        marks = [(l.detection_id, f"{l.service}: {l.reason}") for l in letters
+                 if l.detection_id is not None and l.fails_detection]
         if marks:
             await self.pool.executemany(
                 """UPDATE detections SET state = 'failed', state_reason = $2, updated_at = now()
@@ -150,7 +179,8 @@ class Reconciler(DeadLetterRecorder):
         # Wake the relay the moment something is enqueued; polling stays as the fallback.
         await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: self._wake.set())
         self._tasks = [asyncio.create_task(self._relay_loop(), name="relay"),
-                       asyncio.create_task(self._reconcile_loop(), name="reconcile")]
+                       asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                       asyncio.create_task(self._join_deadline_loop(), name="join-deadlines")]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -177,6 +207,14 @@ class Reconciler(DeadLetterRecorder):
                 except asyncio.TimeoutError:
                     pass
                 self._wake.clear()
+
+    async def _join_deadline_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.join_sweep_every_s)
+            try:
+                await announce_due_joins(self.pool, self.producer, self.settings.join_timeout_s)
+            except TRANSIENT as exc:
+                log.warning("join deadlines: %r; retrying", exc)
 
     async def _reconcile_loop(self) -> None:
         while True:

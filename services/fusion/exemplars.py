@@ -1,0 +1,56 @@
+"""Which of an individual's embeddings form its gallery: chosen for coverage, re-chosen as it is seen.
+
+An individual seen 40 times should be found from any of its usual views, not only from its first 8
+photos. The choice, per embedding version, among every stored embedding of the individual:
+1. slots are shared out across viewpoints when they are known (the best photo per viewpoint);
+2. within a viewpoint, the newest sighting first (coats and antlers change over a season);
+3. then farthest-point sampling: each next exemplar is the one least like those already chosen
+   (cosine), so near-duplicates of a burst do not crowd out other looks. Quality breaks ties.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Hashable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ExemplarCandidate:
+    key: Hashable  # the embedding row
+    vector: np.ndarray  # L2-normalised
+    at: datetime
+    viewpoint: str | None = None
+    quality: float = 0.0
+
+
+def choose(items: Sequence[ExemplarCandidate], n: int) -> list[Hashable]:
+    """The keys of up to `n` exemplars, in the order they were chosen."""
+    if len(items) <= n:
+        return [i.key for i in items]
+    groups: dict[str | None, list[int]] = {}
+    for idx, item in enumerate(items):
+        groups.setdefault(item.viewpoint, []).append(idx)
+    # Round-robin over viewpoints: each gets a slot before any gets a second.
+    views = sorted(groups, key=str)
+    quota = {v: 0 for v in views}
+    left = n
+    while left:
+        for v in views:
+            if left and quota[v] < len(groups[v]):
+                quota[v] += 1
+                left -= 1
+    vectors = np.stack([i.vector for i in items]).astype(np.float32)
+    chosen: list[int] = []
+    for view, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        picked: list[int] = []
+        newest = max(members, key=lambda m: (items[m].at, items[m].quality))
+        picked.append(newest)
+        while len(picked) < quota[view]:
+            rest = [m for m in members if m not in picked]
+            closeness = (vectors[rest] @ vectors[picked].T).max(axis=1)
+            best = min(range(len(rest)), key=lambda j: (closeness[j], -items[rest[j]].quality))
+            picked.append(rest[best])
+        chosen.extend(picked)
+    return [items[i].key for i in chosen]

@@ -1,0 +1,44 @@
+"""Which extractor components a detection runs and fusion waits for: pure rules, shared by the relay
+(which stamps them on the detection at its first publication) and fusion (which joins on them).
+
+- body always runs: it anchors the join (the candidate shortlist comes from its embeddings);
+- coat and antler run in enhanced mode when switched on, antler only for antlered classes;
+- pose is selective (SPEC): never expected up front; fusion asks for it in enhanced mode when the
+  body-only match is uncertain, and from then on waits for it too.
+"""
+from __future__ import annotations
+
+from shared.schemas import ANTLERED, COMPONENTS, DetectionClass, PipelineConfig
+from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, Topic
+
+TOPIC_OF: dict[str, Topic] = {"body": FEATURES_BODY, "coat": FEATURES_COAT, "pose": FEATURES_POSE,
+                              "antler": FEATURES_ANTLER}
+assert set(TOPIC_OF) == set(COMPONENTS)
+
+# SPEC: in enhanced mode pose runs only when the best body-only confidence is below this.
+POSE_WHEN_BEST_BELOW = 0.75
+
+
+def expected_components(config: PipelineConfig, cls: DetectionClass | str) -> list[str]:
+    """The components a detection published under `config` waits for, body first."""
+    expected = ["body"]
+    if config.mode == "enhanced":
+        if config.coat:
+            expected.append("coat")
+        if config.antler and DetectionClass(cls) in ANTLERED:
+            expected.append("antler")
+    return expected
+
+
+def wants_pose(config: PipelineConfig, best_body_confidence: float | None) -> bool:
+    """Whether fusion should ask the pose service for this detection (the SPEC's selective rule)."""
+    if config.mode != "enhanced" or not config.pose:
+        return False
+    return best_body_confidence is None or best_body_confidence < POSE_WHEN_BEST_BELOW
+
+
+def body_models_for(config: PipelineConfig, fast: list[str], ensemble: list[str]) -> list[str]:
+    """The body models a detection runs: the fast model, or the ensemble in enhanced mode with it switched on."""
+    if config.mode == "enhanced" and config.ensemble and ensemble:
+        return list(ensemble)
+    return list(fast)

@@ -1,0 +1,255 @@
+"""Fusion on the real stack: identity across a property's sites, the join, cannot-link, switches, hostile features."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import time
+import uuid
+from datetime import datetime, timezone
+
+import httpx
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer
+from PIL import Image
+
+from deer_reid.ingest import wait_terminal
+from shared.broker import producer_for
+from shared.schemas import DeadLetter, Embedding, Features
+from shared.topics import FEATURES_BODY, FEATURES_COAT, dead_letter_of
+from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, register
+
+pytestmark = pytest.mark.stack
+
+
+def cropped(path, keep: float = 0.95, quality: int = 90) -> bytes:
+    """A slightly cropped, re-encoded copy of a photo: the same animal, other bytes (another image)."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    dx, dy = int(w * (1 - keep) / 2), int(h * (1 - keep) / 2)
+    out = io.BytesIO()
+    im.crop((dx, dy, w - dx, h - dy)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+async def upload(stack, name: str, data: bytes, site: str, *, boxes=None, cls="doe",
+                 captured_at="2025-06-01T06:00:00Z") -> list[str]:
+    fields = {"site": site, "camera": "cam1", "captured_at": captured_at, "cls": cls}
+    if boxes is not None:
+        fields["detections"] = json.dumps([{"box": b, "cls": cls} for b in boxes])
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        r = await client.post("/v1/uploads", data=fields, files=[("files", (name, data, "image/jpeg"))])
+    assert r.status_code == 201, r.text
+    return [d["id"] for d in r.json()["images"][0]["detections"]]
+
+
+async def detection(stack, det_id: str) -> dict:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        return (await client.get(f"/v1/detections/{det_id}")).json()
+
+
+async def decided(stack, ids: list[str]) -> list[dict]:
+    states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False, poll_s=0.2)
+    assert all(states[i] in ("assigned", "new", "review") for i in ids), states
+    return [await detection(stack, i) for i in ids]
+
+
+async def set_config(stack, **switches) -> dict:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        r = await client.put("/v1/config", json=switches, headers={"x-user": "test"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@pytest.fixture
+async def config(stack):
+    """Run-time switches a test changes are put back afterwards (the stack is shared)."""
+    before = await set_config(stack)
+    yield
+    await set_config(stack, **{k: before[k] for k in ("mode", "ensemble", "temporal", "coat", "pose", "antler")})
+
+
+async def test_one_animal_at_two_sites_of_one_property_is_one_individual(stack, db, nyala_paths):
+    await register(stack, "ranch-north", "ranch")
+    await register(stack, "ranch-south", "ranch")
+    photo = nyala_paths[700]
+    [first] = await upload(stack, "north.jpg", photo.read_bytes(), "ranch-north")
+    [d1] = await decided(stack, [first])
+    [second] = await upload(stack, "south.jpg", cropped(photo), "ranch-south")
+    [d2] = await decided(stack, [second])
+    assert d1["state"] == "new"
+    assert d2["result"]["candidates"], "the gallery search must span every site of the property"
+    assert d2["result"]["candidates"][0]["individual_id"] == d1["individual_id"]
+    assert (d2["state"], d2["individual_id"]) == ("assigned", d1["individual_id"])
+    row = await db.fetchrow("SELECT property, site, sightings FROM individuals WHERE id = $1", d1["individual_id"])
+    assert (row["property"], row["site"], row["sightings"]) == ("ranch", "ranch-north", 2)
+
+
+async def test_two_properties_never_share_an_individual(stack, db, nyala_paths):
+    await register(stack, "farm-a-cam", "farm-a")
+    await register(stack, "farm-b-cam", "farm-b")
+    photo = nyala_paths[710]
+    [a] = await upload(stack, "a.jpg", photo.read_bytes(), "farm-a-cam")
+    [b] = await upload(stack, "b.jpg", cropped(photo), "farm-b-cam")
+    da, db_ = await decided(stack, [a, b])
+    assert da["state"] == db_["state"] == "new"
+    assert da["individual_id"] != db_["individual_id"]
+    assert not db_["result"]["candidates"]  # farm-a's individual is not even a candidate
+    props = await db.fetch("SELECT property FROM individuals WHERE id = ANY($1::bigint[]) ORDER BY property",
+                           [da["individual_id"], db_["individual_id"]])
+    assert [r["property"] for r in props] == ["farm-a", "farm-b"]
+
+
+async def test_two_detections_of_one_image_are_never_one_individual(stack, db, nyala_paths):
+    await register(stack, "pair-cam", "pair")
+    photo = nyala_paths[720]
+    [known] = await upload(stack, "known.jpg", photo.read_bytes(), "pair-cam")
+    [k] = await decided(stack, [known])
+    # Another frame with two boxes that both look like the known animal: at most one of them is it.
+    data = cropped(photo, keep=0.97)
+    w, h = Image.open(io.BytesIO(data)).size
+    ids = await upload(stack, "two.jpg", data, "pair-cam", boxes=[[0, 0, w, h], [2, 2, w - 2, h - 2]])
+    d = await decided(stack, ids)
+    placed = [x["individual_id"] for x in d if x["state"] in ("assigned", "new")]
+    assert len(placed) == len(set(placed)), f"two boxes of one frame joined one individual: {placed}"
+    assert any(k["individual_id"] in x["result"]["cannot_link"] for x in d if x["result"]["cannot_link"]) or \
+        sum(1 for x in d if x["individual_id"] == k["individual_id"]) <= 1
+
+
+async def test_a_component_that_never_arrives_is_decided_degraded_after_the_timeout(stack, db, nyala_paths, config):
+    await set_config(stack, mode="enhanced", coat=True)  # no coat service runs in this stack
+    started = time.monotonic()
+    ids = await ingest(stack, nyala_paths[730:733], "degraded-cam")
+    results = [d["result"] for d in await decided(stack, ids)]
+    assert time.monotonic() - started >= 3  # DEER_JOIN_TIMEOUT_S of the test stack
+    for r in results:
+        assert "degraded" in r["flags"] and r["missing"] == ["coat"] and r["expected"] == ["body", "coat"]
+        assert r["switches"]["coat"] is True and r["mode"] == "enhanced"
+    await assert_exactly_once(db, ids, "degraded-cam")
+
+
+async def test_kill_9_of_fusion_with_joins_half_complete_decides_each_once(stack, db, nyala_paths, config):
+    await set_config(stack, mode="enhanced", coat=True, ensemble=False)
+    ids = await ingest(stack, nyala_paths[740:760], "halfjoin-cam")
+    # wait until body features have joined some of them (state fusing), then answer half with coat
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        fusing = await db.fetch("SELECT id, site, property, camera, captured_at, cls FROM detections "
+                                "WHERE id = ANY($1::uuid[]) AND state = 'fusing'", ids)
+        if len(fusing) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert fusing, "no join was ever half complete"
+    coat_for = fusing[: len(fusing) // 2 + 1]
+    producer = producer_for(stack.bootstrap, "test-coat")
+    await producer.start()
+    try:
+        for r in coat_for:
+            event = Features(component="coat", detection_id=r["id"], site=r["site"], property=r["property"],
+                             camera=r["camera"], captured_at=r["captured_at"], cls=r["cls"],
+                             attributes={"note": "test stand-in for the coat service"})
+            await producer.send_and_wait(FEATURES_COAT.name, event.to_bytes(), key=r["property"].encode())
+    finally:
+        await producer.stop()
+    child = stack.children["fusion"]
+    restarts = child.restarts
+    os.kill(child.process.pid, signal.SIGKILL)
+    results = await decided(stack, ids)
+    assert child.restarts >= restarts + 1
+    await assert_exactly_once(db, ids, "halfjoin-cam")
+    joined = await db.fetch("SELECT detection_id, component FROM detection_features WHERE detection_id = ANY($1::uuid[])",
+                            ids)
+    have = {(str(r["detection_id"]), r["component"]) for r in joined}
+    assert all((i, "body") in have for i in ids)
+    assert all((str(r["id"]), "coat") in have for r in coat_for)  # joined in time, or stored as late
+    for d in results:
+        has_coat = (d["id"], "coat") in have and "coat" in d["result"]["arrived"]
+        assert ("degraded" in d["result"]["flags"]) != has_coat
+
+
+async def test_switches_change_at_run_time_and_every_result_records_them(stack, db, nyala_paths, config):
+    await set_config(stack, mode="enhanced", ensemble=False, temporal=False)
+    ids = await ingest(stack, nyala_paths[770:772], "switch-cam")
+    for d in await decided(stack, ids):
+        r = d["result"]
+        assert r["mode"] == "enhanced" and list(r["versions"]) == ["efficientnet_lite0"]
+        assert r["switches"] == {"ensemble": False, "temporal": False, "coat": False, "pose": False, "antler": False}
+    await set_config(stack, ensemble=True, temporal=True)
+    ids = await ingest(stack, nyala_paths[772:774], "switch-cam")
+    for d in await decided(stack, ids):
+        r = d["result"]
+        assert sorted(r["versions"]) == ["efficientnet_lite0", "efficientnet_lite1"]
+        assert r["switches"]["temporal"] is True and r["switches"]["ensemble"] is True
+
+
+async def read_letters(bootstrap: str, topics: list[str], done, timeout: float = 60) -> list[DeadLetter]:
+    """Dead letters of `topics` from the beginning, until `done(letters)` or the timeout."""
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=f"test-letters-{uuid.uuid4()}")
+    await consumer.start()
+    letters: list[DeadLetter] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not done(letters) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                letters.extend(DeadLetter.from_bytes(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return letters
+
+
+async def test_hostile_feature_events_are_dead_lettered_and_disturb_nothing(stack, db, nyala_paths):
+    [target] = await ingest(stack, nyala_paths[780:781], "hostile-cam")
+    [before] = await decided(stack, [target])
+    row = await db.fetchrow("SELECT * FROM detections WHERE id = $1", uuid.UUID(target))
+    decisions_before = await db.fetchval("SELECT count(*) FROM decisions")
+    version = next(iter(before["result"]["versions"].values()))
+    common = dict(detection_id=row["id"], site=row["site"], property=row["property"], camera=row["camera"],
+                  captured_at=row["captured_at"], cls=row["cls"])
+
+    def body(vec, **over):
+        return Features(component="body", embeddings=[Embedding.of("efficientnet_lite0", version, vec, False)],
+                        **{**common, **over})
+
+    marker = uuid.uuid4().hex
+    hostile = [
+        (FEATURES_BODY, body(np.ones(1280, np.float32), detection_id=uuid.uuid4()).to_bytes(), "unknown detection"),
+        (FEATURES_BODY, body(np.ones(640, np.float32)).to_bytes(), "640 dimensions"),
+        (FEATURES_BODY, body(np.full(1280, np.nan, np.float32)).to_bytes(), "NaN"),
+        (FEATURES_COAT, Features(component="coat", **common).to_bytes(), "not expected"),
+        (FEATURES_BODY, body(np.ones(1280, np.float32), property="elsewhere").to_bytes(), "property"),
+        (FEATURES_COAT, f'{{"kind": "features", "junk": "{marker}"}}'.encode(), "not a valid fusion input"),
+    ]
+    producer = producer_for(stack.bootstrap, "test-hostile")
+    await producer.start()
+    try:
+        for topic, raw, _ in hostile:
+            await producer.send_and_wait(topic.name, raw, key=b"hostile")
+    finally:
+        await producer.stop()
+    def ours(letters):
+        return [l for l in letters if l.service == "fusion" and l.at > before_time(row)]
+
+    def all_seen(letters):
+        reasons = " | ".join(l.reason for l in ours(letters))
+        return all(why in reasons for _, _, why in hostile)
+
+    ours = ours(await read_letters(stack.bootstrap, [dead_letter_of(FEATURES_BODY).name,
+                                                     dead_letter_of(FEATURES_COAT).name], all_seen, timeout=60))
+    reasons = " | ".join(l.reason for l in ours)
+    for _, _, why in hostile:
+        assert why in reasons, f"no dead letter saying {why!r}: {reasons}"
+    assert all(not l.fails_detection for l in ours)
+    after = await detection(stack, target)
+    assert (after["state"], after["individual_id"], after["result"]) == \
+        (before["state"], before["individual_id"], before["result"])
+    assert await db.fetchval("SELECT count(*) FROM decisions") == decisions_before
+    assert await db.fetchval("SELECT count(*) FROM detection_features WHERE detection_id = $1 AND component = 'coat'",
+                             row["id"]) == 0
+
+
+def before_time(row) -> datetime:
+    return row["created_at"] if row["created_at"].tzinfo else row["created_at"].replace(tzinfo=timezone.utc)

@@ -376,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     si_add.add_argument("--property", default="default", help="the population it belongs to (default: default)")
     si_add.add_argument("--lat", type=float, help="latitude (temporal conflicts need coordinates)")
     si_add.add_argument("--lon", type=float)
-    si_sub.add_parser("list", help="every site with its property, coordinates and detections")
-    for p in (si, si_add):
+    si_list = si_sub.add_parser("list", help="every site with its property, coordinates and detections")
+    for p in (si_add, si_list):
         p.add_argument("--api-url")
     si.set_defaults(func=cmd_sites)
 
@@ -392,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca_sub = ca.add_subparsers(dest="action", required=True)
     ca_in = ca_sub.add_parser("install", help="make an artifact written by `eval --protocol loo` the active one")
     ca_in.add_argument("file")
-    ca_sub.add_parser("show", help="print the active artifact")
-    ca.add_argument("--api-url")
+    ca_show = ca_sub.add_parser("show", help="print the active artifact")
+    for p in (ca_in, ca_show):
+        p.add_argument("--api-url")
     ca.set_defaults(func=cmd_calibration)
 
     ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")

@@ -18,8 +18,8 @@ from PIL import Image
 
 from deer_reid.ingest import wait_terminal
 from shared.broker import producer_for
-from shared.schemas import DeadLetter, Embedding, Features
-from shared.topics import FEATURES_BODY, FEATURES_COAT, dead_letter_of
+from shared.schemas import DeadLetter, DetectionEvent, Embedding, Features
+from shared.topics import FEATURES_BODY, FEATURES_COAT, POSE_REQUESTS, dead_letter_of
 from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, register
 
 pytestmark = pytest.mark.stack
@@ -88,6 +88,19 @@ async def test_one_animal_at_two_sites_of_one_property_is_one_individual(stack, 
     assert (row["property"], row["site"], row["sightings"]) == ("ranch", "ranch-north", 2)
 
 
+async def test_the_same_deer_at_two_far_sites_within_minutes_goes_to_review(stack, db, nyala_paths):
+    await register(stack, "hill-east", "hill", lat=45.000, lon=-93.000)
+    await register(stack, "hill-west", "hill", lat=44.980, lon=-93.000)  # 2.2 km away
+    photo = nyala_paths[705]
+    [first] = await upload(stack, "east.jpg", photo.read_bytes(), "hill-east", captured_at="2025-06-01T06:00:00Z")
+    [d1] = await decided(stack, [first])
+    [second] = await upload(stack, "west.jpg", cropped(photo), "hill-west", captured_at="2025-06-01T06:02:00Z")
+    [d2] = await decided(stack, [second])
+    best = d2["result"]["candidates"][0]
+    assert best["individual_id"] == d1["individual_id"] and "temporal-conflict" in best["flags"]
+    assert d2["state"] == "review" and "temporal-conflict" in d2["result"]["flags"]
+
+
 async def test_two_properties_never_share_an_individual(stack, db, nyala_paths):
     await register(stack, "farm-a-cam", "farm-a")
     await register(stack, "farm-b-cam", "farm-b")
@@ -129,6 +142,51 @@ async def test_a_component_that_never_arrives_is_decided_degraded_after_the_time
         assert "degraded" in r["flags"] and r["missing"] == ["coat"] and r["expected"] == ["body", "coat"]
         assert r["switches"]["coat"] is True and r["mode"] == "enhanced"
     await assert_exactly_once(db, ids, "degraded-cam")
+    # the component that comes after the decision is stored, and reopens nothing
+    row = await db.fetchrow("SELECT * FROM detections WHERE id = $1", uuid.UUID(ids[0]))
+    late = Features(component="coat", detection_id=row["id"], site=row["site"], property=row["property"],
+                    camera=row["camera"], captured_at=row["captured_at"], cls=row["cls"])
+    producer = producer_for(stack.bootstrap, "test-late")
+    await producer.start()
+    try:
+        await producer.send_and_wait(FEATURES_COAT.name, late.to_bytes(), key=row["property"].encode())
+    finally:
+        await producer.stop()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not await db.fetchval(
+            "SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'coat'", row["id"]):
+        await asyncio.sleep(0.1)
+    assert await db.fetchval("SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'coat'",
+                             row["id"]) is True
+    after = await detection(stack, ids[0])
+    assert (after["state"], after["result"]) == (row["state"], row["result"])
+    await assert_exactly_once(db, ids, "degraded-cam")
+
+
+async def test_an_uncertain_match_asks_for_pose_and_waits_for_it(stack, db, nyala_paths, config):
+    await set_config(stack, mode="enhanced", pose=True, ensemble=False)
+    [det] = await ingest(stack, nyala_paths[735:736], "pose-cam")  # an empty property: no confident match
+    [d] = await decided(stack, [det])
+    r = d["result"]
+    assert r["expected"] == ["body", "pose"] and r["missing"] == ["pose"] and "degraded" in r["flags"]
+    consumer = AIOKafkaConsumer(POSE_REQUESTS.name, bootstrap_servers=stack.bootstrap, auto_offset_reset="earliest",
+                                group_id=f"test-pose-{uuid.uuid4()}")
+    await consumer.start()
+    requests = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(str(e.detection_id) == det for e in requests):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                requests.extend(DetectionEvent.from_bytes(x.value) for x in records)
+    finally:
+        await consumer.stop()
+    mine = [e for e in requests if str(e.detection_id) == det]
+    assert mine and mine[0].crop_jpeg and mine[0].expected == ["body", "pose"]
+    # in fast mode pose is never asked for
+    await set_config(stack, mode="fast")
+    [fast] = await ingest(stack, nyala_paths[736:737], "pose-cam")
+    [f] = await decided(stack, [fast])
+    assert f["result"]["expected"] == ["body"] and not f["result"]["missing"]
 
 
 async def test_kill_9_of_fusion_with_joins_half_complete_decides_each_once(stack, db, nyala_paths, config):

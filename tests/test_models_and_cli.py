@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from deer_reid.evaluation import calibration as cal
 from shared.config import Settings
 from shared.embedded import free_port
 from shared.images import model_input
@@ -131,6 +132,30 @@ def test_up_detach_then_down_leaves_no_process_behind(cli_env, tmp_path, nyala_p
         report = json.loads(out.read_text())
         assert report["submitted"] == report["terminal"] > 0 and "failed" not in report["states"]
         assert set(report) >= {"submitted", "terminal", "states"}
+
+        # sites, the calibration and the gallery, as a person at a terminal manages them
+        added = cli("sites", "add", "north-feeder", "--property", "ranch", "--lat", "45.0", "--lon", "-93.0",
+                    env=cli_env)
+        assert added.returncode == 0, added.stderr
+        listed = cli("sites", "list", env=cli_env).stdout
+        assert "north-feeder" in listed and "ranch" in listed and "default" in listed
+        moved = cli("sites", "add", "default", "--property", "ranch", env=cli_env)  # it has detections
+        assert moved.returncode != 0 and "cannot move" in moved.stderr
+        artifact = tmp_path / "cal.json"
+        sims = {"body:resnet50": np.array([[1, .9, .2], [.9, 1, .3], [.2, .3, 1]])}
+        cal.write_artifact(artifact, versions={"resnet50": "x"}, chosen=cal.OperatingPoint(0.8, 0.6, {}),
+                           fusion=cal.fit_fusion(sims, [0, 1, 2], ["a", "a", "b"], ["1", "2", "3"]),
+                           met_target=True, target=0.02, fit={}, held_out={})
+        installed = cli("calibration", "install", str(artifact), env=cli_env)
+        assert installed.returncode == 0 and "installed calibration" in installed.stdout, installed.stderr
+        assert json.loads(cli("calibration", "show", env=cli_env).stdout)["artifact"]["thresholds"]["match"] == 0.8
+        artifact.write_text("{}")
+        refused = cli("calibration", "install", str(artifact), env=cli_env)
+        assert refused.returncode == 2 and "not a deer-reid-calibration artifact" in refused.stderr
+        rebuilt = cli("gallery", "rebuild", "--quiet", env=cli_env)
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        gallery = json.loads(rebuilt.stdout)
+        assert gallery["individuals"] > 0 and gallery["exemplars_after"] >= gallery["individuals"]
     finally:
         down = cli("down", env=cli_env)
     assert down.returncode == 0, down.stderr

@@ -26,7 +26,7 @@ from services.fusion import exemplars as exemplar_choice
 from services.fusion.calibration import ARTIFACT_KIND, ARTIFACT_VERSION
 from services.fusion.components import aggregate
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Thresholds, decide
-from services.fusion.scoring import FusionModel, logit, score_candidates
+from services.fusion.scoring import RAW_TIE_BREAK, FusionModel, logit, score_candidates
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -95,26 +95,36 @@ class OperatingPoint:
     report: dict
 
 
-def threshold_grid(scores: np.ndarray, size: int = 30) -> list[float]:
-    """Match thresholds spread over the upper half of the pair scores (works on any scale: raw or P)."""
+def threshold_grid(scores: np.ndarray, size: int = 28) -> list[float]:
+    """Thresholds spread over the upper half of the pair scores, up to the highest (any scale: raw or P).
+
+    Same-individual pairs are a small share of all pairs, so the grid is densest in the top tail.
+    """
     finite = scores[np.isfinite(scores)]
     if finite.size == 0:
         return [0.5]
-    qs = np.quantile(finite, np.linspace(0.5, 0.9995, size))
-    return sorted({round(float(q), 4) for q in qs})
+    levels = np.concatenate([np.linspace(0.5, 0.99, size // 2), 1 - np.geomspace(0.01, 1e-5, size - size // 2)])
+    return sorted({round(float(q), 5) for q in np.quantile(finite, levels)})
 
 
 def operating_curve(per_component: Mapping[str, np.ndarray], indices: Sequence[int], identities: Sequence[str],
-                    sexes: Sequence[str], seed: int, match_grid: Sequence[float],
-                    new_gaps: Sequence[float] = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3), **kw) -> list[OperatingPoint]:
-    """Simulated open-set outcomes of the images `indices` for a grid of (match, new) thresholds."""
+                    sexes: Sequence[str], seed: int, match_grid: Sequence[float], new_steps: int = 6,
+                    **kw) -> list[OperatingPoint]:
+    """Simulated open-set outcomes of the images `indices` for a grid of (match, new) thresholds.
+
+    The new-individual threshold takes `new_steps` values of the same grid at or below the match
+    threshold (from equal to it down to the grid's bottom), so the search works on any score scale.
+    """
     rng = np.random.default_rng(seed)
     order = [int(i) for i in rng.permutation(np.asarray(indices))]
+    grid = sorted(match_grid)
     points = []
-    for match in match_grid:
-        for gap in new_gaps:
-            new = round(float(match) - gap, 4)
-            placed = simulate(per_component, order, sexes, Thresholds(match=float(match), new=new), **kw)
+    for m, match in enumerate(grid):
+        below = grid[: m + 1][::-1]
+        picks = sorted({below[int(round(j))] for j in np.linspace(0, len(below) - 1, min(new_steps, len(below)))},
+                       reverse=True)
+        for new in picks:
+            placed = simulate(per_component, order, sexes, Thresholds(match=float(match), new=float(new)), **kw)
             report = clustering_report([placed[i] for i in order], [identities[i] for i in order])
             points.append(OperatingPoint(float(match), new, report))
     return points
@@ -228,7 +238,9 @@ def fused_similarity(per_component: Mapping[str, np.ndarray], model: FusionModel
         p = np.where(np.isnan(per_component[c]), cal.prior, p)
         p = np.clip(p, 1e-3, 1 - 1e-3)
         z += model.weights.get(c, 0.0) * np.log(p / (1 - p))
-    return 1 / (1 + np.exp(-z))
+    # ties (beyond the calibrations' end knots) are broken by the raw scores, as score_candidates does
+    return 1 / (1 + np.exp(-z)) + RAW_TIE_BREAK * np.nan_to_num(np.nanmean(
+        np.stack([per_component[c] for c in names]), axis=0))
 
 
 def split_identities(identities: Sequence[str], seed: int, fit_share: float = 0.5) -> tuple[set, set]:

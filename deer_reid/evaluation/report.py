@@ -57,7 +57,7 @@ def plot_calibrations(pairs: dict[str, tuple[np.ndarray, np.ndarray]], calibrati
     for n, (name, (scores, same)) in enumerate(pairs.items()):
         c = calibrations[name]
         color = f"C{n}"
-        ax.step(c["x"], c["y"], where="post", color=color, label=f"{name} isotonic")
+        ax.plot(c["x"], c["y"], color=color, label=f"{name} calibration (centered isotonic)")
         ok = np.isfinite(scores)
         edges = np.quantile(scores[ok], np.linspace(0, 1, 16))
         mids, rates = [], []

@@ -24,6 +24,9 @@ import numpy as np
 from services.fusion.components import component_of
 
 _EPS = 1e-3  # isotonic fits reach 0 and 1 exactly; log-odds need them kept off the ends
+# Calibrations are flat beyond their end knots (and clipped near 0 and 1), so two candidates can
+# share a probability that their raw scores told apart: the raw scores' mean breaks such ties.
+RAW_TIE_BREAK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ def score_candidates(per_component: Mapping[str, Mapping[int, float]], model: Fu
         if model is not None:
             calibrated = {n: (model.calibrations[n](v) if v is not None and n in model.calibrations else None)
                           for n, v in raw.items()}
-            score = model.probability(calibrated)
+            score = model.probability(calibrated) + RAW_TIE_BREAK * float(
+                np.mean([v for v in raw.values() if v is not None] or [0.0]))
             weights = {n: model.weights.get(n, 0.0) for n in raw}
         else:
             calibrated = {n: None for n in raw}

@@ -221,6 +221,48 @@ def cmd_calibration(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from deer_reid.evaluation.dataset import DatasetError
+    from deer_reid.stack import pid_alive, read_state
+    from deer_reid.training.train import TrainConfig, TrainError, train
+
+    settings = _settings(args)
+    state = read_state(settings.home)
+    in_use = set()
+    if state and pid_alive(state["supervisor_pid"]):
+        in_use = {state.get("body_model"), *(state.get("body_ensemble") or [])}
+    cfg = TrainConfig(name=args.name, base=args.base, epochs=args.epochs, input_size=args.input_size, seed=args.seed,
+                      holdout_identities=args.holdout_identities, validation_identities=args.validation_identities,
+                      batch=args.batch, lr=args.lr, precision=args.precision or "fp32", overwrite=args.overwrite,
+                      resume=args.resume)
+    try:
+        card = train(Path(args.data_dir), cfg, settings, in_use=in_use, progress=not args.quiet)
+    except (TrainError, DatasetError) as exc:
+        print(f"deer-reid train: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(card, indent=2))
+    print(json.dumps({k: card[k] for k in ("name", "embedding_version", "selected_epoch", "validation", "seconds",
+                                           "classes", "classes_by", "precision")}, indent=2))
+    print(f"\nmodel {card['name']} is in {settings.model_cache / card['name']}; measure it on identities it never "
+          f"learned: deer-reid eval {args.data_dir} --protocol loo --body-model {card['name']}")
+    return 0
+
+
+def cmd_export_labels(args) -> int:
+    from deer_reid.training.labels import ExportError, export_labels
+
+    settings = _settings(args)
+    try:
+        report = asyncio.run(export_labels(database_url_for(settings), Path(args.out), prop=args.property,
+                                           human_only=args.human_only))
+    except ExportError as exc:
+        print(f"deer-reid export-labels: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from deer_reid.ingest import ingest
 
@@ -252,11 +294,17 @@ def cmd_eval(args) -> int:
             result = run_loo(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                              seed=args.seed, report_dir=report_dir, json_path=args.json,
                              target_false_merge=args.target_false_merge, calibration_out=args.calibration_out,
-                             settings=settings, allow_random=args.allow_random_weights, progress=not args.quiet)
+                             settings=settings, allow_random=args.allow_random_weights, progress=not args.quiet,
+                             holdout_of=args.holdout_of)
         else:
+            from deer_reid.stack import read_state
+
+            state = read_state(settings.home) or {}
+            stack_models = [m for m in [state.get("body_model"), *(state.get("body_ensemble") or [])] if m]
             result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                                   seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
-                                  json_path=args.json, progress=not args.quiet)
+                                  json_path=args.json, progress=not args.quiet, settings=settings,
+                                  stack_models=stack_models)
     except (DatasetError, ValueError, KeyError, RuntimeError) as exc:
         print(f"deer-reid eval: {exc}", file=sys.stderr)
         return 2
@@ -264,13 +312,16 @@ def cmd_eval(args) -> int:
         installed = _api(args, "POST", "/v1/calibration", json=result.pop("_artifact"))
         result["calibration"]["installed_id"] = installed["id"]
     result.pop("_artifact", None)
-    skip = {"cmc", "ablation", "ablation_same_viewpoint", "calibration", "plots"}
+    skip = {"cmc", "ablation", "ablation_same_viewpoint", "calibration", "plots", "levers"}
     print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=2, default=str))
     if "ablation" in result:
         print("\nablation (loo):")
         for name, a in result["ablation"].items():
             print(f"  {name:45s} queries {a['queries']:5d}  top-1 {a['top1']:.3f}  top-5 {a['top5']:.3f}  "
                   f"mAP {a['mAP']:.3f}")
+    for name, a in (result.get("levers") or {}).items():
+        print(f"  lever: {name:52s} queries {a['queries']:5d}  top-1 {a['top1']:.3f}  top-5 {a['top5']:.3f}  "
+              f"mAP {a['mAP']:.3f}")
     if "calibration" in result:
         c = result["calibration"]
         print(f"\nthresholds (fit on {c['fit']['identities']} identities): match {c['thresholds']['match']:.3f}, "
@@ -353,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default $DEER_HOME/calibration.json)")
     ev.add_argument("--install", action="store_true", help="loo: also install the artifact in the running "
                     "stack (fusion uses it from its next batch); same as `deer-reid calibration install`")
+    ev.add_argument("--holdout-of", metavar="NAME", help="loo: only the identities trained model NAME held out "
+                    "(to compare models on the same animals); trained models' own identities are always left out")
     ev.add_argument("--allow-random-weights", action="store_true")
     ev.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="as the body service (default auto)")
     ev.add_argument("--api-url")
@@ -396,6 +449,31 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (ca_in, ca_show):
         p.add_argument("--api-url")
     ca.set_defaults(func=cmd_calibration)
+
+    tr = sub.add_parser("train", help="fine-tune a body network on labelled photos (metric learning)")
+    tr.add_argument("data_dir", help="folder with metadata.csv (path, identity[, viewpoint, encounter])")
+    tr.add_argument("--name", required=True, help="the new model's name (then --body-model NAME)")
+    tr.add_argument("--base", default="efficientnet_lite0", help="efficientnet_lite0|1|2 (ImageNet weights)")
+    tr.add_argument("--epochs", type=int, default=12)
+    tr.add_argument("--input-size", type=int, default=224)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--holdout-identities", type=int, default=58,
+                    help="identities neither trained on nor used to choose the epoch (eval reports on them)")
+    tr.add_argument("--validation-identities", type=int, default=15, help="identities that choose the epoch")
+    tr.add_argument("--batch", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default fp32 (bf16 measured no faster)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a trained model of the same name")
+    tr.add_argument("--resume", action="store_true", help="continue from the last epoch's checkpoint")
+    tr.add_argument("--json", help="write the model card here too")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    ex = sub.add_parser("export-labels", help="decided detections as a folder `train` accepts")
+    ex.add_argument("out")
+    ex.add_argument("--property", help="only this property")
+    ex.add_argument("--human-only", action="store_true", help="only what a person decided")
+    ex.set_defaults(func=cmd_export_labels)
 
     ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")
     ing.add_argument("path")

@@ -89,7 +89,7 @@ class Stack:
     def check_models(self) -> None:
         for name in self.settings.body_models:
             try:
-                get_spec(name)
+                get_spec(name, self.settings.model_cache)
             except KeyError as exc:
                 raise StackError(str(exc)) from None
             if not self.settings.allow_random_weights and not weights_available(

@@ -64,11 +64,56 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def get_spec(name: str) -> ModelSpec:
+# A model trained by `deer-reid train` lives in <model cache>/<name>/: its weights and its card.
+TRAINED_WEIGHTS = "model.pt"
+CARD_FILE = "card.json"
+
+
+def default_model_cache() -> Path:
+    import os
+
+    base = os.environ.get("DEER_MODEL_CACHE")
+    if base:
+        return Path(base).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deer-reid" / "models"
+
+
+def read_card(name: str, cache: Path) -> dict | None:
+    """The model card of a trained model in the cache (None when `name` was not trained there)."""
+    import json
+
+    path = Path(cache) / name / CARD_FILE
     try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise MissingWeights(f"model card {path} is unreadable: {exc}") from None
+
+
+def trained_spec(name: str, cache: Path) -> ModelSpec | None:
+    """The spec of a model `deer-reid train` wrote: its base's architecture and normalisation, its own
+    input size and weights (checksum pinned by its card)."""
+    card = read_card(name, cache)
+    if card is None:
+        return None
+    base = REGISTRY.get(card.get("base", ""))
+    if base is None:
+        raise MissingWeights(f"model card of {name} names an unknown base {card.get('base')!r}")
+    return ModelSpec(name=name, dim=base.dim, input_size=int(card["input_size"]), mean=base.mean, std=base.std,
+                     build=base.build, weights_file=TRAINED_WEIGHTS, sha256=card["weights_sha256"],
+                     runtime=base.runtime)
+
+
+def get_spec(name: str, cache: Path | None = None) -> ModelSpec:
+    """A model by name: a built-in one, or one trained into the model cache (`deer-reid train`)."""
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    spec = trained_spec(name, cache or default_model_cache())
+    if spec is not None:
+        return spec
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))} and the models trained into "
+                   f"{cache or default_model_cache()}")
 
 
 # ---- architectures -----------------------------------------------------------------------
@@ -217,11 +262,11 @@ def resolve_weights(spec: ModelSpec, cache: Path, fetch: bool = False) -> tuple[
 
 
 def weights_available(name: str, cache: Path, fetch: bool = False) -> bool:
-    return resolve_weights(get_spec(name), cache, fetch) is not None
+    return resolve_weights(get_spec(name, cache), cache, fetch) is not None
 
 
 def missing_weights_message(name: str, cache: Path) -> str:
-    spec = get_spec(name)
+    spec = get_spec(name, cache)
     return (
         f"no weights for body model {name!r} in {Path(cache) / spec.name / spec.weights_file}. "
         f"Fixes: put the weights file there (or set DEER_FETCH_WEIGHTS=true where the Hugging Face hub is "
@@ -298,7 +343,7 @@ def load_model(name: str, cache: Path, *, allow_random: bool = False, device: st
     """Build `name` and load its cached weights; random weights only when explicitly allowed."""
     import torch
 
-    spec = get_spec(name)
+    spec = get_spec(name, cache)
     found = resolve_weights(spec, cache, fetch)
     if found is None and not allow_random:
         raise MissingWeights(missing_weights_message(name, cache))

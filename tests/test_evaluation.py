@@ -237,3 +237,31 @@ def test_bad_labelled_folders_name_the_problem(tmp_path, jpeg_bytes, csv_text, s
 def test_missing_metadata_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="metadata.csv: file not found"):
         load_dataset(tmp_path)
+
+
+def test_a_sighting_query_takes_its_best_photo():
+    from deer_reid.evaluation.metrics import retrieval_by_sighting
+
+    # encounter e1 = images 0 (left flank) and 1 (right flank) of a; image 2 is a's other sighting,
+    # image 3 is b. Only the right flank (1) matches a's other photo.
+    ids, enc = ["a", "a", "a", "b"], ["e1", "e1", "e2", "e3"]
+    sim = np.array([[1, .5, .2, .6], [.5, 1, .9, .3], [.2, .9, 1, .1], [.6, .3, .1, 1]])
+    per_image = retrieval(sim, ids, enc)
+    per_sighting = retrieval_by_sighting(sim, ids, enc)
+    assert per_image["queries"] == 3 and per_image["top1"] == pytest.approx(2 / 3)  # image 0 ranks b first
+    assert per_sighting["queries"] == 2 and per_sighting["top1"] == 1.0
+
+
+def test_query_expansion_pulls_a_query_toward_its_neighbours_outside_its_encounter():
+    from deer_reid.evaluation.metrics import query_expanded_similarity
+    from services.fusion.rerank import expanded_query
+
+    e = np.eye(3, dtype=np.float32)
+    q = np.array([0.8, 0.6, 0], dtype=np.float32)
+    assert np.allclose(expanded_query(q, e[:0]), q)  # nothing to expand with
+    moved = expanded_query(q, e, k=1, alpha=1.0)
+    assert moved @ e[0] > q @ e[0] and np.isclose(np.linalg.norm(moved), 1)
+    vecs = np.array([[1, 0], [0.96, 0.28], [0.6, 0.8]], dtype=np.float32)
+    s = query_expanded_similarity(vecs, ["x", "x", "y"], k=1)
+    # row 0 may only expand with image 2 (image 1 shares its encounter)
+    assert s[0, 2] > vecs[0] @ vecs[2]

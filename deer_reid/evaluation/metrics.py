@@ -24,6 +24,15 @@ def average_precision(ranked_relevance: np.ndarray) -> float:
     return float(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
 
 
+def _summary(first_hit: list[int], aps: list[float], max_rank: int) -> dict:
+    """CMC, top-1/top-5 and mAP from each query's rank of its first hit and its average precision."""
+    n = len(first_hit)
+    hits = np.asarray(first_hit)
+    cmc = [float(np.mean(hits < k)) if n else 0.0 for k in range(1, max_rank + 1)]
+    return {"queries": n, "top1": cmc[0], "top5": cmc[4] if max_rank >= 5 else None,
+            "mAP": float(np.mean(aps)) if n else 0.0, "cmc": cmc}
+
+
 def retrieval(similarity: np.ndarray, identities: Sequence[Hashable], encounters: Sequence[Hashable],
               viewpoints: Sequence[Hashable] | None = None, max_rank: int = 20) -> dict:
     """Leave-one-encounter-out retrieval over a square similarity matrix.
@@ -46,11 +55,42 @@ def retrieval(similarity: np.ndarray, identities: Sequence[Hashable], encounters
         ranked = rank(similarity[i, gallery], relevant)
         first_hit.append(int(np.argmax(ranked)))
         aps.append(average_precision(ranked))
-    n = len(first_hit)
-    hits = np.asarray(first_hit)
-    cmc = [float(np.mean(hits < k)) if n else 0.0 for k in range(1, max_rank + 1)]
-    return {"queries": n, "top1": cmc[0], "top5": cmc[4] if max_rank >= 5 else None,
-            "mAP": float(np.mean(aps)) if n else 0.0, "cmc": cmc}
+    return _summary(first_hit, aps, max_rank)
+
+
+def retrieval_by_sighting(similarity: np.ndarray, identities: Sequence[Hashable], encounters: Sequence[Hashable],
+                          max_rank: int = 20) -> dict:
+    """The sighting protocol: each encounter (all its photos: both flanks, a burst) is one query, and a
+    gallery image scores its best similarity to any of the query's photos. Gallery: every image outside
+    the encounter. Queries are encounters, so the figures are per sighting, not per image."""
+    ids = np.asarray(identities)
+    enc = np.asarray(encounters)
+    first_hit, aps = [], []
+    for e in dict.fromkeys(enc.tolist()):
+        members = enc == e
+        gallery = ~members
+        relevant = ids[gallery] == ids[members][0]
+        if not relevant.any():
+            continue
+        scores = similarity[np.ix_(members, gallery)].max(axis=0)
+        ranked = rank(scores, relevant)
+        first_hit.append(int(np.argmax(ranked)))
+        aps.append(average_precision(ranked))
+    return _summary(first_hit, aps, max_rank)
+
+
+def query_expanded_similarity(embeddings: np.ndarray, encounters: Sequence[Hashable], k: int = 2,
+                              alpha: float = 3.0) -> np.ndarray:
+    """Row i: image i's αQE query (expanded only with images outside its own encounter, i.e. its
+    leave-one-encounter-out gallery) against every image."""
+    from services.fusion.rerank import expanded_query
+
+    enc = np.asarray(encounters)
+    out = np.empty((len(embeddings), len(embeddings)), dtype=np.float32)
+    for i in range(len(embeddings)):
+        gallery = enc != enc[i]
+        out[i] = embeddings @ expanded_query(embeddings[i], embeddings[gallery], k, alpha)
+    return out
 
 
 def bcubed(predicted: Sequence[Hashable], truth: Sequence[Hashable]) -> dict:

@@ -110,6 +110,11 @@ def markdown(result: dict) -> str:
         if result.get("same_viewpoint"):
             v = result["same_viewpoint"]
             lines.append(f"| same viewpoint | {v['queries']} | {v['top1']:.3f} | {v['top5']:.3f} | {v['mAP']:.3f} |")
+        if result.get("levers"):
+            lines += ["", "## Levers (all identities of the run)", "", "| lever | queries | top-1 | top-5 | mAP |",
+                      "|---|---|---|---|---|"]
+            for name, a in result["levers"].items():
+                lines.append(f"| {name} | {a['queries']} | {a['top1']:.3f} | {a['top5']:.3f} | {a['mAP']:.3f} |")
         g = result.get("ablation_gallery", {})
         lines += ["", "## Ablation", "",
                   f"On the {g.get('identities')} held-out identities ({g.get('images')} images) that the fusion was "

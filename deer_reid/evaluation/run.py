@@ -13,7 +13,8 @@ from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import Sample, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
 from deer_reid.evaluation.features import embed_samples
-from deer_reid.evaluation.metrics import clustering_report, retrieval
+from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
+    retrieval_by_sighting
 from deer_reid.evaluation.report import plot_calibrations, plot_cmc, plot_operating_curve, plot_scores, write_report
 from services.fusion.components import AGGREGATIONS, body_component, body_similarity_matrix
 from services.fusion.scoring import FusionModel
@@ -54,6 +55,34 @@ def _base(protocol: str, mode: str, data: Path, samples: list[Sample], seed: int
             "true_individuals": len({s.identity for s in samples}), "seed": seed}
 
 
+def never_trained_on(samples: list[Sample], model_names: list[str], settings: Settings,
+                     holdout_of: str | None = None) -> tuple[list[Sample], dict]:
+    """The samples a fair measurement may use: never the identities a trained model learned or was
+    selected on; with `holdout_of`, only that trained model's holdout identities (so that an ImageNet
+    model and a fine-tuned one are measured on the same animals)."""
+    from shared.models import read_card
+
+    excluded: set[str] = set()
+    notes = {}
+    for name in model_names:
+        card = read_card(name, settings.model_cache)
+        if card:
+            learned = set(card["identities"]["train"]) | set(card["identities"]["validation"])
+            excluded |= learned
+            notes[name] = f"{len(learned)} identities it was trained or selected on are left out"
+    keep = None
+    if holdout_of:
+        card = read_card(holdout_of, settings.model_cache)
+        if card is None:
+            raise ValueError(f"--holdout-of {holdout_of}: no trained model of that name in {settings.model_cache}")
+        keep = set(card["identities"]["holdout"])
+        notes["holdout_of"] = f"only the {len(keep)} identities {holdout_of} held out"
+    kept = [s for s in samples if s.identity not in excluded and (keep is None or s.identity in keep)]
+    if len({s.identity for s in kept}) < 2:
+        raise ValueError("fewer than 2 identities are left that no model here was trained on")
+    return [Sample(**{**s.__dict__, "index": n}) for n, s in enumerate(kept)], notes
+
+
 def _subset(matrix: np.ndarray, idx: list[int]) -> np.ndarray:
     return matrix[np.ix_(idx, idx)]
 
@@ -64,15 +93,17 @@ def _rows(result: dict) -> dict:
 
 def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, report_dir: Path | None,
             json_path: Path | None, target_false_merge: float, calibration_out: Path | None,
-            settings: Settings, allow_random: bool = False, progress: bool = True) -> dict:
+            settings: Settings, allow_random: bool = False, progress: bool = True,
+            holdout_of: str | None = None) -> dict:
     """Closed-set retrieval, the ablation, and the fitted fusion (written as the calibration artifact).
 
     Identities are split in two (seeded): the fusion (per-component calibrations, weights, the
     identity-level aggregation, thresholds) is fitted on one half; every figure that depends on the
     fit (fused retrieval, the ablation, the open-set outcome) is reported on the other half only.
     """
-    samples = select(load_dataset(data), limit, seed)
     names = _model_names(mode, body_model, settings)
+    samples, fairness = never_trained_on(load_dataset(data), names, settings, holdout_of)
+    samples = select(samples, limit, seed)
     embeddings, models = embed_samples(samples, names, settings, allow_random=allow_random, progress=progress)
     ids = [s.identity for s in samples]
     enc = [s.encounter for s in samples]
@@ -85,6 +116,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     unfitted = fused_similarity(per_component, None, spec_weights)
     result = _base("loo", mode, data, samples, seed)
     result.update({
+        "never_trained_on": fairness,
         "body_models": names,
         "embedding_versions": {m.spec.name: m.version for m in models},
         "weights_real": not any(m.random_weights for m in models),
@@ -95,6 +127,15 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     result["cmc"] = main["cmc"]
     if views:
         result["same_viewpoint"] = _rows(retrieval(unfitted, ids, enc, views))
+
+    # Levers measured on every identity of the run (no fitting involved): the sighting as the query
+    # (labelled as such: the figures are per sighting), and αQE re-ranking of a single model.
+    result["levers"] = {"sighting as the query (per sighting, not per image)": _rows(
+        retrieval_by_sighting(unfitted, ids, enc))}
+    if len(names) == 1:
+        for k in (1, 2, 3):
+            qe = query_expanded_similarity(embeddings[names[0]], enc, k=k)
+            result["levers"][f"query expansion αQE k={k}"] = _rows(retrieval(qe, ids, enc))
 
     fit_ids, held_ids = cal.split_identities(ids, seed)
     fit_idx = [i for i, s in enumerate(samples) if s.identity in fit_ids]
@@ -256,14 +297,18 @@ def _switch(api_url: str, **switches) -> dict:
 
 
 def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, api_url: str,
-                 report_dir: Path | None, json_path: Path | None, progress: bool = True) -> dict:
+                 report_dir: Path | None, json_path: Path | None, progress: bool = True,
+                 settings: Settings | None = None, stack_models: list[str] = ()) -> dict:
     """Upload the images one by one to the running stack (in `mode`, switched for the run and restored
     after) and score the individuals it built. Each run uses its own site in its own property, so
     earlier runs' individuals are never candidates."""
     import httpx
 
     installed = _stack_calibration(api_url)
-    samples, held_out = held_out_of(select(load_dataset(data), limit, seed), (installed or {}).get("artifact"))
+    names = [n.strip() for n in (body_model or ",".join(stack_models)).split(",") if n.strip()]
+    fair, fairness = never_trained_on(load_dataset(data), names, settings or Settings())
+    samples, held_out = held_out_of(select(fair, limit, seed), (installed or {}).get("artifact"))
+    held_out["never_trained_on"] = fairness
     held_out["calibration_id"] = (installed or {}).get("id")
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(samples))]
     site = f"eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-s{seed}"

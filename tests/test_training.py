@@ -1,0 +1,178 @@
+"""`deer-reid train` on a handful of real photos (plumbing, not accuracy), its model card, loading by name,
+determinism and resume, the bad inputs, the evaluation's fairness rule, and `export-labels`."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deer_reid.evaluation.dataset import DatasetError, load_dataset
+from deer_reid.training import data as training_data
+from deer_reid.training.train import TrainConfig, TrainError, train
+from shared.config import Settings
+from shared.models import load_model, read_card, resolve_weights, get_spec
+
+TINY = dict(epochs=1, input_size=64, holdout_identities=1, validation_identities=1, batch=8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, nyala_rows, nyala_paths):
+    """Six identities with four real photos each, in a folder of the test's own (never in the repo)."""
+    root = tmp_path_factory.mktemp("labelled")
+    (root / "img").mkdir()
+    by_id: dict[str, list] = {}
+    for row, path in zip(nyala_rows, nyala_paths):
+        by_id.setdefault(row["identity"], []).append((row, path))
+    lines = ["path,identity,viewpoint,encounter"]
+    for items in [v[:4] for v in by_id.values() if len(v) >= 4][:6]:
+        for row, path in items:
+            rel = f"img/{row['identity']}_{path.name}"
+            shutil.copyfile(path, root / rel)
+            lines.append(f"{rel},{row['identity']},{row['viewpoint']},{row['encounter']}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def settings_for(tmp_path: Path) -> Settings:
+    cache = tmp_path / "models"
+    return Settings(model_cache=cache, home=tmp_path / "home", torch_threads=2)
+
+
+def variant(src: Path, dst: Path, edit) -> Path:
+    """A copy of the labelled folder with metadata rows edited."""
+    shutil.copytree(src, dst)
+    rows = list(csv.DictReader(open(dst / "metadata.csv")))
+    rows = edit(rows, dst)
+    with open(dst / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return dst
+
+
+def test_a_tiny_training_run_is_a_model_like_any_other(folder, tmp_path):
+    settings = settings_for(tmp_path)
+    card = train(folder, TrainConfig(name="tiny", **TINY), settings, progress=False)
+    assert read_card("tiny", settings.model_cache) == card
+    ids = card["identities"]
+    assert not set(ids["holdout"]) & (set(ids["train"]) | set(ids["validation"]))  # identity-disjoint
+    assert len(ids["holdout"]) == 1 and len(ids["validation"]) == 1 and len(ids["train"]) == 4
+    assert card["classes_by"] == "identity x viewpoint" and card["base"] == "efficientnet_lite0"
+    assert card["data"]["images"] == 24 and len(card["data"]["checksum"]) == 64
+    assert card["history"][0]["note"].startswith("ImageNet") and card["selected_epoch"] == 1
+    # loaded by name through the registry, checksum verified, its version named after it
+    model = load_model("tiny", settings.model_cache)
+    assert model.version == card["embedding_version"] and not model.random_weights
+    assert get_spec("tiny", settings.model_cache).input_size == 64
+    vec = model.embed(np.zeros((2, 64, 64, 3), dtype=np.uint8))
+    assert vec.shape == (2, 1280) and np.allclose(np.linalg.norm(vec, axis=1), 1, atol=1e-3)
+    # a tampered weights file is refused
+    (settings.model_cache / "tiny" / "model.pt").write_bytes(b"not the weights")
+    with pytest.raises(Exception, match="checksum"):
+        resolve_weights(get_spec("tiny", settings.model_cache), settings.model_cache)
+
+
+def test_the_same_seed_trains_the_same_weights_and_resume_continues_exactly(folder, tmp_path, monkeypatch):
+    cfg = dict(TINY, epochs=2)
+    one = train(folder, TrainConfig(name="a", **cfg), settings_for(tmp_path / "1"), progress=False)
+    two = train(folder, TrainConfig(name="a", **cfg), settings_for(tmp_path / "2"), progress=False)
+    assert one["weights_sha256"] == two["weights_sha256"]
+
+    # interrupted after the first epoch, then resumed: the same weights as the uninterrupted run
+    real = training_data.augment
+    calls = {"n": 0}
+    steps_per_epoch = 16 // cfg["batch"]  # 4 training identities x 4 photos
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > steps_per_epoch:
+            raise KeyboardInterrupt("power cut")
+        return real(*a, **k)
+
+    settings = settings_for(tmp_path / "3")
+    monkeypatch.setattr(training_data, "augment", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(folder, TrainConfig(name="a", **cfg), settings, progress=False)
+    monkeypatch.setattr(training_data, "augment", real)
+    with pytest.raises(TrainError, match="same settings"):
+        train(folder, TrainConfig(name="a", **{**cfg, "epochs": 3}, resume=True), settings, progress=False)
+    resumed = train(folder, TrainConfig(name="a", **cfg, resume=True), settings, progress=False)
+    assert resumed["weights_sha256"] == one["weights_sha256"]
+
+
+def test_bad_training_inputs_are_clear_errors_or_reasoned_skips(folder, tmp_path):
+    settings = settings_for(tmp_path)
+
+    def one_identity(rows, _):
+        return [r for r in rows if r["identity"] == rows[0]["identity"]]
+
+    with pytest.raises(DatasetError, match="at least 2"):
+        train(variant(folder, tmp_path / "one", one_identity), TrainConfig(name="x", **TINY), settings,
+              progress=False)
+
+    def unknown_view(rows, _):
+        rows[0]["viewpoint"] = "upside-down"
+        return rows
+
+    with pytest.raises(DatasetError, match="upside-down"):
+        train(variant(folder, tmp_path / "view", unknown_view), TrainConfig(name="x", **TINY), settings,
+              progress=False)
+
+    def single_photo_and_corrupt(rows, root):
+        last = rows[-1]["identity"]
+        rows = [r for r in rows if r["identity"] != last] + [r for r in rows if r["identity"] == last][:1]
+        (root / rows[0]["path"]).write_bytes(b"\xff\xd8 not a jpeg")
+        return rows
+
+    card = train(variant(folder, tmp_path / "odd", single_photo_and_corrupt),
+                 TrainConfig(name="odd", **{**TINY, "holdout_identities": 0}), settings, progress=False)
+    assert list(card["identities"]["skipped"].values()) == ["one photo only"]
+    assert len(card["unreadable_images"]) == 1 and "odd" in str(settings.model_cache / "odd")
+
+    with pytest.raises(TrainError, match="built-in"):
+        train(folder, TrainConfig(name="efficientnet_lite0", **TINY), settings, progress=False)
+    with pytest.raises(TrainError, match="--overwrite"):
+        train(folder, TrainConfig(name="odd", **TINY), settings, progress=False)
+    with pytest.raises(TrainError, match="in use"):
+        train(folder, TrainConfig(name="odd", **TINY, overwrite=True), settings, in_use={"odd"}, progress=False)
+    with pytest.raises(TrainError, match="letters"):
+        train(folder, TrainConfig(name="../evil", **TINY), settings, progress=False)
+
+
+def test_eval_never_measures_a_model_on_identities_it_learned(folder, tmp_path):
+    from deer_reid.evaluation.run import never_trained_on
+
+    settings = settings_for(tmp_path)
+    card = train(folder, TrainConfig(name="fair", **{**TINY, "holdout_identities": 2}), settings, progress=False)
+    samples = load_dataset(folder)
+    kept, notes = never_trained_on(samples, ["fair"], settings)
+    assert {s.identity for s in kept} == set(card["identities"]["holdout"])
+    assert "left out" in notes["fair"]
+    # the ImageNet model measured on the same animals
+    same, _ = never_trained_on(samples, ["efficientnet_lite0"], settings, holdout_of="fair")
+    assert {s.identity for s in same} == set(card["identities"]["holdout"])
+    assert [s.index for s in same] == list(range(len(same)))
+
+
+@pytest.mark.stack
+async def test_export_labels_writes_a_folder_train_and_eval_accept(stack, nyala_paths, tmp_path):
+    from deer_reid.training.labels import ExportError, export_labels
+    from tests.stack_helpers import ingest
+    from deer_reid.ingest import wait_terminal
+
+    ids = await ingest(stack, nyala_paths[790:796], "export-cam", cls="doe")
+    await wait_terminal(stack.api_url, ids, timeout=300, progress=False)
+    report = await export_labels(stack.dsn, tmp_path / "labels", prop="export-cam")
+    samples = load_dataset(tmp_path / "labels")
+    assert report["detections"] == len(samples) > 0
+    assert {s.identity for s in samples} and all(s.identity.startswith("export-cam-") for s in samples)
+    assert all(s.cls.value == "doe" for s in samples)  # sex.csv carries the individuals' sex
+    rows = list(csv.DictReader(open(tmp_path / "labels" / "metadata.csv")))
+    assert {r["decided_by"] for r in rows} == {"fusion"} and {r["site"] for r in rows} == {"export-cam"}
+    with pytest.raises(ExportError, match="not empty"):
+        await export_labels(stack.dsn, tmp_path / "labels", prop="export-cam")
+    with pytest.raises(ExportError, match="by a person"):
+        await export_labels(stack.dsn, tmp_path / "human", prop="export-cam", human_only=True)

@@ -44,13 +44,17 @@ def choose(items: Sequence[ExemplarCandidate], n: int) -> list[Hashable]:
     vectors = np.stack([i.vector for i in items]).astype(np.float32)
     chosen: list[int] = []
     for view, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        picked: list[int] = []
-        newest = max(members, key=lambda m: (items[m].at, items[m].quality))
-        picked.append(newest)
+        idx = np.asarray(members)
+        quality = np.asarray([items[m].quality for m in members])
+        first = max(range(len(members)), key=lambda j: (items[members[j]].at, quality[j]))
+        picked = [first]
+        # each member's similarity to its closest picked exemplar, kept up to date pick by pick
+        closeness = vectors[idx] @ vectors[idx[first]]
+        closeness[first] = np.inf
         while len(picked) < quota[view]:
-            rest = [m for m in members if m not in picked]
-            closeness = (vectors[rest] @ vectors[picked].T).max(axis=1)
-            best = min(range(len(rest)), key=lambda j: (closeness[j], -items[rest[j]].quality))
-            picked.append(rest[best])
-        chosen.extend(picked)
+            nxt = int(np.lexsort((-quality, closeness))[0])  # least like those chosen; quality breaks ties
+            picked.append(nxt)
+            closeness = np.maximum(closeness, vectors[idx] @ vectors[idx[nxt]])
+            closeness[picked] = np.inf
+        chosen.extend(members[j] for j in picked)
     return [items[i].key for i in chosen]

@@ -217,9 +217,11 @@ async def place_in_gallery(conn: asyncpg.Connection, detection_id: UUID, individ
 async def rechoose_exemplars(conn: asyncpg.Connection, individual: int, n: int, pool_size: int = 200) -> None:
     """Re-choose the individual's exemplars among its newest `pool_size` embeddings of each version."""
     rows = await conn.fetch(
-        """SELECT e.id, e.version, e.vec, e.exemplar, d.captured_at, d.result->'pose'->>'viewpoint' AS viewpoint
-           FROM embeddings e JOIN detections d ON d.id = e.detection_id
-           WHERE e.individual_id = $1 ORDER BY d.captured_at DESC""", individual)
+        """SELECT id, version, vec, exemplar, captured_at, viewpoint FROM (
+               SELECT e.id, e.version, e.vec, e.exemplar, d.captured_at, d.result->'pose'->>'viewpoint' AS viewpoint,
+                      row_number() OVER (PARTITION BY e.version ORDER BY d.captured_at DESC, e.id DESC) AS n
+               FROM embeddings e JOIN detections d ON d.id = e.detection_id WHERE e.individual_id = $1) r
+           WHERE n <= $2 OR exemplar ORDER BY captured_at DESC, id DESC""", individual, pool_size)
     by_version: dict[str, list] = {}
     for r in rows:
         by_version.setdefault(r["version"], []).append(r)

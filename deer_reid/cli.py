@@ -304,7 +304,7 @@ def cmd_eval(args) -> int:
             result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                                   seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
                                   json_path=args.json, progress=not args.quiet, settings=settings,
-                                  stack_models=stack_models)
+                                  stack_models=stack_models, sightings=args.sightings)
     except (DatasetError, ValueError, KeyError, RuntimeError) as exc:
         print(f"deer-reid eval: {exc}", file=sys.stderr)
         return 2
@@ -327,7 +327,7 @@ def cmd_eval(args) -> int:
         print(f"\nthresholds (fit on {c['fit']['identities']} identities): match {c['thresholds']['match']:.3f}, "
               f"new {c['thresholds']['new']:.3f}; artifact {c['artifact']}")
         parts = [("fit", c["fit"]["report"]), ("held_out", c["held_out"]["report"]),
-                 ("before", c["before"]["held_out"])]
+                 ("sighting", c["held_out"]["with_sightings"]), ("before", c["before"]["held_out"])]
         for part, r in parts:
             print(f"  {part:8s} B3 P/R/F1 {r['bcubed_precision']:.3f}/{r['bcubed_recall']:.3f}/{r['bcubed_f1']:.3f}"
                   f"  false-merge {r['false_merge_rate']:.3f}  false-split {r['false_split_rate']:.3f}"
@@ -406,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "stack (fusion uses it from its next batch); same as `deer-reid calibration install`")
     ev.add_argument("--holdout-of", metavar="NAME", help="loo: only the identities trained model NAME held out "
                     "(to compare models on the same animals); trained models' own identities are always left out")
+    ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "
+                    "(the sighting protocol; reported as such)")
     ev.add_argument("--allow-random-weights", action="store_true")
     ev.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="as the body service (default auto)")
     ev.add_argument("--api-url")

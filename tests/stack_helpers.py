@@ -19,10 +19,12 @@ async def register(stack, site: str, prop: str | None = None, lat=None, lon=None
         assert r.status_code == 200, r.text
 
 
-async def ingest(stack, paths, site, cls="doe", captured_at="2025-11-01T06:00:00Z", prop: str | None = None):
+async def ingest(stack, paths, site, cls="doe", fallback_captured_at="2025-11-01T06:00:00Z", prop: str | None = None):
     """Upload paths one per request as the CLI does; returns the detection ids."""
     await register(stack, site, prop)
-    fields = {"site": site, "camera": "cam1", "captured_at": captured_at, "cls": cls}
+    # a fallback time, as `deer-reid ingest --captured-at` sends: photos without a real time of their own
+    # (one shared instant) are never grouped into one sighting
+    fields = {"site": site, "camera": "cam1", "fallback_captured_at": fallback_captured_at, "cls": cls}
     results = await upload_all(stack.api_url, paths, fields, concurrency=4, progress=False)
     rejected = [r for r in results if "error" in r]
     assert not rejected, rejected[:3]

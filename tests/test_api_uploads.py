@@ -4,8 +4,6 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from datetime import datetime, timezone
-from pathlib import Path
 
 import asyncpg
 import httpx

@@ -265,3 +265,18 @@ def test_query_expansion_pulls_a_query_toward_its_neighbours_outside_its_encount
     s = query_expanded_similarity(vecs, ["x", "x", "y"], k=1)
     # row 0 may only expand with image 2 (image 1 shares its encounter)
     assert s[0, 2] > vecs[0] @ vecs[2]
+
+
+def test_simulation_decides_a_sighting_together():
+    # images 0 and 1 are one sighting of animal a (1 looks like nobody); 2 is a later photo of a.
+    sim = np.array([[1, .1, .95], [.1, 1, .2], [.95, .2, 1]])
+    t = Thresholds(match=0.9, new=0.5)
+    alone = cal.simulate({"m": sim}, [0, 1, 2], ["female"] * 3, t)
+    assert alone[1] != alone[0]  # on its own, the odd frame founds another individual
+    together = cal.simulate({"m": sim}, [0, 1, 2], ["female"] * 3, t, sightings=["s1", "s1", "s2"])
+    assert together[0] == together[1] == together[2]
+    # the sighting also queries together: frame 1 arriving first is matched through frame 0's likeness
+    sim2 = np.array([[1, .1, .95], [.1, 1, .2], [.95, .2, 1]])
+    order = [2, 0, 1]
+    joint = cal.simulate({"m": sim2}, order, ["female"] * 3, t, sightings=["s1", "s1", "s2"])
+    assert joint[0] == joint[2] == joint[1]

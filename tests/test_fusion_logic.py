@@ -9,7 +9,7 @@ import pytest
 
 from deer_reid.evaluation import calibration as cal
 from services.fusion import exemplars
-from services.fusion.decision import ASSIGNED, NEW, REVIEW, Thresholds, decide
+from services.fusion.decision import REVIEW, Thresholds, decide
 from services.fusion.scoring import FusionModel, score_candidates, with_prior
 from services.fusion.service import Refused, validate
 from services.fusion.temporal import Sighting, TemporalRules, conflicts, distance_km, hour_fit, prior, profile

@@ -311,3 +311,51 @@ async def test_hostile_feature_events_are_dead_lettered_and_disturb_nothing(stac
 
 def before_time(row) -> datetime:
     return row["created_at"] if row["created_at"].tzinfo else row["created_at"].replace(tzinfo=timezone.utc)
+
+
+async def test_frames_of_one_burst_are_one_sighting_and_one_individual(stack, db, nyala_paths, nyala_rows):
+    await register(stack, "burst-cam", "burst")
+    # two different animals' photos, as if one deer walked through a burst: the sighting decides
+    ids = {}
+    for n, (path, at) in enumerate([(nyala_paths[800], "2025-06-01T06:00:00Z"),
+                                    (nyala_paths[900], "2025-06-01T06:00:04Z"),
+                                    (nyala_paths[1000], "2025-06-01T06:05:00Z")]):  # minutes later: not the burst
+        [ids[n]] = await upload(stack, f"b{n}.jpg", path.read_bytes(), "burst-cam", captured_at=at)
+    d = await decided(stack, [ids[0], ids[1], ids[2]])
+    rows = {str(r["id"]): r["sighting"] for r in await db.fetch(
+        "SELECT id, sighting FROM detections WHERE id = ANY($1::uuid[])", list(ids.values()))}
+    assert rows[ids[0]] is not None and rows[ids[0]] == rows[ids[1]] != rows[ids[2]]
+    # whichever frame fusion decided second joined the first's individual through the sighting
+    assert d[1]["individual_id"] == d[0]["individual_id"]
+    assert ["sighting" in x["result"]["flags"] for x in d[:2]].count(True) == 1
+    assert d[1]["result"]["sighting"] == d[0]["result"]["sighting"] == str(rows[ids[0]])
+    # an explicit burst key groups frames regardless of time; a frame with two animals joins no sighting
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        r = await client.post("/v1/uploads", data={"site": "burst-cam", "camera": "cam1", "sighting": "seq-7",
+                                                    "captured_at": "2025-06-02T06:00:00Z"},
+                              files=[("files", ("k1.jpg", nyala_paths[810].read_bytes(), "image/jpeg"))])
+        k1 = r.json()["images"][0]["detections"][0]["id"]
+        r = await client.post("/v1/uploads", data={"site": "burst-cam", "camera": "cam1", "sighting": "seq-7",
+                                                    "captured_at": "2025-06-02T09:00:00Z"},
+                              files=[("files", ("k2.jpg", nyala_paths[910].read_bytes(), "image/jpeg"))])
+        k2 = r.json()["images"][0]["detections"][0]["id"]
+        bad = await client.post("/v1/uploads", data={"site": "burst-cam", "sighting": "../etc",
+                                                      "captured_at": "2025-06-02T09:00:00Z"},
+                                files=[("files", ("k3.jpg", nyala_paths[911].read_bytes(), "image/jpeg"))])
+    assert bad.status_code == 422 and "sighting" in bad.json()["error"]
+    keyed = await decided(stack, [k1, k2])
+    assert keyed[0]["individual_id"] == keyed[1]["individual_id"]
+    data = cropped(nyala_paths[820])
+    w, h = Image.open(io.BytesIO(data)).size
+    pair = await upload(stack, "pair.jpg", data, "burst-cam", boxes=[[0, 0, w // 2, h], [w // 2, 0, w, h]],
+                        captured_at="2025-06-01T06:00:02Z")
+    assert await db.fetchval("SELECT count(*) FROM detections WHERE id = ANY($1::uuid[]) AND sighting IS NOT NULL",
+                             pair) == 0
+    await decided(stack, pair)
+
+
+async def test_photos_with_only_a_fallback_time_are_never_one_sighting(stack, db, nyala_paths):
+    ids = await ingest(stack, nyala_paths[830:833], "fallback-cam")  # one shared invented instant
+    await decided(stack, ids)
+    assert await db.fetchval("SELECT count(*) FROM detections WHERE id = ANY($1::uuid[]) AND sighting IS NOT NULL",
+                             ids) == 0

@@ -34,12 +34,14 @@ _EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 def simulate(per_component: Mapping[str, np.ndarray], order: Sequence[int], sexes: Sequence[str],
              thresholds: Thresholds, *, model: FusionModel | None = None, spec_weights: Mapping[str, float] | None = None,
              aggregation: str = "best", exemplars_per_individual: int = 8, k: int = 50,
-             exemplar_vectors: np.ndarray | None = None) -> list[int | None]:
+             exemplar_vectors: np.ndarray | None = None, sightings: Sequence | None = None) -> list[int | None]:
     """Sequential ingestion: the individual each image is placed in (None: sent to review).
 
     `per_component[name]` is that component's (N, N) raw similarity (NaN: no evidence). With
     `exemplar_vectors`, exemplars are re-chosen by fusion's rule after every placement (else the
-    first ones are kept, as a capped gallery).
+    first ones are kept, as a capped gallery). With `sightings` (a key per image), fusion's sighting
+    rules apply: an image whose sighting was placed joins that individual; otherwise the sighting's
+    images that arrived so far query together (each exemplar's best similarity to any of them).
     """
     how = model.aggregation if model else aggregation
     arrival = {index: _EPOCH + timedelta(seconds=n) for n, index in enumerate(order)}  # newest = latest arrival
@@ -48,42 +50,39 @@ def simulate(per_component: Mapping[str, np.ndarray], order: Sequence[int], sexe
     exemplars: dict[int, list[int]] = {}
     owner_sex: dict[int, str] = {}
     next_id = 0
-    for step, i in enumerate(order):
+    arrived: dict = {}  # sighting -> images of it seen so far
+    sighting_of: dict = {}  # sighting -> the individual it was placed in
+    for i in order:
         sex = sexes[i]
-        allowed = [ind for ind, s in owner_sex.items() if s in COMPATIBLE_SEXES[sex]]
-        scored: dict[str, dict[int, float]] = {}
-        if allowed:
-            ex_idx = np.asarray([e for ind in allowed for e in exemplars[ind]])
-            ex_own = np.asarray([ind for ind in allowed for _ in exemplars[ind]])
-            for name, sim in per_component.items():
-                sims = sim[i, ex_idx]
-                ok = ~np.isnan(sims)
-                top = np.argsort(-np.where(ok, sims, -np.inf), kind="stable")[:k]
-                top = top[ok[top]]
-                by_ind: dict[int, list[float]] = {}
-                for own, s in zip(ex_own[top].tolist(), sims[top].tolist()):
-                    by_ind.setdefault(own, []).append(s)
-                if by_ind:
-                    scored[name] = {ind: aggregate(v, how) for ind, v in by_ind.items()}
-        decision = decide(score_candidates(scored, model, spec_weights), thresholds, calibrated=model is not None)
-        if decision.state == NEW:
-            ind = next_id
-            next_id += 1
-            owner_sex[ind] = sex
-            members[ind], exemplars[ind] = [], []
-        elif decision.state == ASSIGNED:
-            ind = decision.individual_id
-            if owner_sex[ind] == "unknown":
-                owner_sex[ind] = sex
+        key = sightings[i] if sightings is not None else None
+        queries = [i] + (arrived.get(key, []) if key is not None else [])
+        if key is not None:
+            arrived.setdefault(key, []).append(i)
+        linked = sighting_of.get(key) if key is not None else None
+        if linked is not None and owner_sex[linked] in COMPATIBLE_SEXES[sex]:
+            ind = linked  # frames of one sighting are one animal
         else:
-            continue
+            ind = _decide_image(per_component, queries, sex, owner_sex, exemplars, model, spec_weights, thresholds,
+                                how, k)
+            if ind is None:
+                continue
+            if ind == "new":
+                ind = next_id
+                next_id += 1
+                owner_sex[ind] = sex
+                members[ind], exemplars[ind] = [], []
+            elif owner_sex[ind] == "unknown":
+                owner_sex[ind] = sex
         placed[i] = ind
         members[ind].append(i)
-        if exemplar_vectors is None:
-            if len(exemplars[ind]) < exemplars_per_individual:
-                exemplars[ind].append(i)
-        else:
-            items = [exemplar_choice.ExemplarCandidate(m, exemplar_vectors[m], arrival[m]) for m in members[ind]]
+        if key is not None:
+            sighting_of[key] = ind
+        # the gallery as fusion keeps it (store.place_in_gallery): fill up, then re-choose every n/2 sightings
+        if len(exemplars[ind]) < exemplars_per_individual:
+            exemplars[ind].append(i)
+        elif exemplar_vectors is not None and len(members[ind]) % max(1, exemplars_per_individual // 2) == 0:
+            items = [exemplar_choice.ExemplarCandidate(m, exemplar_vectors[m], arrival[m])
+                     for m in members[ind][-200:]]
             exemplars[ind] = list(exemplar_choice.choose(items, exemplars_per_individual))
     return placed
 
@@ -93,6 +92,35 @@ class OperatingPoint:
     match: float
     new: float
     report: dict
+
+
+def _decide_image(per_component, queries, sex, owner_sex, exemplars, model, spec_weights, thresholds, how, k):
+    """Fusion's decision for one image (queried with `queries`: it and its sighting's earlier frames):
+    an existing individual, "new", or None (review)."""
+    allowed = [ind for ind, s in owner_sex.items() if s in COMPATIBLE_SEXES[sex]]
+    scored: dict[str, dict[int, float]] = {}
+    if allowed:
+        ex_idx = np.asarray([e for ind in allowed for e in exemplars[ind]])
+        ex_own = np.asarray([ind for ind in allowed for _ in exemplars[ind]])
+        for name, sim in per_component.items():
+            block = sim[np.ix_(queries, ex_idx)]
+            # each exemplar's best similarity to any frame (NaN only where no frame has evidence)
+            sims = block[0] if len(queries) == 1 else np.where(
+                np.isnan(block).all(axis=0), np.nan, np.nan_to_num(block, nan=-np.inf).max(axis=0))
+            ok = ~np.isnan(sims)
+            top = np.argsort(-np.where(ok, sims, -np.inf), kind="stable")[:k]
+            top = top[ok[top]]
+            by_ind: dict[int, list[float]] = {}
+            for own, s in zip(ex_own[top].tolist(), sims[top].tolist()):
+                by_ind.setdefault(own, []).append(s)
+            if by_ind:
+                scored[name] = {ind: aggregate(v, how) for ind, v in by_ind.items()}
+    decision = decide(score_candidates(scored, model, spec_weights), thresholds, calibrated=model is not None)
+    if decision.state == NEW:
+        return "new"
+    if decision.state == ASSIGNED:
+        return decision.individual_id
+    return None
 
 
 def threshold_grid(scores: np.ndarray, size: int = 28) -> list[float]:

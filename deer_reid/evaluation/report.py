@@ -140,6 +140,8 @@ def markdown(result: dict) -> str:
                   "| part | B-cubed P | B-cubed R | F1 | false-merge | false-merge (detections) | false-split | "
                   "review | predicted / true individuals |", "|---|---|---|---|---|---|---|---|---|"]
         parts = [("fit", c["fit"]["report"]), ("held_out", c["held_out"]["report"])]
+        if c["held_out"].get("with_sightings"):
+            parts.append(("held_out, sighting protocol (encounters as sightings)", c["held_out"]["with_sightings"]))
         if c.get("before"):
             parts.append(("held_out, before (SPEC weighted mean)", c["before"]["held_out"]))
         for a, f in (c.get("by_aggregation") or {}).items():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -143,9 +144,9 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     held_order = [int(i) for i in np.random.default_rng(seed + 1).permutation(np.asarray(held_idx))]
     started = time.monotonic()
 
-    def held_out(model, thresholds, aggregation):
+    def held_out(model, thresholds, aggregation, sightings=None):
         placed = cal.simulate(per_component, held_order, sexes, thresholds, model=model, spec_weights=spec_weights,
-                              aggregation=aggregation, exemplar_vectors=exemplar_vectors)
+                              aggregation=aggregation, exemplar_vectors=exemplar_vectors, sightings=sightings)
         return clustering_report([placed[i] for i in held_order], [ids[i] for i in held_order])
 
     def fit_thresholds(model, aggregation, scores):
@@ -189,7 +190,9 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
                          (f"all fused through calibration ({how})", fused)]}
 
     fit = {"identities": len(fit_ids), "images": len(fit_idx), "report": chosen.report}
-    held = {"identities": len(held_ids), "images": len(held_idx), "report": best["held"]}
+    held = {"identities": len(held_ids), "images": len(held_idx), "report": best["held"],
+            # the sighting protocol (labelled as such): each encounter's images arrive as one sighting
+            "with_sightings": held_out(model, cal.Thresholds(match=chosen.match, new=chosen.new), how, enc)}
     artifact_path = calibration_out or settings.calibration_path
     fusion = {k: v for k, v in best["fusion"].items()}
     artifact = cal.write_artifact(
@@ -229,7 +232,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
 
 
 async def _open_set(api_url: str, samples: list[Sample], order: list[int], site: str, fallback_time: str,
-                    progress: bool) -> list[dict]:
+                    progress: bool, sightings: bool = False) -> list[dict]:
     import httpx
 
     from shared.states import TERMINAL
@@ -240,6 +243,8 @@ async def _open_set(api_url: str, samples: list[Sample], order: list[int], site:
             s = samples[i]
             fields = {"site": site, "camera": s.camera or "eval", "cls": s.cls.value,
                       "fallback_captured_at": s.captured_at or fallback_time}
+            if sightings:
+                fields["sighting"] = re.sub(r"[^A-Za-z0-9._:-]", "-", f"enc-{s.encounter}")[:100]
             resp = await client.post("/v1/uploads", data=fields,
                                      files=[("files", (s.path.name, s.path.read_bytes(), "image/jpeg"))])
             if resp.status_code >= 400:
@@ -298,7 +303,7 @@ def _switch(api_url: str, **switches) -> dict:
 
 def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, api_url: str,
                  report_dir: Path | None, json_path: Path | None, progress: bool = True,
-                 settings: Settings | None = None, stack_models: list[str] = ()) -> dict:
+                 settings: Settings | None = None, stack_models: list[str] = (), sightings: bool = False) -> dict:
     """Upload the images one by one to the running stack (in `mode`, switched for the run and restored
     after) and score the individuals it built. Each run uses its own site in its own property, so
     earlier runs' individuals are never candidates."""
@@ -317,7 +322,7 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
     before = _switch(api_url, mode=mode, temporal=has_time)
     started = time.monotonic()
     try:
-        dets = asyncio.run(_open_set(api_url, samples, order, site, "2025-11-01T06:00:00Z", progress))
+        dets = asyncio.run(_open_set(api_url, samples, order, site, "2025-11-01T06:00:00Z", progress, sightings))
     finally:
         _switch(api_url, **before)
     wall = time.monotonic() - started
@@ -335,6 +340,9 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
         "thresholds": next((r["thresholds"] for r in results if r.get("thresholds")), None),
         "fusion": next((r["fusion"] for r in results if r.get("fusion")), None),
         "modes_seen": sorted({r.get("mode") for r in results if r}),
+        "protocol_detail": "sighting protocol: each encounter uploaded as one sighting" if sightings
+        else "image protocol: every image decided on its own",
+        "sighting_links": sum(1 for r in results if "sighting" in (r.get("flags") or [])),
         "degraded": sum(1 for r in results if "degraded" in (r.get("flags") or [])),
         "temporal": "on" if has_time else "off",
         "temporal_note": TEMPORAL_OFF if not has_time else "Temporal priors on, from the data's capture times.",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +31,7 @@ from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
 from shared.schemas import DetectionClass, PipelineConfig
 
 router = APIRouter()
+SIGHTING_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
 
 def get_pool(request: Request) -> asyncpg.Pool:
@@ -63,7 +66,39 @@ async def property_of(conn: asyncpg.Connection, site: str) -> str:
     return await conn.fetchval("SELECT property FROM sites WHERE name = $1", site)
 
 
-async def persist(pool: asyncpg.Pool, images: list[PlannedImage]) -> list[dict]:
+SIGHTING_NAMESPACE = uuid.UUID("0f5e3c1e-6a51-4f0b-9d8e-5c7a2b1d4e90")
+
+
+async def sighting_of(conn: asyncpg.Connection, im: PlannedImage, prop: str, key: str | None,
+                      gap_s: float) -> uuid.UUID | None:
+    """The sighting an image's one animal belongs to: the frames of one burst are one animal.
+
+    Only a frame with exactly one detection joins a sighting (with two animals in view, which one
+    walked on is unknown). An explicit `sighting` key from the uploader (a camera's burst or sequence
+    id) names it; otherwise frames of the same site and camera within `gap_s` seconds of each other
+    join one, but only when their capture time is real (request, EXIF or file name): a fallback time
+    is the same invented instant for a whole folder.
+    """
+    if len(im.detections) != 1:
+        return None
+    if key:
+        return uuid.uuid5(SIGHTING_NAMESPACE, f"{prop}/{im.site}/{im.camera}/{key}")
+    if gap_s <= 0 or im.time_source == "fallback":
+        return None
+    # one uploader at a time per camera: two frames of a burst uploaded at once must not found two sightings
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 11))", f"{im.site}/{im.camera}")
+    near = await conn.fetchval(
+        """SELECT d.sighting FROM detections d JOIN images i ON i.sha256 = d.image_sha256
+           WHERE d.site = $1 AND d.camera = $2 AND d.sighting IS NOT NULL AND i.time_source <> 'fallback'
+             AND d.captured_at BETWEEN $3::timestamptz - make_interval(secs => $4::float8)
+                                   AND $3::timestamptz + make_interval(secs => $4::float8)
+           ORDER BY abs(extract(epoch FROM d.captured_at - $3::timestamptz)) LIMIT 1""",
+        im.site, im.camera, im.captured_at, gap_s)
+    return near or uuid.uuid4()
+
+
+async def persist(pool: asyncpg.Pool, images: list[PlannedImage], sighting: str | None = None,
+                  gap_s: float = 0.0) -> list[dict]:
     """Insert images, detections and outbox rows in one transaction; a known image is a no-op."""
     out = []
     async with pool.acquire() as conn, conn.transaction():
@@ -77,12 +112,13 @@ async def persist(pool: asyncpg.Pool, images: list[PlannedImage]) -> list[dict]:
                 im.sha256, len(im.data), im.width, im.height, im.format, im.name, im.site, im.camera,
                 im.captured_at, im.time_source)
             if inserted:
+                group = await sighting_of(conn, im, prop, sighting, gap_s)
                 await conn.executemany(
                     """INSERT INTO detections (id, image_sha256, ordinal, box, cls, detector_confidence, site,
-                                               camera, captured_at, crop, property)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                                               camera, captured_at, crop, property, sighting)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
                     [(d.id, im.sha256, d.ordinal, list(d.box), d.cls, d.confidence, im.site, im.camera,
-                      im.captured_at, d.crop, prop) for d in im.detections])
+                      im.captured_at, d.crop, prop, group) for d in im.detections])
                 await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])",
                                    [d.id for d in im.detections])
                 await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")  # delivered at commit: wakes the relay
@@ -106,6 +142,9 @@ async def upload(
     fallback_captured_at: Annotated[str | None, Form(description="used only when nothing else gives a time")] = None,
     cls: Annotated[DetectionClass, Form(description="class of a whole-image detection")] = DetectionClass.unknown,
     detections: Annotated[str | None, Form(description="JSON boxes: a list, or {file name: list}")] = None,
+    sighting: Annotated[str | None, Form(description="burst/sequence key: single-animal frames sharing it are "
+                                                     "one animal (default: same camera within "
+                                                     "DEER_SIGHTING_GAP_S seconds)")] = None,
 ):
     with STAGE_SECONDS.labels("api", "upload").time():
         if len(files) > settings.max_files_per_upload:
@@ -128,7 +167,9 @@ async def upload(
                 max_pixels=settings.max_pixels, crop_max_side=settings.crop_max_side, now=now))
         for im in planned:
             await asyncio.to_thread(store_blob, settings.blobs, im.sha256, im.data)
-        images = await persist(pool, planned)
+        if sighting is not None and not SIGHTING_KEY.match(sighting):
+            raise UploadRejected("sighting must be 1-100 letters, digits, '.', '_', ':' or '-'")
+        images = await persist(pool, planned, sighting, settings.sighting_gap_s)
     EVENTS.labels("api", "upload").inc(len(images))
     status = 201 if any(not i["duplicate"] for i in images) else 200
     return JSONResponse({"images": images}, status_code=status)

@@ -24,7 +24,7 @@ import asyncpg
 from services.fusion import store
 from services.fusion.calibration import CalibrationSource
 from services.fusion.components import aggregate, body_component, body_similarity
-from services.fusion.decision import Decision, Thresholds, decide
+from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
 from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_prior
 from services.fusion.temporal import TemporalRules, prior
 from shared.broker import Handled, Output
@@ -55,8 +55,8 @@ class Scored:
     sex: str
     config: PipelineConfig
     vectors: list[tuple]  # (model, version, vector, random_weights) of its body embeddings
-    per_component: dict[str, dict[int, float]]
-    per_component_exemplars: dict[str, dict[int, list[float]]]
+    frames: list[tuple]  # (model, version, vector) of the other frames of its sighting
+    per_component_exemplars: dict[str, dict[int, list[float]]]  # component -> individual -> exemplar sims
     searched_up_to: int  # the largest individual id the search could have seen
     missing: list[str]
     arrived: dict[str, str]
@@ -195,8 +195,8 @@ class FusionHandler:
 
     async def _score(self, conn: asyncpg.Connection, det_id) -> Scored | None:
         det = await conn.fetchrow(
-            """SELECT id, state, property, site, camera, captured_at, cls, image_sha256, expected, pipeline, box
-               FROM detections WHERE id = $1""", det_id)
+            """SELECT id, state, property, site, camera, captured_at, cls, image_sha256, expected, pipeline, box,
+                      sighting FROM detections WHERE id = $1""", det_id)
         if det is None or is_terminal(det["state"]):
             return None
         sex = sex_of(det["cls"])
@@ -205,14 +205,21 @@ class FusionHandler:
         missing = [c for c in (det["expected"] or ["body"]) if got.get(c) not in ("ok", "no-evidence")]
         searched_up_to = await store.max_individual(conn, det["property"])
         vectors = await store.body_embeddings(conn, det_id)
+        frames = await store.sighting_vectors(conn, det_id, det["sighting"])
         per_exemplar: dict[str, dict[int, list[float]]] = {}
         for model, version, vec, _ in vectors:
+            # The sighting is the query: each exemplar scores its best similarity to any frame of it.
+            best: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> best similarity to a frame
+            queries = [vec] + [v for _, ver, v in frames if ver == version]
+            for q in queries:
+                for ind, sim, exemplar in await store.nearest_exemplars(
+                        conn, q, version, det["property"], sex, self.settings.candidates_k):
+                    best[(ind, exemplar)] = max(best.get((ind, exemplar), -1.0), sim)
             sims: dict[int, list[float]] = defaultdict(list)
-            for ind, sim in await store.nearest_exemplars(conn, vec, version, det["property"], sex,
-                                                          self.settings.candidates_k):
+            for (ind, _), sim in best.items():
                 sims[ind].append(sim)
             per_exemplar[body_component(model)] = dict(sims)
-        return Scored(det, sex, config, vectors, {}, per_exemplar, searched_up_to, missing, got)
+        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got)
 
     async def _decide_one(self, conn: asyncpg.Connection, s: Scored) -> list[Output]:
         det = await store.lock_detection(conn, s.detection["id"])
@@ -221,11 +228,12 @@ class FusionHandler:
         # Re-check under the lock: individuals founded since the search are candidates too.
         for model, version, vec, _ in s.vectors:
             found = s.per_component_exemplars.setdefault(body_component(model), {})
+            queries = [vec] + [v for _, ver, v in s.frames if ver == version]
             for ind, ex in await store.exemplars_founded_after(conn, version, det["property"], s.sex,
                                                                s.searched_up_to):
-                sim = body_similarity(vec, ex)
-                if sim is not None:
-                    found.setdefault(ind, []).append(sim)
+                sims = [x for x in (body_similarity(q, ex) for q in queries) if x is not None]
+                if sims:
+                    found.setdefault(ind, []).append(max(sims))
         versions = {model: version for model, version, _, _ in s.vectors}
         thresholds, model = self.calibration.for_versions(versions)
         how = model.aggregation if model else self.settings.identity_aggregation
@@ -236,17 +244,33 @@ class FusionHandler:
         temporal = s.config.temporal
         if temporal and candidates:
             candidates = await self._temporal(conn, det, candidates)
+        linked = await self._sighting_link(conn, det, s.sex, excluded)
         best_body = candidates[0].score if candidates else None
-        if wants_pose(s.config, best_body) and "pose" not in s.arrived and "pose" not in (det["expected"] or []):
+        if linked is None and wants_pose(s.config, best_body) and "pose" not in s.arrived \
+                and "pose" not in (det["expected"] or []):
             await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
             return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
-        decision = decide(candidates, thresholds, calibrated=model is not None)
+        if linked is not None:
+            # Frames of one burst with one animal each are one animal: the sighting decides, flagged.
+            score = next((c.score for c in candidates if c.individual_id == linked), None)
+            decision = Decision(ASSIGNED, linked, score, ("sighting",), tuple(candidates[:5]))
+        else:
+            decision = decide(candidates, thresholds, calibrated=model is not None)
         result = self._result(det, s, decision, thresholds, model, versions, excluded)
         individual = await store.apply_decision(
             conn, detection=det, sex=s.sex, decision=decision, result=result,
             exemplars_per_individual=self.settings.exemplars_per_individual)
         result["individual_id"] = individual
         return [result_output(det["property"], result)]
+
+    @staticmethod
+    async def _sighting_link(conn: asyncpg.Connection, det: asyncpg.Record, sex: str, excluded: set[int]) -> int | None:
+        """The individual an earlier frame of this detection's sighting was placed in, if it may take this one."""
+        linked = await store.sighting_individual(conn, det["id"], det["sighting"])
+        if linked is None or linked in excluded:
+            return None
+        their_sex = await conn.fetchval("SELECT sex FROM individuals WHERE id = $1", linked)
+        return linked if their_sex in COMPATIBLE_SEXES[sex] else None
 
     async def _temporal(self, conn: asyncpg.Connection, det: asyncpg.Record,
                         candidates: list[Candidate]) -> list[Candidate]:
@@ -283,6 +307,8 @@ class FusionHandler:
             "thresholds": {"match": thresholds.match, "new": thresholds.new,
                            "source": "calibrated" if model else "default"},
             "cannot_link": sorted(excluded),
+            "sighting": str(det["sighting"]) if det["sighting"] else None,
+            "sighting_vectors_in_query": len(s.frames),  # other frames' embeddings the sighting query used
         }
 
 

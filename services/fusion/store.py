@@ -5,7 +5,6 @@ camera site of one population), never to a single site.
 """
 from __future__ import annotations
 
-from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -29,7 +28,7 @@ async def lock_property(conn: asyncpg.Connection, prop: str) -> None:
 async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT id, state, individual_id, score, result, property, site, camera, captured_at, cls,
-                  image_sha256, expected, pipeline, join_deadline, box
+                  image_sha256, expected, pipeline, join_deadline, box, sighting
            FROM detections WHERE id = $1 FOR UPDATE""", detection_id)
 
 
@@ -107,18 +106,19 @@ async def max_individual(conn: asyncpg.Connection, prop: str) -> int:
 
 
 async def nearest_exemplars(conn: asyncpg.Connection, vector: np.ndarray, version: str, prop: str, sex: str,
-                            k: int) -> list[tuple[int, float]]:
-    """The k nearest gallery exemplars of the same embedding version, property and a compatible sex."""
+                            k: int) -> list[tuple[int, float, int]]:
+    """(individual, similarity, exemplar id) of the k nearest gallery exemplars of the same embedding
+    version, property and a compatible sex."""
     dim = int(vector.shape[0])  # from a validated embedding: safe to put in the SQL text
     rows = await conn.fetch(
-        f"""SELECT e.individual_id, 1 - (e.vec::halfvec({dim}) <=> $1::halfvec({dim})) AS sim
+        f"""SELECT e.id, e.individual_id, 1 - (e.vec::halfvec({dim}) <=> $1::halfvec({dim})) AS sim
             FROM embeddings e JOIN individuals i ON i.id = e.individual_id
             WHERE e.exemplar AND e.dim = {dim} AND e.version = $2 AND e.property = $3 AND i.sex = ANY($4::text[])
             ORDER BY e.vec::halfvec({dim}) <=> $1::halfvec({dim})
             LIMIT $5""",
         vector, version, prop, list(COMPATIBLE_SEXES[sex]), k,
     )
-    return [(r["individual_id"], float(r["sim"])) for r in rows]
+    return [(r["individual_id"], float(r["sim"]), r["id"]) for r in rows]
 
 
 async def exemplars_founded_after(conn: asyncpg.Connection, version: str, prop: str, sex: str,
@@ -129,6 +129,28 @@ async def exemplars_founded_after(conn: asyncpg.Connection, version: str, prop: 
            WHERE e.exemplar AND e.version = $1 AND i.property = $2 AND i.id > $3 AND i.sex = ANY($4::text[])""",
         version, prop, after_id, list(COMPATIBLE_SEXES[sex]))
     return [(r["individual_id"], np.asarray(r["vec"].to_numpy(), dtype=np.float32)) for r in rows]
+
+
+async def sighting_vectors(conn: asyncpg.Connection, detection_id: UUID, sighting: UUID | None,
+                           limit: int = 4) -> list[tuple[str, str, np.ndarray]]:
+    """(model, version, vector) of the other frames of the detection's sighting already embedded (the
+    newest `limit`): the sighting is the query, not one frame of it."""
+    if sighting is None:
+        return []
+    rows = await conn.fetch(
+        """SELECT e.model, e.version, e.vec FROM embeddings e
+           WHERE e.detection_id IN (SELECT id FROM detections WHERE sighting = $1 AND id <> $2
+                                    ORDER BY captured_at DESC LIMIT $3)""", sighting, detection_id, limit)
+    return [(r["model"], r["version"], np.asarray(r["vec"].to_numpy(), dtype=np.float32)) for r in rows]
+
+
+async def sighting_individual(conn: asyncpg.Connection, detection_id: UUID, sighting: UUID | None) -> int | None:
+    """The individual the detection's sighting was already placed in (its earliest placed frame)."""
+    if sighting is None:
+        return None
+    return await conn.fetchval(
+        """SELECT individual_id FROM detections WHERE sighting = $1 AND id <> $2 AND individual_id IS NOT NULL
+           AND state IN ('assigned', 'new') ORDER BY captured_at, id LIMIT 1""", sighting, detection_id)
 
 
 async def cannot_link(conn: asyncpg.Connection, detection_id: UUID, image_sha256: str) -> set[int]:

@@ -295,7 +295,7 @@ def cmd_eval(args) -> int:
                              seed=args.seed, report_dir=report_dir, json_path=args.json,
                              target_false_merge=args.target_false_merge, calibration_out=args.calibration_out,
                              settings=settings, allow_random=args.allow_random_weights, progress=not args.quiet,
-                             holdout_of=args.holdout_of)
+                             holdout_of=args.holdout_of, max_review=args.max_review)
         else:
             from deer_reid.stack import read_state
 
@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="use whole identities (seeded) up to this many images")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--target-false-merge", type=float, default=0.02)
+    ev.add_argument("--max-review", type=float, help="loo: prefer thresholds that send at most this share of "
+                    "detections to review (given way when no point also meets the false-merge target)")
     ev.add_argument("--calibration-out", type=Path, help="where to write the calibration artifact "
                     "(default $DEER_HOME/calibration.json)")
     ev.add_argument("--install", action="store_true", help="loo: also install the artifact in the running "

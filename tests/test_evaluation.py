@@ -111,6 +111,21 @@ def test_threshold_choice_respects_the_false_merge_target():
     assert not met and chosen.match == 0.5
 
 
+def test_a_review_cap_narrows_the_choice_but_never_loosens_the_merge_target():
+    P = cal.OperatingPoint
+
+    def rates(merge, review, f1):
+        return {"false_merge_rate": merge, "false_merge_detection_rate": merge, "review_rate": review,
+                "bcubed_f1": f1}
+
+    points = [P(0.5, 0.4, rates(0.01, 0.6, 0.5)), P(0.6, 0.5, rates(0.01, 0.1, 0.4)),
+              P(0.7, 0.7, rates(0.10, 0.0, 0.9))]
+    assert cal.choose(points, 0.02)[0].match == 0.5
+    assert cal.choose(points, 0.02, max_review=0.2)[0].match == 0.6
+    # no point within the merge target meets the cap: the cap gives way, the merge target does not
+    assert cal.choose(points[:1] + points[2:], 0.02, max_review=0.2)[0].match == 0.5
+
+
 def _artifact(versions: dict, chosen=(0.85, 0.7)) -> dict:
     sims = {"body:m": np.array([[1, .9, .2], [.9, 1, .3], [.2, .3, 1]])}
     fusion = cal.fit_fusion(sims, [0, 1, 2], ["a", "a", "b"], ["1", "2", "3"])

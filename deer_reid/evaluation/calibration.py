@@ -132,7 +132,10 @@ def threshold_grid(scores: np.ndarray, size: int = 28) -> list[float]:
     if finite.size == 0:
         return [0.5]
     levels = np.concatenate([np.linspace(0.5, 0.99, size // 2), 1 - np.geomspace(0.01, 1e-5, size - size // 2)])
-    return sorted({round(float(q), 5) for q in np.quantile(finite, levels)})
+    grid = {round(float(q), 5) for q in np.quantile(finite, levels)}
+    # and one above every score: "a new individual for every detection" is always a choice on the curve
+    grid.add(round(float(finite.max()) + 1e-3, 5))
+    return sorted(grid)
 
 
 def operating_curve(per_component: Mapping[str, np.ndarray], indices: Sequence[int], identities: Sequence[str],
@@ -167,9 +170,16 @@ def merge_risk(report: dict) -> float:
     return max(report["false_merge_rate"], report["false_merge_detection_rate"])
 
 
-def choose(points: list[OperatingPoint], target_false_merge: float) -> tuple[OperatingPoint, bool]:
-    """Best B-cubed F1 among the points within the false-merge target (the safest point if none is)."""
+def choose(points: list[OperatingPoint], target_false_merge: float,
+           max_review: float | None = None) -> tuple[OperatingPoint, bool]:
+    """Best B-cubed F1 among the points within the false-merge target (the safest point if none is).
+
+    With `max_review`, only points that also send at most that share of detections to review count,
+    as long as any point meets both; otherwise the review cap gives way (merges matter more).
+    """
     ok = [p for p in points if merge_risk(p.report) <= target_false_merge]
+    if max_review is not None and any(p.report["review_rate"] <= max_review for p in ok):
+        ok = [p for p in ok if p.report["review_rate"] <= max_review]
     if ok:
         return max(ok, key=lambda p: (round(p.report["bcubed_f1"], 6), p.match, p.new)), True
     return min(points, key=lambda p: (merge_risk(p.report), -p.report["bcubed_f1"])), False

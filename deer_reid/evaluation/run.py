@@ -95,7 +95,7 @@ def _rows(result: dict) -> dict:
 def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, report_dir: Path | None,
             json_path: Path | None, target_false_merge: float, calibration_out: Path | None,
             settings: Settings, allow_random: bool = False, progress: bool = True,
-            holdout_of: str | None = None) -> dict:
+            holdout_of: str | None = None, max_review: float | None = None) -> dict:
     """Closed-set retrieval, the ablation, and the fitted fusion (written as the calibration artifact).
 
     Identities are split in two (seeded): the fusion (per-component calibrations, weights, the
@@ -153,7 +153,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         points = cal.operating_curve(per_component, fit_idx, ids, sexes, seed, cal.threshold_grid(scores),
                                      model=model, spec_weights=spec_weights, aggregation=aggregation,
                                      exemplar_vectors=exemplar_vectors)
-        return points, *cal.choose(points, target_false_merge)
+        return points, *cal.choose(points, target_false_merge, max_review)
 
     fit_pairs = _subset(unfitted, fit_idx)[~np.eye(len(fit_idx), dtype=bool)]
     # Before: the SPEC's weighted mean of raw cosines, thresholds fitted the same way.
@@ -202,7 +202,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         held_out={"images": len(held_idx), **best["held"]})
     result["calibration"] = {
         "thresholds": {"match": chosen.match, "new": chosen.new}, "aggregation": how,
-        "target_false_merge_rate": target_false_merge, "target_met_on_fit": met,
+        "target_false_merge_rate": target_false_merge, "target_met_on_fit": met, "max_review": max_review,
         "fusion_weights": fusion["weights"], "fusion_intercept": fusion["intercept"],
         "fit": fit, "held_out": held, "artifact": str(artifact_path),
         "by_aggregation": {a: {"thresholds": {"match": f["chosen"].match, "new": f["chosen"].new},

@@ -69,15 +69,6 @@ TRAINED_WEIGHTS = "model.pt"
 CARD_FILE = "card.json"
 
 
-def default_model_cache() -> Path:
-    import os
-
-    base = os.environ.get("DEER_MODEL_CACHE")
-    if base:
-        return Path(base).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deer-reid" / "models"
-
-
 def read_card(name: str, cache: Path) -> dict | None:
     """The model card of a trained model in the cache (None when `name` was not trained there)."""
     import json
@@ -109,11 +100,15 @@ def get_spec(name: str, cache: Path | None = None) -> ModelSpec:
     """A model by name: a built-in one, or one trained into the model cache (`deer-reid train`)."""
     if name in REGISTRY:
         return REGISTRY[name]
-    spec = trained_spec(name, cache or default_model_cache())
+    if cache is None:
+        from shared.config import get_settings
+
+        cache = get_settings().model_cache  # DEER_MODEL_CACHE, or the user's cache directory
+    spec = trained_spec(name, cache)
     if spec is not None:
         return spec
     raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))} and the models trained into "
-                   f"{cache or default_model_cache()}")
+                   f"{cache}")
 
 
 # ---- architectures -----------------------------------------------------------------------

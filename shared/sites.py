@@ -10,7 +10,9 @@ import re
 
 import asyncpg
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The names of sites, cameras and properties: plain words, safe in paths, logs and URLs.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NAME = re.compile(NAME_PATTERN)
 
 
 class SiteError(ValueError):

@@ -26,7 +26,7 @@ from services.fusion import exemplars as exemplar_choice
 from services.fusion.calibration import ARTIFACT_KIND, ARTIFACT_VERSION
 from services.fusion.components import aggregate
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Thresholds, decide
-from services.fusion.scoring import RAW_TIE_BREAK, FusionModel, logit, score_candidates
+from services.fusion.scoring import ComponentCalibration, FusionModel, fused_score, logit, score_candidates
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -238,10 +238,8 @@ def fit_fusion(per_component: Mapping[str, np.ndarray], indices: Sequence[int], 
         for n in names[1:]:
             if not np.array_equal(pairs[n][0], base_q) or not np.array_equal(pairs[n][2], base_same):
                 raise ValueError(f"component {n} was evaluated on other pairs than {names[0]}")
-        models = {n: FusionModel("fit", {n: _calibration(calibrations[n])}, {n: 1.0}, 0.0) for n in names}
-        x = np.column_stack([
-            [logit(models[n].calibrations[n](v)) if np.isfinite(v) else logit(calibrations[n]["prior"])
-             for v in pairs[n][1]] for n in names])
+        x = np.column_stack([logit(np.where(np.isnan(p := ComponentCalibration.from_dict(calibrations[n])(
+            pairs[n][1])), calibrations[n]["prior"], p)) for n in names])
         lr = LogisticRegression(C=1.0, max_iter=1000).fit(x, base_same)
         weights = {n: round(float(w), 6) for n, w in zip(names, lr.coef_[0])}
         intercept = round(float(lr.intercept_[0]), 6)
@@ -249,36 +247,10 @@ def fit_fusion(per_component: Mapping[str, np.ndarray], indices: Sequence[int], 
             "pairs": int(base_same.size), "same_pairs": int(base_same.sum())}
 
 
-def _calibration(c: dict):
-    from services.fusion.scoring import ComponentCalibration
-
-    return ComponentCalibration(tuple(c["x"]), tuple(c["y"]), float(c["prior"]))
-
-
 def fused_similarity(per_component: Mapping[str, np.ndarray], model: FusionModel | None,
                      spec_weights: Mapping[str, float] | None = None) -> np.ndarray:
-    """The (N, N) image-to-image score fusion gives, for retrieval metrics (same code as the service)."""
-    names = list(per_component)
-    n = next(iter(per_component.values())).shape[0]
-    out = np.zeros((n, n), dtype=np.float64)
-    if model is None:
-        from services.fusion.scoring import default_weight
-
-        w = np.asarray([default_weight(c, spec_weights or {}) for c in names])
-        stack = np.stack([per_component[c] for c in names])
-        present = ~np.isnan(stack)
-        out = np.nansum(stack * w[:, None, None], axis=0) / np.maximum((present * w[:, None, None]).sum(0), 1e-12)
-        return out
-    z = np.full((n, n), model.intercept)
-    for c in names:
-        cal = model.calibrations[c]
-        p = np.interp(np.nan_to_num(per_component[c], nan=-np.inf), cal.x, cal.y)
-        p = np.where(np.isnan(per_component[c]), cal.prior, p)
-        p = np.clip(p, 1e-3, 1 - 1e-3)
-        z += model.weights.get(c, 0.0) * np.log(p / (1 - p))
-    # ties (beyond the calibrations' end knots) are broken by the raw scores, as score_candidates does
-    return 1 / (1 + np.exp(-z)) + RAW_TIE_BREAK * np.nan_to_num(np.nanmean(
-        np.stack([per_component[c] for c in names]), axis=0))
+    """The (N, N) image-to-image score fusion gives, for retrieval metrics (fusion's own `fused_score`)."""
+    return fused_score(per_component, model, spec_weights or {})[0]
 
 
 def split_identities(identities: Sequence[str], seed: int, fit_share: float = 0.5) -> tuple[set, set]:

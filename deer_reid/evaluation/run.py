@@ -27,6 +27,11 @@ TEMPORAL_OFF = ("Temporal priors were switched off for this run: the data has no
                 "be measured on such data.")
 
 
+def reindexed(samples: list[Sample]) -> list[Sample]:
+    """A subset of samples numbered 0..n-1 again (indices address the similarity matrices)."""
+    return [Sample(**{**s.__dict__, "index": n}) for n, s in enumerate(samples)]
+
+
 def select(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
     """Whole identities in a seeded order until `limit` images (all of them without a limit)."""
     if not limit or limit >= len(samples):
@@ -40,7 +45,7 @@ def select(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
         chosen.extend(by_identity[names[i]])
         if len(chosen) >= limit:
             break
-    return [Sample(**{**s.__dict__, "index": n}) for n, s in enumerate(chosen[:limit])]
+    return reindexed(chosen[:limit])
 
 
 def _model_names(mode: str, body_model: str | None, settings: Settings) -> list[str]:
@@ -81,7 +86,7 @@ def never_trained_on(samples: list[Sample], model_names: list[str], settings: Se
     kept = [s for s in samples if s.identity not in excluded and (keep is None or s.identity in keep)]
     if len({s.identity for s in kept}) < 2:
         raise ValueError("fewer than 2 identities are left that no model here was trained on")
-    return [Sample(**{**s.__dict__, "index": n}) for n, s in enumerate(kept)], notes
+    return reindexed(kept), notes
 
 
 def _subset(matrix: np.ndarray, idx: list[int]) -> np.ndarray:
@@ -277,7 +282,7 @@ def held_out_of(samples: list[Sample], artifact: dict | None) -> tuple[list[Samp
     if not kept:
         raise ValueError("every identity of the data was used to fit the active calibration: nothing is left "
                          "to report on")
-    return [Sample(**{**s.__dict__, "index": n}) for n, s in enumerate(kept)], {
+    return reindexed(kept), {
         "identities_excluded": len({s.identity for s in samples} & fitted), "images_excluded": len(samples) - len(kept)}
 
 

@@ -240,7 +240,7 @@ class SiteIn(BaseModel):
     """A camera site: its property (the population it belongs to) and, optionally, where it is."""
 
     model_config = {"extra": "forbid"}
-    property: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    property: str = Field("default", pattern=sites.NAME_PATTERN)
     lat: float | None = Field(None, ge=-90, le=90)
     lon: float | None = Field(None, ge=-180, le=180)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -11,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from shared.images import ImageRejected, crop_jpeg, decode_upload, filename_time
 from shared.schemas import DetectionClass
+from shared.sites import NAME
 
-NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EARLIEST = datetime(1990, 1, 1, tzinfo=timezone.utc)
 MAX_DETECTIONS_PER_IMAGE = 50
 MIN_BOX_SIDE = 8
@@ -140,7 +139,7 @@ def plan_image(name: str, data: bytes, boxes: list[DetectionIn] | None, *, site:
         raise UploadRejected("site missing: give the site field or name the file SITE_YYYYMMDD_HHMMSS", file=name)
     camera = camera or "unknown"
     for label, value in (("site", site), ("camera", camera)):
-        if not NAME_OK.match(value):
+        if not NAME.match(value):
             raise UploadRejected(f"{label} {value!r} must be 1-64 letters, digits, '.', '_' or '-'", file=name)
     for when, source in ((captured_at, "request"), (decoded.exif_time, "exif"),
                          (from_name[1] if from_name else None, "file name"), (fallback_time, "fallback")):

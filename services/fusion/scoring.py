@@ -15,7 +15,6 @@ Evidence, three ways:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -37,8 +36,13 @@ class ComponentCalibration:
     y: tuple[float, ...]
     prior: float  # share of same-individual pairs it was fitted on
 
-    def __call__(self, raw: float) -> float:
-        return float(np.interp(raw, self.x, self.y))
+    @classmethod
+    def from_dict(cls, c: dict) -> "ComponentCalibration":
+        return cls(tuple(c["x"]), tuple(c["y"]), float(c["prior"]))
+
+    def __call__(self, raw):
+        """P(same) of a raw score, or of an array of them (NaN, no evidence, stays NaN)."""
+        return np.where(np.isnan(raw), np.nan, np.interp(raw, self.x, self.y))
 
 
 @dataclass(frozen=True)
@@ -56,30 +60,53 @@ class FusionModel:
         fusion = artifact["fusion"]
         return cls(
             version=str(artifact.get("version_id") or artifact.get("created_at")),
-            calibrations={name: ComponentCalibration(tuple(c["x"]), tuple(c["y"]), float(c["prior"]))
-                          for name, c in fusion["calibrations"].items()},
+            calibrations={name: ComponentCalibration.from_dict(c) for name, c in fusion["calibrations"].items()},
             weights={k: float(v) for k, v in fusion["weights"].items()},
             intercept=float(fusion["intercept"]),
             aggregation=fusion.get("aggregation", "best"),
         )
 
-    def probability(self, calibrated: Mapping[str, float | None]) -> float:
+    def calibrate(self, raw: Mapping[str, float | np.ndarray]) -> dict[str, float | np.ndarray]:
+        """Each component's P(same) (NaN where it had no evidence, or has no calibration)."""
+        return {n: self.calibrations[n](v) if n in self.calibrations else np.full_like(np.asarray(v, float), np.nan)
+                for n, v in raw.items()}
+
+    def probability(self, calibrated: Mapping[str, float | np.ndarray]):
+        """The fused P(same); a component with no evidence (missing or NaN) contributes its prior."""
         z = self.intercept
         for name, w in self.weights.items():
-            p = calibrated.get(name)
-            if p is None:
-                p = self.calibrations[name].prior
-            z += w * logit(p)
+            p = np.asarray(calibrated.get(name, np.nan), dtype=np.float64)
+            z = z + w * logit(np.where(np.isnan(p), self.calibrations[name].prior, p))
         return sigmoid(z)
 
 
-def logit(p: float) -> float:
-    p = min(max(p, _EPS), 1 - _EPS)
-    return math.log(p / (1 - p))
+def logit(p):
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return np.log(p / (1 - p))
 
 
-def sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+def sigmoid(z):
+    return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=np.float64)))
+
+
+def fused_score(raw: Mapping[str, float | np.ndarray], model: "FusionModel | None",
+                spec_weights: Mapping[str, float]) -> tuple:
+    """(score, calibrated, weights) of raw component scores (scalars, or arrays scored element-wise; NaN:
+    no evidence). With a fitted model: its probability, ties broken by the raw scores' mean; without
+    one: the SPEC's weighted mean over the components that have evidence. The service scores one
+    candidate with it, `deer-reid eval` whole similarity matrices."""
+    stack = np.stack([np.asarray(v, dtype=np.float64) for v in raw.values()])
+    present = ~np.isnan(stack)
+    if model is not None:
+        calibrated = model.calibrate(raw)
+        weights = {n: model.weights.get(n, 0.0) for n in raw}
+        mean = np.where(present.any(0), np.nansum(np.where(present, stack, 0), 0) / np.maximum(present.sum(0), 1), 0)
+        return model.probability(calibrated) + RAW_TIE_BREAK * mean, calibrated, weights
+    weights = {n: default_weight(n, spec_weights) for n in raw}
+    w = np.asarray([weights[n] for n in raw]).reshape((-1,) + (1,) * (stack.ndim - 1))
+    total = (present * w).sum(0)
+    score = np.where(total > 0, (np.where(present, stack, 0) * w).sum(0) / np.where(total > 0, total, 1), 0.0)
+    return score, {n: np.full_like(np.asarray(v, float), np.nan) for n, v in raw.items()}, weights
 
 
 @dataclass(frozen=True)
@@ -124,23 +151,17 @@ def score_candidates(per_component: Mapping[str, Mapping[int, float]], model: Fu
     individuals = sorted(set().union(*(per_component[n].keys() for n in names))) if names else []
     out = []
     for ind in individuals:
-        raw: dict[str, float | None] = {n: per_component[n].get(ind, floor[n]) for n in names}
-        raw.update({n: None for n in no_evidence})
-        if model is not None:
-            calibrated = {n: (model.calibrations[n](v) if v is not None and n in model.calibrations else None)
-                          for n, v in raw.items()}
-            score = model.probability(calibrated) + RAW_TIE_BREAK * float(
-                np.mean([v for v in raw.values() if v is not None] or [0.0]))
-            weights = {n: model.weights.get(n, 0.0) for n in raw}
-        else:
-            calibrated = {n: None for n in raw}
-            weights = {n: default_weight(n, spec_weights) for n in raw}
-            present = {n: v for n, v in raw.items() if v is not None}
-            total = sum(weights[n] for n in present)
-            score = sum(weights[n] * v for n, v in present.items()) / total if total else 0.0
-        out.append(Candidate(ind, float(score), raw, calibrated, weights))
+        raw: dict[str, float] = {n: per_component[n].get(ind, floor[n]) for n in names}
+        raw.update({n: np.nan for n in no_evidence})
+        score, calibrated, weights = fused_score(raw, model, spec_weights)
+        out.append(Candidate(ind, float(score), _or_none(raw), _or_none(calibrated), weights))
     out.sort(key=lambda c: (-c.score, c.individual_id))
     return out
+
+
+def _or_none(values: Mapping[str, float]) -> dict[str, float | None]:
+    """NaN (no evidence) as None, for the recorded result."""
+    return {n: None if np.isnan(v) else float(v) for n, v in values.items()}
 
 
 def with_prior(candidate: Candidate, boost: float, flags: tuple[str, ...]) -> Candidate:

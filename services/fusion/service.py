@@ -14,12 +14,12 @@ Idempotent: a detection already decided is not decided again; its stored result 
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
 import asyncpg
+import numpy as np
 
 from services.fusion import store
 from services.fusion.calibration import CalibrationSource
@@ -62,18 +62,23 @@ class Scored:
     arrived: dict[str, str]
 
 
+def expected_of(detection) -> list[str]:
+    """The components a detection waits for (stamped at its first publication; body alone before that)."""
+    return list(detection["expected"] or ["body"])
+
+
 def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, int | None]) -> None:
     """Refuse feature events that do not belong to this detection or carry broken vectors."""
     if event.property != detection["property"] or event.site != detection["site"]:
         raise Refused(f"event names site {event.site!r} / property {event.property!r}, the detection "
                       f"{event.detection_id} is at {detection['site']!r} / {detection['property']!r}")
-    expected = list(detection["expected"] or ["body"])
+    expected = expected_of(detection)
     if event.component not in expected:
         raise Refused(f"component {event.component!r} was not expected for detection {event.detection_id} "
                       f"(expects {expected})")
     for emb in event.embeddings:
         vec = emb.array()
-        if not all(math.isfinite(v) for v in vec.tolist()):
+        if not np.isfinite(vec).all():
             raise Refused(f"{emb.model} vector holds NaN or infinite values")
         spec = REGISTRY.get(emb.model)
         want = known_dims.get(emb.version) or (spec.dim if spec and emb.version.startswith(f"{spec.name}:") else None)
@@ -107,51 +112,53 @@ class FusionHandler:
         """A failing event rolls its transaction back; the runner then retries the events one by one,
         so only the bad one is dead-lettered."""
         out = [Handled() for _ in events]
-        due: dict = {}  # detection id -> index of the event that made it due (its outputs go there)
+        due: dict = {}  # detection id -> (index of the event that made it due: its outputs go there, its row)
         async with self.pool.acquire() as conn:
             await self.calibration.refresh(conn)
             with STAGE_SECONDS.labels(self.name, "join").time():
                 async with conn.transaction():
                     for i, event in enumerate(events):
-                        out[i], is_due = await self._join(conn, event)
-                        if is_due:
-                            due[event.detection_id] = i
+                        out[i], row = await self._join(conn, event)
+                        if row is not None:
+                            due[event.detection_id] = (i, row)
             if due:
                 with STAGE_SECONDS.labels(self.name, "decide").time():
-                    for i, outputs in (await self._decide(conn, list(due))).items():
-                        out[due[i]].outputs.extend(outputs)
+                    for det_id, outputs in (await self._decide(conn, [row for _, row in due.values()])).items():
+                        out[due[det_id][0]].outputs.extend(outputs)
         return out
 
     # -- the join ---------------------------------------------------------------------------------
 
-    async def _join(self, conn: asyncpg.Connection, event: Features | JoinDeadline) -> tuple[Handled, bool]:
+    async def _join(self, conn: asyncpg.Connection,
+                    event: Features | JoinDeadline) -> tuple[Handled, asyncpg.Record | None]:
+        """Record the event in the join; the detection's row when it is now due for a decision."""
         det = await store.lock_detection(conn, event.detection_id)
         if det is None:
-            return Handled(error=f"unknown detection {event.detection_id}"), False
+            return Handled(error=f"unknown detection {event.detection_id}"), None
         if isinstance(event, JoinDeadline):
             if is_terminal(det["state"]):
-                return Handled(), False
+                return Handled(), None
             # Due with what arrived, as long as the anchoring body did (the shortlist comes from it).
-            return Handled(), (await store.arrived(conn, det["id"])).get("body") == "ok"
+            return Handled(), det if (await store.arrived(conn, det["id"])).get("body") == "ok" else None
         dims = {e.version: await self._known_dim(conn, e.version) for e in event.embeddings}
         try:
             validate(event, det, dims)
         except Refused as exc:
-            if not is_terminal(det["state"]) and event.component in (det["expected"] or ["body"]) \
+            if not is_terminal(det["state"]) and event.component in expected_of(det) \
                     and event.property == det["property"]:
                 # The component failed on bad input: missing for the join, never a blocker.
                 await store.add_feature(conn, det["id"], event.component, "failed", {"reason": str(exc)})
                 if event.component == "body":
                     await store.fail(conn, det["id"], f"fusion: body features refused: {exc}")
-                    return Handled(error=str(exc)), False
+                    return Handled(error=str(exc)), None
                 return Handled(error=str(exc)), await self._complete(conn, det)
-            return Handled(error=str(exc)), False
+            return Handled(error=str(exc)), None
         if is_terminal(det["state"]):
             # Late or redelivered: stored, never reopens the decision; a body redelivery re-publishes the result.
             await store.add_feature(conn, det["id"], event.component, event.status, _stored(event), late=True)
             if event.component == "body" and det["state"] != FAILED and det["result"] is not None:
-                return Handled([result_output(det["property"], det["result"])]), False
-            return Handled(), False
+                return Handled([result_output(det["property"], det["result"])]), None
+            return Handled(), None
         await store.add_feature(conn, det["id"], event.component, event.status, _stored(event))
         if event.component == "body":
             await store.store_embeddings(conn, det["id"], det["site"], det["property"], event.embeddings)
@@ -170,20 +177,21 @@ class FusionHandler:
         return self._dims[version]
 
     @staticmethod
-    async def _complete(conn: asyncpg.Connection, det: asyncpg.Record) -> bool:
+    async def _complete(conn: asyncpg.Connection, det: asyncpg.Record) -> asyncpg.Record | None:
+        """The row when every expected component is in (body among them, as evidence), else None."""
         got = await store.arrived(conn, det["id"])
-        return got.get("body") == "ok" and all(c in got for c in (det["expected"] or ["body"]))
+        return det if got.get("body") == "ok" and all(c in got for c in expected_of(det)) else None
 
     # -- the decision -----------------------------------------------------------------------------
 
-    async def _decide(self, conn: asyncpg.Connection, detection_ids: list) -> dict:
+    async def _decide(self, conn: asyncpg.Connection, detections: list[asyncpg.Record]) -> dict:
         """Score the due detections, then decide each property's under its lock. {detection id: outputs}."""
         outputs: dict = {}
         by_property: dict[str, list[Scored]] = defaultdict(list)
         async with conn.transaction():
             await store.prepare_search(conn)
-            for det_id in detection_ids:
-                scored = await self._score(conn, det_id)
+            for det in detections:
+                scored = await self._score(conn, det)
                 if scored is not None:
                     by_property[scored.detection["property"]].append(scored)
         for prop in sorted(by_property):  # sorted: two workers never wait on each other in a cycle
@@ -193,16 +201,14 @@ class FusionHandler:
                     outputs[scored.detection["id"]] = await self._decide_one(conn, scored)
         return outputs
 
-    async def _score(self, conn: asyncpg.Connection, det_id) -> Scored | None:
-        det = await conn.fetchrow(
-            """SELECT id, state, property, site, camera, captured_at, cls, image_sha256, expected, pipeline, box,
-                      sighting FROM detections WHERE id = $1""", det_id)
-        if det is None or is_terminal(det["state"]):
-            return None
+    async def _score(self, conn: asyncpg.Connection, det: asyncpg.Record) -> Scored | None:
+        """The gallery search for a due detection (its row as the join locked it), before the property lock.
+        Whether it is still undecided is checked again under the lock."""
+        det_id = det["id"]
         sex = sex_of(det["cls"])
         config = PipelineConfig(**(det["pipeline"] or {}))
         got = await store.arrived(conn, det_id)
-        missing = [c for c in (det["expected"] or ["body"]) if got.get(c) not in ("ok", "no-evidence")]
+        missing = [c for c in expected_of(det) if got.get(c) not in ("ok", "no-evidence")]
         searched_up_to = await store.max_individual(conn, det["property"])
         vectors = await store.body_embeddings(conn, det_id)
         frames = await store.sighting_vectors(conn, det_id, det["sighting"])
@@ -241,13 +247,12 @@ class FusionHandler:
         per_component = {name: {ind: aggregate(sims, how) for ind, sims in by_ind.items() if ind not in excluded}
                          for name, by_ind in s.per_component_exemplars.items()}
         candidates = score_candidates(per_component, model, self.spec_weights)
-        temporal = s.config.temporal
-        if temporal and candidates:
+        if s.config.temporal and candidates:
             candidates = await self._temporal(conn, det, candidates)
         linked = await self._sighting_link(conn, det, s.sex, excluded)
         best_body = candidates[0].score if candidates else None
         if linked is None and wants_pose(s.config, best_body) and "pose" not in s.arrived \
-                and "pose" not in (det["expected"] or []):
+                and "pose" not in expected_of(det):
             await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
             return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
         if linked is not None:
@@ -297,7 +302,7 @@ class FusionHandler:
             "detection_id": str(det["id"]), "site": det["site"], "property": det["property"],
             "state": decision.state, "score": decision.score, "flags": flags,
             "mode": s.config.mode, "switches": s.config.switches(),
-            "expected": list(det["expected"] or ["body"]), "arrived": s.arrived, "missing": s.missing,
+            "expected": expected_of(det), "arrived": s.arrived, "missing": s.missing,
             "candidates": [c.as_dict() for c in decision.candidates],
             "components": dict(decision.candidates[0].components) if decision.candidates else {},
             "versions": versions, "random_weights": random_weights,
@@ -314,8 +319,7 @@ class FusionHandler:
 
 def _stored(event: Features) -> dict:
     """What the join keeps of a component's features (vectors live in `embeddings` for body)."""
-    keep = event.model_dump(mode="json", exclude={"embeddings"} if event.component == "body" else set())
-    return keep
+    return event.model_dump(mode="json", exclude={"embeddings"} if event.component == "body" else set())
 
 
 def result_output(prop: str, result: dict) -> Output:
@@ -334,7 +338,7 @@ def pose_request(det: asyncpg.Record, crop: bytes, config: PipelineConfig) -> Ou
         detection_id=det["id"], site=det["site"], camera=det["camera"], captured_at=det["captured_at"],
         cls=det["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=det["image_sha256"], crop_jpeg=crop,
         mode=config.mode, property=det["property"], switches=config.switches(),
-        expected=list(det["expected"] or ["body"]) + ["pose"])
+        expected=expected_of(det) + ["pose"])
     return Output(POSE_REQUESTS, str(det["id"]).encode(), event.to_bytes())
 
 

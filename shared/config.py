@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     rut_months: list[int] = [11, 12]  # temporal boost x0.3 in these months (DEER_RUT_MONTHS='[10,11,12]')
     join_sweep_every_s: float = Field(1.0, gt=0)  # the reconciler's look for joins past their deadline
 
+    # coat service and its matching in fusion
+    coat_pattern: str = Field("xfeat", pattern="^(xfeat|rootsift)$")  # local features (eval --coat measures both)
+    coat_keypoints: int = Field(256, ge=16, le=2048)  # per detection
+    coat_restrict_to_animal: bool = True  # keypoints on the foreground only (the box is loose)
+    coat_workers: int = 0  # crops processed side by side (0: one per core)
+    coat_shortlist: int = Field(10, ge=1, le=200)  # candidates (best by body) whose exemplars coat is matched with
+    coat_exemplars: int = Field(4, ge=1, le=64)  # exemplars per shortlisted candidate
+
     # reconciler
     stuck_after_s: float = Field(120.0, gt=0)
     reconcile_every_s: float = Field(5.0, gt=0)

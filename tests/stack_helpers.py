@@ -52,7 +52,7 @@ async def assert_exactly_once(db, ids: list[str], prop: str) -> dict[str, int]:
         "SELECT count(*) FROM detections WHERE property = $1 AND state IN ('assigned', 'new')", prop)
     assert sightings == placed
     founded = await db.fetchval("SELECT count(*) FROM individuals WHERE property = $1", prop)
-    assert founded == states.get("new", 0)
+    assert founded == states.get("new", 0), (founded, states)
     return states
 
 

@@ -199,3 +199,16 @@ def test_a_version_seen_before_fixes_its_dimension():
     with pytest.raises(Refused, match="has 64"):
         validate(_features(), DETECTION, {"efficientnet_lite0:abc:x": 64})
     validate(_features(), DETECTION, {"efficientnet_lite0:abc:x": 1280})
+
+
+def test_coat_events_with_unreadable_patterns_or_too_many_marks_are_refused():
+    from services.fusion.service import MAX_MARKS, Refused, validate
+
+    detection = {**DETECTION, "expected": ["body", "coat"]}
+    good = _features("coat", embeddings=[], attributes={"marks": [], "pattern": {"version": "v", "data": "AAAA"}})
+    with pytest.raises(Refused, match="coat pattern unreadable"):
+        validate(good, detection, {})
+    too_many = _features("coat", embeddings=[], attributes={"marks": [{}] * (MAX_MARKS + 1)})
+    with pytest.raises(Refused, match="marks"):
+        validate(too_many, detection, {})
+    validate(_features("coat", embeddings=[], attributes={"marks": []}), detection, {})

@@ -19,7 +19,7 @@ from PIL import Image
 from deer_reid.ingest import wait_terminal
 from shared.broker import producer_for
 from shared.schemas import DeadLetter, DetectionEvent, Embedding, Features
-from shared.topics import FEATURES_BODY, FEATURES_COAT, POSE_REQUESTS, dead_letter_of
+from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, POSE_REQUESTS, dead_letter_of
 from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, register
 
 pytestmark = pytest.mark.stack
@@ -133,30 +133,30 @@ async def test_two_detections_of_one_image_are_never_one_individual(stack, db, n
 
 
 async def test_a_component_that_never_arrives_is_decided_degraded_after_the_timeout(stack, db, nyala_paths, config):
-    await set_config(stack, mode="enhanced", coat=True)  # no coat service runs in this stack
+    await set_config(stack, mode="enhanced", antler=True, ensemble=False)  # no antler service runs in this stack
     started = time.monotonic()
-    ids = await ingest(stack, nyala_paths[730:733], "degraded-cam")
+    ids = await ingest(stack, nyala_paths[730:733], "degraded-cam", cls="buck")
     results = [d["result"] for d in await decided(stack, ids)]
     assert time.monotonic() - started >= 3  # DEER_JOIN_TIMEOUT_S of the test stack
     for r in results:
-        assert "degraded" in r["flags"] and r["missing"] == ["coat"] and r["expected"] == ["body", "coat"]
-        assert r["switches"]["coat"] is True and r["mode"] == "enhanced"
+        assert "degraded" in r["flags"] and r["missing"] == ["antler"] and r["expected"] == ["body", "antler"]
+        assert r["switches"]["antler"] is True and r["mode"] == "enhanced"
     await assert_exactly_once(db, ids, "degraded-cam")
     # the component that comes after the decision is stored, and reopens nothing
     row = await db.fetchrow("SELECT * FROM detections WHERE id = $1", uuid.UUID(ids[0]))
-    late = Features(component="coat", detection_id=row["id"], site=row["site"], property=row["property"],
+    late = Features(component="antler", detection_id=row["id"], site=row["site"], property=row["property"],
                     camera=row["camera"], captured_at=row["captured_at"], cls=row["cls"])
     producer = producer_for(stack.bootstrap, "test-late")
     await producer.start()
     try:
-        await producer.send_and_wait(FEATURES_COAT.name, late.to_bytes(), key=row["property"].encode())
+        await producer.send_and_wait(FEATURES_ANTLER.name, late.to_bytes(), key=row["property"].encode())
     finally:
         await producer.stop()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not await db.fetchval(
-            "SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'coat'", row["id"]):
+            "SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'antler'", row["id"]):
         await asyncio.sleep(0.1)
-    assert await db.fetchval("SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'coat'",
+    assert await db.fetchval("SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'antler'",
                              row["id"]) is True
     after = await detection(stack, ids[0])
     assert (after["state"], after["result"]) == (row["state"], row["result"])
@@ -190,9 +190,9 @@ async def test_an_uncertain_match_asks_for_pose_and_waits_for_it(stack, db, nyal
 
 
 async def test_kill_9_of_fusion_with_joins_half_complete_decides_each_once(stack, db, nyala_paths, config):
-    await set_config(stack, mode="enhanced", coat=True, ensemble=False)
-    ids = await ingest(stack, nyala_paths[740:760], "halfjoin-cam")
-    # wait until body features have joined some of them (state fusing), then answer half with coat
+    await set_config(stack, mode="enhanced", antler=True, ensemble=False)  # no antler service: the test answers
+    ids = await ingest(stack, nyala_paths[740:760], "halfjoin-cam", cls="buck")
+    # wait until body features have joined some of them (state fusing), then answer half with antler
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         fusing = await db.fetch("SELECT id, site, property, camera, captured_at, cls FROM detections "
@@ -201,15 +201,15 @@ async def test_kill_9_of_fusion_with_joins_half_complete_decides_each_once(stack
             break
         await asyncio.sleep(0.05)
     assert fusing, "no join was ever half complete"
-    coat_for = fusing[: len(fusing) // 2 + 1]
-    producer = producer_for(stack.bootstrap, "test-coat")
+    antler_for = fusing[: len(fusing) // 2 + 1]
+    producer = producer_for(stack.bootstrap, "test-antler")
     await producer.start()
     try:
-        for r in coat_for:
-            event = Features(component="coat", detection_id=r["id"], site=r["site"], property=r["property"],
+        for r in antler_for:
+            event = Features(component="antler", detection_id=r["id"], site=r["site"], property=r["property"],
                              camera=r["camera"], captured_at=r["captured_at"], cls=r["cls"],
-                             attributes={"note": "test stand-in for the coat service"})
-            await producer.send_and_wait(FEATURES_COAT.name, event.to_bytes(), key=r["property"].encode())
+                             attributes={"note": "test stand-in for the antler service"})
+            await producer.send_and_wait(FEATURES_ANTLER.name, event.to_bytes(), key=r["property"].encode())
     finally:
         await producer.stop()
     child = stack.children["fusion"]
@@ -222,10 +222,10 @@ async def test_kill_9_of_fusion_with_joins_half_complete_decides_each_once(stack
                             ids)
     have = {(str(r["detection_id"]), r["component"]) for r in joined}
     assert all((i, "body") in have for i in ids)
-    assert all((str(r["id"]), "coat") in have for r in coat_for)  # joined in time, or stored as late
+    assert all((str(r["id"]), "antler") in have for r in antler_for)  # joined in time, or stored as late
     for d in results:
-        has_coat = (d["id"], "coat") in have and "coat" in d["result"]["arrived"]
-        assert ("degraded" in d["result"]["flags"]) != has_coat
+        has_antler = (d["id"], "antler") in have and "antler" in d["result"]["arrived"]
+        assert ("degraded" in d["result"]["flags"]) != has_antler
 
 
 async def test_switches_change_at_run_time_and_every_result_records_them(stack, db, nyala_paths, config):
@@ -359,3 +359,47 @@ async def test_photos_with_only_a_fallback_time_are_never_one_sighting(stack, db
     await decided(stack, ids)
     assert await db.fetchval("SELECT count(*) FROM detections WHERE id = ANY($1::uuid[]) AND sighting IS NOT NULL",
                              ids) == 0
+
+
+async def test_coat_features_join_and_score_candidates_and_bad_crops_only_lose_coat(stack, db, nyala_rows, nyala_paths,
+                                                                                    config):
+    await register(stack, "coat-cam", "coat")
+    await set_config(stack, mode="enhanced", coat=True, ensemble=False, temporal=False)
+    # two photos of one nyala's left flank (two encounters), then an infrared (grey) copy and a tiny crop
+    first = next(i for i, r in enumerate(nyala_rows) if r["viewpoint"] == "left")
+    same = next(i for i, r in enumerate(nyala_rows) if i != first and r["identity"] == nyala_rows[first]["identity"]
+                and r["viewpoint"] == "left")
+    # re-encoded copies: uploads are content-addressed, and other tests upload the originals
+    [a] = await upload(stack, "a.jpg", cropped(nyala_paths[first], keep=0.98), "coat-cam")
+    [da] = await decided(stack, [a])
+    [b] = await upload(stack, "b.jpg", cropped(nyala_paths[same]), "coat-cam")
+    grey = io.BytesIO()
+    Image.open(nyala_paths[same]).convert("L").convert("RGB").save(grey, format="JPEG", quality=90)
+    [g] = await upload(stack, "grey.jpg", grey.getvalue(), "coat-cam")
+    tiny = io.BytesIO()
+    Image.open(nyala_paths[first]).convert("RGB").resize((28, 20)).save(tiny, format="JPEG")
+    [t] = await upload(stack, "tiny.jpg", tiny.getvalue(), "coat-cam")
+    db_, dg, dt = await decided(stack, [b, g, t])
+    for d in (da, db_, dg, dt):
+        r = d["result"]
+        assert r["expected"] == ["body", "coat"] and "coat" in r["arrived"] and not r["missing"], r
+    # the second photo was matched on coat against the first's individual (its exemplar), all three parts
+    cand = next(c for c in db_["result"]["candidates"] if c["individual_id"] == da["individual_id"])
+    for part in ("coat:colour", "coat:markings", "coat:pattern"):
+        assert part in cand["components"], cand
+    assert cand["components"]["coat:pattern"]["raw"] is not None and cand["components"]["coat:colour"]["raw"] > 0
+    assert db_["result"]["coat"]["exemplars_matched"] >= 1 and db_["result"]["coat"]["matching_ms"] > 0
+    # infrared: flagged, and its grey levels never compared with the day photos' colour
+    assert "coat:infrared" in dg["result"]["flags"]
+    for c in dg["result"]["candidates"]:
+        assert c["components"].get("coat:colour", {}).get("raw") is None
+    # a tiny crop: no coat evidence, flagged, decided on body like any other
+    assert dt["result"]["arrived"]["coat"] == "no-evidence" and "coat:tiny-crop" in dt["result"]["flags"]
+    # patterns are stored compactly, as bytes
+    sizes = await db.fetch("SELECT keypoints, octet_length(pattern) AS n FROM coat_patterns "
+                           "WHERE detection_id = ANY($1::uuid[])", [uuid.UUID(x) for x in (a, b, g)])
+    assert len(sizes) == 3 and all(r["n"] == 8 + 68 * r["keypoints"] and r["keypoints"] >= 5 for r in sizes)
+    stored = await db.fetchval("SELECT features FROM detection_features WHERE detection_id = $1 AND component = 'coat'",
+                               uuid.UUID(a))
+    assert "pattern" not in stored["attributes"] and stored["attributes"]["marks"] is not None
+    await assert_exactly_once(db, [a, b, g, t], "coat")

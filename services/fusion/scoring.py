@@ -54,11 +54,13 @@ class FusionModel:
     weights: Mapping[str, float]
     intercept: float
     aggregation: str = "best"
+    coat_version: str | None = None  # the coat extractor its coat calibrations were fitted on
 
     @classmethod
     def from_artifact(cls, artifact: dict) -> "FusionModel":
         fusion = artifact["fusion"]
         return cls(
+            coat_version=fusion.get("coat_version"),
             version=str(artifact.get("version_id") or artifact.get("created_at")),
             calibrations={name: ComponentCalibration.from_dict(c) for name, c in fusion["calibrations"].items()},
             weights={k: float(v) for k, v in fusion["weights"].items()},
@@ -147,7 +149,7 @@ def score_candidates(per_component: Mapping[str, Mapping[int, float]], model: Fu
     """
     spec_weights = spec_weights or {}
     names = [n for n in per_component if n not in no_evidence]
-    floor = {n: min(per_component[n].values(), default=0.0) for n in names}
+    floor = {n: min((v for v in per_component[n].values() if not np.isnan(v)), default=np.nan) for n in names}
     individuals = sorted(set().union(*(per_component[n].keys() for n in names))) if names else []
     out = []
     for ind in individuals:

@@ -13,7 +13,10 @@ Idempotent: a detection already decided is not decided again; its stored result 
 """
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,9 +24,12 @@ from typing import Sequence
 import asyncpg
 import numpy as np
 
+from services.coat.extractor import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION
+from services.coat.pattern import PatternError, unpack
 from services.fusion import store
 from services.fusion.calibration import CalibrationSource
-from services.fusion.components import aggregate, body_component, body_similarity
+from services.fusion.components import aggregate, body_component, body_similarity, component_of
+from services.fusion.components.coat import coat_scores
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
 from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_prior
 from services.fusion.temporal import TemporalRules, prior
@@ -33,11 +39,27 @@ from shared.db import create_pool
 from shared.models import REGISTRY
 from shared.observability import STAGE_SECONDS
 from shared.pipeline import wants_pose
-from shared.schemas import Box, DetectionEvent, DetectionResult, Features, FusionInput, JoinDeadline, \
-    PipelineConfig, sex_of
+from shared.schemas import (
+    Box,
+    DetectionEvent,
+    DetectionResult,
+    Embedding,
+    Features,
+    FusionInput,
+    JoinDeadline,
+    PipelineConfig,
+    sex_of,
+)
 from shared.states import FAILED, is_terminal
-from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, JOIN_DEADLINES, \
-    POSE_REQUESTS, RESULTS
+from shared.topics import (
+    FEATURES_ANTLER,
+    FEATURES_BODY,
+    FEATURES_COAT,
+    FEATURES_POSE,
+    JOIN_DEADLINES,
+    POSE_REQUESTS,
+    RESULTS,
+)
 
 log = logging.getLogger(__name__)
 TEMPORAL_CANDIDATES = 10  # temporal priors are looked up for the best few candidates only
@@ -60,11 +82,29 @@ class Scored:
     searched_up_to: int  # the largest individual id the search could have seen
     missing: list[str]
     arrived: dict[str, str]
+    coat: dict | None = None  # what coat matching did: shortlist, exemplars matched, milliseconds, flags
 
 
 def expected_of(detection) -> list[str]:
     """The components a detection waits for (stamped at its first publication; body alone before that)."""
     return list(detection["expected"] or ["body"])
+
+
+MAX_MARKS = 256
+
+
+def coat_pattern_of(event: Features) -> tuple[str, bytes] | None:
+    """(version, packed bytes) of a coat event's pattern; Refused when it is present but unreadable."""
+    pattern = event.attributes.get("pattern")
+    if pattern is None:
+        return None
+    try:
+        raw = base64.b64decode(pattern["data"], validate=True)
+        version = str(pattern["version"])
+        unpack(raw)
+    except (KeyError, TypeError, ValueError, PatternError) as exc:
+        raise Refused(f"coat pattern unreadable: {exc}") from None
+    return version, raw
 
 
 def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, int | None]) -> None:
@@ -86,6 +126,11 @@ def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, i
             raise Refused(f"{emb.model} vector has {emb.dim} dimensions; version {emb.version} has {want}")
         if float((vec * vec).sum()) == 0.0:
             raise Refused(f"{emb.model} vector is all zeros")
+    if event.component == "coat":
+        marks = event.attributes.get("marks", [])
+        if not isinstance(marks, list) or len(marks) > MAX_MARKS:
+            raise Refused(f"coat marks must be a list of at most {MAX_MARKS} records")
+        coat_pattern_of(event)
 
 
 class FusionHandler:
@@ -160,6 +205,9 @@ class FusionHandler:
                 return Handled([result_output(det["property"], det["result"])]), None
             return Handled(), None
         await store.add_feature(conn, det["id"], event.component, event.status, _stored(event))
+        if event.component == "coat" and (pattern := coat_pattern_of(event)) is not None:
+            await store.store_coat_pattern(conn, det["id"], pattern[0], int(event.attributes.get("keypoints", 0)),
+                                           pattern[1])
         if event.component == "body":
             await store.store_embeddings(conn, det["id"], det["site"], det["property"], event.embeddings)
             await store.start_fusing(conn, det["id"], self.settings.join_timeout_s)
@@ -225,7 +273,43 @@ class FusionHandler:
             for (ind, _), sim in best.items():
                 sims[ind].append(sim)
             per_exemplar[body_component(model)] = dict(sims)
-        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got)
+        coat = await self._coat(conn, det, per_exemplar) if got.get("coat") in ("ok", "no-evidence") else None
+        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat)
+
+    async def _coat(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
+        """Coat scores against the exemplars of the best candidates by body (added to `per_exemplar`)."""
+        started = time.perf_counter()
+        best: dict[int, float] = {}
+        for by_ind in per_exemplar.values():
+            for ind, sims in by_ind.items():
+                best[ind] = max(best.get(ind, -1.0), max(sims))
+        shortlist = sorted(best, key=lambda i: (-best[i], i))[:self.settings.coat_shortlist]
+        exemplars = await store.exemplar_detections(conn, shortlist, self.settings.coat_exemplars)
+        stored = await store.coat_of(conn, [det["id"], *(d for ds in exemplars.values() for d in ds)])
+        query = stored[det["id"]]
+        flags = query["features"].get("flags", [])
+        version = query["features"].get("attributes", {}).get("version")
+        if query["status"] != "ok":  # no coat evidence: nothing to compare, the reason is flagged
+            return {"shortlist": 0, "exemplars_matched": 0, "matching_ms": 0.0, "flags": flags, "version": version}
+        views = {d: coat_view(v) for d, v in stored.items() if v["status"] == "ok"}
+
+        def match() -> dict[str, dict[int, list[float]]]:  # CPU work (OpenCV releases the GIL): off the loop
+            out: dict[str, dict[int, list[float]]] = defaultdict(dict)
+            for ind in shortlist:
+                for d in exemplars.get(ind, []):
+                    if d in views and d != det["id"]:
+                        for name, score in coat_scores(views[det["id"]], views[d]).items():
+                            out[name].setdefault(ind, [])
+                            if score is not None:
+                                out[name][ind].append(score)
+            return out
+
+        matched = await asyncio.get_running_loop().run_in_executor(None, match)
+        per_exemplar.update(matched)
+        STAGE_SECONDS.labels(self.name, "coat-match").observe(time.perf_counter() - started)
+        return {"version": version, "shortlist": len(shortlist), "exemplars_matched": sum(len(exemplars.get(i, [])) for i in shortlist),
+                "matching_ms": round(1000 * (time.perf_counter() - started), 2),
+                "flags": flags, "marks": query["features"].get("attributes", {}).get("marks", [])[:16]}
 
     async def _decide_one(self, conn: asyncpg.Connection, s: Scored) -> list[Output]:
         det = await store.lock_detection(conn, s.detection["id"])
@@ -244,8 +328,12 @@ class FusionHandler:
         thresholds, model = self.calibration.for_versions(versions)
         how = model.aggregation if model else self.settings.identity_aggregation
         excluded = await store.cannot_link(conn, det["id"], det["image_sha256"])
-        per_component = {name: {ind: aggregate(sims, how) for ind, sims in by_ind.items() if ind not in excluded}
+        per_component = {name: {ind: _or_nan(aggregate(sims, how)) for ind, sims in by_ind.items()
+                                if ind not in excluded}
                          for name, by_ind in s.per_component_exemplars.items()}
+        if model is not None and (s.coat or {}).get("version") != model.coat_version:
+            # coat calibrations apply only to the coat extractor they were fitted on
+            per_component = {k: v for k, v in per_component.items() if component_of(k) != "coat"}
         candidates = score_candidates(per_component, model, self.spec_weights)
         if s.config.temporal and candidates:
             candidates = await self._temporal(conn, det, candidates)
@@ -297,6 +385,7 @@ class FusionHandler:
             flags.append("degraded")
         if any(random for *_, random in s.vectors):
             flags.append("random-weights")
+        flags += [f"coat:{f}" for f in (s.coat or {}).get("flags", [])]
         random_weights = any(random for *_, random in s.vectors)
         return {
             "detection_id": str(det["id"]), "site": det["site"], "property": det["property"],
@@ -314,12 +403,31 @@ class FusionHandler:
             "cannot_link": sorted(excluded),
             "sighting": str(det["sighting"]) if det["sighting"] else None,
             "sighting_vectors_in_query": len(s.frames),  # other frames' embeddings the sighting query used
+            "coat": s.coat,
         }
 
 
 def _stored(event: Features) -> dict:
-    """What the join keeps of a component's features (vectors live in `embeddings` for body)."""
-    return event.model_dump(mode="json", exclude={"embeddings"} if event.component == "body" else set())
+    """What the join keeps of a component's features (body vectors live in `embeddings`, coat patterns in
+    `coat_patterns`, as bytes)."""
+    stored = event.model_dump(mode="json", exclude={"embeddings"} if event.component == "body" else set())
+    if event.component == "coat" and isinstance(stored.get("attributes"), dict):
+        stored["attributes"].pop("pattern", None)
+    return stored
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def coat_view(stored: dict) -> dict:
+    """A detection's stored coat features, as `coat_scores` compares them."""
+    features = stored["features"]
+    vectors = {e["version"]: Embedding.model_validate(e).array() for e in features.get("embeddings", [])}
+    colour = next(((v, vec) for v, vec in vectors.items() if v in (COLOUR_VERSION, GREY_VERSION)), None)
+    return {"colour": colour, "markings": vectors.get(MARKINGS_VERSION),
+            "facing": features.get("attributes", {}).get("facing"),
+            "pattern": stored["pattern"], "pattern_version": stored["pattern_version"]}
 
 
 def result_output(prop: str, result: dict) -> Output:

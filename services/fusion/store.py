@@ -263,5 +263,37 @@ async def rechoose_exemplars(conn: asyncpg.Connection, individual: int, n: int, 
         await conn.execute("UPDATE embeddings SET exemplar = false WHERE id = ANY($1::bigint[])", drop)
 
 
+async def store_coat_pattern(conn: asyncpg.Connection, detection_id: UUID, version: str, keypoints: int,
+                             pattern: bytes) -> None:
+    await conn.execute(
+        """INSERT INTO coat_patterns (detection_id, version, keypoints, pattern) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (detection_id) DO NOTHING""", detection_id, version, keypoints, pattern)
+
+
+async def coat_of(conn: asyncpg.Connection, detection_ids: list[UUID]) -> dict[UUID, dict]:
+    """{detection: its stored coat features, status and pattern} for those whose coat features arrived."""
+    rows = await conn.fetch(
+        """SELECT f.detection_id, f.status, f.features, p.version AS pattern_version, p.pattern
+           FROM detection_features f LEFT JOIN coat_patterns p ON p.detection_id = f.detection_id
+           WHERE f.detection_id = ANY($1::uuid[]) AND f.component = 'coat'""", detection_ids)
+    return {r["detection_id"]: {"status": r["status"], "features": r["features"],
+                                "pattern_version": r["pattern_version"], "pattern": r["pattern"]} for r in rows}
+
+
+async def exemplar_detections(conn: asyncpg.Connection, individuals: list[int], per_individual: int) -> dict[int, list[UUID]]:
+    """{individual: its exemplar detections, newest first} (any embedding version's exemplars)."""
+    rows = await conn.fetch(
+        """SELECT individual_id, detection_id FROM (
+               SELECT individual_id, detection_id, row_number() OVER (
+                   PARTITION BY individual_id ORDER BY max(created_at) DESC) AS n
+               FROM embeddings WHERE exemplar AND individual_id = ANY($1::bigint[])
+               GROUP BY individual_id, detection_id) x
+           WHERE n <= $2""", individuals, per_individual)
+    out: dict[int, list[UUID]] = {}
+    for r in rows:
+        out.setdefault(r["individual_id"], []).append(r["detection_id"])
+    return out
+
+
 async def crop_of(conn: asyncpg.Connection, detection_id: UUID) -> bytes:
     return bytes(await conn.fetchval("SELECT crop FROM detections WHERE id = $1", detection_id))

@@ -1,0 +1,124 @@
+"""Coat features of one crop: colour, markings and pattern, each present or "no evidence" (pure compute).
+
+Bad input never raises: a crop under 32 px a side, an unreadable or uniform frame, a crop where no
+animal is found, a grey infrared frame (no colour) each give "no evidence" for the parts concerned,
+named in `flags`, and the detection goes on with its other components.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from services.coat import colour, markings
+from services.coat.foreground import VERSION as FOREGROUND_VERSION
+from services.coat.foreground import foreground
+from services.coat.pattern import Pattern, PatternExtractor, pack, xfeat_version
+from shared.schemas import Embedding
+
+MIN_SIDE = 32  # px: under this a crop shows no coat worth describing
+MAX_SIDE = 4096  # px: crops are made at most crop_max_side long; anything bigger is refused unread
+COLOUR_VERSION = "coat-colour:v1"
+GREY_VERSION = "coat-grey:v1"  # infrared frames: grey levels only, never compared with day colour
+MARKINGS_VERSION = "coat-markings:v1"
+
+
+@dataclass
+class CoatFeatures:
+    status: str  # "ok" or "no-evidence"
+    flags: list[str] = field(default_factory=list)
+    embeddings: list[Embedding] = field(default_factory=list)  # colour (or grey) and markings maps
+    marks: list[dict] = field(default_factory=list)  # structured marking records
+    pattern: bytes | None = None  # packed keypoints + descriptors
+    pattern_version: str | None = None
+    attributes: dict = field(default_factory=dict)  # lighting, facing, foreground share, keypoint count
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    mask: np.ndarray | None = None  # the animal's mask in the crop (not published: eval reuses it)
+
+
+class CoatExtractor:
+    def __init__(self, method: str = "xfeat", keypoints: int = 256, restrict_to_animal: bool = True):
+        self.pattern = PatternExtractor(method, keypoints)
+        self.restrict = restrict_to_animal
+        self.pattern_version = (f"{xfeat_version() if method == 'xfeat' else 'rootsift-opencv'}:"
+                                f"{keypoints}{'-animal' if restrict_to_animal else '-crop'}")
+        self.version = f"coat-v3:{FOREGROUND_VERSION}:{self.pattern_version}"
+
+    def extract(self, crop: bytes) -> CoatFeatures:
+        started = time.perf_counter()
+        rgb = _decode(crop)
+        if isinstance(rgb, str):
+            return CoatFeatures("no-evidence", [rgb])
+        h, w = rgb.shape[:2]
+        if min(h, w) < MIN_SIDE:
+            return CoatFeatures("no-evidence", ["tiny-crop"], attributes={"size": [w, h]})
+        out = CoatFeatures("ok", attributes={"version": self.version})
+        fg = foreground(rgb)
+        out.timings_ms["foreground"] = _ms(started)
+        out.attributes["foreground"] = round(fg.fraction, 4)
+        out.mask = fg.mask
+        if fg.approximate:
+            out.flags.append("foreground-approximate")
+        if not fg.found:
+            out.flags.append("no-animal-found")
+            if not self.restrict:  # the whole-crop pattern does not need the animal
+                self._add_pattern(out, rgb, None)
+            out.status = "ok" if out.pattern else "no-evidence"
+            out.timings_ms["total"] = _ms(started)
+            return out
+        head_left = colour.facing_left(fg.mask, fg.box)
+        if not fg.approximate:  # an ellipse's mass centre says nothing about where the head is
+            out.attributes["facing"] = "left" if head_left else "right"
+        regions = colour.region_boxes(fg.box, head_left)
+        infrared = colour.is_infrared(rgb)
+        out.attributes["lighting"] = "infrared" if infrared else "day"
+        normalised = colour.normalise_illumination(rgb)
+        t = time.perf_counter()
+        hist = colour.colour_histograms(normalised, fg.mask, regions, grey=infrared)
+        if infrared:
+            out.flags.append("infrared")
+        if hist.any():
+            version = GREY_VERSION if infrared else COLOUR_VERSION
+            out.embeddings.append(Embedding.of(version.split(":")[0], version, hist, False))
+        else:
+            out.flags.append("no-colour")
+        out.timings_ms["colour"] = _ms(t)
+        t = time.perf_counter()
+        found = markings.find_markings(normalised, fg.mask, fg.box, head_left)
+        out.marks = [m.as_dict() for m in found]
+        if found:
+            out.embeddings.append(Embedding.of("coat-markings", MARKINGS_VERSION, markings.marking_map(found), False))
+        else:
+            out.flags.append("no-markings")
+        out.timings_ms["markings"] = _ms(t)
+        self._add_pattern(out, rgb, fg.mask if self.restrict else None)
+        out.timings_ms["total"] = _ms(started)
+        return out
+
+    def _add_pattern(self, out: CoatFeatures, rgb: np.ndarray, mask: np.ndarray | None) -> None:
+        t = time.perf_counter()
+        pattern: Pattern = self.pattern(rgb, mask)
+        out.attributes["keypoints"] = len(pattern)
+        if len(pattern) >= 5:
+            out.pattern, out.pattern_version = pack(pattern), self.pattern_version
+        else:
+            out.flags.append("no-keypoints")
+        out.timings_ms["pattern"] = _ms(t)
+
+
+def _decode(crop: bytes) -> np.ndarray | str:
+    """The crop as RGB, or why it cannot be read (size checked before decoding: no pixel bombs)."""
+    try:
+        with Image.open(io.BytesIO(crop)) as im:
+            if max(im.size) > MAX_SIDE:
+                return f"oversized-crop {im.size[0]}x{im.size[1]}"
+            return np.array(im.convert("RGB"), dtype=np.uint8)
+    except Exception:  # noqa: BLE001 - whatever the decoder says, the crop is unreadable
+        return "unreadable-crop"
+
+
+def _ms(since: float) -> float:
+    return round(1000 * (time.perf_counter() - since), 3)

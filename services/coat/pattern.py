@@ -1,0 +1,181 @@
+"""Coat pattern: local keypoints and descriptors on the animal, matched with geometric verification.
+
+Extraction (`PatternExtractor`): XFeat (ONNX, vendored in `xfeat/`, Apache-2.0) on the crop resized to
+the network's input (320x224 for landscape crops, 256x256 otherwise), keypoints from its keypoint
+heat map (5 px non-maximum suppression), ranked by heat x reliability, restricted to the animal's
+mask when one is given, the best `keypoints` kept; descriptors sampled bilinearly from the dense map.
+RootSIFT (OpenCV SIFT, Hellinger-normalised) is the measured alternative (`deer-reid eval --coat-pattern`).
+
+Storage (`pack`/`unpack`): positions as uint16 fractions of the crop, descriptors as int8 (x127 of
+unit vectors): 4 + 64 bytes per XFeat keypoint, 17,408 bytes for 256 keypoints.
+
+Matching (`match`): mutual nearest neighbours, then a homography fitted with MAGSAC; the score is the
+inlier count squashed to [0, 1) (n / (n + 12)), monotone, so the calibration maps it to P(same).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+XFEAT_DIR = Path(__file__).parent / "xfeat"
+# (height, width) -> file, sha256: the weights are pinned like every model
+XFEAT_MODELS = {
+    (224, 320): ("xfeat_320x224.onnx", "4eb3d29927367b64c1d203a42b03c7332e6b1ff3438d140c02e8f537678b481f"),
+    (256, 256): ("xfeat_256x256.onnx", "9b4292da0e6bdc8c3e87ae2b528ebad3dfbc9afdef696b95b22b4d21503bb5fe"),
+}
+LANDSCAPE = 1.15  # width/height above which the 320x224 network is used
+HEAT_MIN = 0.05
+NMS = 5
+INLIER_PX = 8.0  # reprojection threshold, in pixels of a 320-px-wide view of the crop
+MIN_MATCHES = 5
+SQUASH = 12.0
+_HEADER = struct.Struct("<4sHH")  # kind, keypoints, descriptor length
+
+
+class PatternError(ValueError):
+    """A stored pattern that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    kind: str  # "xfe1" (XFeat) or "rsf1" (RootSIFT)
+    points: np.ndarray  # (n, 2) float32, fractions of the crop's width and height
+    descriptors: np.ndarray  # (n, d) float32, unit length
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+def pack(p: Pattern) -> bytes:
+    points = np.clip(np.round(p.points * 65535), 0, 65535).astype("<u2")
+    desc = np.clip(np.round(p.descriptors * 127), -127, 127).astype(np.int8)
+    return _HEADER.pack(p.kind.encode(), len(p), desc.shape[1] if len(p) else 0) + points.tobytes() + desc.tobytes()
+
+
+def unpack(raw: bytes) -> Pattern:
+    if len(raw) < _HEADER.size:
+        raise PatternError("pattern shorter than its header")
+    kind, n, dim = _HEADER.unpack_from(raw)
+    if len(raw) != _HEADER.size + n * (4 + dim) or kind not in (b"xfe1", b"rsf1"):
+        raise PatternError(f"pattern of {len(raw)} bytes does not hold {n} keypoints of {dim} values ({kind!r})")
+    body = memoryview(raw)[_HEADER.size:]
+    points = np.frombuffer(body[:4 * n], "<u2").reshape(n, 2).astype(np.float32) / 65535
+    desc = np.frombuffer(body[4 * n:], np.int8).reshape(n, dim).astype(np.float32)
+    norms = np.linalg.norm(desc, axis=1, keepdims=True)
+    return Pattern(kind.decode(), points, desc / np.maximum(norms, 1e-6))
+
+
+def _check(path: Path, sha: str) -> None:
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if got != sha:
+        raise RuntimeError(f"{path}: checksum {got[:12]}... does not match the pinned {sha[:12]}...")
+
+
+@functools.cache
+def _session(size: tuple[int, int]):
+    import onnxruntime as ort
+
+    name, sha = XFEAT_MODELS[size]
+    path = XFEAT_DIR / name
+    _check(path, sha)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # one crop per thread; the service runs crops side by side
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def xfeat_version() -> str:
+    return "xfeat-" + XFEAT_MODELS[(224, 320)][1][:12]
+
+
+class PatternExtractor:
+    """Keypoints and descriptors of one crop; `method` is "xfeat" (default) or "rootsift"."""
+
+    def __init__(self, method: str = "xfeat", keypoints: int = 256):
+        if method not in ("xfeat", "rootsift"):
+            raise ValueError(f"unknown pattern method {method!r}")
+        self.method, self.keypoints = method, keypoints
+
+    def __call__(self, rgb: np.ndarray, mask: np.ndarray | None = None) -> Pattern:
+        return self._xfeat(rgb, mask) if self.method == "xfeat" else self._rootsift(rgb, mask)
+
+    def _xfeat(self, rgb: np.ndarray, mask: np.ndarray | None) -> Pattern:
+        h0, w0 = rgb.shape[:2]
+        size = (224, 320) if w0 >= LANDSCAPE * h0 else (256, 256)
+        image = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        dense, logits, reliability = _session(size).run(None, {"input": image.transpose(2, 0, 1)[None]})
+        dense = dense[0] / np.maximum(np.linalg.norm(dense[0], axis=0, keepdims=True), 1e-8)
+        heat = _heat_map(logits[0])
+        peaks = (heat == _max_filter(heat, NMS)) & (heat > HEAT_MIN)
+        if mask is not None:
+            peaks &= cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+        ys, xs = np.nonzero(peaks)
+        cells = np.stack([xs / 8.0, ys / 8.0], 1)
+        score = heat[ys, xs] * _bilinear(reliability[0], cells)[:, 0]
+        best = np.argsort(-score, kind="stable")[:self.keypoints]
+        desc = _bilinear(dense, cells[best])
+        desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-8)
+        points = np.stack([xs[best] / size[1], ys[best] / size[0]], 1).astype(np.float32)
+        return Pattern("xfe1", points, desc.astype(np.float32))
+
+    def _rootsift(self, rgb: np.ndarray, mask: np.ndarray | None) -> Pattern:
+        h, w = rgb.shape[:2]
+        sift = cv2.SIFT_create(nfeatures=self.keypoints)
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        found, desc = sift.detectAndCompute(grey, None if mask is None else (mask > 0).astype(np.uint8) * 255)
+        if desc is None or not found:
+            return Pattern("rsf1", np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
+        desc = np.sqrt(desc / np.maximum(desc.sum(1, keepdims=True), 1e-7))
+        desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-8)
+        points = np.array([(k.pt[0] / w, k.pt[1] / h) for k in found], np.float32)
+        return Pattern("rsf1", points[:self.keypoints], desc[:self.keypoints].astype(np.float32))
+
+
+def _heat_map(logits: np.ndarray) -> np.ndarray:
+    """XFeat's 65-channel cell logits -> a full-resolution keypoint heat map (softmax, dustbin dropped)."""
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    cells = (e / e.sum(0, keepdims=True))[:64]
+    h, w = cells.shape[1:]
+    return cells.transpose(1, 2, 0).reshape(h, w, 8, 8).transpose(0, 2, 1, 3).reshape(h * 8, w * 8)
+
+
+def _max_filter(x: np.ndarray, k: int) -> np.ndarray:
+    return cv2.dilate(x, np.ones((k, k), np.uint8))
+
+
+def _bilinear(grid: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Sample a (C, h, w) map at (n, 2) positions in its own cell units -> (n, C)."""
+    _, h, w = grid.shape
+    x, y = np.clip(xy[:, 0], 0, w - 1), np.clip(xy[:, 1], 0, h - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    ax, ay = x - x0, y - y0
+    return (grid[:, y0, x0] * (1 - ax) * (1 - ay) + grid[:, y0, x1] * ax * (1 - ay)
+            + grid[:, y1, x0] * (1 - ax) * ay + grid[:, y1, x1] * ax * ay).T
+
+
+def inliers(a: Pattern, b: Pattern) -> int:
+    """Geometrically verified matches between two patterns of one kind (0 when too few to verify)."""
+    if a.kind != b.kind or len(a) < MIN_MATCHES or len(b) < MIN_MATCHES:
+        return 0
+    sims = a.descriptors @ b.descriptors.T
+    forward, backward = sims.argmax(1), sims.argmax(0)
+    i = np.nonzero(backward[forward] == np.arange(len(forward)))[0]
+    if len(i) < MIN_MATCHES:
+        return 0
+    j = forward[i]
+    view = np.array([320.0, 224.0], np.float32)  # one scale for both crops: thresholds in comparable pixels
+    _, verified = cv2.findHomography(a.points[i] * view, b.points[j] * view, cv2.USAC_MAGSAC, INLIER_PX,
+                                     maxIters=500, confidence=0.99)
+    return int(verified.sum()) if verified is not None else 0
+
+
+def pattern_score(count: int) -> float:
+    """Inlier count -> [0, 1): monotone, so calibration keeps its order."""
+    return count / (count + SQUASH)

@@ -1,0 +1,74 @@
+"""Coat service: consumes detections that expect coat features, publishes them keyed by property.
+
+Detections published without coat in their expected components (fast mode, coat switched off) are
+acknowledged and skipped: the service costs nothing then. Crops are processed side by side on a
+thread per core (OpenCV and ONNX Runtime release the GIL; each runs single-threaded per crop).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from services.coat.extractor import CoatExtractor, CoatFeatures
+from shared.broker import Handled, Output
+from shared.config import Settings
+from shared.observability import STAGE_SECONDS
+from shared.schemas import DetectionEvent, Features
+from shared.topics import DETECTIONS, FEATURES_COAT
+
+
+class CoatHandler:
+    name = "coat"
+    input_topics = (DETECTIONS,)
+    input_schema = DetectionEvent
+
+    def __init__(self, extractor: CoatExtractor, workers: int):
+        self.extractor = extractor
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coat")
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def health(self) -> dict:
+        return {"pattern_version": self.extractor.pattern_version}
+
+    async def handle(self, events: Sequence[DetectionEvent]) -> list[Handled]:
+        out = [Handled() for _ in events]
+        todo = [i for i, e in enumerate(events) if "coat" in e.expected]
+        if not todo:
+            return out
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        results = await asyncio.gather(*(loop.run_in_executor(self._pool, self.extractor.extract, events[i].crop_jpeg)
+                                         for i in todo))
+        STAGE_SECONDS.labels(self.name, "extract").observe(time.perf_counter() - started)
+        for i, result in zip(todo, results):
+            event = events[i]
+            out[i] = Handled([Output(FEATURES_COAT, event.property.encode(), coat_features(event, result).to_bytes())])
+        return out
+
+
+def coat_features(event: DetectionEvent, result: CoatFeatures) -> Features:
+    attributes = dict(result.attributes, marks=result.marks)
+    if result.pattern is not None:
+        attributes["pattern"] = {"version": result.pattern_version,
+                                 "data": base64.b64encode(result.pattern).decode("ascii")}
+    return Features(
+        component="coat", detection_id=event.detection_id, site=event.site, property=event.property,
+        camera=event.camera, captured_at=event.captured_at, cls=event.cls, status=result.status,
+        embeddings=result.embeddings, attributes=attributes, flags=result.flags,
+        timings_ms={f"coat_{k}": v for k, v in result.timings_ms.items()}, attempt=event.attempt)
+
+
+async def make_handler(settings: Settings) -> CoatHandler:
+    extractor = CoatExtractor(settings.coat_pattern, settings.coat_keypoints, settings.coat_restrict_to_animal)
+    extractor.extract(b"")  # fail fast: the pinned XFeat weights are checked at start, not on the first event
+    from services.coat.pattern import _session
+
+    if settings.coat_pattern == "xfeat":
+        _session((224, 320)), _session((256, 256))
+    return CoatHandler(extractor, settings.coat_workers or len(os.sched_getaffinity(0)))

@@ -1,0 +1,77 @@
+"""Coat components: a detection's coat features against an exemplar's, three raw scores.
+
+- `coat:colour`: per-region histogram intersection (`services.coat.colour`); day colour and infrared
+  grey levels are different versions and never meet.
+- `coat:markings`: cosine of the two marking maps; only for animals facing the same way (a map is
+  laid out head-first, so a left flank would otherwise meet a mirrored right flank).
+- `coat:pattern`: geometrically verified keypoint matches, squashed to [0, 1).
+Each is None ("no evidence") when either side lacks that part.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from services.coat import colour as coat_colour
+from services.coat import markings as coat_markings
+from services.coat import pattern as coat_pattern
+
+COLOUR, MARKINGS, PATTERN = "coat:colour", "coat:markings", "coat:pattern"
+COAT_COMPONENTS = (COLOUR, MARKINGS, PATTERN)
+
+
+def colour_similarity(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    return None if a is None or b is None else coat_colour.colour_similarity(a, b)
+
+
+def markings_similarity(a: np.ndarray | None, b: np.ndarray | None, facing_a: str | None,
+                        facing_b: str | None) -> float | None:
+    if a is None or b is None or facing_a is None or facing_a != facing_b:
+        return None
+    return coat_markings.marking_similarity(a, b)
+
+
+def pattern_similarity(a: bytes | None, b: bytes | None) -> float | None:
+    if a is None or b is None:
+        return None
+    pa, pb = coat_pattern.unpack(a), coat_pattern.unpack(b)
+    if pa.kind != pb.kind:
+        return None
+    return coat_pattern.pattern_score(coat_pattern.inliers(pa, pb))
+
+
+def coat_scores(query: Mapping, exemplar: Mapping) -> dict[str, float | None]:
+    """The three raw scores of two detections' coat features, each a mapping with `colour` (version,
+    vector), `markings` (vector), `facing` and `pattern` (packed bytes, version)."""
+    q_colour, e_colour = query.get("colour"), exemplar.get("colour")
+    same_colour = q_colour is not None and e_colour is not None and q_colour[0] == e_colour[0]
+    same_pattern = query.get("pattern_version") == exemplar.get("pattern_version")
+    return {
+        COLOUR: colour_similarity(q_colour[1], e_colour[1]) if same_colour else None,
+        MARKINGS: markings_similarity(query.get("markings"), exemplar.get("markings"), query.get("facing"),
+                                      exemplar.get("facing")),
+        PATTERN: pattern_similarity(query.get("pattern"), exemplar.get("pattern")) if same_pattern else None,
+    }
+
+
+def colour_matrix(vectors: Sequence[np.ndarray | None]) -> np.ndarray:
+    """All pairwise colour similarities of photos (None: no colour), NaN where not comparable."""
+    n = len(vectors)
+    out = np.full((n, n), np.nan)
+    have = [i for i, v in enumerate(vectors) if v is not None]
+    if have:
+        out[np.ix_(have, have)] = coat_colour.colour_similarity_matrix(np.stack([vectors[i] for i in have]))
+    return out
+
+
+def markings_matrix(maps: Sequence[np.ndarray | None], facing: Sequence[str | None]) -> np.ndarray:
+    """All pairwise marking-map cosines, NaN where either has no markings or they face different ways."""
+    n = len(maps)
+    out = np.full((n, n), np.nan)
+    have = [i for i, v in enumerate(maps) if v is not None and facing[i] is not None]
+    if have:
+        m = np.stack([maps[i] for i in have])
+        same = np.array([facing[i] for i in have])
+        out[np.ix_(have, have)] = np.where(same[:, None] == same[None, :], m @ m.T, np.nan)
+    return out

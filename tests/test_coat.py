@@ -1,0 +1,202 @@
+"""Coat features on small real crops from nyala-train: foreground, colour, markings, pattern, bad input."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from services.coat import colour, markings, pattern
+from services.coat.extractor import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION, CoatExtractor
+from services.coat.foreground import foreground
+from services.fusion.components.coat import COLOUR, MARKINGS, PATTERN, coat_scores, colour_matrix, markings_matrix
+
+
+def small(path, side=256) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        return np.array(im)
+
+
+def jpeg(rgb: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="JPEG", quality=92)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def crops(nyala_paths) -> list[np.ndarray]:
+    return [small(p) for p in nyala_paths[:6]]
+
+
+@pytest.fixture(scope="module")
+def extractor() -> CoatExtractor:
+    return CoatExtractor()
+
+
+def test_the_foreground_covers_the_animal_not_the_border(crops):
+    for rgb in crops[:3]:
+        fg = foreground(rgb)
+        assert fg.found and 0.05 <= fg.fraction <= 0.97
+        h, w = fg.mask.shape
+        centre = fg.mask[h // 3: 2 * h // 3, w // 3: 2 * w // 3].mean()
+        border = np.concatenate([fg.mask[:4].ravel(), fg.mask[-4:].ravel(), fg.mask[:, :4].ravel(),
+                                 fg.mask[:, -4:].ravel()]).mean()
+        assert centre > border
+
+
+def test_colour_histograms_are_192_d_per_region_and_channel_sums_to_one(crops):
+    rgb = crops[0]
+    fg = foreground(rgb)
+    regions = colour.region_boxes(fg.box, colour.facing_left(fg.mask, fg.box))
+    assert set(regions) == set(colour.REGIONS)
+    hist = colour.colour_histograms(colour.normalise_illumination(rgb), fg.mask, regions)
+    assert hist.shape == (192,)
+    per_channel = hist.reshape(4, 3, 16).sum(-1)
+    seen = per_channel.sum(1) > 0
+    assert seen.sum() >= 3 and np.allclose(per_channel[seen], 1.0, atol=1e-5)
+
+
+def test_illumination_normalisation_keeps_colour_similar_under_a_light_change(crops):
+    rgb = crops[1]
+    fg = foreground(rgb)
+    regions = colour.region_boxes(fg.box, True)
+
+    def hist(x):
+        return colour.colour_histograms(colour.normalise_illumination(x), fg.mask, regions)
+
+    darker = np.array(ImageEnhance.Brightness(Image.fromarray(rgb)).enhance(0.6))
+    warmer = np.clip(rgb.astype(np.int16) * np.array([1.25, 1.0, 0.8]), 0, 255).astype(np.uint8)
+    reddened = rgb.copy()
+    reddened[fg.mask > 0] = np.clip(reddened[fg.mask > 0].astype(np.int16) * np.array([1.9, 0.7, 0.5]), 0, 255)
+    base = hist(rgb)
+    assert colour.colour_similarity(base, base) == pytest.approx(1.0)
+    assert colour.colour_similarity(base, hist(darker)) > 0.85
+    assert colour.colour_similarity(base, hist(warmer)) > 0.85  # the light's colour, removed by grey-world
+    # the animal's own colour changing (a rufous coat against a dark one) is not tolerated
+    assert colour.colour_similarity(base, hist(reddened)) < colour.colour_similarity(base, hist(warmer)) - 0.1
+
+
+def test_a_grey_infrared_frame_is_flagged_and_never_compared_with_day_colour(crops, extractor):
+    rgb = crops[2]
+    grey = np.repeat(np.array(Image.fromarray(rgb).convert("L"))[..., None], 3, axis=2)
+    assert colour.is_infrared(grey) and not colour.is_infrared(rgb)
+    day, night = extractor.extract(jpeg(rgb)), extractor.extract(jpeg(grey))
+    assert "infrared" in night.flags and night.attributes["lighting"] == "infrared"
+    assert [e.version for e in night.embeddings if e.model != "coat-markings"] == [GREY_VERSION]
+    assert [e.version for e in day.embeddings if e.model != "coat-markings"] == [COLOUR_VERSION]
+    vectors = {r: next(e.array() for e in x.embeddings if e.version in (COLOUR_VERSION, GREY_VERSION))
+               for r, x in (("day", day), ("night", night))}
+    scores = coat_scores({"colour": (COLOUR_VERSION, vectors["day"])}, {"colour": (GREY_VERSION, vectors["night"])})
+    assert scores[COLOUR] is None
+    assert np.isnan(colour_matrix([None, vectors["day"]])[0, 1])
+
+
+def test_a_painted_white_patch_is_found_where_it_was_painted(crops):
+    rgb = crops[3].copy()
+    fg = foreground(rgb)
+    x0, y0, x1, y1 = fg.box
+    cx, cy = x0 + (x1 - x0) // 2, y0 + (y1 - y0) // 2
+    rgb[cy - 6:cy + 6, cx - 6:cx + 6] = 0
+    before = {(round(m.x, 1), round(m.y, 1)) for m in markings.find_markings(rgb, fg.mask, fg.box, True) if m.bright}
+    rgb[cy - 5:cy + 5, cx - 5:cx + 5] = 255  # a white patch inside a dark ring: far brighter than around it
+    found = markings.find_markings(rgb, fg.mask, fg.box, True)
+    patches = [m for m in found if m.bright and abs(m.x - 0.5) < 0.08 and abs(m.y - 0.5) < 0.08]
+    assert patches, f"no white marking at the painted spot; found {[(m.kind, m.x, m.y) for m in found][:10]}"
+    assert patches[0].region == "flanks" and (round(patches[0].x, 1), round(patches[0].y, 1)) not in before
+    record = patches[0].as_dict()
+    assert set(record) >= {"kind", "x", "y", "width", "height", "area", "region"}
+
+
+def test_facial_markings_weigh_double_in_frontal_views():
+    face = markings.Marking("facial-blaze", 0.1, 0.1, 0.05, 0.1, 0.01, 0.0, "face", True)
+    flank = markings.Marking("white-patch", 0.5, 0.5, 0.05, 0.05, 0.01, 0.0, "flanks", True)
+    side, frontal = markings.marking_map([face, flank]), markings.marking_map([face, flank], frontal=True)
+    assert side.shape == (markings.MAP_DIM,)
+    assert side.max() == pytest.approx(side[side > 0].min())  # equal weights in a side view
+    assert frontal.max() == pytest.approx(2 * frontal[frontal > 0].min())
+    # maps of animals facing different ways are never compared
+    m = markings_matrix([side, side], ["left", "right"])
+    assert np.isnan(m[0, 1]) and m[0, 0] == pytest.approx(1.0)
+
+
+def test_regions_follow_confident_keypoints_and_fall_back_without_them():
+    kp = np.zeros((17, 3))
+    kp[:, 2] = 0.9
+    kp[[0, 1, 2]] = [[20, 20, 0.9], [24, 20, 0.9], [10, 30, 0.9]]  # eyes, nose
+    kp[3] = [40, 40, 0.9]  # neck
+    kp[[5, 8]] = [[60, 50, 0.9], [62, 52, 0.9]]  # shoulders
+    kp[[11, 14]] = [[150, 50, 0.9], [152, 52, 0.9]]  # hips
+    kp[[6, 9, 12, 15]] = [[60, 80, 0.9], [62, 80, 0.9], [150, 80, 0.9], [152, 80, 0.9]]
+    kp[[7, 10, 13, 16]] = [[60, 110, 0.9], [62, 110, 0.9], [150, 110, 0.9], [152, 110, 0.9]]
+    regions = colour.regions_from_keypoints(kp.tolist(), (120, 200))
+    fx0, fy0, fx1, fy1 = regions["flanks"]
+    assert fx0 < 60 and fx1 > 152 and fy0 <= 50 and fy1 >= 52
+    assert regions["face"][0] <= 10 and regions["face"][2] <= 40
+    kp[[5, 8], 2] = 0.3  # shoulders below the SPEC's 0.6: not placed from pose
+    assert colour.regions_from_keypoints(kp.tolist(), (120, 200)) is None
+
+
+def test_pattern_packs_compactly_and_matches_the_same_animal_better_than_another(nyala_rows, nyala_paths):
+    extract = pattern.PatternExtractor("xfeat", 256)
+    rgb = small(nyala_paths[0], 512)
+    p = extract(rgb)
+    raw = pattern.pack(p)
+    assert len(raw) == 8 + len(p) * 68 and len(p) == 256
+    back = pattern.unpack(raw)
+    assert np.abs(back.points - p.points).max() < 1e-4 and (back.descriptors * p.descriptors).sum(1).min() > 0.99
+    h, w = rgb.shape[:2]
+    shifted = extract(np.ascontiguousarray(rgb[h // 30:, w // 30:]))  # the same photo, re-framed
+    other_identity = next(i for i, r in enumerate(nyala_rows) if r["identity"] != nyala_rows[0]["identity"])
+    other = extract(small(nyala_paths[other_identity], 512))
+    same, different = pattern.inliers(p, shifted), pattern.inliers(p, other)
+    assert same > 3 * max(different, 5)
+    assert 0 <= pattern.pattern_score(different) < pattern.pattern_score(same) < 1
+    with pytest.raises(pattern.PatternError):
+        pattern.unpack(raw[:-3])
+
+
+def test_rootsift_is_the_measured_alternative(nyala_paths):
+    p = pattern.PatternExtractor("rootsift", 128)(small(nyala_paths[0], 384))
+    assert p.kind == "rsf1" and 20 <= len(p) <= 128 and p.descriptors.shape[1] == 128
+    assert pattern.unpack(pattern.pack(p)).descriptors.shape == p.descriptors.shape
+
+
+@pytest.mark.parametrize("name, image, flag", [
+    ("tiny", np.full((20, 90, 3), 120, np.uint8), "tiny-crop"),
+    ("black", np.zeros((120, 160, 3), np.uint8), "no-animal-found"),
+    ("uniform", np.full((120, 160, 3), 180, np.uint8), "no-animal-found"),
+])
+def test_bad_crops_give_no_coat_evidence_flagged_never_an_error(extractor, name, image, flag):
+    result = extractor.extract(jpeg(image))
+    assert result.status == "no-evidence" and flag in result.flags
+    assert result.pattern is None and not result.embeddings
+
+
+def test_unreadable_and_oversized_crops_give_no_evidence(extractor):
+    assert extractor.extract(b"not a jpeg").flags == ["unreadable-crop"]
+    huge = io.BytesIO()
+    Image.new("L", (5000, 40)).save(huge, format="PNG")
+    assert extractor.extract(huge.getvalue()).flags[0].startswith("oversized-crop")
+
+
+def test_a_real_crop_gives_every_part_and_scores_itself_highest(crops, extractor):
+    results = [extractor.extract(jpeg(c)) for c in crops]
+    # facing is published only where the segmentation found the animal (not the box-prior ellipse)
+    assert all(("facing" in r.attributes) != ("foreground-approximate" in r.flags) for r in results)
+    a = next(r for r in results if "facing" in r.attributes)
+    b = next(r for r in results if r is not a)
+    assert a.status == "ok" and a.pattern is not None and a.attributes["facing"] in ("left", "right")
+    versions = {e.version for e in a.embeddings}
+    assert COLOUR_VERSION in versions and MARKINGS_VERSION in versions
+
+    def view(x):
+        vectors = {e.version: e.array() for e in x.embeddings}
+        return {"colour": (COLOUR_VERSION, vectors[COLOUR_VERSION]), "markings": vectors.get(MARKINGS_VERSION),
+                "facing": x.attributes.get("facing"), "pattern": x.pattern, "pattern_version": x.pattern_version}
+
+    itself, other = coat_scores(view(a), view(a)), coat_scores(view(a), view(b))
+    assert itself[COLOUR] == pytest.approx(1.0) and itself[MARKINGS] == pytest.approx(1.0)
+    assert itself[PATTERN] > 0.9 and (other[PATTERN] or 0.0) < itself[PATTERN]

@@ -123,7 +123,8 @@ def _cpu_seconds(stack) -> dict[str, float]:
     return out
 
 
-async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: dict) -> list[tuple[uuid.UUID, bytes]]:
+async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: dict,
+                             expected: list[str]) -> list[tuple[uuid.UUID, bytes]]:
     import asyncpg
 
     from shared.db import _init_connection
@@ -144,9 +145,8 @@ async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: 
                 await conn.execute(
                     """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, state,
                                                property, pipeline, expected)
-                       VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting','default',$6,
-                               ARRAY['body'])""",
-                    det, sha, site, now, crop, pipeline)
+                       VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting','default',$6,$7)""",
+                    det, sha, site, now, crop, pipeline, expected)
                 rows.append((det, sha))
     finally:
         await conn.close()
@@ -158,11 +158,13 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
     from aiokafka import AIOKafkaConsumer
 
     from shared.broker import MAX_MESSAGE_BYTES, producer_for
+    from shared.pipeline import expected_components
     from shared.schemas import Box, DetectionEvent, DetectionResult, PipelineConfig
     from shared.topics import DETECTIONS, RESULTS
 
-    config = PipelineConfig(mode=mode)
-    rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()})
+    config = PipelineConfig(mode=mode, coat=mode == "enhanced")  # the enhanced bench includes the coat service
+    expected = expected_components(config, "doe")
+    rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()}, expected)
     consumer = AIOKafkaConsumer(RESULTS.name, bootstrap_servers=stack.bootstrap, group_id=f"bench-{uuid.uuid4()}",
                                 auto_offset_reset="latest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
     await consumer.start()
@@ -191,7 +193,7 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
             await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
         event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls="doe",
                                box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode=mode,
-                               switches=config.switches(), expected=["body"])
+                               switches=config.switches(), expected=expected)
         sent[str(det)] = time.perf_counter()
         await producer.send(DETECTIONS.name, event.to_bytes(), key=str(det).encode())
     await producer.flush()
@@ -241,6 +243,9 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     result["bare_runs_det_per_s"] = [round(r, 2) for r in runs]
     result["bare_det_per_s"] = round(max(runs), 2)
     del models
+    if mode == "enhanced":
+        progress("coat extraction and matching, bare ...")
+        result["coat_bare"] = coat_costs(crops[:32])
 
     import tempfile
 
@@ -254,16 +259,18 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     stack.start()
     try:
         asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None, mode))
-        before = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
+        before = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "fusion")}
         cpu_before = _cpu_seconds(stack)
         progress(f"end to end: burst of {detections} detections ...")
         burst = asyncio.run(_run_events(stack, crops, "bench-burst", None, mode))
         cpu_after = _cpu_seconds(stack)
-        after = {name: _scrape(stack.children[name].port) for name in ("body", "fusion")}
+        after = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "fusion")}
         paced_n = max(64, detections // 2)
         rate = burst["det_per_s"] / 2
         progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
         paced = asyncio.run(_run_events(stack, crops[:paced_n], "bench-paced", rate, mode))
+        if mode == "enhanced":
+            result["coat_stored_bytes_per_detection"] = asyncio.run(_coat_bytes(stack.dsn))
     finally:
         stack.stop()
     stages = {}
@@ -290,6 +297,46 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     result["achieved_gflops_e2e"] = round(gflop * result["e2e_det_per_s"], 1)
     result["achieved_share_of_matmul_peak"] = round(result["achieved_gflops_e2e"] / peak, 3)
     return result
+
+
+async def _coat_bytes(dsn: str) -> dict:
+    """Mean stored bytes per detection of the coat: the packed pattern, and the join row's jsonb."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            """SELECT avg(octet_length(p.pattern)) AS pattern, avg(pg_column_size(f.features)) AS features,
+                      count(*) AS detections
+               FROM detection_features f LEFT JOIN coat_patterns p USING (detection_id) WHERE f.component = 'coat'""")
+    finally:
+        await conn.close()
+    return {k: (round(float(v), 1) if v is not None else None) for k, v in row.items()}
+
+
+def coat_costs(crops: list[bytes]) -> dict:
+    """Milliseconds of the coat extractor per crop (one thread) and of one pattern match, median."""
+    from services.coat.extractor import CoatExtractor
+    from services.fusion.components.coat import pattern_similarity
+
+    extractor = CoatExtractor()
+    extractor.extract(crops[0])  # warm-up: ONNX session
+    features, times = [], []
+    for crop in crops:
+        started = time.perf_counter()
+        features.append(extractor.extract(crop))
+        times.append(1000 * (time.perf_counter() - started))
+    patterns = [f.pattern for f in features if f.pattern]
+    match = []
+    for a, b in zip(patterns, patterns[1:] + patterns[:1]):
+        started = time.perf_counter()
+        pattern_similarity(a, b)
+        match.append(1000 * (time.perf_counter() - started))
+    return {"extract_ms_per_crop": round(float(np.median(times)), 1),
+            "steps_ms": {k: round(float(np.median([f.timings_ms[k] for f in features if k in f.timings_ms])), 1)
+                         for k in ("foreground", "colour", "markings", "pattern")},
+            "match_ms_per_pair": round(float(np.median(match)), 2) if match else None,
+            "crops": len(crops), "patterns": len(patterns)}
 
 
 def precision_check(data_dir: Path, names: list[str], settings: Settings, limit: int | None = None,

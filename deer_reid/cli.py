@@ -295,7 +295,8 @@ def cmd_eval(args) -> int:
                              seed=args.seed, report_dir=report_dir, json_path=args.json,
                              target_false_merge=args.target_false_merge, calibration_out=args.calibration_out,
                              settings=settings, allow_random=args.allow_random_weights, progress=not args.quiet,
-                             holdout_of=args.holdout_of, max_review=args.max_review)
+                             holdout_of=args.holdout_of, max_review=args.max_review, coat=args.coat,
+                             coat_shortlist=args.coat_shortlist)
         else:
             from deer_reid.stack import read_state
 
@@ -408,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "stack (fusion uses it from its next batch); same as `deer-reid calibration install`")
     ev.add_argument("--holdout-of", metavar="NAME", help="loo: only the identities trained model NAME held out "
                     "(to compare models on the same animals); trained models' own identities are always left out")
+    ev.add_argument("--coat", action="store_true", help="loo: add the coat service's components (colour, "
+                    "markings, pattern matching) and measure each, and all fused")
+    ev.add_argument("--coat-shortlist", type=int, default=30, metavar="K",
+                    help="loo --coat: photos each photo's pattern is matched against (its K closest by body)")
     ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "
                     "(the sighting protocol; reported as such)")
     ev.add_argument("--allow-random-weights", action="store_true")

@@ -197,12 +197,13 @@ def component_pairs(sim: np.ndarray, indices: Sequence[int], identities: Sequenc
     queries, scores, same = [], [], []
     for row, i in enumerate(idx):
         s = sim[i, idx].astype(np.float64)
-        usable = (enc != enc[row]) & ~np.isnan(s)
+        other = enc != enc[row]
         for ident in uniq:
-            mask = usable & (ids == ident)
+            mask = other & (ids == ident)
             if not mask.any():
                 continue
-            value = aggregate(s[mask].tolist(), aggregation)
+            # the same pairs for every component (fusion lines them up); NaN where this one had no evidence
+            value = aggregate(s[mask & ~np.isnan(s)].tolist(), aggregation)
             queries.append(i)
             scores.append(np.nan if value is None else value)
             same.append(ident == ids[row])

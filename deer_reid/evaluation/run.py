@@ -13,6 +13,7 @@ from tqdm import tqdm
 from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import Sample, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
+from deer_reid.evaluation.coat import coat_features, coat_matrices, coat_version, extraction_ms
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
     retrieval_by_sighting
@@ -89,6 +90,15 @@ def never_trained_on(samples: list[Sample], model_names: list[str], settings: Se
     return reindexed(kept), notes
 
 
+def _facing_agreement(feats: list[dict], samples: list[Sample]) -> dict | None:
+    """How often the coat service's facing (from the silhouette) agrees with labelled left/right viewpoints."""
+    pairs = [(f["attributes"].get("facing"), s.viewpoint) for f, s in zip(feats, samples)
+             if s.viewpoint in ("left", "right") and f["attributes"].get("facing")]
+    if not pairs:
+        return None
+    return {"photos": len(pairs), "agree": round(sum(a == b for a, b in pairs) / len(pairs), 3)}
+
+
 def _subset(matrix: np.ndarray, idx: list[int]) -> np.ndarray:
     return matrix[np.ix_(idx, idx)]
 
@@ -100,7 +110,8 @@ def _rows(result: dict) -> dict:
 def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, report_dir: Path | None,
             json_path: Path | None, target_false_merge: float, calibration_out: Path | None,
             settings: Settings, allow_random: bool = False, progress: bool = True,
-            holdout_of: str | None = None, max_review: float | None = None) -> dict:
+            holdout_of: str | None = None, max_review: float | None = None, coat: bool = False,
+            coat_shortlist: int = 30) -> dict:
     """Closed-set retrieval, the ablation, and the fitted fusion (written as the calibration artifact).
 
     Identities are split in two (seeded): the fusion (per-component calibrations, weights, the
@@ -119,6 +130,19 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     # The components, built by fusion's own functions: one per body network.
     per_component = {body_component(n): body_similarity_matrix(embeddings[n]) for n in names}
     exemplar_vectors = embeddings[names[0]]
+    pattern_variants: dict[str, np.ndarray] = {}
+    coat_notes: dict = {}
+    if coat:
+        # The coat service's extractor on every photo; pattern matching against each photo's body shortlist.
+        feats = coat_features(samples, settings, progress=progress)
+        coat_started = time.monotonic()
+        components, pattern_variants = coat_matrices(feats, per_component[body_component(names[0])], coat_shortlist)
+        per_component.update(components)
+        coat_notes = {"shortlist": coat_shortlist, "extraction_ms_median": extraction_ms(feats),
+                      "matching_s_all_variants": round(time.monotonic() - coat_started, 1),
+                      "flags": {f: sum(f in x["flags"] for x in feats) for f in sorted({f for x in feats
+                                                                                      for f in x["flags"]})},
+                      "facing_vs_viewpoint": _facing_agreement(feats, samples)}
     unfitted = fused_similarity(per_component, None, spec_weights)
     result = _base("loo", mode, data, samples, seed)
     result.update({
@@ -128,6 +152,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         "weights_real": not any(m.random_weights for m in models),
         "precision": {m.spec.name: m.precision for m in models},
     })
+    if coat:
+        result["coat"] = coat_notes
     main = retrieval(unfitted, ids, enc)
     result.update(_rows(main))
     result["cmc"] = main["cmc"]
@@ -183,6 +209,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     hid, hids, henc = held_idx, [ids[i] for i in held_idx], [enc[i] for i in held_idx]
     hviews = [views[i] for i in held_idx] if views else None
     ablation = {f"{c} alone": retrieval(_subset(m, hid), hids, henc) for c, m in per_component.items()}
+    ablation.update({f"coat:pattern alone, {v} (shortlist {coat_shortlist} by body)": retrieval(
+        _subset(m, hid), hids, henc) for v, m in pattern_variants.items()})
     if len(names) > 1:
         ablation["body ensemble, SPEC weighted mean (uncalibrated)"] = retrieval(_subset(unfitted, hid), hids, henc)
     ablation[f"all fused through calibration ({how})"] = retrieval(_subset(fused, hid), hids, henc)
@@ -192,6 +220,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         result["ablation_same_viewpoint"] = {
             k: _rows(retrieval(_subset(m, hid), hids, henc, hviews))
             for k, m in [*((f"{c} alone", m) for c, m in per_component.items()),
+                         *((f"coat:pattern alone, {v}", m) for v, m in pattern_variants.items()),
                          (f"all fused through calibration ({how})", fused)]}
 
     fit = {"identities": len(fit_ids), "images": len(fit_idx), "report": chosen.report}
@@ -200,6 +229,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
             "with_sightings": held_out(model, cal.Thresholds(match=chosen.match, new=chosen.new), how, enc)}
     artifact_path = calibration_out or settings.calibration_path
     fusion = {k: v for k, v in best["fusion"].items()}
+    if coat:
+        fusion["coat_version"] = coat_version()
     artifact = cal.write_artifact(
         artifact_path, versions=result["embedding_versions"], fusion=fusion, chosen=chosen, met_target=met,
         target=target_false_merge, fit={"identities": len(fit_ids), "images": len(fit_idx),

@@ -72,13 +72,17 @@ def find_markings(rgb: np.ndarray, mask: np.ndarray, box: Box, head_left: bool) 
             area = stats[i, cv2.CC_STAT_AREA] / animal_area
             if area < MIN_AREA:
                 continue
-            out.append(_record(parts == i, stats[i], centres[i], area, bright, w, h, head_left))
+            x, y, pw, ph = (int(v) for v in stats[i, :4])
+            piece = parts[y:y + ph, x:x + pw] == i  # its own bounding box: no full-image pass per piece
+            out.append(_record(piece, (x, y), stats[i], centres[i], area, bright, w, h, head_left))
     out.sort(key=lambda m: -m.area)
     return out[:MAX_RECORDS]
 
 
-def _record(piece: np.ndarray, stat, centre, area: float, bright: bool, w: int, h: int, head_left: bool) -> Marking:
+def _record(piece: np.ndarray, origin: tuple[int, int], stat, centre, area: float, bright: bool, w: int, h: int,
+            head_left: bool) -> Marking:
     ys, xs = np.nonzero(piece)
+    xs, ys = xs + origin[0], ys + origin[1]
     length, width, angle = _shape(xs, ys)
     cx, cy = centre[0] / w, centre[1] / h
     if not head_left:

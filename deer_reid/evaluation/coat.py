@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import pickle
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -67,14 +68,15 @@ def _service_extractor(keypoints: int) -> CoatExtractor:
     return _CACHE[keypoints]
 
 
-def coat_version(keypoints: int = 256) -> str:
+def coat_version(keypoints: int) -> str:
     """The version of the coat extractor the eval measures (the service's default)."""
     return _service_extractor(keypoints).version
 
 
-def coat_features(samples: Sequence[Sample], settings: Settings, *, keypoints: int = 256,
-                  cache: Path | None = None, progress: bool = True) -> list[dict]:
+def coat_features(samples: Sequence[Sample], settings: Settings, *, cache: Path | None = None,
+                  progress: bool = True) -> list[dict]:
     """The coat features of each sample (the service's extractor on the pipeline's crop), cached."""
+    keypoints = settings.coat_keypoints
     cache = cache or settings.model_cache.parent / "features"
     cache.mkdir(parents=True, exist_ok=True)
     versions = _service_extractor(keypoints).version + "|" + ",".join(VARIANTS)
@@ -127,7 +129,8 @@ def as_fusion_scores(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
     lowest score the query's shortlist got (fusion's "absent from the shortlist" rule), NaN when the
     query had no evidence at all."""
     scored = np.where(mask, matrix, np.nan)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a query with no evidence at all: its floor is NaN
         floor = np.nanmin(np.where(np.eye(len(matrix), dtype=bool), np.nan, scored), axis=1)
     return np.where(mask | np.isnan(floor)[:, None], scored, floor[:, None])
 

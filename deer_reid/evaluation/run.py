@@ -230,7 +230,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     artifact_path = calibration_out or settings.calibration_path
     fusion = {k: v for k, v in best["fusion"].items()}
     if coat:
-        fusion["coat_version"] = coat_version()
+        fusion["coat_version"] = coat_version(settings.coat_keypoints)
     artifact = cal.write_artifact(
         artifact_path, versions=result["embedding_versions"], fusion=fusion, chosen=chosen, met_target=met,
         target=target_false_merge, fit={"identities": len(fit_ids), "images": len(fit_idx),

@@ -40,7 +40,7 @@ class CoatFeatures:
 
 
 class CoatExtractor:
-    def __init__(self, method: str = "xfeat", keypoints: int = 256, restrict_to_animal: bool = True):
+    def __init__(self, method: str = "xfeat", keypoints: int = 1024, restrict_to_animal: bool = True):
         self.pattern = PatternExtractor(method, keypoints)
         self.restrict = restrict_to_animal
         self.pattern_version = (f"{xfeat_version() if method == 'xfeat' else 'rootsift-opencv'}:"

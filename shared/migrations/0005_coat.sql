@@ -1,5 +1,5 @@
 -- Coat pattern keypoints and descriptors, one row per detection with coat evidence: packed bytes
--- (uint16 positions + int8 descriptors, 68 bytes a keypoint: 17,416 bytes for 256 XFeat keypoints)
+-- (uint16 positions + int8 descriptors, 68 bytes a keypoint; up to 1,024 XFeat keypoints)
 -- instead of base64 in the join's jsonb. Fusion reads them for the shortlisted candidates' exemplars.
 CREATE TABLE coat_patterns (
     detection_id uuid PRIMARY KEY REFERENCES detections (id) ON DELETE CASCADE,

@@ -135,12 +135,8 @@ def colour_similarity(a: np.ndarray, b: np.ndarray) -> float | None:
     in [0, 1]; None when no region is seen in both or the two are of different kinds (colour / grey)."""
     if a.shape != b.shape or a.size % (len(REGIONS) * BINS):
         return None
-    channels = a.size // (len(REGIONS) * BINS)
-    ha, hb = (_smoothed(x.reshape(len(REGIONS), channels, BINS)) for x in (a, b))
-    seen = (ha.sum(axis=(1, 2)) > 0) & (hb.sum(axis=(1, 2)) > 0)
-    if not seen.any():
-        return None
-    return float(np.minimum(ha[seen], hb[seen]).sum(axis=2).mean())
+    value = colour_similarity_matrix(np.stack([a, b]))[0, 1]
+    return None if np.isnan(value) else float(value)
 
 
 def colour_similarity_matrix(vectors: np.ndarray) -> np.ndarray:

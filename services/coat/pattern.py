@@ -103,6 +103,12 @@ class PatternExtractor:
             raise ValueError(f"unknown pattern method {method!r}")
         self.method, self.keypoints = method, keypoints
 
+    def load(self) -> None:
+        """Open (and checksum) the networks now rather than on the first crop."""
+        if self.method == "xfeat":
+            for size in XFEAT_MODELS:
+                _session(size)
+
     def __call__(self, rgb: np.ndarray, mask: np.ndarray | None = None) -> Pattern:
         return self._xfeat(rgb, mask) if self.method == "xfeat" else self._rootsift(rgb, mask)
 

@@ -66,9 +66,5 @@ def coat_features(event: DetectionEvent, result: CoatFeatures) -> Features:
 
 async def make_handler(settings: Settings) -> CoatHandler:
     extractor = CoatExtractor(settings.coat_pattern, settings.coat_keypoints, settings.coat_restrict_to_animal)
-    extractor.extract(b"")  # fail fast: the pinned XFeat weights are checked at start, not on the first event
-    from services.coat.pattern import _session
-
-    if settings.coat_pattern == "xfeat":
-        _session((224, 320)), _session((256, 256))
+    extractor.pattern.load()  # fail fast: the pinned XFeat weights are checked at start, not on the first event
     return CoatHandler(extractor, settings.coat_workers or len(os.sched_getaffinity(0)))

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from deer_reid.client import api_key, auth_headers
 from shared.config import Settings
 
 
@@ -53,8 +54,8 @@ def cmd_up(args) -> int:
     except BaseException:
         stack.stop()
         raise
-    print(f"deer-reid is up: API {stack.api_url}  (logs in {settings.home / 'logs'}; Ctrl-C stops everything)",
-          flush=True)
+    print(f"deer-reid is up: API {stack.api_url}  (logs in {settings.home / 'logs'}; Ctrl-C stops everything)\n"
+          f"the page: {stack.api_url}/ui (`deer-reid page` prints a link that signs you in)", flush=True)
     stack.run_forever()
     return 0
 
@@ -170,14 +171,23 @@ def database_url_for(settings: Settings) -> str:
 def _api(args, method: str, path: str, **kw):
     import httpx
 
-    url = api_url_for(args, _settings(args))
+    settings = _settings(args)
+    url = api_url_for(args, settings)
     try:
-        resp = httpx.request(method, url + path, timeout=60, **kw)
+        resp = httpx.request(method, url + path, timeout=60, headers=auth_headers(settings), **kw)
     except httpx.HTTPError as exc:
         raise SystemExit(f"deer-reid: the API at {url} did not answer ({exc}); is the stack up?") from None
     if resp.status_code >= 400:
-        raise SystemExit(f"deer-reid: {method} {path}: {resp.status_code} {resp.text[:500]}")
-    return resp.json()
+        raise SystemExit(f"deer-reid: {method} {path}: {resp.status_code} {_error_text(resp)}")
+    return resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.content
+
+
+def _error_text(resp) -> str:
+    try:
+        detail = resp.json().get("detail", resp.json())
+        return detail.get("error", str(detail)) if isinstance(detail, dict) else str(detail)
+    except ValueError:
+        return resp.text[:500]
 
 
 def cmd_sites(args) -> int:
@@ -270,7 +280,7 @@ def cmd_ingest(args) -> int:
     report = asyncio.run(ingest(
         api_url_for(args, settings), Path(args.path), site=args.site, fallback_site="default", camera=args.camera,
         captured_at=args.captured_at, wait=args.wait, timeout=args.timeout, concurrency=args.concurrency,
-        progress=not args.quiet))
+        progress=not args.quiet, headers=auth_headers(settings)))
     text = json.dumps(report, indent=2, default=str)
     if args.json:
         Path(args.json).write_text(text)
@@ -305,7 +315,7 @@ def cmd_eval(args) -> int:
             result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                                   seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
                                   json_path=args.json, progress=not args.quiet, settings=settings,
-                                  stack_models=stack_models, sightings=args.sightings)
+                                  stack_models=stack_models, sightings=args.sightings, review=args.review)
     except (DatasetError, ValueError, KeyError, RuntimeError) as exc:
         print(f"deer-reid eval: {exc}", file=sys.stderr)
         return 2
@@ -363,6 +373,148 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    """API keys live in the database: managing them needs the database, not a key."""
+    from services.api import auth
+    from shared.db import create_pool
+
+    settings = _settings(args)
+
+    async def run():
+        pool = await create_pool(database_url_for(settings), max_size=1)
+        try:
+            if args.action == "create":
+                key_id, token = await auth.create_key(pool, args.owner, args.scope)
+                print(f"key {key_id} for {args.owner} ({args.scope}); it is shown once, keep it now:\n{token}")
+            elif args.action == "list":
+                print(f"{'id':>4s} {'prefix':9s} {'owner':24s} {'scope':7s} {'created':20s} {'last used':20s} revoked")
+                for k in await auth.list_keys(pool):
+                    def t(v):
+                        return v.strftime("%Y-%m-%d %H:%M:%S") if v else "-"
+                    print(f"{k['id']:>4d} {k['prefix']:9s} {k['owner'][:24]:24s} {k['scope']:7s} {t(k['created_at']):20s} "
+                          f"{t(k['last_used_at']):20s} {t(k['revoked_at'])}")
+            elif not await auth.revoke_key(pool, args.id):
+                raise SystemExit(f"deer-reid keys: no unrevoked key {args.id}")
+            else:
+                print(f"key {args.id} revoked")
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(run())
+    except ValueError as exc:
+        print(f"deer-reid keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_page(args) -> int:
+    """The page's address, signed in with the local key (the key travels in the fragment, never to a log)."""
+    from urllib.parse import quote
+
+    settings = _settings(args)
+    url = api_url_for(args, settings) + "/ui/login"
+    key = api_key(settings)
+    print(f"{url}#key={quote(key)}" if key else url)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import io
+    import zipfile
+
+    params = {"format": args.format, "scientific_name": args.scientific_name}
+    if args.property:
+        params["property"] = args.property
+    data = _api(args, "GET", "/v1/export", params=params)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        z.extractall(out)
+        names = z.namelist()
+    print(f"wrote {', '.join(names)} to {out}")
+    return 0
+
+
+def _name(ind: dict, key: str = "id") -> str:
+    return f"{ind.get('name')} (#{ind[key]})" if ind.get("name") else f"#{ind[key]}"
+
+
+def _print_change(change: dict) -> None:
+    moved = change["after"]["detections"]
+    founded = change["after"].get("founded")
+    print(f"change {change['audit_id']}: {change['action']}, {len(moved)} detection(s)"
+          + (f", founded #{founded}" if founded else "") + f"  (undo: deer-reid review undo {change['audit_id']})")
+
+
+def cmd_individuals(args) -> int:
+    if args.action == "list":
+        params = {k: v for k, v in (("q", args.q), ("property", args.property), ("site", args.site),
+                                    ("min_sightings", args.min_sightings), ("limit", args.limit)) if v}
+        found = _api(args, "GET", "/v1/individuals", params=params)
+        print(f"{found['total']} individuals")
+        for i in found["individuals"]:
+            print(f"{_name(i):32s} {i['sightings']:>5d} sightings  {i['sex']:7s} {i['first_seen'][:10]} .. "
+                  f"{i['last_seen'][:10]}  {','.join(i['sites'])[:40]}  {' '.join(i['tags'])}")
+    elif args.action == "show":
+        p = _api(args, "GET", f"/v1/individuals/{args.id}")
+        if args.json:
+            print(json.dumps(p, indent=2))
+            return 0
+        print(f"{_name(p)}  {p['sightings']} sightings, {p['sex']}, {p['first_seen'][:10]} .. {p['last_seen'][:10]}"
+              + (f"  (merged into #{p['merged_into']})" if p["merged_into"] else ""))
+        if p["tags"] or p["notes"]:
+            print(f"tags: {', '.join(p['tags'])}\nnotes: {p['notes']}")
+        print("sites: " + ", ".join(f"{s['site']} ({s['sightings']})" for s in p["sites"]))
+        print("hours: " + " ".join(f"{h}:{n}" for h, n in enumerate(p["hours"]) if n))
+        for s in p["similar"]:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in s["components"].items())
+            print(f"similar: {_name(s, 'individual_id')} {s['score']:.3f} ({parts})")
+        for t in p["timeline"][:args.limit]:
+            print(f"  {t['captured_at'][:19]} {t['site']:16s} {t['detection']} {t['viewpoint']:12s} "
+                  f"by {t['decided_by']}")
+    elif args.action == "name":
+        body = {"name": args.name or None, "reason": args.reason}
+        if args.tags is not None:
+            body["tags"] = [t for t in args.tags.split(",") if t.strip()]
+        if args.notes is not None:
+            body["notes"] = args.notes
+        _print_change(_api(args, "PATCH", f"/v1/individuals/{args.id}", json=body))
+    elif args.action == "merge":
+        _print_change(_api(args, "POST", "/v1/individuals/merge",
+                           json={"keep": args.keep, "absorb": args.absorb, "reason": args.reason}))
+    elif args.action == "split":
+        _print_change(_api(args, "POST", f"/v1/individuals/{args.id}/split",
+                           json={"detections": args.detections, "reason": args.reason, "name": args.name}))
+    return 0
+
+
+def cmd_review(args) -> int:
+    if args.action in ("list", "next"):
+        queue = _api(args, "GET", "/v1/review", params={"order": args.order, "limit": 1 if args.action == "next"
+                                                        else args.limit})
+        print(f"{queue['total']} waiting ({queue['order']} first)")
+        for item in queue["items"]:
+            print(f"{item['detection']}  {item['captured_at'][:19]} {item['site']}/{item['camera']} {item['cls']} "
+                  f"{item['state']}  flags: {', '.join(item['flags'])}")
+            for rank, c in enumerate(item["candidates"], 1):
+                parts = ", ".join(f"{k} {v['raw']:.3f}" for k, v in c["components"].items() if v["raw"] is not None)
+                print(f"   {rank}. {_name(c, 'individual_id'):28s} score {c['score']:.3f}  {c.get('sightings', 0)} "
+                      f"sightings  ({parts})")
+    elif args.action in ("confirm", "assign", "new"):
+        body = {"action": args.action, "individual_id": args.individual, "reason": args.reason}
+        path = "reassign" if args.reassign else "decision"
+        _print_change(_api(args, "POST", f"/v1/detections/{args.detection}/{path}", json=body))
+    elif args.action == "undo":
+        _print_change(_api(args, "POST", f"/v1/audit/{args.audit_id}/undo", json={"reason": args.reason}))
+    elif args.action == "log":
+        for e in _api(args, "GET", "/v1/audit", params={"limit": args.limit})["entries"]:
+            state = f"undone by {e['undone_by']}" if e["undone_by"] else ""
+            print(f"{e['id']:>5d} {e['at'][:19]} {e['actor'][:20]:20s} {e['action']:16s} "
+                  f"{len(e['after']['detections']):>4d} det  {e['reason'][:40]:40s} {state}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deer-reid", description="Re-identification of individual deer.")
     common = argparse.ArgumentParser(add_help=False)
@@ -415,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="loo --coat: photos each photo's pattern is matched against (its K closest by body)")
     ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "
                     "(the sighting protocol; reported as such)")
+    ev.add_argument("--review", action="store_true", help="open-set: then work the review queue with the labels as "
+                    "the reviewer, and report how often the right individual was among the page's top 3")
     ev.add_argument("--allow-random-weights", action="store_true")
     ev.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="as the body service (default auto)")
     ev.add_argument("--api-url")
@@ -497,6 +651,84 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--api-url")
     ing.add_argument("--quiet", action="store_true", help="no progress bars")
     ing.set_defaults(func=cmd_ingest)
+
+    ke = sub.add_parser("keys", help="API keys: create, list, revoke (needs the database, as an administrator)")
+    ke_sub = ke.add_subparsers(dest="action", required=True)
+    ke_new = ke_sub.add_parser("create", help="a new key, printed once")
+    ke_new.add_argument("--owner", required=True, help="who uses it: the audit log records this name")
+    ke_new.add_argument("--scope", choices=["read", "review", "admin"], default="review")
+    ke_sub.add_parser("list", help="every key (hashes only are stored)")
+    ke_rev = ke_sub.add_parser("revoke")
+    ke_rev.add_argument("id", type=int)
+    ke.set_defaults(func=cmd_keys)
+
+    pg = sub.add_parser("page", help="print the web page's address, with a link that signs in with the local key")
+    pg.add_argument("--api-url")
+    pg.set_defaults(func=cmd_page)
+
+    xp = sub.add_parser("export", help="individuals, detections and sightings as CSV tables or a Camtrap DP package")
+    xp.add_argument("out", help="folder to write into")
+    xp.add_argument("--format", choices=["csv", "camtrap-dp"], default="csv")
+    xp.add_argument("--property", help="only this property")
+    xp.add_argument("--scientific-name", default="Cervidae", help="Camtrap DP: the taxon of the animals")
+    xp.add_argument("--api-url")
+    xp.set_defaults(func=cmd_export)
+
+    iv = sub.add_parser("individuals", help="browse, name, merge and split individuals")
+    iv_sub = iv.add_subparsers(dest="action", required=True)
+    iv_list = iv_sub.add_parser("list")
+    iv_list.add_argument("--q", help="name, tag, note or id")
+    iv_list.add_argument("--property")
+    iv_list.add_argument("--site")
+    iv_list.add_argument("--min-sightings", type=int)
+    iv_list.add_argument("--limit", type=int, default=50)
+    iv_show = iv_sub.add_parser("show")
+    iv_show.add_argument("id", type=int)
+    iv_show.add_argument("--limit", type=int, default=20, help="sightings to print")
+    iv_show.add_argument("--json", action="store_true")
+    iv_name = iv_sub.add_parser("name", help="name, tags and notes")
+    iv_name.add_argument("id", type=int)
+    iv_name.add_argument("name", nargs="?", default="", help="empty removes the name")
+    iv_name.add_argument("--tags", help="comma-separated; replaces the tags")
+    iv_name.add_argument("--notes")
+    iv_merge = iv_sub.add_parser("merge", help="KEEP absorbs ABSORB's sightings")
+    iv_merge.add_argument("keep", type=int)
+    iv_merge.add_argument("absorb", type=int)
+    iv_split = iv_sub.add_parser("split", help="the given detections of ID become a new individual")
+    iv_split.add_argument("id", type=int)
+    iv_split.add_argument("detections", nargs="+")
+    iv_split.add_argument("--name")
+    for p in (iv_name, iv_merge, iv_split):
+        p.add_argument("--reason", default="")
+    for p in (iv_list, iv_show, iv_name, iv_merge, iv_split):
+        p.add_argument("--api-url")
+    iv.set_defaults(func=cmd_individuals)
+
+    rv = sub.add_parser("review", help="work the review queue; undo changes")
+    rv_sub = rv.add_subparsers(dest="action", required=True)
+    rv_list = rv_sub.add_parser("list")
+    rv_list.add_argument("--limit", type=int, default=20)
+    rv_next = rv_sub.add_parser("next", help="the first detection waiting, with its candidates")
+    for p in (rv_list, rv_next):
+        p.add_argument("--order", choices=["oldest", "uncertain"], default="oldest")
+    rv_confirm = rv_sub.add_parser("confirm", help="the individual fusion suggested (or --individual among them)")
+    rv_assign = rv_sub.add_parser("assign", help="another individual")
+    rv_new = rv_sub.add_parser("new", help="a new individual")
+    for p in (rv_confirm, rv_assign, rv_new):
+        p.add_argument("detection")
+        p.add_argument("--reassign", action="store_true", help="override a person's earlier decision")
+        p.add_argument("--reason", default="")
+        p.set_defaults(individual=None)
+    rv_confirm.add_argument("--individual", type=int)
+    rv_assign.add_argument("individual", type=int)
+    rv_undo = rv_sub.add_parser("undo")
+    rv_undo.add_argument("audit_id", type=int)
+    rv_undo.add_argument("--reason", default="")
+    rv_log = rv_sub.add_parser("log", help="the newest changes by people")
+    rv_log.add_argument("--limit", type=int, default=30)
+    for p in (rv_list, rv_next, rv_confirm, rv_assign, rv_new, rv_undo, rv_log):
+        p.add_argument("--api-url")
+    rv.set_defaults(func=cmd_review)
     return parser
 
 

@@ -48,11 +48,11 @@ async def upload_one(client: httpx.AsyncClient, path: Path, fields: dict[str, st
 
 
 async def upload_all(api_url: str, paths: list[Path], fields: dict[str, str], concurrency: int = 4,
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, headers: dict[str, str] | None = None) -> list[dict]:
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(paths), desc="upload", unit="img", disable=not progress)
 
-    async with httpx.AsyncClient(base_url=api_url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=headers) as client:
         async def one(path: Path) -> dict:
             async with sem:
                 result = await upload_one(client, path, fields)
@@ -65,12 +65,12 @@ async def upload_all(api_url: str, paths: list[Path], fields: dict[str, str], co
 
 
 async def wait_terminal(api_url: str, ids: list[str], timeout: float | None = None, progress: bool = True,
-                        poll_s: float = 1.0) -> dict[str, str]:
+                        poll_s: float = 1.0, headers: dict[str, str] | None = None) -> dict[str, str]:
     """Poll until every detection is in a terminal state (or the timeout passes); returns id -> state."""
     states: dict[str, str] = {}
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = tqdm(total=len(ids), desc="results", unit="det", disable=not progress)
-    async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, headers=headers) as client:
         while True:
             pending = [i for i in ids if states.get(i) not in TERMINAL]
             for start in range(0, len(pending), 2000):
@@ -92,12 +92,13 @@ async def wait_terminal(api_url: str, ids: list[str], timeout: float | None = No
 
 
 async def ingest(api_url: str, path: Path, *, site: str | None, fallback_site: str | None = None, camera: str | None, captured_at: str | None,
-                 wait: bool, timeout: float | None = None, concurrency: int = 4, progress: bool = True) -> dict:
+                 wait: bool, timeout: float | None = None, concurrency: int = 4, progress: bool = True,
+                 headers: dict[str, str] | None = None) -> dict:
     paths = find_images(path)
     fields = {k: v for k, v in (("site", site), ("fallback_site", fallback_site), ("camera", camera),
                                 ("fallback_captured_at", captured_at)) if v}
     started = time.monotonic()
-    results = await upload_all(api_url, paths, fields, concurrency, progress)
+    results = await upload_all(api_url, paths, fields, concurrency, progress, headers)
     upload_s = time.monotonic() - started
     ids = [d["id"] for r in results if "detections" in r for d in r["detections"]]
     report = {
@@ -109,7 +110,7 @@ async def ingest(api_url: str, path: Path, *, site: str | None, fallback_site: s
         "upload_s": round(upload_s, 2),
     }
     if wait:
-        states = await wait_terminal(api_url, ids, timeout, progress)
+        states = await wait_terminal(api_url, ids, timeout, progress, headers=headers)
         wall = time.monotonic() - started
         counts = Counter(states.get(i, "unknown") for i in ids)
         report.update({

@@ -20,6 +20,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
+
+from services.api.auth import ensure_local_key
 from shared.config import Settings
 from shared.db import migrate
 from shared.embedded import EmbeddedBroker, EmbeddedPostgres, die_with_parent, free_port
@@ -72,6 +75,7 @@ class Stack:
     children: dict[str, Child] = field(default_factory=dict)
     dsn: str = ""
     bootstrap: str = ""
+    admin_key: str = ""
     _stopping: bool = False
 
     @property
@@ -123,6 +127,18 @@ class Stack:
     async def _prepare(self) -> None:
         await ensure_topics(self.bootstrap)
         await migrate(self.dsn)
+        # The local admin key (in the state directory, owner-only): the CLI and the page's sign-in use it,
+        # so a single user never handles keys by hand.
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            self.admin_key = await ensure_local_key(conn, self.home)
+        finally:
+            await conn.close()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that authenticate as the local admin."""
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
     def service_env(self, child: Child) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()}

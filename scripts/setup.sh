@@ -14,6 +14,16 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] && command -v apt-get >/d
   fi
 fi
 
+# Debian's Chromium and its driver: the page's tests drive a real browser (nothing is downloaded by a test tool)
+if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "setup: installing chromium and chromium-driver" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver; } >/dev/null; then
+    echo "setup: WARNING: chromium could not be installed; the page's browser tests will fail" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

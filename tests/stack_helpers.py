@@ -14,7 +14,7 @@ async def register(stack, site: str, prop: str | None = None, lat=None, lon=None
     """Put a test's site in a property of its own (by default named after it): tests never share individuals."""
     import httpx
 
-    async with httpx.AsyncClient(base_url=stack.api_url) as client:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.auth) as client:
         r = await client.put(f"/v1/sites/{site}", json={"property": prop or site, "lat": lat, "lon": lon})
         assert r.status_code == 200, r.text
 
@@ -25,7 +25,7 @@ async def ingest(stack, paths, site, cls="doe", fallback_captured_at="2025-11-01
     # a fallback time, as `deer-reid ingest --captured-at` sends: photos without a real time of their own
     # (one shared instant) are never grouped into one sighting
     fields = {"site": site, "camera": "cam1", "fallback_captured_at": fallback_captured_at, "cls": cls}
-    results = await upload_all(stack.api_url, paths, fields, concurrency=4, progress=False)
+    results = await upload_all(stack.api_url, paths, fields, concurrency=4, progress=False, headers=stack.auth)
     rejected = [r for r in results if "error" in r]
     assert not rejected, rejected[:3]
     return [d["id"] for r in results for d in r["detections"]]

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from services.api.app import create_app
+from services.api.auth import create_key
 from shared.config import Settings
 from shared.db import create_pool
 from tests.conftest import make_jpeg
@@ -27,8 +28,10 @@ async def api(pg_dsn, tmp_path):
     settings = Settings(home=tmp_path, database_url=pg_dsn, max_upload_bytes=50 * 1024 * 1024)
     app = create_app(settings)
     app.state.pool = await create_pool(pg_dsn)
+    _, key = await create_key(app.state.pool, "ranger", "admin")
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://api",
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
         client.settings = settings
         client.pool = app.state.pool
         yield client
@@ -205,7 +208,8 @@ async def test_control_characters_in_a_raw_multipart_name_are_refused(api, jpeg_
 
 async def test_run_time_config_switches_mode_and_keeps_history(api):
     assert (await api.get("/v1/config")).json()["mode"] == "fast"
-    r = await api.put("/v1/config", json={"mode": "enhanced"}, headers={"x-user": "ranger"})
+    # the change is recorded under the key's owner, not under a header anyone can set
+    r = await api.put("/v1/config", json={"mode": "enhanced"}, headers={"x-user": "mallory"})
     assert r.status_code == 200 and r.json()["mode"] == "enhanced" and r.json()["updated_by"] == "ranger"
     for bad in ({"mode": "turbo"}, {"mode": "fast", "extra": 1}, {"mode": None}):
         assert (await api.put("/v1/config", json=bad)).status_code == 422

@@ -295,3 +295,23 @@ def test_simulation_decides_a_sighting_together():
     order = [2, 0, 1]
     joint = cal.simulate({"m": sim2}, order, ["female"] * 3, t, sightings=["s1", "s1", "s2"])
     assert joint[0] == joint[2] == joint[1]
+
+
+def test_review_session_judges_suggestions_against_the_labels():
+    from collections import Counter
+
+    from deer_reid.evaluation.review_session import judge, right_individuals, summarize
+
+    placements = {1: Counter({"a": 3, "b": 1}), 2: Counter({"b": 2}), 3: Counter({"a": 1, "c": 1}), 4: Counter()}
+    assert right_individuals("a", placements) == {1, 3}  # a tie counts
+    assert right_individuals("b", placements) == {2}
+    assert right_individuals("z", placements) == set()
+    assert judge([2, 3, 1], {1, 3}) == (2, "confirm", 1)
+    assert judge([2, 4, 5, 1], {1}) == (None, "assign", 2)  # fourth suggestion: not on the page
+    assert judge([2], set()) == (None, "new", 1)
+    outcomes = [{"right_exists": True, "rank": 1, "action": "confirm", "clicks": 1, "candidates": [1]},
+                {"right_exists": True, "rank": None, "action": "assign", "clicks": 2, "candidates": [2]},
+                {"right_exists": False, "rank": None, "action": "new", "clicks": 1, "candidates": []}]
+    s = summarize(outcomes)
+    assert (s["top1_of_existing"], s["top3_of_existing"], s["right_individual_was_new"]) == (0.5, 0.5, 1)
+    assert s["mean_actions_per_decision"] == round(4 / 3, 3) and s["fusion_had_no_candidate"] == 1

@@ -40,14 +40,14 @@ async def upload(stack, name: str, data: bytes, site: str, *, boxes=None, cls="d
     fields = {"site": site, "camera": "cam1", "captured_at": captured_at, "cls": cls}
     if boxes is not None:
         fields["detections"] = json.dumps([{"box": b, "cls": cls} for b in boxes])
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, headers=stack.auth) as client:
         r = await client.post("/v1/uploads", data=fields, files=[("files", (name, data, "image/jpeg"))])
     assert r.status_code == 201, r.text
     return [d["id"] for d in r.json()["images"][0]["detections"]]
 
 
 async def detection(stack, det_id: str) -> dict:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, headers=stack.auth) as client:
         return (await client.get(f"/v1/detections/{det_id}")).json()
 
 
@@ -58,8 +58,8 @@ async def decided(stack, ids: list[str]) -> list[dict]:
 
 
 async def set_config(stack, **switches) -> dict:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
-        r = await client.put("/v1/config", json=switches, headers={"x-user": "test"})
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, headers=stack.auth) as client:
+        r = await client.put("/v1/config", json=switches)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -330,7 +330,7 @@ async def test_frames_of_one_burst_are_one_sighting_and_one_individual(stack, db
     assert ["sighting" in x["result"]["flags"] for x in d[:2]].count(True) == 1
     assert d[1]["result"]["sighting"] == d[0]["result"]["sighting"] == str(rows[ids[0]])
     # an explicit burst key groups frames regardless of time; a frame with two animals joins no sighting
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, headers=stack.auth) as client:
         r = await client.post("/v1/uploads", data={"site": "burst-cam", "camera": "cam1", "sighting": "seq-7",
                                                     "captured_at": "2025-06-02T06:00:00Z"},
                               files=[("files", ("k1.jpg", nyala_paths[810].read_bytes(), "image/jpeg"))])

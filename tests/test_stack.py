@@ -37,7 +37,7 @@ async def test_upload_to_identity_end_to_end(stack, db, nyala_paths, nyala_rows)
     import httpx
 
     founder = next(i for i in ids if states[i] == "new")
-    async with httpx.AsyncClient(base_url=stack.api_url) as client:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.auth) as client:
         det = (await client.get(f"/v1/detections/{founder}")).json()
     assert det["individual_id"] is not None and det["decided_by"] == "fusion"
     assert det["result"]["versions"]["efficientnet_lite0"].startswith("efficientnet_lite0:579344248a93")
@@ -45,7 +45,7 @@ async def test_upload_to_identity_end_to_end(stack, db, nyala_paths, nyala_rows)
 
     # the same image again: a no-op answered with the same detection
     again = await upload_all(stack.api_url, paths[:1], {"site": "e2e", "captured_at": "2025-11-01T06:00:00Z"},
-                             progress=False)
+                             progress=False, headers=stack.auth)
     assert again[0]["duplicate"] is True and again[0]["detections"][0]["id"] == ids[0]
     assert await db.fetchval("SELECT count(*) FROM detections WHERE site = 'e2e'") == len(ids)
 
@@ -84,7 +84,7 @@ async def test_the_same_event_twice_has_no_second_effect(stack, db, nyala_paths)
 async def test_enhanced_mode_is_switched_on_at_run_time(stack, db, nyala_paths):
     import httpx
 
-    async with httpx.AsyncClient(base_url=stack.api_url) as client:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.auth) as client:
         assert (await client.put("/v1/config", json={"mode": "enhanced"})).status_code == 200
         try:
             ids = await ingest(stack, nyala_paths[30:34], "switch")

@@ -268,13 +268,13 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
 
 
 async def _open_set(api_url: str, samples: list[Sample], order: list[int], site: str, fallback_time: str,
-                    progress: bool, sightings: bool = False) -> list[dict]:
+                    progress: bool, sightings: bool = False, headers: dict | None = None) -> list[dict]:
     import httpx
 
     from shared.states import TERMINAL
 
     out: list[dict] = [{} for _ in samples]
-    async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, headers=headers) as client:
         for i in tqdm(order, desc="open-set", unit="img", disable=not progress):
             s = samples[i]
             fields = {"site": site, "camera": s.camera or "eval", "cls": s.cls.value,
@@ -317,35 +317,39 @@ def held_out_of(samples: list[Sample], artifact: dict | None) -> tuple[list[Samp
         "identities_excluded": len({s.identity for s in samples} & fitted), "images_excluded": len(samples) - len(kept)}
 
 
-def _stack_calibration(api_url: str) -> dict | None:
+def _stack_calibration(api_url: str, headers: dict) -> dict | None:
     import httpx
 
-    resp = httpx.get(f"{api_url}/v1/calibration", timeout=30)
+    resp = httpx.get(f"{api_url}/v1/calibration", timeout=30, headers=headers)
     if resp.status_code == 404:
         return None
     resp.raise_for_status()
     return resp.json()
 
 
-def _switch(api_url: str, **switches) -> dict:
+def _switch(api_url: str, headers: dict, **switches) -> dict:
     """Set run-time switches of the running stack; returns the configuration it had before."""
     import httpx
 
-    before = httpx.get(f"{api_url}/v1/config", timeout=30).json()
-    resp = httpx.put(f"{api_url}/v1/config", json=switches, headers={"x-user": "deer-reid eval"}, timeout=30)
+    before = httpx.get(f"{api_url}/v1/config", timeout=30, headers=headers).json()
+    resp = httpx.put(f"{api_url}/v1/config", json=switches, headers=headers, timeout=30)
     resp.raise_for_status()
     return {k: before[k] for k in switches}
 
 
 def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, api_url: str,
                  report_dir: Path | None, json_path: Path | None, progress: bool = True,
-                 settings: Settings | None = None, stack_models: list[str] = (), sightings: bool = False) -> dict:
+                 settings: Settings | None = None, stack_models: list[str] = (), sightings: bool = False,
+                 review: bool = False) -> dict:
     """Upload the images one by one to the running stack (in `mode`, switched for the run and restored
     after) and score the individuals it built. Each run uses its own site in its own property, so
     earlier runs' individuals are never candidates."""
     import httpx
 
-    installed = _stack_calibration(api_url)
+    from deer_reid.client import auth_headers
+
+    headers = auth_headers(settings or Settings())
+    installed = _stack_calibration(api_url, headers)
     names = [n.strip() for n in (body_model or ",".join(stack_models)).split(",") if n.strip()]
     fair, fairness = never_trained_on(load_dataset(data), names, settings or Settings())
     samples, held_out = held_out_of(select(fair, limit, seed), (installed or {}).get("artifact"))
@@ -353,14 +357,15 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
     held_out["calibration_id"] = (installed or {}).get("id")
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(samples))]
     site = f"eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-s{seed}"
-    httpx.put(f"{api_url}/v1/sites/{site}", json={"property": site}, timeout=30).raise_for_status()
+    httpx.put(f"{api_url}/v1/sites/{site}", json={"property": site}, timeout=30, headers=headers).raise_for_status()
     has_time = all(s.captured_at for s in samples)
-    before = _switch(api_url, mode=mode, temporal=has_time)
+    before = _switch(api_url, headers, mode=mode, temporal=has_time)
     started = time.monotonic()
     try:
-        dets = asyncio.run(_open_set(api_url, samples, order, site, "2025-11-01T06:00:00Z", progress, sightings))
+        dets = asyncio.run(_open_set(api_url, samples, order, site, "2025-11-01T06:00:00Z", progress, sightings,
+                                    headers))
     finally:
-        _switch(api_url, **before)
+        _switch(api_url, headers, **before)
     wall = time.monotonic() - started
     placed = [d.get("individual_id") if d.get("state") in ("assigned", "new") else None for d in dets]
     ids = [s.identity for s in samples]
@@ -386,5 +391,13 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
     })
     if body_model and set(n.strip() for n in body_model.split(",")) != set(versions):
         result["warning"] = f"--body-model {body_model} differs from the running stack's models {list(versions)}"
+    if review:
+        # after the open-set figures are taken: the session changes the property's individuals
+        from deer_reid.evaluation.review_session import work_queue
+
+        truth = {d["id"]: s.identity for d, s in zip(dets, samples) if d.get("id")}
+        placed_now = {d["id"]: d.get("individual_id") if d.get("state") in ("assigned", "new") else None
+                      for d in dets if d.get("id")}
+        result["review_session"] = asyncio.run(work_queue(api_url, headers, site, truth, placed_now))
     write_report(result, report_dir, json_path)
     return result

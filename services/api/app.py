@@ -18,12 +18,14 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 import asyncpg
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from services.api.uploads import PlannedImage, UploadRejected, parse_detections, parse_time, plan_image, \
-    safe_file_name
+from services.api import people, web
+from services.api.auth import Admin, Reader, Reviewer
+from services.api.deps import Config, Pool
+from services.api.uploads import PlannedImage, UploadRejected, parse_detections, parse_time, plan_image, safe_file_name
 from shared import sites
 from shared.config import Settings, get_settings
 from shared.db import OUTBOX_CHANNEL, create_pool
@@ -32,14 +34,6 @@ from shared.schemas import DetectionClass, PipelineConfig
 
 router = APIRouter()
 SIGHTING_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
-
-
-def get_pool(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool
-
-
-Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
-Config = Annotated[Settings, Depends(get_settings)]
 
 
 def store_blob(root: Path, sha256: str, data: bytes) -> Path:
@@ -134,6 +128,7 @@ async def persist(pool: asyncpg.Pool, images: list[PlannedImage], sighting: str 
 async def upload(
     pool: Pool,
     settings: Config,
+    _: Reviewer,
     files: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP)")],
     site: Annotated[str | None, Form(description="beats a SITE_YYYYMMDD_HHMMSS file name")] = None,
     fallback_site: Annotated[str | None, Form(description="used only when neither gives a site")] = None,
@@ -180,7 +175,7 @@ class StatesQuery(BaseModel):
 
 
 @router.post("/v1/detections/states")
-async def detection_states(query: StatesQuery, pool: Pool):
+async def detection_states(query: StatesQuery, pool: Pool, _: Reader):
     """States of many detections at once (what `deer-reid ingest --wait` polls)."""
     rows = await pool.fetch("SELECT id, state FROM detections WHERE id = ANY($1::uuid[])", query.ids)
     states = {str(r["id"]): r["state"] for r in rows}
@@ -188,7 +183,7 @@ async def detection_states(query: StatesQuery, pool: Pool):
 
 
 @router.get("/v1/detections/{detection_id}")
-async def detection(detection_id: UUID, pool: Pool):
+async def detection(detection_id: UUID, pool: Pool, _: Reader):
     row = await pool.fetchrow(
         """SELECT id, image_sha256, ordinal, box, cls, detector_confidence, site, camera, captured_at, state,
                   state_reason, attempts, individual_id, score, result, decided_by, created_at, updated_at
@@ -199,7 +194,7 @@ async def detection(detection_id: UUID, pool: Pool):
 
 
 @router.get("/v1/config")
-async def get_config(pool: Pool):
+async def get_config(pool: Pool, _: Reader):
     """The run-time switches (mode, ensemble, temporal, coat, pose, antler) applied to every detection
     published from now on."""
     row = await pool.fetchrow("SELECT value, updated_at, updated_by FROM runtime_config WHERE key = 'pipeline'")
@@ -221,19 +216,18 @@ class PipelineUpdate(BaseModel):
 
 
 @router.put("/v1/config")
-async def put_config(update: PipelineUpdate, pool: Pool, request: Request):
+async def put_config(update: PipelineUpdate, pool: Pool, who: Admin):
     """Change switches (a partial update); no service restarts. Every change is kept in
     runtime_config_history. Detections already published keep the switches they were published with."""
-    who = request.headers.get("x-user", "api")[:100]
     async with pool.acquire() as conn, conn.transaction():
         current = await conn.fetchval("SELECT value FROM runtime_config WHERE key = 'pipeline' FOR UPDATE")
         config = PipelineConfig(**{**(current or {}), **update.model_dump(exclude_unset=True)}).model_dump()
         await conn.execute(
             "UPDATE runtime_config SET value = $1, updated_at = now(), updated_by = $2 WHERE key = 'pipeline'",
-            config, who)
+            config, who.owner)
         await conn.execute("INSERT INTO runtime_config_history (key, value, changed_by) VALUES ('pipeline', $1, $2)",
-                           config, who)
-    return await get_config(pool)
+                           config, who.owner)
+    return await get_config(pool, who)
 
 
 class SiteIn(BaseModel):
@@ -246,13 +240,13 @@ class SiteIn(BaseModel):
 
 
 @router.get("/v1/sites")
-async def list_sites(pool: Pool):
+async def list_sites(pool: Pool, _: Reader):
     """Every site with its property and coordinates."""
     return {"sites": await sites.list_sites(pool)}
 
 
 @router.put("/v1/sites/{name}")
-async def put_site(name: str, site: SiteIn, pool: Pool):
+async def put_site(name: str, site: SiteIn, pool: Pool, _: Admin):
     """Register or move a site (a property named for the first time is created)."""
     try:
         return await sites.put_site(pool, name, site.property, site.lat, site.lon)
@@ -261,7 +255,7 @@ async def put_site(name: str, site: SiteIn, pool: Pool):
 
 
 @router.get("/v1/calibration")
-async def calibration(pool: Pool):
+async def calibration(pool: Pool, _: Reader):
     """The active fusion calibration (per-component calibrations, weights, thresholds), or 404."""
     row = await pool.fetchrow("SELECT id, artifact, created_at FROM calibrations WHERE active ORDER BY id DESC LIMIT 1")
     if row is None:
@@ -270,13 +264,13 @@ async def calibration(pool: Pool):
 
 
 @router.post("/v1/calibration", status_code=201)
-async def install_calibration(artifact: dict, pool: Pool, request: Request):
+async def install_calibration(artifact: dict, pool: Pool, who: Admin):
     """Install a calibration artifact (`deer-reid eval --protocol loo` writes one); it becomes the active one."""
     from services.fusion.calibration import ArtifactError, install
 
     try:
         async with pool.acquire() as conn:
-            found = await install(conn, artifact, created_by=request.headers.get("x-user", "api")[:100])
+            found = await install(conn, artifact, created_by=who.owner)
     except ArtifactError as exc:
         raise HTTPException(422, detail={"error": str(exc)}) from None
     return {"id": found}
@@ -304,6 +298,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="deer-reid", version="1", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(people.router)
+    app.include_router(web.router)
+    web.mount_static(app)
     app.add_route("/metrics", metrics_endpoint)
     app.dependency_overrides[get_settings] = lambda: settings
 

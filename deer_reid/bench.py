@@ -162,8 +162,11 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
     from shared.schemas import Box, DetectionEvent, DetectionResult, PipelineConfig
     from shared.topics import DETECTIONS, RESULTS
 
-    config = PipelineConfig(mode=mode, coat=mode == "enhanced")  # the enhanced bench includes the coat service
-    expected = expected_components(config, "doe")
+    # the enhanced bench includes the coat and antler services (its detections are bucks: antlered)
+    enhanced = mode == "enhanced"
+    config = PipelineConfig(mode=mode, coat=enhanced, antler=enhanced)
+    cls = "buck" if enhanced else "doe"
+    expected = expected_components(config, cls)
     rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()}, expected)
     consumer = AIOKafkaConsumer(RESULTS.name, bootstrap_servers=stack.bootstrap, group_id=f"bench-{uuid.uuid4()}",
                                 auto_offset_reset="latest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
@@ -191,7 +194,7 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
     for n, ((det, sha), crop) in enumerate(zip(rows, crops)):
         if rate:
             await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
-        event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls="doe",
+        event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls=cls,
                                box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode=mode,
                                switches=config.switches(), expected=expected)
         sent[str(det)] = time.perf_counter()
@@ -246,6 +249,8 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     if mode == "enhanced":
         progress("coat extraction and matching, bare ...")
         result["coat_bare"] = coat_costs(crops[:32])
+        progress("antler geometry and fingerprint, bare ...")
+        result["antler_bare"] = antler_costs(crops[:32], settings)
 
     import tempfile
 
@@ -259,12 +264,12 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     stack.start()
     try:
         asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None, mode))
-        before = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "fusion")}
+        before = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "fusion")}
         cpu_before = _cpu_seconds(stack)
         progress(f"end to end: burst of {detections} detections ...")
         burst = asyncio.run(_run_events(stack, crops, "bench-burst", None, mode))
         cpu_after = _cpu_seconds(stack)
-        after = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "fusion")}
+        after = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "fusion")}
         paced_n = max(64, detections // 2)
         rate = burst["det_per_s"] / 2
         progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
@@ -312,6 +317,34 @@ async def _coat_bytes(dsn: str) -> dict:
     finally:
         await conn.close()
     return {k: (round(float(v), 1) if v is not None else None) for k, v in row.items()}
+
+
+def antler_costs(crops: list[bytes], settings: Settings) -> dict:
+    """Milliseconds of the antler service per crop: geometry (one thread), and the fingerprint network on the
+    head-top regions in batches of 16 (as the service runs a micro-batch)."""
+    from services.antler.extractor import measure
+    from services.antler.fingerprint import Fingerprinter
+    from services.antler.seasons import SeasonCalendar
+    from shared.images import model_input
+    from shared.models import load_model
+
+    calendar = SeasonCalendar()
+    now = datetime.now(timezone.utc)
+    times = []
+    for crop in crops:
+        started = time.perf_counter()
+        measure(crop, "buck", 40, now, calendar)
+        times.append(1000 * (time.perf_counter() - started))
+    model = load_model(settings.antler_model, settings.model_cache, allow_random=True, precision=settings.precision)
+    fingerprinter = Fingerprinter(model)
+    regions = [model_input(c, 224)[: round(224 * 0.3)] for c in crops]  # every head-top region, antlers or not
+    fingerprinter(regions[:16])  # warm-up
+    started = time.perf_counter()
+    for k in range(0, len(regions), 16):
+        fingerprinter(regions[k:k + 16])
+    return {"geometry_ms_per_crop": round(float(np.median(times)), 1),
+            "fingerprint_ms_per_crop": round(1000 * (time.perf_counter() - started) / len(regions), 2),
+            "model": model.version, "crops": len(crops)}
 
 
 def coat_costs(crops: list[bytes]) -> dict:

@@ -306,7 +306,8 @@ def cmd_eval(args) -> int:
                              target_false_merge=args.target_false_merge, calibration_out=args.calibration_out,
                              settings=settings, allow_random=args.allow_random_weights, progress=not args.quiet,
                              holdout_of=args.holdout_of, max_review=args.max_review, coat=args.coat,
-                             coat_shortlist=args.coat_shortlist)
+                             coat_shortlist=args.coat_shortlist, antler=args.antler,
+                             antler_ignore_cut=args.antler_ignore_cut)
         else:
             from deer_reid.stack import read_state
 
@@ -567,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="loo --coat: photos each photo's pattern is matched against (its K closest by body)")
     ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "
                     "(the sighting protocol; reported as such)")
+    ev.add_argument("--antler", action="store_true", help="loo: the males only (DATA/sex.csv), with the antler "
+                    "service's fingerprint as a component (on nyala: horns, which are not antlers)")
+    ev.add_argument("--antler-ignore-cut", action="store_true", help="with --antler: fingerprint racks that run into "
+                    "the photo's top edge too (the service gives them no evidence)")
     ev.add_argument("--review", action="store_true", help="open-set: then work the review queue with the labels as "
                     "the reviewer, and report how often the right individual was among the page's top 3")
     ev.add_argument("--allow-random-weights", action="store_true")

@@ -31,7 +31,7 @@ from shared.topics import ensure_topics
 
 log = logging.getLogger("deer_reid.stack")
 
-SERVICES = ("reconciler", "fusion", "body", "coat", "api")
+SERVICES = ("reconciler", "fusion", "body", "coat", "antler", "api")
 # On one machine the body extractor is the bottleneck and its two OpenMP threads stall each other
 # whenever one is preempted, so the light services yield the CPU to it (they fill its idle gaps).
 # Production runs the body on its own GPU machine and has no use for this.
@@ -91,7 +91,7 @@ class Stack:
         return f"http://{self.settings.api_host}:{self.children['api'].port}"
 
     def check_models(self) -> None:
-        for name in self.settings.body_models:
+        for name in dict.fromkeys([*self.settings.body_models, self.settings.antler_model]):
             try:
                 get_spec(name, self.settings.model_cache)
             except KeyError as exc:

@@ -73,6 +73,19 @@ class Settings(BaseSettings):
     coat_shortlist: int = Field(10, ge=1, le=200)  # candidates (best by body) whose exemplars coat is matched with
     coat_exemplars: int = Field(4, ge=1, le=64)  # exemplars per shortlisted candidate
 
+    # antler service and its matching in fusion
+    antler_model: str = "efficientnet_lite0"  # the network whose region embedding the fingerprint projects
+    antler_workers: int = 0  # crops measured side by side (0: one per core)
+    antler_season_start: str = Field("09-01", pattern=r"^\d{2}-\d{2}$")  # MM-DD: hard antlers, the rut
+    antler_season_end: str = Field("01-31", pattern=r"^\d{2}-\d{2}$")
+    antler_casting_months: list[int] = [2, 3]  # SPEC: Feb-Mar
+    antler_shortlist: int = Field(10, ge=1, le=200)  # candidates (best by body) compared on antlers
+    # A candidate matching on body/coat whose best same-season antler similarity is below this is a possible
+    # duplicate profile (sent to review, never merged). 0.40: the 5th percentile of same-animal pairs on
+    # nyala-train's males (`eval --antler`: 0.377-0.411), so about 1 true match in 20 is sent to a person.
+    # Horns are not antlers; re-measure on deer.
+    antler_conflict_below: float = Field(0.40, ge=-1, le=1)
+
     # reconciler
     stuck_after_s: float = Field(120.0, gt=0)
     reconcile_every_s: float = Field(5.0, gt=0)

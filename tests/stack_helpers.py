@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 
 from deer_reid.ingest import upload_all, wait_terminal
@@ -29,6 +32,17 @@ async def ingest(stack, paths, site, cls="doe", fallback_captured_at="2025-11-01
     rejected = [r for r in results if "error" in r]
     assert not rejected, rejected[:3]
     return [d["id"] for r in results for d in r["detections"]]
+
+
+@contextlib.contextmanager
+def paused(stack, service: str):
+    """The service stops answering (SIGSTOP: alive, so the supervisor leaves it be) until the block ends."""
+    pid = stack.children[service].process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 async def assert_exactly_once(db, ids: list[str], prop: str) -> dict[str, int]:

@@ -19,7 +19,7 @@ def compose() -> dict:
 
 def test_every_service_container_runs_a_real_entry_point():
     services = compose()["services"]
-    for name in ("api", "reconciler", "fusion", "body", "coat"):
+    for name in ("api", "reconciler", "fusion", "body", "coat", "antler"):
         command = services[name]["command"]
         assert command[:2] == ["python", "-m"], command
         module = command[2]

@@ -212,3 +212,29 @@ def test_coat_events_with_unreadable_patterns_or_too_many_marks_are_refused():
     with pytest.raises(Refused, match="marks"):
         validate(too_many, detection, {})
     validate(_features("coat", embeddings=[], attributes={"marks": []}), detection, {})
+
+
+def test_antler_events_without_a_season_or_with_a_wrong_fingerprint_are_refused():
+    from services.fusion.service import Refused, validate
+
+    detection = {**DETECTION, "expected": ["body", "antler"]}
+    fp = [Embedding.of("antler", "antler-fp64:x", np.ones(64, dtype=np.float32), False)]
+    season = {"season": "2024-rut", "casting_window": None, "present": True}
+
+    def antler(status="ok", embeddings=fp, attributes=season):
+        return _features("antler", status=status, embeddings=embeddings, attributes=attributes, cls="buck")
+
+    validate(antler(), detection, {})
+    validate(antler("no-evidence", [], {**season, "present": False}), detection, {})
+    for event, message in [
+        (antler(attributes={"present": True}), "season tag"),
+        (antler(attributes={**season, "season": "x" * 41}), "season tag"),
+        (antler(attributes={**season, "casting_window": 7}), "season tag"),
+        (antler(attributes={**season, "geometry": {"junk": "x" * 20_000}}), "over 16000 bytes"),
+        (antler(embeddings=[Embedding.of("antler", "antler-fp64:x", np.ones(32, dtype=np.float32), False)]),
+         "one 64-d fingerprint"),
+        (antler(embeddings=[]), "one 64-d fingerprint"),
+        (antler("no-evidence"), "carry no fingerprint"),
+    ]:
+        with pytest.raises(Refused, match=message):
+            validate(event, detection, {})

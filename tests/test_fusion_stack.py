@@ -20,7 +20,7 @@ from deer_reid.ingest import wait_terminal
 from shared.broker import producer_for
 from shared.schemas import DeadLetter, DetectionEvent, Embedding, Features
 from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, POSE_REQUESTS, dead_letter_of
-from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, register
+from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, paused, register
 
 pytestmark = pytest.mark.stack
 
@@ -133,33 +133,29 @@ async def test_two_detections_of_one_image_are_never_one_individual(stack, db, n
 
 
 async def test_a_component_that_never_arrives_is_decided_degraded_after_the_timeout(stack, db, nyala_paths, config):
-    await set_config(stack, mode="enhanced", antler=True, ensemble=False)  # no antler service runs in this stack
+    await set_config(stack, mode="enhanced", antler=True, ensemble=False)
     started = time.monotonic()
-    ids = await ingest(stack, nyala_paths[730:733], "degraded-cam", cls="buck")
-    results = [d["result"] for d in await decided(stack, ids)]
-    assert time.monotonic() - started >= 3  # DEER_JOIN_TIMEOUT_S of the test stack
-    for r in results:
-        assert "degraded" in r["flags"] and r["missing"] == ["antler"] and r["expected"] == ["body", "antler"]
-        assert r["switches"]["antler"] is True and r["mode"] == "enhanced"
-    await assert_exactly_once(db, ids, "degraded-cam")
-    # the component that comes after the decision is stored, and reopens nothing
-    row = await db.fetchrow("SELECT * FROM detections WHERE id = $1", uuid.UUID(ids[0]))
-    late = Features(component="antler", detection_id=row["id"], site=row["site"], property=row["property"],
-                    camera=row["camera"], captured_at=row["captured_at"], cls=row["cls"])
-    producer = producer_for(stack.bootstrap, "test-late")
-    await producer.start()
-    try:
-        await producer.send_and_wait(FEATURES_ANTLER.name, late.to_bytes(), key=row["property"].encode())
-    finally:
-        await producer.stop()
+    with paused(stack, "antler"):  # the antler service stops answering
+        ids = await ingest(stack, nyala_paths[730:733], "degraded-cam", cls="buck")
+        results = [d["result"] for d in await decided(stack, ids)]
+        assert time.monotonic() - started >= 3  # DEER_JOIN_TIMEOUT_S of the test stack
+        for r in results:
+            assert "degraded" in r["flags"] and r["missing"] == ["antler"] and r["expected"] == ["body", "antler"]
+            assert r["switches"]["antler"] is True and r["mode"] == "enhanced"
+        await assert_exactly_once(db, ids, "degraded-cam")
+        before = {i: await db.fetchrow("SELECT state, result FROM detections WHERE id = $1", uuid.UUID(i))
+                  for i in ids}
+    # resumed, the service answers after the decisions: the features are stored as late and reopen nothing
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not await db.fetchval(
-            "SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'antler'", row["id"]):
-        await asyncio.sleep(0.1)
-    assert await db.fetchval("SELECT late FROM detection_features WHERE detection_id = $1 AND component = 'antler'",
-                             row["id"]) is True
-    after = await detection(stack, ids[0])
-    assert (after["state"], after["result"]) == (row["state"], row["result"])
+    late = 0
+    while time.monotonic() < deadline and late < len(ids):
+        late = await db.fetchval("SELECT count(*) FROM detection_features WHERE detection_id = ANY($1::uuid[]) "
+                                 "AND component = 'antler' AND late", ids)
+        await asyncio.sleep(0.2)
+    assert late == len(ids)
+    for i in ids:
+        after = await detection(stack, i)
+        assert (after["state"], after["result"]) == tuple(before[i])
     await assert_exactly_once(db, ids, "degraded-cam")
 
 
@@ -190,7 +186,12 @@ async def test_an_uncertain_match_asks_for_pose_and_waits_for_it(stack, db, nyal
 
 
 async def test_kill_9_of_fusion_with_joins_half_complete_decides_each_once(stack, db, nyala_paths, config):
-    await set_config(stack, mode="enhanced", antler=True, ensemble=False)  # no antler service: the test answers
+    await set_config(stack, mode="enhanced", antler=True, ensemble=False)
+    with paused(stack, "antler"):  # the test answers in the antler service's place, for half of them
+        await _half_join_then_kill(stack, db, nyala_paths)
+
+
+async def _half_join_then_kill(stack, db, nyala_paths):
     ids = await ingest(stack, nyala_paths[740:760], "halfjoin-cam", cls="buck")
     # wait until body features have joined some of them (state fusing), then answer half with antler
     deadline = time.monotonic() + 120
@@ -207,8 +208,9 @@ async def test_kill_9_of_fusion_with_joins_half_complete_decides_each_once(stack
     try:
         for r in antler_for:
             event = Features(component="antler", detection_id=r["id"], site=r["site"], property=r["property"],
-                             camera=r["camera"], captured_at=r["captured_at"], cls=r["cls"],
-                             attributes={"note": "test stand-in for the antler service"})
+                             camera=r["camera"], captured_at=r["captured_at"], cls=r["cls"], status="no-evidence",
+                             attributes={"season": "2025-rut", "casting_window": None, "present": None,
+                                         "note": "test stand-in for the antler service"})
             await producer.send_and_wait(FEATURES_ANTLER.name, event.to_bytes(), key=r["property"].encode())
     finally:
         await producer.stop()

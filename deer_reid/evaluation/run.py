@@ -13,12 +13,14 @@ from tqdm import tqdm
 from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import Sample, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
+from deer_reid.evaluation.antler import antler_features, males, notes
 from deer_reid.evaluation.coat import coat_features, coat_matrices, coat_version, extraction_ms
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
     retrieval_by_sighting
 from deer_reid.evaluation.report import plot_calibrations, plot_cmc, plot_operating_curve, plot_scores, write_report
 from services.fusion.components import AGGREGATIONS, body_component, body_similarity_matrix
+from services.fusion.components.antler import ANTLER, antler_matrix
 from services.fusion.scoring import FusionModel
 from shared.config import Settings
 from shared.schemas import sex_of
@@ -111,7 +113,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
             json_path: Path | None, target_false_merge: float, calibration_out: Path | None,
             settings: Settings, allow_random: bool = False, progress: bool = True,
             holdout_of: str | None = None, max_review: float | None = None, coat: bool = False,
-            coat_shortlist: int = 30) -> dict:
+            coat_shortlist: int = 30, antler: bool = False,
+            antler_ignore_cut: bool = False) -> dict:
     """Closed-set retrieval, the ablation, and the fitted fusion (written as the calibration artifact).
 
     Identities are split in two (seeded): the fusion (per-component calibrations, weights, the
@@ -121,6 +124,11 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     names = _model_names(mode, body_model, settings)
     samples, fairness = never_trained_on(load_dataset(data), names, settings, holdout_of)
     samples = select(samples, limit, seed)
+    antler_notes: dict = {}
+    if antler:
+        # Antlers are a male feature: the run is restricted to the males, for every component alike.
+        male_samples, antler_notes = males(data, samples)
+        samples = reindexed(male_samples)
     embeddings, models = embed_samples(samples, names, settings, allow_random=allow_random, progress=progress)
     ids = [s.identity for s in samples]
     enc = [s.encounter for s in samples]
@@ -143,6 +151,19 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
                       "flags": {f: sum(f in x["flags"] for x in feats) for f in sorted({f for x in feats
                                                                                       for f in x["flags"]})},
                       "facing_vs_viewpoint": _facing_agreement(feats, samples)}
+    antler_version = None
+    if antler:
+        feats, antler_version = antler_features(samples, settings, progress=progress)
+        # the service's rule: a rack running into the photo's top edge gives no fingerprint; nyala's photos are
+        # crops of the animal, so `--antler-ignore-cut` measures the fingerprint as if boxes lay inside the frame
+        per_component[ANTLER] = antler_matrix([f["fingerprint_uncut" if antler_ignore_cut else "fingerprint"]
+                                               for f in feats])
+        antler_notes["cut_by_frame_rule"] = "off" if antler_ignore_cut else "on"
+        pattern_variants["antler: full region embedding, no projection"] = antler_matrix([f["full"] for f in feats])
+        pattern_variants["antler: fingerprint with the cut-by-frame rule off"] = antler_matrix(
+            [f["fingerprint_uncut"] for f in feats])
+        antler_notes.update(notes(feats, [s.identity for s in samples], per_component[ANTLER]))
+        antler_notes["fingerprint_version"] = antler_version
     unfitted = fused_similarity(per_component, None, spec_weights)
     result = _base("loo", mode, data, samples, seed)
     result.update({
@@ -154,6 +175,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     })
     if coat:
         result["coat"] = coat_notes
+    if antler:
+        result["antler"] = antler_notes
     main = retrieval(unfitted, ids, enc)
     result.update(_rows(main))
     result["cmc"] = main["cmc"]
@@ -209,8 +232,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     hid, hids, henc = held_idx, [ids[i] for i in held_idx], [enc[i] for i in held_idx]
     hviews = [views[i] for i in held_idx] if views else None
     ablation = {f"{c} alone": retrieval(_subset(m, hid), hids, henc) for c, m in per_component.items()}
-    ablation.update({f"coat:pattern alone, {v} (shortlist {coat_shortlist} by body)": retrieval(
-        _subset(m, hid), hids, henc) for v, m in pattern_variants.items()})
+    ablation.update({(v if v.startswith("antler") else f"coat:pattern alone, {v} (shortlist {coat_shortlist} by body)"):
+                     retrieval(_subset(m, hid), hids, henc) for v, m in pattern_variants.items()})
     if len(names) > 1:
         ablation["body ensemble, SPEC weighted mean (uncalibrated)"] = retrieval(_subset(unfitted, hid), hids, henc)
     ablation[f"all fused through calibration ({how})"] = retrieval(_subset(fused, hid), hids, henc)
@@ -231,6 +254,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     fusion = {k: v for k, v in best["fusion"].items()}
     if coat:
         fusion["coat_version"] = coat_version(settings.coat_keypoints)
+    if antler:
+        fusion["antler_version"] = antler_version
     artifact = cal.write_artifact(
         artifact_path, versions=result["embedding_versions"], fusion=fusion, chosen=chosen, met_target=met,
         target=target_false_merge, fit={"identities": len(fit_ids), "images": len(fit_idx),

@@ -84,7 +84,6 @@ async def profile(pool: asyncpg.Pool, individual_id: int, similar_k: int = 5) ->
     hours = [0] * 24
     sites: dict[str, dict] = {}
     best: dict[str, tuple] = {}
-    antlers: dict[str, list] = {}
     timeline = []
     for r in rows:
         hours[r["captured_at"].hour] += 1
@@ -96,9 +95,6 @@ async def profile(pool: asyncpg.Pool, individual_id: int, similar_k: int = 5) ->
         quality = ((r["score"] or 0.0), (r["detector_confidence"] or 0.0))
         if view not in best or quality > best[view][0]:
             best[view] = (quality, str(r["id"]))
-        antler = (r["result"] or {}).get("antler")
-        if antler:
-            antlers.setdefault(str(r["captured_at"].year), []).append({"detection": str(r["id"]), **antler})
         timeline.append({"detection": str(r["id"]), "captured_at": _iso(r["captured_at"]), "site": r["site"],
                          "camera": r["camera"], "cls": r["cls"], "state": r["state"], "decided_by": r["decided_by"],
                          "score": r["score"], "viewpoint": view, "image": r["image_sha256"]})
@@ -109,9 +105,36 @@ async def profile(pool: asyncpg.Pool, individual_id: int, similar_k: int = 5) ->
                   for s in sorted(sites.values(), key=lambda s: -s["sightings"])],
         "hours": hours,
         "best_photos": {view: det for view, (_, det) in sorted(best.items())},
-        "antler_history": [{"season": season, "sightings": items} for season, items in sorted(antlers.items())],
+        "antler_history": await antler_history(pool, individual_id),
         "similar": await similar_individuals(pool, ind, similar_k),
     }
+
+
+async def antler_history(pool: asyncpg.Pool, individual_id: int) -> list[dict]:
+    """Per season: sightings with antlers read, the median points, spread and symmetry, the best photo."""
+    rows = await pool.fetch(
+        """SELECT a.season, a.present, a.geometry, a.detection_id FROM antler_fingerprints a
+           JOIN detections d ON d.id = a.detection_id
+           WHERE d.individual_id = $1 AND d.state IN ('assigned', 'new') ORDER BY a.season, a.captured_at""",
+        individual_id)
+    seasons: dict[str, list] = {}
+    for r in rows:
+        seasons.setdefault(r["season"], []).append(r)
+    out = []
+    for season, items in seasons.items():
+        seen = [r for r in items if r["present"]]
+
+        def median(key: str, rows=seen):
+            values = [r["geometry"][key] for r in rows if r["geometry"].get(key) is not None]
+            return round(float(np.median(values)), 3) if values else None
+
+        best = max(seen, key=lambda r: r["geometry"].get("quality") or 0.0, default=None)
+        out.append({"season": season, "sightings": len(items), "with_antlers": len(seen),
+                    "points_left": median("points_left"), "points_right": median("points_right"),
+                    "spread_ratio": median("spread_ratio"), "symmetry": median("symmetry"),
+                    "formations": sorted({f for r in seen for f in r["geometry"].get("formations", [])}),
+                    "best_photo": str(best["detection_id"]) if best else None})
+    return out
 
 
 async def similar_individuals(pool: asyncpg.Pool, ind, k: int) -> list[dict]:

@@ -58,6 +58,9 @@ def decide(candidates: list[Candidate], thresholds: Thresholds, *, keep: int = 5
     if "temporal-conflict" in best.flags and best.score >= thresholds.new:
         # The best match was seen too far away moments ago: two deer, or one wrong photo time.
         return Decision(REVIEW, None, best.score, ("manual-review", "temporal-conflict"), top)
+    if "possible-duplicate-profile" in best.flags and best.score >= thresholds.new:
+        # Body and coat say this buck, his antlers say otherwise: a person decides, nothing is merged.
+        return Decision(REVIEW, None, best.score, ("manual-review", "possible-duplicate-profile"), top)
     if best.score >= thresholds.match:
         runner_up = candidates[1] if len(candidates) > 1 else None
         if runner_up is not None and runner_up.score >= thresholds.match \

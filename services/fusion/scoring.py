@@ -55,12 +55,14 @@ class FusionModel:
     intercept: float
     aggregation: str = "best"
     coat_version: str | None = None  # the coat extractor its coat calibrations were fitted on
+    antler_version: str | None = None  # the antler fingerprint its antler calibration was fitted on
 
     @classmethod
     def from_artifact(cls, artifact: dict) -> "FusionModel":
         fusion = artifact["fusion"]
         return cls(
             coat_version=fusion.get("coat_version"),
+            antler_version=fusion.get("antler_version"),
             version=str(artifact.get("version_id") or artifact.get("created_at")),
             calibrations={name: ComponentCalibration.from_dict(c) for name, c in fusion["calibrations"].items()},
             weights={k: float(v) for k, v in fusion["weights"].items()},

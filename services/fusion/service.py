@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from collections import defaultdict
@@ -29,6 +30,7 @@ from services.coat.pattern import PatternError, unpack
 from services.fusion import store
 from services.fusion.calibration import CalibrationSource
 from services.fusion.components import aggregate, body_component, body_similarity, component_of
+from services.fusion.components import antler as antler_rules
 from services.fusion.components.coat import coat_scores
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
 from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_prior
@@ -83,6 +85,7 @@ class Scored:
     missing: list[str]
     arrived: dict[str, str]
     coat: dict | None = None  # what coat matching did: shortlist, exemplars matched, milliseconds, flags
+    antler: dict | None = None  # the antler query, the shortlisted candidates' season archives, its flags
 
 
 def expected_of(detection) -> list[str]:
@@ -126,11 +129,31 @@ def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, i
             raise Refused(f"{emb.model} vector has {emb.dim} dimensions; version {emb.version} has {want}")
         if float((vec * vec).sum()) == 0.0:
             raise Refused(f"{emb.model} vector is all zeros")
+    if event.component == "antler":
+        validate_antler(event)
     if event.component == "coat":
         marks = event.attributes.get("marks", [])
         if not isinstance(marks, list) or len(marks) > MAX_MARKS:
             raise Refused(f"coat marks must be a list of at most {MAX_MARKS} records")
         coat_pattern_of(event)
+
+
+ANTLER_DIM = 64
+MAX_ATTRIBUTES_BYTES = 16_000
+
+
+def validate_antler(event: Features) -> None:
+    a = event.attributes
+    season, window = a.get("season"), a.get("casting_window")
+    if not isinstance(season, str) or not 1 <= len(season) <= 40 or \
+            not (window is None or isinstance(window, str) and 1 <= len(window) <= 40):
+        raise Refused("antler features need a season tag (and a casting window tag or null) of 1-40 characters")
+    if len(json.dumps(a, default=str)) > MAX_ATTRIBUTES_BYTES:
+        raise Refused(f"antler attributes over {MAX_ATTRIBUTES_BYTES} bytes")
+    if event.status == "ok" and [e.dim for e in event.embeddings] != [ANTLER_DIM]:
+        raise Refused(f"antler features with antlers carry one {ANTLER_DIM}-d fingerprint")
+    if event.status != "ok" and event.embeddings:
+        raise Refused("antler features without evidence carry no fingerprint")
 
 
 class FusionHandler:
@@ -208,6 +231,10 @@ class FusionHandler:
         if event.component == "coat" and (pattern := coat_pattern_of(event)) is not None:
             await store.store_coat_pattern(conn, det["id"], pattern[0], int(event.attributes.get("keypoints", 0)),
                                            pattern[1])
+        if event.component == "antler" and event.attributes.get("present") is not None:
+            fp = event.embeddings[0] if event.embeddings else None
+            await store.store_antler(conn, det["id"], event.attributes, None if fp is None else fp.array(),
+                                     None if fp is None else fp.version, det["captured_at"])
         if event.component == "body":
             await store.store_embeddings(conn, det["id"], det["site"], det["property"], event.embeddings)
             await store.start_fusing(conn, det["id"], self.settings.join_timeout_s)
@@ -274,16 +301,33 @@ class FusionHandler:
                 sims[ind].append(sim)
             per_exemplar[body_component(model)] = dict(sims)
         coat = await self._coat(conn, det, per_exemplar) if got.get("coat") in ("ok", "no-evidence") else None
-        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat)
+        antler = await self._antler(conn, det, per_exemplar) if got.get("antler") in ("ok", "no-evidence") else None
+        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat, antler)
+
+    async def _antler(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
+        """Antler scores of the best candidates by body, within the query's season (added to `per_exemplar`)."""
+        row = await conn.fetchrow("SELECT status, features FROM detection_features WHERE detection_id = $1 "
+                                  "AND component = 'antler'", det["id"])
+        features = row["features"]
+        a = features.get("attributes", {})
+        emb = (features.get("embeddings") or [None])[0]
+        fp = None
+        if emb is not None:
+            fp = Embedding.model_validate(emb).array()
+        query = antler_rules.AntlerQuery(a["season"], a.get("casting_window"), a.get("present"),
+                                         a.get("fingerprint_version"), fp, det["captured_at"])
+        shortlist = _best_by_body(per_exemplar, self.settings.antler_shortlist)
+        stored = await store.antler_archive(conn, shortlist, query.season, query.casting_window)
+        archives = {ind: [antler_rules.Archived(*r) for r in rows] for ind, rows in stored.items()}
+        scores = {ind: antler_rules.candidate_scores(query, archives.get(ind, [])) for ind in shortlist}
+        per_exemplar[antler_rules.ANTLER] = {ind: sims for ind, sims in scores.items() if sims}
+        return {"query": query, "archives": archives, "scores": scores, "flags": features.get("flags", []),
+                "geometry": a.get("geometry"), "version": query.version}
 
     async def _coat(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
         """Coat scores against the exemplars of the best candidates by body (added to `per_exemplar`)."""
         started = time.perf_counter()
-        best: dict[int, float] = {}
-        for by_ind in per_exemplar.values():
-            for ind, sims in by_ind.items():
-                best[ind] = max(best.get(ind, -1.0), max(sims))
-        shortlist = sorted(best, key=lambda i: (-best[i], i))[:self.settings.coat_shortlist]
+        shortlist = _best_by_body(per_exemplar, self.settings.coat_shortlist)
         exemplars = await store.exemplar_detections(conn, shortlist, self.settings.coat_exemplars)
         stored = await store.coat_of(conn, [det["id"], *(d for ds in exemplars.values() for d in ds)])
         query = stored[det["id"]]
@@ -334,9 +378,13 @@ class FusionHandler:
         if model is not None and (s.coat or {}).get("version") != model.coat_version:
             # coat calibrations apply only to the coat extractor they were fitted on
             per_component = {k: v for k, v in per_component.items() if component_of(k) != "coat"}
+        if model is not None and (s.antler or {}).get("version") != model.antler_version:
+            per_component.pop(antler_rules.ANTLER, None)  # antler calibrations apply to their fingerprint only
         candidates = score_candidates(per_component, model, self.spec_weights)
         if s.config.temporal and candidates:
             candidates = await self._temporal(conn, det, candidates)
+        if s.antler is not None and candidates:
+            candidates = self._antler_flags(s.antler, candidates, thresholds.new)
         linked = await self._sighting_link(conn, det, s.sex, excluded)
         best_body = candidates[0].score if candidates else None
         if linked is None and wants_pose(s.config, best_body) and "pose" not in s.arrived \
@@ -355,6 +403,17 @@ class FusionHandler:
             exemplars_per_individual=self.settings.exemplars_per_individual)
         result["individual_id"] = individual
         return [result_output(det["property"], result)]
+
+    def _antler_flags(self, antler: dict, candidates: list[Candidate], new_threshold: float) -> list[Candidate]:
+        """The season rules against the best candidate: a possible duplicate profile goes to review."""
+        best = candidates[0]
+        archive = antler["archives"].get(best.individual_id, [])
+        flags = antler_rules.flags_for(antler["query"], archive, antler["scores"].get(best.individual_id, []),
+                                       self.settings.antler_conflict_below)
+        antler["best_flags"] = flags
+        if antler_rules.DUPLICATE in flags and best.score >= new_threshold:
+            return [with_prior(best, 0.0, (antler_rules.DUPLICATE,)), *candidates[1:]]
+        return candidates
 
     @staticmethod
     async def _sighting_link(conn: asyncpg.Connection, det: asyncpg.Record, sex: str, excluded: set[int]) -> int | None:
@@ -386,6 +445,9 @@ class FusionHandler:
         if any(random for *_, random in s.vectors):
             flags.append("random-weights")
         flags += [f"coat:{f}" for f in (s.coat or {}).get("flags", [])]
+        if s.antler is not None:
+            flags += [f"antler:{f}" for f in s.antler["flags"]]
+            flags += [f for f in s.antler.get("best_flags", []) if f not in flags]
         random_weights = any(random for *_, random in s.vectors)
         return {
             "detection_id": str(det["id"]), "site": det["site"], "property": det["property"],
@@ -404,7 +466,29 @@ class FusionHandler:
             "sighting": str(det["sighting"]) if det["sighting"] else None,
             "sighting_vectors_in_query": len(s.frames),  # other frames' embeddings the sighting query used
             "coat": s.coat,
+            "antler": _antler_result(s.antler),
         }
+
+
+def _best_by_body(per_exemplar: dict, k: int) -> list[int]:
+    """The k candidates with the best body similarity (the shortlist the costlier components compare)."""
+    best: dict[int, float] = {}
+    for name, by_ind in per_exemplar.items():
+        if component_of(name) != "body":
+            continue  # coat and antler scores are added for the shortlist itself
+        for ind, sims in by_ind.items():
+            if sims:
+                best[ind] = max(best.get(ind, -1.0), max(sims))
+    return sorted(best, key=lambda i: (-best[i], i))[:k]
+
+
+def _antler_result(antler: dict | None) -> dict | None:
+    if antler is None:
+        return None
+    q = antler["query"]
+    return {"season": q.season, "casting_window": q.casting_window, "present": q.present, "version": q.version,
+            "geometry": antler["geometry"], "flags": antler["flags"],
+            "candidates_compared": sum(1 for v in antler["scores"].values() if v)}
 
 
 def _stored(event: Features) -> dict:

@@ -297,3 +297,32 @@ async def exemplar_detections(conn: asyncpg.Connection, individuals: list[int], 
 
 async def crop_of(conn: asyncpg.Connection, detection_id: UUID) -> bytes:
     return bytes(await conn.fetchval("SELECT crop FROM detections WHERE id = $1", detection_id))
+
+
+async def store_antler(conn: asyncpg.Connection, detection_id: UUID, attributes: dict, fingerprint: np.ndarray | None,
+                       version: str | None, captured_at) -> None:
+    """Archive a readable antler sighting (with antlers, or a readable region without)."""
+    await conn.execute(
+        """INSERT INTO antler_fingerprints (detection_id, season, casting_window, present, version, fingerprint,
+                                            geometry, captured_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (detection_id) DO NOTHING""",
+        detection_id, attributes["season"], attributes.get("casting_window"), fingerprint is not None,
+        version, None if fingerprint is None else [float(x) for x in fingerprint],
+        attributes.get("geometry") or {}, captured_at)
+
+
+async def antler_archive(conn: asyncpg.Connection, individuals: list[int], season: str,
+                         casting_window: str | None) -> dict[int, list]:
+    """{individual: [(season, casting_window, present, version, fingerprint, captured_at)]} of its placed
+    sightings in the season or the casting window."""
+    rows = await conn.fetch(
+        """SELECT d.individual_id, a.season, a.casting_window, a.present, a.version, a.fingerprint, a.captured_at
+           FROM antler_fingerprints a JOIN detections d ON d.id = a.detection_id
+           WHERE d.individual_id = ANY($1::bigint[]) AND d.state IN ('assigned', 'new')
+             AND (a.season = $2 OR a.casting_window = $3)""", individuals, season, casting_window)
+    out: dict[int, list] = {}
+    for r in rows:
+        fp = None if r["fingerprint"] is None else np.asarray(r["fingerprint"], dtype=np.float32)
+        out.setdefault(r["individual_id"], []).append(
+            (r["season"], r["casting_window"], r["present"], r["version"], fp, r["captured_at"]))
+    return out

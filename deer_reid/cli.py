@@ -244,7 +244,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(name=args.name, base=args.base, epochs=args.epochs, input_size=args.input_size, seed=args.seed,
                       holdout_identities=args.holdout_identities, validation_identities=args.validation_identities,
                       batch=args.batch, lr=args.lr, precision=args.precision or "fp32", overwrite=args.overwrite,
-                      resume=args.resume)
+                      resume=args.resume, average_from=args.average_from)
     try:
         card = train(Path(args.data_dir), cfg, settings, in_use=in_use, progress=not args.quiet)
     except (TrainError, DatasetError) as exc:
@@ -630,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validation-identities", type=int, default=15, help="identities that choose the epoch")
     tr.add_argument("--batch", type=int, default=32)
     tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--average-from", type=int, default=0, help="average the weights of every epoch from this one "
+                    "on (BN recomputed); kept only if it beats the best epoch on validation (0: off)")
     tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default fp32 (bf16 measured no faster)")
     tr.add_argument("--overwrite", action="store_true", help="replace a trained model of the same name")
     tr.add_argument("--resume", action="store_true", help="continue from the last epoch's checkpoint")

@@ -24,7 +24,7 @@ import asyncpg
 
 from services.api.auth import ensure_local_key
 from shared.config import Settings
-from shared.db import migrate
+from shared.db import migrate, redact_dsn
 from shared.embedded import EmbeddedBroker, EmbeddedPostgres, die_with_parent, free_port
 from shared.models import get_spec, missing_weights_message, weights_available
 from shared.topics import ensure_topics
@@ -241,7 +241,8 @@ class Stack:
             "status": status,
             "supervisor_pid": os.getpid(),
             "api_url": self.api_url,
-            "database_url": self.dsn,
+            # never the password: the embedded database has none, an external one comes from DEER_DATABASE_URL
+            "database_url": redact_dsn(self.dsn),
             "kafka_bootstrap": self.bootstrap,
             "body_model": self.settings.body_model,
             "body_ensemble": self.settings.ensemble,

@@ -266,8 +266,10 @@ async def test_season_archive_casting_window_and_possible_duplicate_on_the_stack
             assert regrown["individual_id"] is None  # nothing merged, nothing founded
         finally:
             await client.put("/v1/config", json={k: before[k] for k in ("mode", "antler", "coat")})
-        # the archive, by season, for the profile
+        # the archive, by season, for the profile (API and page)
         history = (await client.get(f"/v1/individuals/{buck}")).json()["antler_history"]
+        page = await client.get(f"/ui/individuals/{buck}")
+        assert page.status_code == 200 and "Antlers by season" in page.text and "2024-rut" in page.text
     seasons = {h["season"]: h for h in history}
     assert (seasons["2024-rut"]["sightings"], seasons["2024-rut"]["with_antlers"]) == (2, 2)
     assert seasons["2024-rut"]["points_left"] == 3 and seasons["2024-rut"]["best_photo"]

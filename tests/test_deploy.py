@@ -28,6 +28,21 @@ def test_every_service_container_runs_a_real_entry_point():
     assert services["migrate"]["command"] == ["deer-reid", "migrate"]
 
 
+def test_volumes_are_writable_by_the_service_user_and_migrate_waits_for_a_ready_broker():
+    services = compose()["services"]
+    for name in ("body", "antler"):
+        assert "models:/models" in services[name]["volumes"], name  # the weights cache is written to
+    assert not any(v.endswith(":ro") for s in services.values() for v in s.get("volumes", [])
+                   if v.split(":")[0] in ("models", "blobs"))
+    for dockerfile, points in (("deploy/Dockerfile", ("/blobs", "/models")), ("deploy/Dockerfile.body", ("/models",))):
+        text = (REPO / dockerfile).read_text()
+        chown = next(line for line in text.splitlines() if "chown 1000:1000" in line)
+        assert all(p in chown for p in points), dockerfile
+        assert text.index("chown 1000:1000") < text.index("USER 1000"), dockerfile
+    assert services["migrate"]["depends_on"]["kafka"] == {"condition": "service_healthy"}
+    assert "kafka-broker-api-versions" in " ".join(services["kafka"]["healthcheck"]["test"])
+
+
 def test_body_reserves_a_gpu_and_scales_by_replicas():
     body = compose()["services"]["body"]
     assert body["build"]["dockerfile"] == "deploy/Dockerfile.body"

@@ -214,3 +214,12 @@ def test_settings_split_fast_model_and_ensemble():
     assert s.weights() == {"resnet50": 0.4, "efficientnet_b3": 0.3, "vit_base_patch16_224": 0.3}
     with pytest.raises(ValueError):
         Settings(body_model="resnet50,efficientnet_b3")
+
+
+def test_database_urls_are_printed_without_their_password():
+    from shared.db import redact_dsn
+
+    assert redact_dsn("postgresql://deer:s3cret@db:5432/deer") == "postgresql://deer:***@db:5432/deer"
+    assert redact_dsn("postgresql://deer:p%40ss@db/deer?sslmode=require") == "postgresql://deer:***@db/deer?sslmode=require"
+    embedded = "postgresql://postgres:@/postgres?host=/tmp/x/pg"  # no password: the state file keeps it usable
+    assert redact_dsn(embedded) == embedded

@@ -103,6 +103,23 @@ def test_the_same_seed_trains_the_same_weights_and_resume_continues_exactly(fold
     assert resumed["weights_sha256"] == one["weights_sha256"]
 
 
+def test_averaged_weights_are_measured_on_validation_and_kept_only_when_better(folder, tmp_path):
+    cfg = dict(TINY, epochs=3, average_from=2)
+    card = train(folder, TrainConfig(name="avg", **cfg), settings_for(tmp_path), progress=False)
+    averaged = card["history"][-1]
+    assert averaged["epoch"] == "average of epochs 2-3" and averaged["epochs_averaged"] == 2
+    singles = [h for h in card["history"][1:-1]]
+    best_single = max((h["validation"]["top1"], h["validation"]["mAP"]) for h in singles)
+    mine = (averaged["validation"]["top1"], averaged["validation"]["mAP"])
+    # the card names what was chosen, and it is the better on validation
+    assert card["selected_epoch"] == (averaged["epoch"] if mine > best_single else
+                                      next(h["epoch"] for h in singles
+                                           if (h["validation"]["top1"], h["validation"]["mAP"]) == best_single))
+    assert card["hyper_parameters"]["average_from"] == 2
+    model = load_model("avg", settings_for(tmp_path).model_cache)
+    assert model.version == card["embedding_version"]
+
+
 def test_bad_training_inputs_are_clear_errors_or_reasoned_skips(folder, tmp_path):
     settings = settings_for(tmp_path)
 

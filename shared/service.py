@@ -38,7 +38,8 @@ async def run_handler(name: str, make_handler: Callable[[Settings], Awaitable[Ha
 
     def health() -> dict:
         extra = getattr(handler, "health", lambda: {})()
-        return {"service": name, "ready": runner.ready, **extra}
+        # ready only when the broker loop is and the handler does not say otherwise (e.g. a loop down)
+        return {"service": name, **extra, "ready": runner.ready and extra.get("ready", True)}
 
     ops = await serve_ops(settings.metrics_port, health, settings.metrics_host)
     try:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
 from shared.broker import TRANSIENT, Handled, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
-from shared.observability import DETECTIONS_BY_STATE
+from shared.observability import DETECTIONS_BY_STATE, ERRORS
 from shared.pipeline import expected_components
 from shared.schemas import Box, DeadLetter, DetectionEvent, JoinDeadline, PipelineConfig
 from shared.states import PENDING, STATES
@@ -46,32 +47,82 @@ def event_from_row(row: asyncpg.Record, config: PipelineConfig | None = None) ->
     )
 
 
-async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int) -> int:
-    """Publish up to `limit` enqueued detections; the rows leave the outbox only once the broker has them."""
+# A row the broker will never take (too large, malformed): retrying it would block every row behind it.
+POISON = (MessageSizeTooLargeError, InvalidTopicError, ValueError, TypeError)
+RELAY_LEASE_S = 60.0
+
+
+async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int, lease_s: float = RELAY_LEASE_S) -> int:
+    """Publish up to `limit` enqueued detections; a row leaves the outbox only once the broker has its event.
+
+    Three steps, none holding a transaction across a broker round trip: claim the rows for a lease (and
+    stamp each detection's pipeline at its first publication), publish, then delete what the broker
+    acknowledged. A row the broker refuses for good is dead-lettered: its detection fails with the
+    reason and the rows behind it flow. A transient failure releases the claims and is raised.
+    """
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
-            """WITH batch AS (SELECT id, detection_id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-               SELECT b.id AS outbox_id, d.* FROM batch b JOIN detections d ON d.id = b.detection_id""",
-            limit,
-        )
-        if not rows:
+        claimed = await conn.fetch(
+            """WITH batch AS (SELECT id FROM outbox WHERE claimed_until IS NULL OR claimed_until < now()
+                              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+               UPDATE outbox o SET claimed_until = now() + make_interval(secs => $2::float8)
+               FROM batch WHERE o.id = batch.id RETURNING o.id AS outbox_id, o.detection_id""", limit, lease_s)
+        if not claimed:
             return 0
+        rows = await conn.fetch("SELECT * FROM detections WHERE id = ANY($1::uuid[])",
+                                [r["detection_id"] for r in claimed])
         live = [r for r in rows if r["state"] in PENDING]
         config = await pipeline_config(conn)  # the run-time switches travel with each event
-        events = [event_from_row(r, config) for r in live]
+        events, poisoned = {}, {}
+        for r in live:
+            try:
+                events[r["id"]] = event_from_row(r, config)
+            except ValueError as exc:  # a row no event can be made of (a validation error is a ValueError)
+                poisoned[r["id"]] = exc
         # A detection keeps the pipeline of its first publication: a republished one runs the same
         # components as before, so the join never waits for what was never asked for.
         await conn.executemany(
             "UPDATE detections SET pipeline = $2, expected = $3 WHERE id = $1 AND pipeline IS NULL",
-            [(e.detection_id, {"mode": e.mode, **e.switches}, e.expected) for e in events])
-        futures = [await producer.send(DETECTIONS.name, e.to_bytes(), key=str(e.detection_id).encode())
-                   for e in events]
-        await asyncio.gather(*futures)
-        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["outbox_id"] for r in rows])
+            [(e.detection_id, {"mode": e.mode, **e.switches}, e.expected) for e in events.values()])
+    pending = []
+    for det_id, event in events.items():
+        try:
+            pending.append((det_id, await producer.send(DETECTIONS.name, event.to_bytes(),
+                                                        key=str(det_id).encode())))
+        except POISON as exc:
+            poisoned[det_id] = exc
+        except BaseException:
+            await _release(pool, claimed)
+            raise
+    results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+    transient = next((r for r in results if isinstance(r, BaseException) and not isinstance(r, POISON)), None)
+    poisoned.update({det_id: r for (det_id, _), r in zip(pending, results) if isinstance(r, POISON)})
+    sent = [det_id for (det_id, _), r in zip(pending, results) if not isinstance(r, BaseException)]
+    done = set(sent) | set(poisoned) | {r["id"] for r in rows if r["state"] not in PENDING}
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])",
+                           [r["outbox_id"] for r in claimed if r["detection_id"] in done])
+        await conn.execute("UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[])",
+                           [r["outbox_id"] for r in claimed if r["detection_id"] not in done])
         await conn.execute(
             "UPDATE detections SET state = 'extracting', updated_at = now() WHERE id = ANY($1::uuid[]) "
-            "AND state = 'received'", [r["id"] for r in live])
-        return len(rows)
+            "AND state = 'received'", sent)
+        if poisoned:
+            await conn.executemany(
+                """UPDATE detections SET state = 'failed', state_reason = $2, updated_at = now()
+                   WHERE id = $1 AND state = ANY($3::text[])""",
+                [(d, f"relay: the broker refuses this detection's event: {exc!r}"[:2000], _PENDING)
+                 for d, exc in poisoned.items()])
+    for det_id, exc in poisoned.items():
+        ERRORS.labels("reconciler", "relay-refused").inc()
+        log.error("relay: dead-lettered detection %s: the broker refuses its event: %r", det_id, exc)
+    if transient is not None:
+        raise transient
+    return len(claimed)
+
+
+async def _release(pool: asyncpg.Pool, claimed) -> None:
+    await pool.execute("UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[])",
+                       [r["outbox_id"] for r in claimed])
 
 
 async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int) -> tuple[int, int]:
@@ -168,64 +219,88 @@ class Reconciler(DeadLetterRecorder):
         self.producer = producer_for(settings.kafka_bootstrap, "reconciler")
         self._tasks: list[asyncio.Task] = []
         self.states: dict[str, int] = {}
+        self.down: dict[str, str] = {}  # loop name -> the error that took it down
 
     def health(self) -> dict:
-        return {"detections": self.states}
+        # not ready while any background loop is down: an operator sees it, an orchestrator stops routing
+        return {"detections": self.states, "loops_down": dict(self.down), "ready": not self.down}
 
     async def start(self) -> None:
         await self.producer.start()
         self._wake = asyncio.Event()
         self._listener = await self.pool.acquire()
         # Wake the relay the moment something is enqueued; polling stays as the fallback.
-        await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: self._wake.set())
-        self._tasks = [asyncio.create_task(self._relay_loop(), name="relay"),
-                       asyncio.create_task(self._reconcile_loop(), name="reconcile"),
-                       asyncio.create_task(self._join_deadline_loop(), name="join-deadlines")]
+        await self._listener.add_listener(OUTBOX_CHANNEL, self._on_notify)
+        self._tasks = [asyncio.create_task(self.supervised("relay", self._relay_round), name="relay"),
+                       asyncio.create_task(self.supervised("reconcile", self._reconcile_round), name="reconcile"),
+                       asyncio.create_task(self.supervised("join-deadlines", self._join_deadline_round),
+                                           name="join-deadlines")]
+
+    def _on_notify(self, *_) -> None:
+        self._wake.set()
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._listener.remove_listener(OUTBOX_CHANNEL, self._on_notify)
         await self.pool.release(self._listener)
         await self.producer.stop()
         await self.pool.close()
 
-    async def _relay_loop(self) -> None:
+    async def supervised(self, name: str, round_: Callable[[], Awaitable[None]]) -> None:
+        """Run one loop's rounds forever. Any error is logged with its traceback, counted, and the loop
+        is down (health not ready) until a round succeeds again, after a pause that doubles up to 30 s."""
         failures = 0
         while True:
+            delay = 0.0
             try:
-                sent = await relay_once(self.pool, self.producer, self.settings.relay_batch)
-                failures = 0
+                await round_()
+            except asyncio.CancelledError:
+                raise
             except TRANSIENT as exc:
-                log.warning("relay: %r; retrying", exc)
-                sent = 0
-                await asyncio.sleep(produce_retry_delay(exc, failures, 0.5))
+                self._failed(name, exc, failures, transient=True)
+                delay = produce_retry_delay(exc, failures, 0.5)  # the broker or database is away: back soon
                 failures += 1
-            if sent < self.settings.relay_batch:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    pass
-                self._wake.clear()
+            except Exception as exc:  # noqa: BLE001 - a loop must outlive any bug in one round
+                self._failed(name, exc, failures, transient=False)
+                delay = min(0.5 * 2 ** min(failures, 6), 30.0)
+                failures += 1
+            else:
+                if name in self.down:
+                    log.warning("%s loop recovered after %d failed rounds", name, failures)
+                    del self.down[name]
+                failures = 0
+                continue
+            await asyncio.sleep(delay)
 
-    async def _join_deadline_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.join_sweep_every_s)
-            try:
-                await announce_due_joins(self.pool, self.producer, self.settings.join_timeout_s)
-            except TRANSIENT as exc:
-                log.warning("join deadlines: %r; retrying", exc)
+    def _failed(self, name: str, exc: BaseException, failures: int, *, transient: bool) -> None:
+        self.down[name] = repr(exc)[:500]
+        ERRORS.labels("reconciler", f"loop-{name}").inc()
+        if transient:
+            log.warning("%s loop: %r; retrying", name, exc)
+        else:
+            log.error("%s loop failed (round %d); restarting it", name, failures + 1, exc_info=exc)
 
-    async def _reconcile_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reconcile_every_s)
+    async def _relay_round(self) -> None:
+        sent = await relay_once(self.pool, self.producer, self.settings.relay_batch)
+        if sent < self.settings.relay_batch:
             try:
-                # A broker restarted empty has lost its topics: put them back before anything auto-creates them.
-                await ensure_topics(self.settings.kafka_bootstrap)
-                await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts)
-                self.states = await count_states(self.pool)
-            except TRANSIENT as exc:
-                log.warning("reconciler: %r; retrying", exc)
+                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _join_deadline_round(self) -> None:
+        await asyncio.sleep(self.settings.join_sweep_every_s)
+        await announce_due_joins(self.pool, self.producer, self.settings.join_timeout_s)
+
+    async def _reconcile_round(self) -> None:
+        await asyncio.sleep(self.settings.reconcile_every_s)
+        # A broker restarted empty has lost its topics: put them back before anything auto-creates them.
+        await ensure_topics(self.settings.kafka_bootstrap)
+        await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts)
+        self.states = await count_states(self.pool)
 
 
 async def make_handler(settings) -> Reconciler:

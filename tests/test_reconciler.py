@@ -1,0 +1,112 @@
+"""The reconciler's background work on the real database and broker: a refused outbox row is
+dead-lettered while the rows behind it flow, and a loop that fails is restarted and reported."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from datetime import datetime, timezone
+
+import asyncpg
+import pytest
+
+from services.reconciler import ledger
+from shared.broker import MAX_MESSAGE_BYTES, producer_for
+from shared.config import Settings
+from shared.db import _init_connection
+from shared.topics import ensure_topics
+from tests.conftest import make_jpeg
+
+
+async def enqueue(dsn: str, crops: list[bytes]) -> list[uuid.UUID]:
+    conn = await asyncpg.connect(dsn)
+    await _init_connection(conn)
+    ids = []
+    try:
+        async with conn.transaction():
+            for crop in crops:
+                sha = hashlib.sha256(crop + os.urandom(8)).hexdigest()
+                det = uuid.uuid4()
+                now = datetime.now(timezone.utc)
+                await conn.execute(
+                    """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
+                                           captured_at, time_source) VALUES ($1,$2,64,48,'JPEG','x.jpg','relay-site',
+                                           'c',$3,'request')""", sha, len(crop), now)
+                await conn.execute(
+                    """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop,
+                                               property) VALUES ($1,$2,0,'{0,0,64,48}','doe','relay-site','c',$3,$4,
+                                               'default')""", det, sha, now, crop)
+                await conn.execute("INSERT INTO outbox (detection_id) VALUES ($1)", det)
+                ids.append(det)
+    finally:
+        await conn.close()
+    return ids
+
+
+async def test_a_row_the_broker_refuses_is_dead_lettered_and_the_rest_flow(pg_dsn, broker):
+    await ensure_topics(broker.bootstrap)
+    good_before = await enqueue(pg_dsn, [make_jpeg()])
+    # a crop over the broker's message limit: no retry can ever send it
+    [huge] = await enqueue(pg_dsn, [os.urandom(MAX_MESSAGE_BYTES + 1024)])
+    good_after = await enqueue(pg_dsn, [make_jpeg(), make_jpeg()])
+    pool = await asyncpg.create_pool(pg_dsn, init=_init_connection)
+    producer = producer_for(broker.bootstrap, "test-relay")
+    await producer.start()
+    try:
+        while await ledger.relay_once(pool, producer, 256):
+            pass
+        states = {r["id"]: (r["state"], r["state_reason"]) for r in await pool.fetch(
+            "SELECT id, state, state_reason FROM detections WHERE id = ANY($1::uuid[])",
+            [*good_before, huge, *good_after])}
+        assert states[huge][0] == "failed" and "refuses" in states[huge][1] and "MessageSizeTooLarge" in states[huge][1]
+        assert all(states[d][0] == "extracting" for d in good_before + good_after)
+        assert not await pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = ANY($1::uuid[])",
+                                       [*good_before, huge, *good_after])
+        # no claim is left behind, and no transaction stayed open across the broker round trip
+        assert not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'")
+    finally:
+        await producer.stop()
+        await pool.close()
+
+
+async def test_a_failing_loop_is_restarted_counted_and_reported_not_ready(pg_dsn, broker, monkeypatch):
+    from shared.observability import ERRORS
+
+    await ensure_topics(broker.bootstrap)
+    settings = Settings(database_url=pg_dsn, kafka_bootstrap=broker.bootstrap, reconcile_every_s=0.05)
+    real = ledger.reconcile_once
+    calls = {"n": 0}
+
+    async def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise RuntimeError("a bug in one round")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "reconcile_once", flaky)
+    errors = ERRORS.labels("reconciler", "loop-reconcile")
+    before = errors._value.get()
+    reconciler = await ledger.make_handler(settings)
+    try:
+        seen_down = None
+        for _ in range(200):
+            health = reconciler.health()
+            if not health["ready"]:
+                seen_down = health
+            if calls["n"] >= 3 and health["ready"]:
+                break
+            await asyncio.sleep(0.05)
+        assert seen_down is not None and "a bug in one round" in seen_down["loops_down"]["reconcile"]
+        health = reconciler.health()
+        assert health["ready"] and health["loops_down"] == {}
+        assert errors._value.get() - before == 2
+        # the relay went on meanwhile: an enqueued detection is published
+        [det] = await enqueue(pg_dsn, [make_jpeg()])
+        for _ in range(100):
+            if not await reconciler.pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = $1", det):
+                break
+            await asyncio.sleep(0.05)
+        assert await reconciler.pool.fetchval("SELECT state FROM detections WHERE id = $1", det) == "extracting"
+    finally:
+        await reconciler.close()

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_pixels: int = Field(80_000_000, ge=1)
     max_files_per_upload: int = Field(64, ge=1)
+    # a whole request, refused with 413 before any parsing (64 files of 50 MB would be 3.2 GB held at once);
+    # the command line sends one image per request
+    max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     # single-animal frames of one camera this close in time are one sighting, decided together (0: off)
     sighting_gap_s: float = Field(10.0, ge=0, le=600)
     crop_max_side: int = Field(512, ge=64, le=4096)

@@ -234,3 +234,37 @@ async def test_each_enhancement_switches_on_its_own_and_the_rest_stay(api):
         await api.put("/v1/config", json={"temporal": True, "coat": False, "antler": False})
     last = await api.pool.fetchval("SELECT value FROM runtime_config_history ORDER BY id DESC LIMIT 1")
     assert last["temporal"] is True and last["coat"] is False
+
+
+async def test_oversized_requests_and_too_many_parts_are_refused_before_parsing(pg_dsn, tmp_path, jpeg_bytes):
+    """The whole request is bounded (413 before parsing), and so are the multipart parts."""
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute("TRUNCATE images, detections, outbox, embeddings, individuals CASCADE")
+    await conn.close()
+    settings = Settings(home=tmp_path, database_url=pg_dsn, max_request_bytes=64 * 1024, max_files_per_upload=4)
+    app = create_app(settings)
+    app.state.pool = await create_pool(pg_dsn)
+    _, key = await create_key(app.state.pool, "ranger", "admin")
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                     headers={"Authorization": f"Bearer {key}"}) as c:
+            c.settings, c.pool = settings, app.state.pool
+            big = make_jpeg(64, 48) + b"\0" * (80 * 1024)
+            r = await post(c, [("big.jpg", big, "image/jpeg")])
+            assert r.status_code == 413, r.text
+            small = make_jpeg(32, 24)
+            r = await post(c, [(f"{n}.jpg", small, "image/jpeg") for n in range(5)])
+            assert r.status_code in (400, 413) and "files" in r.text.lower(), r.text
+            r = await c.post("/v1/uploads", data={**FIELDS, **{f"extra{n}": "x" for n in range(40)}},
+                             files=[("files", ("a.jpg", small, "image/jpeg"))])
+            assert r.status_code == 400 and "fields" in r.text.lower(), r.text
+            r = await c.post("/v1/uploads", data={**FIELDS, "detections": "[" + " " * (2 * 1024 * 1024) + "]"},
+                             files=[("files", ("a.jpg", small, "image/jpeg"))])
+            assert r.status_code in (400, 413), r.status_code
+            # the people's API takes JSON up to 2 MB (10,000 detection ids in a split), no more
+            r = await c.post("/v1/individuals/merge", content=b'{"keep": 1, "absorb": 2, "reason": "'
+                             + b"x" * (3 * 1024 * 1024) + b'"}', headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            assert await stored(c) == NOTHING
+    finally:
+        await app.state.pool.close()

@@ -33,6 +33,7 @@ from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
 from shared.schemas import DetectionClass, PipelineConfig
 
 router = APIRouter()
+JSON_BODY_LIMIT = 2 * 1024 * 1024  # decisions, merges, splits (up to 10,000 detection ids), edits
 SIGHTING_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
 
@@ -296,10 +297,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.pool.close()
 
-    app = FastAPI(title="deer-reid", version="1", lifespan=lifespan)
-    app.include_router(router)
-    app.include_router(people.router)
-    app.include_router(web.router)
+    # Bodies are bounded before anything parses them: the whole request, the multipart parts (files,
+    # fields, the size of a field), and the JSON bodies of the people's API.
+    app = FastAPI(title="deer-reid", version="1", lifespan=lifespan, max_body_size=settings.max_request_bytes)
+    app.include_router(router, form_limits={"max_files": settings.max_files_per_upload, "max_fields": 32,
+                                            "max_part_size": 1024 * 1024})
+    app.include_router(people.router, max_body_size=JSON_BODY_LIMIT)
+    app.include_router(web.router, max_body_size=64 * 1024)
     web.mount_static(app)
     app.add_route("/metrics", metrics_endpoint)
     app.dependency_overrides[get_settings] = lambda: settings

@@ -523,6 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
+    # `deer-reid review list --home H` as well as `deer-reid review --home H list`: SUPPRESS, so that an
+    # action that is not given --home keeps the command's value instead of resetting it
+    nested = argparse.ArgumentParser(add_help=False)
+    nested.add_argument("--home", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def actions(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+        group = parser.add_subparsers(dest="action", required=True)
+        add = group.add_parser
+        group.add_parser = lambda *a, **k: add(*a, parents=[nested], **k)
+        return group
 
     up = sub.add_parser("up", help="start the embedded stack: PostgreSQL, broker, services, API")
     up.add_argument("--detach", action="store_true", help="return once every service is healthy")
@@ -591,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     si = sub.add_parser("sites", help="camera sites and the property (population) each belongs to")
-    si_sub = si.add_subparsers(dest="action", required=True)
+    si_sub = actions(si)
     si_add = si_sub.add_parser("add", help="register a site, or move one that has no detections yet")
     si_add.add_argument("name")
     si_add.add_argument("--property", default="default", help="the population it belongs to (default: default)")
@@ -603,14 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
     si.set_defaults(func=cmd_sites)
 
     ga = sub.add_parser("gallery", help="the gallery of exemplars")
-    ga_sub = ga.add_subparsers(dest="action", required=True)
+    ga_sub = actions(ga)
     ga_re = ga_sub.add_parser("rebuild", help="re-choose every individual's exemplars")
     ga_re.add_argument("--property", help="only this property")
     ga_re.add_argument("--quiet", action="store_true")
     ga.set_defaults(func=cmd_gallery)
 
     ca = sub.add_parser("calibration", help="the fitted fusion that fusion applies")
-    ca_sub = ca.add_subparsers(dest="action", required=True)
+    ca_sub = actions(ca)
     ca_in = ca_sub.add_parser("install", help="make an artifact written by `eval --protocol loo` the active one")
     ca_in.add_argument("file")
     ca_show = ca_sub.add_parser("show", help="print the active artifact")
@@ -660,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.set_defaults(func=cmd_ingest)
 
     ke = sub.add_parser("keys", help="API keys: create, list, revoke (needs the database, as an administrator)")
-    ke_sub = ke.add_subparsers(dest="action", required=True)
+    ke_sub = actions(ke)
     ke_new = ke_sub.add_parser("create", help="a new key, printed once")
     ke_new.add_argument("--owner", required=True, help="who uses it: the audit log records this name")
     ke_new.add_argument("--scope", choices=["read", "review", "admin"], default="review")
@@ -682,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.set_defaults(func=cmd_export)
 
     iv = sub.add_parser("individuals", help="browse, name, merge and split individuals")
-    iv_sub = iv.add_subparsers(dest="action", required=True)
+    iv_sub = actions(iv)
     iv_list = iv_sub.add_parser("list")
     iv_list.add_argument("--q", help="name, tag, note or id")
     iv_list.add_argument("--property")
@@ -712,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     iv.set_defaults(func=cmd_individuals)
 
     rv = sub.add_parser("review", help="work the review queue; undo changes")
-    rv_sub = rv.add_subparsers(dest="action", required=True)
+    rv_sub = actions(rv)
     rv_list = rv_sub.add_parser("list")
     rv_list.add_argument("--limit", type=int, default=20)
     rv_next = rv_sub.add_parser("next", help="the first detection waiting, with its candidates")

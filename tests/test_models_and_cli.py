@@ -205,3 +205,13 @@ def test_an_unreachable_hub_means_missing_weights(tmp_path, monkeypatch):
     with pytest.raises(MissingWeights, match="DEER_FETCH_WEIGHTS"):
         load_model("resnet50", tmp_path, fetch=True)
     assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_home_is_accepted_before_or_after_a_nested_action():
+    from deer_reid.cli import build_parser
+
+    parser = build_parser()
+    assert str(parser.parse_args(["review", "list", "--home", "/tmp/a"]).home) == "/tmp/a"
+    assert str(parser.parse_args(["review", "--home", "/tmp/b", "list"]).home) == "/tmp/b"
+    assert str(parser.parse_args(["keys", "create", "--owner", "x", "--home", "/tmp/c"]).home) == "/tmp/c"
+    assert parser.parse_args(["sites", "list"]).home is None

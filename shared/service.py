@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable, Callable, Sequence
 
 from shared.broker import BrokerRunner, Handler
 from shared.config import Settings, get_settings
 from shared.observability import serve_ops, setup_logging
-from shared.topics import ensure_topics
+from shared.schemas import DetectionEvent
+from shared.topics import DETECTIONS, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,28 @@ async def run_handler(name: str, make_handler: Callable[[Settings], Awaitable[Ha
 def main(name: str, make_handler: Callable[[Settings], Awaitable[Handler]]) -> None:
     setup_logging(name)
     asyncio.run(run_handler(name, make_handler))
+
+
+class CropExtractorHandler:
+    """The shape every crop extractor service shares (coat, antler): it consumes detection events, answers
+    only those whose expected components name it (the rest are acknowledged and skipped, so a switched-off
+    extractor costs nothing), and runs its per-crop work on a thread per worker."""
+
+    name: str  # the component, as the pipeline names it in `expected`
+    input_topics = (DETECTIONS,)
+    input_schema = DetectionEvent
+
+    def __init__(self, workers: int):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.name)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def expecting(self, events: Sequence[DetectionEvent]) -> list[int]:
+        """Indexes of the events that expect this component."""
+        return [i for i, e in enumerate(events) if self.name in e.expected]
+
+    async def on_threads(self, fn: Callable, *args_per_call: tuple) -> list:
+        """`fn(*args)` for each argument tuple, side by side on the worker threads, in order."""
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(self._pool, fn, *args) for args in args_per_call)))

@@ -518,3 +518,11 @@ async def test_reads_need_a_key_when_the_api_listens_beyond_loopback(stack, herd
             assert (await c.get("/healthz")).status_code == 200
     finally:
         await app.state.pool.close()
+
+
+def test_a_profile_viewpoint_is_pose_else_the_coat_facing_else_unknown():
+    from services.api.browse import viewpoint_of
+
+    assert viewpoint_of({"pose": {"viewpoint": "profile-left"}, "coat": {"facing": "right"}}) == "profile-left"
+    assert viewpoint_of({"coat": {"facing": "right"}}) == "facing-right"
+    assert viewpoint_of({"coat": {"facing": None}}) == viewpoint_of(None) == "unknown"

@@ -9,7 +9,6 @@ import uuid
 from datetime import datetime, timezone
 
 import asyncpg
-import pytest
 
 from services.reconciler import ledger
 from shared.broker import MAX_MESSAGE_BYTES, producer_for

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import pickle
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -19,8 +20,8 @@ from tqdm import tqdm
 
 from deer_reid.evaluation.dataset import Sample
 from deer_reid.evaluation.features import pipeline_crop
-from services.antler.extractor import fingerprint, measure
-from services.antler.fingerprint import Fingerprinter
+from services.antler.extractor import cut_by_frame, measure
+from services.antler.fingerprint import Fingerprinter, project
 from services.antler.seasons import SeasonCalendar
 from shared.config import Settings
 from shared.models import load_model
@@ -60,23 +61,24 @@ def antler_features(samples: Sequence[Sample], settings: Settings, *, cache: Pat
     todo = [i for i, sha in enumerate(shas) if sha not in known]
     for start in tqdm(range(0, len(todo), 16), desc="antler features", unit="batch", disable=not progress):
         chunk = todo[start:start + 16]
-        crops = [pipeline_crop(samples[i].path.read_bytes(), settings) for i in chunk]
-        # as the service sees a whole-image detection (its box starts at the photo's top edge) ...
-        found = [measure(c, "buck", 0, WHEN, calendar) for c in crops]
-        # ... and as if the box lay inside the frame: the fingerprint on every head-top region read
-        uncut = [measure(c, "buck", 2, WHEN, calendar) for c in crops]
-        regions = [f.region for f in uncut]
-        fingerprint(found, fingerprinter)
-        fingerprint(uncut, fingerprinter)
-        have = [k for k, r in enumerate(regions) if r is not None]
-        full = fingerprinter.full([regions[k] for k in have]) if have else np.zeros((0, model.spec.dim))
+        # One geometry and one network pass a photo: measured as if the box lay inside the frame, then the
+        # service's rule for a whole-image detection (its box starts at the photo's top edge) applied to it.
+        found = [measure(pipeline_crop(samples[i].path.read_bytes(), settings), "buck", 2, WHEN, calendar)
+                 for i in chunk]
+        have = [k for k, f in enumerate(found) if f.region is not None]
+        t0 = time.perf_counter()
+        full = fingerprinter.full([found[k].region for k in have]) if have else np.zeros((0, model.spec.dim))
+        ms = round(1000 * (time.perf_counter() - t0) / max(1, len(have)), 2)
         full_of = dict(zip(have, full))
         for k, (i, f) in enumerate(zip(chunk, found)):
-            known[shas[i]] = {"status": f.status, "flags": f.flags, "geometry": f.attributes.get("geometry"),
-                              "fingerprint": f.embeddings[0].array().copy() if f.embeddings else None,
-                              "fingerprint_uncut": uncut[k].embeddings[0].array().copy() if uncut[k].embeddings
-                              else None,
-                              "full": full_of.get(k), "timings": f.timings_ms}
+            uncut = None if k not in full_of else project(full_of[k][None], fingerprinter.matrix)[0]
+            cut = uncut is not None and cut_by_frame(f.attributes["geometry"]["touches_top"], 0)
+            known[shas[i]] = {"status": "no-evidence" if cut else f.status,
+                              "flags": ["cut-by-frame", *f.flags] if cut else f.flags,
+                              "geometry": f.attributes.get("geometry"),
+                              "fingerprint": None if cut else uncut, "fingerprint_uncut": uncut,
+                              "full": full_of.get(k),
+                              "timings": {**f.timings_ms, **({"fingerprint": ms} if uncut is not None else {})}}
     if todo:
         file.write_bytes(pickle.dumps(known))
     return [known[sha] for sha in shas], fingerprinter.version

@@ -40,6 +40,12 @@ def no_evidence(reason: str, attributes: dict, present: bool | None = None, **ex
                           {**attributes, "present": present, "reason": reason, **extra})
 
 
+def cut_by_frame(touches_top: bool, box_top: int) -> bool:
+    """The rack runs into the photo's top edge (the box starts there and so does the antler mask): its tines
+    and spread are cut, and a fingerprint would mislead."""
+    return touches_top and box_top <= 1
+
+
 def measure(crop_jpeg: bytes, cls: DetectionClass | str, box_top: int, captured_at: datetime,
             calendar: SeasonCalendar, keypoints: np.ndarray | None = None,
             viewpoint: str | None = None) -> AntlerFeatures:
@@ -62,8 +68,7 @@ def measure(crop_jpeg: bytes, cls: DetectionClass | str, box_top: int, captured_
     attributes.update(region={"x0": region.x0, "y0": region.y0, "x1": region.x1, "y1": region.y1,
                               "source": region.source}, geometry=geo.as_dict())
     ms = {"geometry": round(1000 * (time.perf_counter() - started), 2)}
-    if geo.present and geo.touches_top and box_top <= 1:
-        # the rack runs into the photo's top edge: its tines and spread are cut, a fingerprint would mislead
+    if geo.present and cut_by_frame(geo.touches_top, box_top):
         geo.present = False
         out = no_evidence("cut-by-frame", attributes, flags=flags)
         out.timings_ms = ms

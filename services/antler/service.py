@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from services.antler.extractor import AntlerFeatures, fingerprint, measure
@@ -20,38 +19,32 @@ from shared.config import Settings
 from shared.models import load_model
 from shared.observability import STAGE_SECONDS
 from shared.schemas import DetectionEvent, Features
-from shared.topics import DETECTIONS, FEATURES_ANTLER
+from shared.service import CropExtractorHandler
+from shared.topics import FEATURES_ANTLER
 
 
-class AntlerHandler:
+class AntlerHandler(CropExtractorHandler):
     name = "antler"
-    input_topics = (DETECTIONS,)
-    input_schema = DetectionEvent
 
     def __init__(self, fingerprinter: Fingerprinter, calendar: SeasonCalendar, workers: int):
+        super().__init__(workers)
         self.fingerprinter = fingerprinter
         self.calendar = calendar
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="antler")
-
-    async def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
     def health(self) -> dict:
         return {"fingerprint_version": self.fingerprinter.version}
 
     async def handle(self, events: Sequence[DetectionEvent]) -> list[Handled]:
         out = [Handled() for _ in events]
-        todo = [i for i, e in enumerate(events) if "antler" in e.expected]
+        todo = self.expecting(events)
         if not todo:
             return out
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        found = await asyncio.gather(*(loop.run_in_executor(
-            self._pool, measure, events[i].crop_jpeg, events[i].cls, events[i].box.y0, events[i].captured_at,
-            self.calendar) for i in todo))
+        found = await self.on_threads(measure, *((events[i].crop_jpeg, events[i].cls, events[i].box.y0,
+                                                   events[i].captured_at, self.calendar) for i in todo))
         STAGE_SECONDS.labels(self.name, "geometry").observe(time.perf_counter() - started)
         started = time.perf_counter()
-        await loop.run_in_executor(None, fingerprint, list(found), self.fingerprinter)
+        await asyncio.get_running_loop().run_in_executor(None, fingerprint, found, self.fingerprinter)
         STAGE_SECONDS.labels(self.name, "fingerprint").observe(time.perf_counter() - started)
         for i, result in zip(todo, found):
             event = events[i]

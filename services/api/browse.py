@@ -31,8 +31,7 @@ def viewpoint_of(result: dict | None) -> str:
     pose = result.get("pose") or {}
     if pose.get("viewpoint"):
         return str(pose["viewpoint"])
-    facing = ((result.get("coat") or {}).get("attributes") or {}).get("facing") or (result.get("coat") or {}).get(
-        "facing")
+    facing = (result.get("coat") or {}).get("facing")
     return f"facing-{facing}" if facing in ("left", "right") else "unknown"
 
 

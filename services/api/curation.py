@@ -68,10 +68,10 @@ class Change:
             "WHERE id = $1 FOR UPDATE", detection_id)
 
     async def individual(self, individual_id: int, *, live: bool = True) -> asyncpg.Record:
-        row = await self.conn.fetchrow("SELECT * FROM individuals WHERE id = $1", individual_id)
-        if row is None:
+        prop = await self.conn.fetchval("SELECT property FROM individuals WHERE id = $1", individual_id)
+        if prop is None:
             raise CurationError(f"no individual {individual_id}", 404)
-        await self.lock(row["property"])
+        await self.lock(prop)
         row = await self.conn.fetchrow("SELECT * FROM individuals WHERE id = $1 FOR UPDATE", individual_id)
         if live and row["merged_into"] is not None:
             raise CurationError(f"individual {individual_id} was merged into {row['merged_into']}", 409)

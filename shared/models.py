@@ -86,7 +86,7 @@ def trained_spec(name: str, cache: Path) -> ModelSpec | None:
     """The spec of a model `deer-reid train` wrote: its base's architecture and normalisation, its own
     input size and weights (checksum pinned by its card)."""
     card = read_card(name, cache)
-    if card is None:
+    if card is None or card.get("kind") == "viewpoint-classifier":  # a pose head, not a body network
         return None
     base = REGISTRY.get(card.get("base", ""))
     if base is None:

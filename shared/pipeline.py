@@ -30,11 +30,17 @@ def expected_components(config: PipelineConfig, cls: DetectionClass | str) -> li
     return expected
 
 
-def wants_pose(config: PipelineConfig, best_body_confidence: float | None) -> bool:
-    """Whether fusion should ask the pose service for this detection (the SPEC's selective rule)."""
-    if config.mode != "enhanced" or not config.pose:
-        return False
-    return best_body_confidence is None or best_body_confidence < POSE_WHEN_BEST_BELOW
+def wants_pose(config: PipelineConfig, best_body_confidence: float | None) -> tuple[bool, str]:
+    """Whether fusion should ask the pose service for this detection (the SPEC's selective rule), and why."""
+    if config.mode != "enhanced":
+        return False, "fast mode"
+    if not config.pose:
+        return False, "pose switched off"
+    if best_body_confidence is None:
+        return True, "no candidate to compare"
+    if best_body_confidence < POSE_WHEN_BEST_BELOW:
+        return True, f"best body-only match {best_body_confidence:.2f} < {POSE_WHEN_BEST_BELOW}"
+    return False, f"best body-only match {best_body_confidence:.2f} >= {POSE_WHEN_BEST_BELOW}"
 
 
 def body_models_for(config: PipelineConfig, fast: list[str], ensemble: list[str]) -> list[str]:

@@ -30,6 +30,40 @@ def nyala_paths(nyala_rows) -> list[Path]:
     return [NYALA / r["path"] for r in nyala_rows]
 
 
+def labelled_subset(root: Path, nyala_rows: list[dict], nyala_paths: list[Path], identities: int,
+                    per_identity: int) -> Path:
+    """A labelled folder of the test's own (never in the repository) with real photos: the first
+    `identities` identities with at least `per_identity` photos, that many photos each."""
+    import shutil
+
+    (root / "img").mkdir(parents=True)
+    by_id: dict[str, list] = {}
+    for row, path in zip(nyala_rows, nyala_paths):
+        by_id.setdefault(row["identity"], []).append((row, path))
+    lines = ["path,identity,viewpoint,encounter"]
+    for items in [v[:per_identity] for v in by_id.values() if len(v) >= per_identity][:identities]:
+        for row, path in items:
+            rel = f"img/{row['identity']}_{path.name}"
+            shutil.copyfile(path, root / rel)
+            lines.append(f"{rel},{row['identity']},{row['viewpoint']},{row['encounter']}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def viewpoint_cache(tmp_path_factory, nyala_rows, nyala_paths) -> Path:
+    """A model cache holding a viewpoint classifier `deer-reid train viewpoint` fitted on 20 real identities
+    (the stack's pose service uses it; the body networks' weights are copied in from their packages)."""
+    from deer_reid.training.viewpoint import ViewpointConfig, train_viewpoint
+    from shared.config import Settings
+
+    data = labelled_subset(tmp_path_factory.mktemp("viewpoints"), nyala_rows, nyala_paths, 20, 6)
+    cache = tmp_path_factory.mktemp("models")
+    settings = Settings(model_cache=cache, home=tmp_path_factory.mktemp("train-home"))
+    train_viewpoint(data, ViewpointConfig(holdout_identities=4, validation_identities=4), settings, progress=False)
+    return cache
+
+
 @pytest.fixture
 def jpeg_bytes(nyala_paths) -> bytes:
     return nyala_paths[0].read_bytes()
@@ -65,7 +99,7 @@ def broker():
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, viewpoint_cache):
     """The whole system as `deer-reid up` runs it, supervised (a killed service is restarted)."""
     import threading
     import time
@@ -74,7 +108,7 @@ def stack(tmp_path_factory):
     from shared.config import Settings
 
     settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0",
-                        body_ensemble="efficientnet_lite0,efficientnet_lite1")
+                        body_ensemble="efficientnet_lite0,efficientnet_lite1", model_cache=viewpoint_cache)
     # Short reconciler timings so that lost work is found within the tests' patience, and a short
     # join timeout so that a component that never comes costs seconds.
     s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_MAX_ATTEMPTS": "40",

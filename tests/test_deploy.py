@@ -19,7 +19,7 @@ def compose() -> dict:
 
 def test_every_service_container_runs_a_real_entry_point():
     services = compose()["services"]
-    for name in ("api", "reconciler", "fusion", "body", "coat", "antler"):
+    for name in ("api", "reconciler", "fusion", "body", "coat", "antler", "pose"):
         command = services[name]["command"]
         assert command[:2] == ["python", "-m"], command
         module = command[2]
@@ -30,11 +30,12 @@ def test_every_service_container_runs_a_real_entry_point():
 
 def test_volumes_are_writable_by_the_service_user_and_migrate_waits_for_a_ready_broker():
     services = compose()["services"]
-    for name in ("body", "antler"):
+    for name in ("body", "antler", "pose"):
         assert "models:/models" in services[name]["volumes"], name  # the weights cache is written to
     assert not any(v.endswith(":ro") for s in services.values() for v in s.get("volumes", [])
                    if v.split(":")[0] in ("models", "blobs"))
-    for dockerfile, points in (("deploy/Dockerfile", ("/blobs", "/models")), ("deploy/Dockerfile.body", ("/models",))):
+    for dockerfile, points in (("deploy/Dockerfile", ("/blobs", "/models")), ("deploy/Dockerfile.body", ("/models",)),
+                               ("deploy/Dockerfile.pose", ("/models",))):
         text = (REPO / dockerfile).read_text()
         chown = next(line for line in text.splitlines() if "chown 1000:1000" in line)
         assert all(p in chown for p in points), dockerfile

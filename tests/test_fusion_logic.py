@@ -159,9 +159,9 @@ def test_expected_components_follow_mode_switches_and_class():
 
 def test_pose_is_selective_and_never_in_fast_mode():
     on = PipelineConfig(mode="enhanced", pose=True)
-    assert wants_pose(on, 0.5) and not wants_pose(on, 0.8)
-    assert not wants_pose(PipelineConfig(mode="fast", pose=True), 0.1)
-    assert not wants_pose(PipelineConfig(mode="enhanced", pose=False), 0.1)
+    assert wants_pose(on, 0.5)[0] and not wants_pose(on, 0.8)[0]
+    assert not wants_pose(PipelineConfig(mode="fast", pose=True), 0.1)[0]
+    assert not wants_pose(PipelineConfig(mode="enhanced", pose=False), 0.1)[0]
 
 
 def test_the_ensemble_switch_chooses_the_body_models():

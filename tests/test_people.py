@@ -524,5 +524,6 @@ def test_a_profile_viewpoint_is_pose_else_the_coat_facing_else_unknown():
     from services.api.browse import viewpoint_of
 
     assert viewpoint_of({"pose": {"viewpoint": "profile-left"}, "coat": {"facing": "right"}}) == "profile-left"
-    assert viewpoint_of({"coat": {"facing": "right"}}) == "facing-right"
+    assert viewpoint_of({"coat": {"facing": "right"}}) == "profile-right"
+    assert viewpoint_of({"pose": {"viewpoint": "unknown"}, "coat": {"facing": "left"}}) == "profile-left"
     assert viewpoint_of({"coat": {"facing": None}}) == viewpoint_of(None) == "unknown"

@@ -14,6 +14,7 @@ from deer_reid.training import data as training_data
 from deer_reid.training.train import TrainConfig, TrainError, train
 from shared.config import Settings
 from shared.models import load_model, read_card, resolve_weights, get_spec
+from tests.conftest import labelled_subset
 
 TINY = dict(epochs=1, input_size=64, holdout_identities=1, validation_identities=1, batch=8)
 
@@ -21,19 +22,7 @@ TINY = dict(epochs=1, input_size=64, holdout_identities=1, validation_identities
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, nyala_rows, nyala_paths):
     """Six identities with four real photos each, in a folder of the test's own (never in the repo)."""
-    root = tmp_path_factory.mktemp("labelled")
-    (root / "img").mkdir()
-    by_id: dict[str, list] = {}
-    for row, path in zip(nyala_rows, nyala_paths):
-        by_id.setdefault(row["identity"], []).append((row, path))
-    lines = ["path,identity,viewpoint,encounter"]
-    for items in [v[:4] for v in by_id.values() if len(v) >= 4][:6]:
-        for row, path in items:
-            rel = f"img/{row['identity']}_{path.name}"
-            shutil.copyfile(path, root / rel)
-            lines.append(f"{rel},{row['identity']},{row['viewpoint']},{row['encounter']}")
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return labelled_subset(tmp_path_factory.mktemp("labelled"), nyala_rows, nyala_paths, 6, 4)
 
 
 def settings_for(tmp_path: Path) -> Settings:

@@ -125,6 +125,19 @@ def markdown(result: dict) -> str:
         for name, a in (result.get("ablation_same_viewpoint") or {}).items():
             lines.append(f"| {name}, same viewpoint | {a['queries']} | {a['top1']:.3f} | {a['top5']:.3f} | "
                          f"{a['mAP']:.3f} |")
+        if result.get("viewpoint"):
+            v = result["viewpoint"]
+            lines += ["", "## Viewpoint (the pose service's classifier)", "",
+                      f"- classifier `{v['classifier']}` on `{v['backbone']}`, unknown below {v['threshold']:.3f}; "
+                      f"predicted: {v['predicted']}"]
+            if v.get("accuracy_against_labels"):
+                a = v["accuracy_against_labels"]
+                lines.append(f"- against the labels, on {v['accuracy_identities']} identities it never learned "
+                             f"({a['photos']} photos): accuracy {a['accuracy']:.3f} (unknown counted wrong), answered "
+                             f"{a['answered']:.3f}, accuracy of answers {a['accuracy_answered']:.3f}, always answering "
+                             f"{a['accuracy_without_unknown']:.3f}; confusion {a['confusion']}")
+            if v.get("component"):
+                lines.append(f"- {v['component']}")
         lines += ["", "Only the components this data can exercise are rows: temporal priors need capture times "
                   "and places, which this data does not have.", ""]
     if "calibration" in result:

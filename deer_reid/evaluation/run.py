@@ -16,13 +16,16 @@ from deer_reid.evaluation.calibration import fused_similarity
 from deer_reid.evaluation.antler import antler_features, males, notes
 from deer_reid.evaluation.coat import coat_features, coat_matrices, coat_version, extraction_ms
 from deer_reid.evaluation.features import embed_samples
+from deer_reid.evaluation.pose import predicted_viewpoints
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
     retrieval_by_sighting
 from deer_reid.evaluation.report import plot_calibrations, plot_cmc, plot_operating_curve, plot_scores, write_report
 from services.fusion.components import AGGREGATIONS, body_component, body_similarity_matrix
 from services.fusion.components.antler import ANTLER, antler_matrix
+from services.fusion.components.pose import POSE, pose_matrix
 from services.fusion.scoring import FusionModel
 from shared.config import Settings
+from shared.models import read_card
 from shared.schemas import sex_of
 
 TEMPORAL_OFF = ("Temporal priors were switched off for this run: the data has no capture times or places, and "
@@ -69,8 +72,6 @@ def never_trained_on(samples: list[Sample], model_names: list[str], settings: Se
     """The samples a fair measurement may use: never the identities a trained model learned or was
     selected on; with `holdout_of`, only that trained model's holdout identities (so that an ImageNet
     model and a fine-tuned one are measured on the same animals)."""
-    from shared.models import read_card
-
     excluded: set[str] = set()
     notes = {}
     for name in model_names:
@@ -114,7 +115,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
             settings: Settings, allow_random: bool = False, progress: bool = True,
             holdout_of: str | None = None, max_review: float | None = None, coat: bool = False,
             coat_shortlist: int = 30, antler: bool = False,
-            antler_ignore_cut: bool = False) -> dict:
+            antler_ignore_cut: bool = False, pose: bool = False, viewpoint_model: str | None = None) -> dict:
     """Closed-set retrieval, the ablation, and the fitted fusion (written as the calibration artifact).
 
     Identities are split in two (seeded): the fusion (per-component calibrations, weights, the
@@ -122,7 +123,16 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     fit (fused retrieval, the ablation, the open-set outcome) is reported on the other half only.
     """
     names = _model_names(mode, body_model, settings)
-    samples, fairness = never_trained_on(load_dataset(data), names, settings, holdout_of)
+    samples = load_dataset(data)
+    # The pose service's viewpoint classifier: measured wherever the data has viewpoints (on the identities it
+    # never learned), and compared on with --pose (then every identity it learned is left out of the run).
+    viewpoint_model = viewpoint_model or settings.pose_viewpoint_model
+    viewpoint_card = read_card(viewpoint_model, settings.model_cache) if pose or any(s.viewpoint for s in samples) \
+        else None
+    if pose and viewpoint_card is None:
+        raise ValueError(f"--pose: no viewpoint classifier {viewpoint_model!r} in {settings.model_cache}; "
+                         "train one with `deer-reid train viewpoint DATA_DIR`")
+    samples, fairness = never_trained_on(samples, names + ([viewpoint_model] if pose else []), settings, holdout_of)
     samples = select(samples, limit, seed)
     antler_notes: dict = {}
     if antler:
@@ -164,6 +174,15 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
             [f["fingerprint_uncut"] for f in feats])
         antler_notes.update(notes(feats, [s.identity for s in samples], per_component[ANTLER]))
         antler_notes["fingerprint_version"] = antler_version
+    pose_notes: dict = {}
+    if viewpoint_card is not None:
+        learned = set(viewpoint_card["identities"]["train"]) | set(viewpoint_card["identities"]["validation"])
+        predicted, pose_notes = predicted_viewpoints(samples, viewpoint_model, settings, learned, progress=progress)
+        if pose:
+            # as fusion compares: the fast model's similarity, exemplars of the query's own viewpoint only
+            per_component[POSE] = pose_matrix(per_component[body_component(names[0])], predicted)
+            pose_notes["component"] = ("pose: the body similarity to photos of the same predicted viewpoint "
+                                       "(no evidence where either is unknown)")
     unfitted = fused_similarity(per_component, None, spec_weights)
     result = _base("loo", mode, data, samples, seed)
     result.update({
@@ -177,6 +196,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         result["coat"] = coat_notes
     if antler:
         result["antler"] = antler_notes
+    if pose_notes:
+        result["viewpoint"] = pose_notes
     main = retrieval(unfitted, ids, enc)
     result.update(_rows(main))
     result["cmc"] = main["cmc"]

@@ -8,18 +8,17 @@ is kept apart: only the former counts as "seen without antlers" in the casting-w
 """
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from services.antler import geometry
 from services.antler.fingerprint import Fingerprinter
 from services.antler.seasons import SeasonCalendar
 from services.coat.colour import is_infrared
+from shared.images import decode_crop
 from shared.schemas import ANTLERED, DetectionClass, Embedding
 
 ABSENT_REASONS = ("empty-region", "no-antler-structure")  # the region was readable and held no antlers
@@ -55,11 +54,9 @@ def measure(crop_jpeg: bytes, cls: DetectionClass | str, box_top: int, captured_
                   "casting_window": calendar.casting_window(captured_at)}
     if DetectionClass(cls) not in ANTLERED:
         return no_evidence("not-antlered-class", attributes)
-    try:
-        with Image.open(io.BytesIO(crop_jpeg)) as im:
-            rgb = np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return no_evidence("unreadable-crop", attributes)
+    rgb = decode_crop(crop_jpeg)
+    if isinstance(rgb, str):
+        return no_evidence(rgb, attributes)
     if viewpoint == "rear":
         return no_evidence("rear-view", attributes)
     flags = ["infrared"] if is_infrared(rgb) else []

@@ -10,6 +10,7 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 
+from services.fusion.components.pose import viewpoint_of as detection_viewpoint
 from shared.states import STATES
 
 QUEUE_FLAGS = ("temporal-conflict", "degraded")  # fusion placed these, but a person should look
@@ -26,13 +27,9 @@ def individual_summary(r) -> dict:
 
 
 def viewpoint_of(result: dict | None) -> str:
-    """Pose's viewpoint where pose ran; else the coat service's facing; else unknown."""
-    result = result or {}
-    pose = result.get("pose") or {}
-    if pose.get("viewpoint"):
-        return str(pose["viewpoint"])
-    facing = (result.get("coat") or {}).get("facing")
-    return f"facing-{facing}" if facing in ("left", "right") else "unknown"
+    """Pose's viewpoint where pose ran and knew; else the coat service's facing of a profile; else unknown
+    (fusion's own rule, so the page's best photo per viewpoint is what fusion compares like with like)."""
+    return detection_viewpoint(result) or "unknown"
 
 
 async def list_individuals(pool: asyncpg.Pool, *, prop: str | None, site: str | None, sex: str | None,

@@ -6,21 +6,19 @@ named in `flags`, and the detection goes on with its other components.
 """
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from services.coat import colour, markings
 from services.coat.foreground import VERSION as FOREGROUND_VERSION
 from services.coat.foreground import foreground
 from services.coat.pattern import Pattern, PatternExtractor, pack, xfeat_version
+from shared.images import decode_crop
 from shared.schemas import Embedding
 
 MIN_SIDE = 32  # px: under this a crop shows no coat worth describing
-MAX_SIDE = 4096  # px: crops are made at most crop_max_side long; anything bigger is refused unread
 COLOUR_VERSION = "coat-colour:v1"
 GREY_VERSION = "coat-grey:v1"  # infrared frames: grey levels only, never compared with day colour
 MARKINGS_VERSION = "coat-markings:v1"
@@ -49,7 +47,7 @@ class CoatExtractor:
 
     def extract(self, crop: bytes) -> CoatFeatures:
         started = time.perf_counter()
-        rgb = _decode(crop)
+        rgb = decode_crop(crop)
         if isinstance(rgb, str):
             return CoatFeatures("no-evidence", [rgb])
         h, w = rgb.shape[:2]
@@ -107,17 +105,6 @@ class CoatExtractor:
         else:
             out.flags.append("no-keypoints")
         out.timings_ms["pattern"] = _ms(t)
-
-
-def _decode(crop: bytes) -> np.ndarray | str:
-    """The crop as RGB, or why it cannot be read (size checked before decoding: no pixel bombs)."""
-    try:
-        with Image.open(io.BytesIO(crop)) as im:
-            if max(im.size) > MAX_SIDE:
-                return f"oversized-crop {im.size[0]}x{im.size[1]}"
-            return np.array(im.convert("RGB"), dtype=np.uint8)
-    except Exception:  # noqa: BLE001 - whatever the decoder says, the crop is unreadable
-        return "unreadable-crop"
 
 
 def _ms(since: float) -> float:

@@ -32,6 +32,7 @@ from services.fusion.calibration import CalibrationSource
 from services.fusion.components import aggregate, body_component, body_similarity, component_of
 from services.fusion.components import antler as antler_rules
 from services.fusion.components.coat import coat_scores
+from services.fusion.components.pose import POSE, known, pose_similarity
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
 from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_prior
 from services.fusion.temporal import TemporalRules, prior
@@ -86,6 +87,7 @@ class Scored:
     arrived: dict[str, str]
     coat: dict | None = None  # what coat matching did: shortlist, exemplars matched, milliseconds, flags
     antler: dict | None = None  # the antler query, the shortlisted candidates' season archives, its flags
+    pose: dict | None = None  # what pose said (viewpoint, flags) and how many exemplars shared its viewpoint
 
 
 def expected_of(detection) -> list[str]:
@@ -288,6 +290,7 @@ class FusionHandler:
         vectors = await store.body_embeddings(conn, det_id)
         frames = await store.sighting_vectors(conn, det_id, det["sighting"])
         per_exemplar: dict[str, dict[int, list[float]]] = {}
+        first_model: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> similarity, the fast model's
         for model, version, vec, _ in vectors:
             # The sighting is the query: each exemplar scores its best similarity to any frame of it.
             best: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> best similarity to a frame
@@ -300,9 +303,37 @@ class FusionHandler:
             for (ind, _), sim in best.items():
                 sims[ind].append(sim)
             per_exemplar[body_component(model)] = dict(sims)
+            if not first_model:
+                first_model = best
+        pose = await self._pose(conn, det, first_model, per_exemplar) if got.get("pose") in ("ok", "no-evidence") \
+            else None
         coat = await self._coat(conn, det, per_exemplar) if got.get("coat") in ("ok", "no-evidence") else None
         antler = await self._antler(conn, det, per_exemplar) if got.get("antler") in ("ok", "no-evidence") else None
-        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat, antler)
+        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat, antler,
+                      pose)
+
+    async def _pose(self, conn: asyncpg.Connection, det: asyncpg.Record, body: dict[tuple[int, int], float],
+                    per_exemplar: dict) -> dict:
+        """Pose's answer, and the pose-aware component (added to `per_exemplar`): each candidate's best
+        body similarity among its exemplars seen from the detection's viewpoint."""
+        row = await conn.fetchrow("SELECT status, features FROM detection_features WHERE detection_id = $1 "
+                                  "AND component = 'pose'", det["id"])
+        a = row["features"].get("attributes", {})
+        view = a.get("viewpoint")
+        out = {"ran": True, "viewpoint": view, "angle": a.get("angle"), "confidence": a.get("confidence"),
+               "source": a.get("source"), "why_unknown": a.get("why"), "flags": row["features"].get("flags", []),
+               "keypoint_confidence": a.get("keypoint_confidence"), "versions": a.get("versions"),
+               "same_viewpoint_exemplars": 0}
+        if not known(view):
+            return out
+        views = await store.exemplar_viewpoints(conn, sorted({ex for _, ex in body}))
+        sims: dict[int, list[float]] = {ind: [] for ind, _ in body}  # none from its viewpoint: no evidence
+        for (ind, ex), sim in body.items():
+            if (same := pose_similarity(view, views.get(ex), sim)) is not None:
+                sims[ind].append(same)
+        per_exemplar[POSE] = sims
+        out["same_viewpoint_exemplars"] = sum(len(v) for v in sims.values())
+        return out
 
     async def _antler(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
         """Antler scores of the best candidates by body, within the query's season (added to `per_exemplar`)."""
@@ -389,11 +420,20 @@ class FusionHandler:
         if s.antler is not None and candidates:
             candidates = self._antler_flags(s.antler, candidates, thresholds.new)
         linked = await self._sighting_link(conn, det, s.sex, excluded)
-        best_body = candidates[0].score if candidates else None
-        if linked is None and wants_pose(s.config, best_body) and "pose" not in s.arrived \
-                and "pose" not in expected_of(det):
-            await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
-            return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
+        if "pose" not in expected_of(det):
+            body_only = score_candidates({k: v for k, v in per_component.items() if component_of(k) == "body"},
+                                         model, self.spec_weights)
+            ask, why = wants_pose(s.config, body_only[0].score if body_only else None)
+            if linked is not None:
+                ask, why = False, "an earlier frame of the sighting decided"
+            if ask:
+                await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
+                return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
+            s.pose = {"ran": False, "why": why}
+        elif s.pose is None:
+            s.pose = {"ran": False, "why": "requested; no answer before the join deadline"}
+        else:
+            s.pose["why"] = "requested: the body-only match was uncertain"
         if linked is not None:
             # Frames of one burst with one animal each are one animal: the sighting decides, flagged.
             score = next((c.score for c in candidates if c.individual_id == linked), None)
@@ -448,6 +488,7 @@ class FusionHandler:
         if any(random for *_, random in s.vectors):
             flags.append("random-weights")
         flags += [f"coat:{f}" for f in (s.coat or {}).get("flags", [])]
+        flags += [f for f in (s.pose or {}).get("flags", []) if f == "pose-fallback"]
         if s.antler is not None:
             flags += [f"antler:{f}" for f in s.antler["flags"]]
             flags += [f for f in s.antler.get("best_flags", []) if f not in flags]
@@ -470,6 +511,7 @@ class FusionHandler:
             "sighting_vectors_in_query": len(s.frames),  # other frames' embeddings the sighting query used
             "coat": s.coat,
             "antler": _antler_result(s.antler),
+            "pose": s.pose,
         }
 
 

@@ -11,6 +11,7 @@ import asyncpg
 import numpy as np
 
 from services.fusion import exemplars as exemplar_choice
+from services.fusion.components.pose import VIEWPOINT_SQL
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
 from services.fusion.temporal import Sighting
 from shared.schemas import Embedding
@@ -103,6 +104,14 @@ async def prepare_search(conn: asyncpg.Connection) -> None:
 
 async def max_individual(conn: asyncpg.Connection, prop: str) -> int:
     return await conn.fetchval("SELECT coalesce(max(id), 0) FROM individuals WHERE property = $1", prop)
+
+
+async def exemplar_viewpoints(conn: asyncpg.Connection, exemplar_ids: list[int]) -> dict[int, str | None]:
+    """{embedding id: its detection's viewpoint (None: not known)} (the pose component's rule)."""
+    rows = await conn.fetch(f"""SELECT e.id, {VIEWPOINT_SQL} AS viewpoint FROM embeddings e
+                                JOIN detections d ON d.id = e.detection_id WHERE e.id = ANY($1::bigint[])""",
+                            exemplar_ids)
+    return {r["id"]: r["viewpoint"] for r in rows}
 
 
 async def nearest_exemplars(conn: asyncpg.Connection, vector: np.ndarray, version: str, prop: str, sex: str,
@@ -239,8 +248,8 @@ async def place_in_gallery(conn: asyncpg.Connection, detection_id: UUID, individ
 async def rechoose_exemplars(conn: asyncpg.Connection, individual: int, n: int, pool_size: int = 200) -> None:
     """Re-choose the individual's exemplars among its newest `pool_size` embeddings of each version."""
     rows = await conn.fetch(
-        """SELECT id, version, vec, exemplar, captured_at, viewpoint FROM (
-               SELECT e.id, e.version, e.vec, e.exemplar, d.captured_at, d.result->'pose'->>'viewpoint' AS viewpoint,
+        f"""SELECT id, version, vec, exemplar, captured_at, viewpoint FROM (
+               SELECT e.id, e.version, e.vec, e.exemplar, d.captured_at, {VIEWPOINT_SQL} AS viewpoint,
                       row_number() OVER (PARTITION BY e.version ORDER BY d.captured_at DESC, e.id DESC) AS n
                FROM embeddings e JOIN detections d ON d.id = e.detection_id WHERE e.individual_id = $1) r
            WHERE n <= $2 OR exemplar ORDER BY captured_at DESC, id DESC""", individual, pool_size)

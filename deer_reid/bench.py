@@ -209,6 +209,68 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
             "p99_ms": float(np.percentile(latencies, 99)), "seconds": elapsed}
 
 
+async def _run_pose_requests(stack, crops: list[bytes], site: str) -> dict:
+    """Pose requests straight to the pose service (the bench's look-alike crops never leave fusion uncertain,
+    so fusion itself asks for none): its throughput and latency, request to published features."""
+    from aiokafka import AIOKafkaConsumer
+
+    from shared.broker import MAX_MESSAGE_BYTES, producer_for
+    from shared.schemas import Box, DetectionEvent, Features, PipelineConfig
+    from shared.topics import FEATURES_POSE, POSE_REQUESTS
+
+    config = PipelineConfig(mode="enhanced", pose=True)
+    expected = ["body", "pose"]
+    rows = await _insert_detections(stack.dsn, crops, site, {"mode": "enhanced", **config.switches()}, expected)
+    consumer = AIOKafkaConsumer(FEATURES_POSE.name, bootstrap_servers=stack.bootstrap,
+                                group_id=f"bench-pose-{uuid.uuid4()}", auto_offset_reset="latest",
+                                max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+    await consumer.start()
+    while not consumer.assignment():
+        await asyncio.sleep(0.05)
+    await consumer.seek_to_end()
+    producer = producer_for(stack.bootstrap, "bench-pose")
+    await producer.start()
+    sent: dict[str, float] = {}
+    done: dict[str, float] = {}
+    answers: list[Features] = []
+
+    async def collect():
+        while len(done) < len(rows):
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                now = time.perf_counter()
+                for r in records:
+                    f = Features.from_bytes(r.value)
+                    if str(f.detection_id) in sent and str(f.detection_id) not in done:
+                        done[str(f.detection_id)] = now
+                        answers.append(f)
+
+    collector = asyncio.create_task(collect())
+    start = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    for (det, sha), crop in zip(rows, crops):
+        event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls="doe",
+                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode="enhanced",
+                               switches=config.switches(), expected=expected)
+        sent[str(det)] = time.perf_counter()
+        await producer.send(POSE_REQUESTS.name, event.to_bytes(), key=str(det).encode())
+    await producer.flush()
+    await asyncio.wait_for(collector, timeout=600)
+    elapsed = max(done.values()) - start
+    await producer.stop()
+    await consumer.stop()
+    latencies = np.array([1000 * (done[k] - sent[k]) for k in sent])
+    flags = sorted({f for a in answers for f in a.flags})
+    return {"requests": len(rows), "answers_per_s": round(len(rows) / elapsed, 2),
+            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+            "keypoints_in_answers": sum(a.attributes.get("keypoints") is not None for a in answers),
+            "viewpoints": {v: sum(a.attributes.get("viewpoint") == v for a in answers)
+                           for v in sorted({a.attributes.get("viewpoint") for a in answers})},
+            "flags": flags, "versions": answers[0].attributes.get("versions") if answers else None,
+            "service_ms_per_crop": {k: round(float(np.median([a.timings_ms[k] for a in answers if k in a.timings_ms])), 1)
+                                    for k in sorted({k for a in answers for k in a.timings_ms})}}
+
+
 def run_bench(mode: str, detections: int, settings: Settings, body_model: str | None = None,
               progress=print) -> dict:
     import torch
@@ -268,12 +330,12 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     stack.start()
     try:
         asyncio.run(_run_events(stack, crops[:32], "bench-warmup", None, mode))
-        before = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "pose", "fusion")}
+        before = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "fusion")}
         cpu_before = _cpu_seconds(stack)
         progress(f"end to end: burst of {detections} detections ...")
         burst = asyncio.run(_run_events(stack, crops, "bench-burst", None, mode))
         cpu_after = _cpu_seconds(stack)
-        after = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "pose", "fusion")}
+        after = {name: _scrape(stack.children[name].port) for name in ("body", "coat", "antler", "fusion")}
         paced_n = max(64, detections // 2)
         rate = burst["det_per_s"] / 2
         progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
@@ -281,6 +343,8 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
         if mode == "enhanced":
             result["coat_stored_bytes_per_detection"] = asyncio.run(_coat_bytes(stack.dsn))
             result["pose_requested"] = asyncio.run(_pose_share(stack.dsn))
+            progress("pose requests straight to the pose service ...")
+            result["pose_service"] = asyncio.run(_run_pose_requests(stack, crops[:64], "bench-pose"))
     finally:
         stack.stop()
     stages = {}
@@ -359,8 +423,10 @@ def pose_costs(crops: list[bytes], settings: Settings) -> dict:
 
     out: dict = {"crops": len(crops)}
     rgb = [decode_crop(c) for c in crops]
-    model = KeypointModel(settings.pose_keypoint_model, settings.model_cache, allow_random=True)
+    model = KeypointModel(settings.pose_keypoint_model, settings.model_cache, allow_random=True,
+                          flip_test=settings.pose_flip_test)
     out["keypoint_model"] = model.version
+    out["flip_test"] = settings.pose_flip_test
     model.predict(rgb[:2])  # warm-up
     for batch in (1, 8):
         started = time.perf_counter()

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     # pose service
     pose_keypoint_model: str = "rtmpose-m_ap10k"  # AP-10K top-down model ("" or "none": viewpoint classifier only)
     pose_viewpoint_model: str = "viewpoint"  # `deer-reid train viewpoint --name ...` ("" or "none": off)
+    pose_flip_test: bool = False  # average each crop's keypoints with its mirror image's (twice the network time)
 
     # reconciler
     stuck_after_s: float = Field(120.0, gt=0)

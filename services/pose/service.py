@@ -161,7 +161,8 @@ async def make_handler(settings: Settings) -> PoseHandler:
         try:  # a keypoint model with no weights refuses; the service goes on with the classifier (flagged fallback)
             keypoints = KeypointModel(settings.pose_keypoint_model, settings.model_cache,
                                       allow_random=settings.allow_random_weights,
-                                      device="cuda" if settings.device == "cuda" else "cpu")
+                                      device="cuda" if settings.device == "cuda" else "cpu",
+                                      flip_test=settings.pose_flip_test)
         except MissingWeights as exc:
             off["keypoints"] = str(exc)
             log.warning("pose: keypoints off: %s", exc)

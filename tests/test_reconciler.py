@@ -109,3 +109,69 @@ async def test_a_failing_loop_is_restarted_counted_and_reported_not_ready(pg_dsn
         assert await reconciler.pool.fetchval("SELECT state FROM detections WHERE id = $1", det) == "extracting"
     finally:
         await reconciler.close()
+
+
+def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
+    backlog = ledger.Backlog(committed={0: 10}, end={0: 50, 1: 5, 3: 9}, flowing=frozenset({0, 1}))
+    assert backlog.queued(0, 10) and backlog.queued(0, 49)  # not consumed yet, still in the log
+    assert not backlog.queued(0, 9)  # consumed without progress: stuck
+    assert not backlog.queued(0, 50)  # beyond the log's end: a broker restarted empty lost it
+    assert backlog.queued(1, 3)  # a group that never committed starts at the beginning
+    assert not backlog.queued(3, 5)  # waiting, but the partition does not move: stuck
+    assert not backlog.queued(2, 0) and not backlog.queued(None, None)  # unknown: go by time
+
+    watch = ledger.QueueWatch()
+    assert watch.flowing({0: 5}, {0: 9, 1: 3}, 10, now=0.0) == {0, 1}  # first sight
+    assert watch.flowing({0: 5}, {0: 9, 1: 3}, 10, now=8.0) == {0, 1}
+    assert watch.flowing({0: 7}, {0: 9, 1: 3}, 10, now=15.0) == {0}  # 0 moved; 1 stood still for 15 s
+    assert watch.flowing({0: 7}, {0: 9, 1: 3}, 10, now=30.0) == frozenset()
+
+
+async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg_dsn, broker):
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from shared.topics import DETECTIONS
+
+    await ensure_topics(broker.bootstrap)
+    ids = await enqueue(pg_dsn, [make_jpeg() for _ in range(6)])
+    pool = await asyncpg.create_pool(pg_dsn, init=_init_connection)
+    producer = producer_for(broker.bootstrap, "test-backlog")
+    await producer.start()
+    group = f"test-body-{uuid.uuid4()}"
+    try:
+        while await ledger.relay_once(pool, producer, 256):
+            pass
+        landed = await pool.fetch("SELECT id, published_partition, published_offset FROM detections "
+                                  "WHERE id = ANY($1::uuid[])", ids)
+        assert all(r["published_partition"] is not None and r["published_offset"] is not None for r in landed)
+        # all overdue; the (test's own) body group has consumed nothing: queued, none re-published
+        await pool.execute("UPDATE detections SET updated_at = now() - interval '1 hour' WHERE id = ANY($1::uuid[])",
+                           ids)
+        found = await ledger.read_backlog(broker.bootstrap, group)
+        backlog = ledger.Backlog(found.committed, found.end, frozenset(found.end))  # as if the group moved lately
+        retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, backlog)
+        assert queued >= len(ids) and not failed
+        mine = await pool.fetch("SELECT attempts, state FROM detections WHERE id = ANY($1::uuid[])", ids)
+        assert {(r["attempts"], r["state"]) for r in mine} == {(0, "extracting")}
+        assert not await pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = ANY($1::uuid[])", ids)
+        # the group consumes past them and nothing happens: now they are stuck, and re-published
+        consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            past: dict = {}
+            for r in landed:
+                tp = TopicPartition(DETECTIONS.name, r["published_partition"])
+                past[tp] = max(past.get(tp, 0), r["published_offset"] + 1)
+            consumer.assign(list(past))
+            await consumer.commit(past)
+        finally:
+            await consumer.stop()
+        found = await ledger.read_backlog(broker.bootstrap, group)
+        retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, ledger.Backlog(
+            found.committed, found.end, frozenset(found.end)))
+        mine = await pool.fetch("SELECT attempts FROM detections WHERE id = ANY($1::uuid[])", ids)
+        assert {r["attempts"] for r in mine} == {1}
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = ANY($1::uuid[])", ids) == len(ids)
+    finally:
+        await producer.stop()
+        await pool.close()

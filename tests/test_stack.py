@@ -129,3 +129,4 @@ async def test_broker_restarted_empty_mid_ingest_loses_nothing(stack, db, nyala_
     clashes = sum(1 for line in log_path.read_text(errors="replace").splitlines()
                   if "produce" in line and "AlreadyExists" in line and ".batch" in line)
     print(f"broker-restart: {clashes} produce clashes in Tansu after its restart, healed")
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
 import asyncpg
@@ -97,6 +98,8 @@ async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int,
     transient = next((r for r in results if isinstance(r, BaseException) and not isinstance(r, POISON)), None)
     poisoned.update({det_id: r for (det_id, _), r in zip(pending, results) if isinstance(r, POISON)})
     sent = [det_id for (det_id, _), r in zip(pending, results) if not isinstance(r, BaseException)]
+    landed = [(det_id, r.partition, r.offset) for (det_id, _), r in zip(pending, results)
+              if not isinstance(r, BaseException)]
     done = set(sent) | set(poisoned) | {r["id"] for r in rows if r["state"] not in PENDING}
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])",
@@ -106,6 +109,8 @@ async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int,
         await conn.execute(
             "UPDATE detections SET state = 'extracting', updated_at = now() WHERE id = ANY($1::uuid[]) "
             "AND state = 'received'", sent)
+        await conn.executemany("UPDATE detections SET published_partition = $2, published_offset = $3 WHERE id = $1",
+                               landed)
         if poisoned:
             await conn.executemany(
                 """UPDATE detections SET state = 'failed', state_reason = $2, updated_at = now()
@@ -125,38 +130,84 @@ async def _release(pool: asyncpg.Pool, claimed) -> None:
                        [r["outbox_id"] for r in claimed])
 
 
-async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Backlog:
+    """Where the body service's consumer group stands on the detections topic: per partition, its committed
+    offset, the log's end, and whether the group's offset moved lately (the queue flows)."""
+
+    committed: dict[int, int]
+    end: dict[int, int]
+    flowing: frozenset[int] = frozenset()
+
+    def queued(self, partition: int | None, offset: int | None) -> bool:
+        """Whether a detection's event waits in a queue that flows: not consumed yet, still in the log (a
+        broker restarted empty has lost it), and the group's offset on that partition moved lately. A
+        partition that does not move (a consumer wedged, hung or gone) holds stuck work, not queued work:
+        re-publishing is then the cure, as it was seen to be after a broker restarted empty."""
+        if partition is None or offset is None or partition not in self.end or partition not in self.flowing:
+            return False
+        return self.committed.get(partition, 0) <= offset < self.end[partition]
+
+
+class QueueWatch:
+    """Remembers when the body group's committed offset of each partition last moved, across rounds."""
+
+    def __init__(self):
+        self._last: dict[int, tuple[int, float]] = {}  # partition -> (committed offset, when it last changed)
+
+    def flowing(self, committed: dict[int, int], end: dict[int, int], within_s: float,
+                now: float | None = None) -> frozenset[int]:
+        """Partitions whose group offset moved within `within_s` (a first sighting counts as a move)."""
+        import time
+
+        now = time.monotonic() if now is None else now
+        out = set()
+        for p in end:
+            offset = committed.get(p, 0)
+            last = self._last.get(p)
+            if last is None or last[0] != offset:
+                self._last[p] = (offset, now)
+            if now - self._last[p][1] <= within_s:
+                out.add(p)
+        return frozenset(out)
+
+
+async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int,
+                         backlog: Backlog | None = None) -> tuple[int, int, int]:
     """Re-enqueue detections with no progress; fail those out of attempts.
 
     The patience doubles with every attempt up to 8x (stuck_after_s, 2x, 4x, 8x, 8x, ...):
     a service that is down for a while is not flooded with copies of the same work, and
-    failing a detection is a last resort, over an hour away with the defaults. Returns (re-enqueued,
-    failed). Detections still waiting in the outbox are not stuck.
+    failing a detection is a last resort, over an hour away with the defaults. Detections still
+    waiting in the outbox are not stuck, and neither is one whose event is queued in the log behind
+    others (`backlog`): in a season's backlog nearly every detection waits longer than the patience,
+    and re-publishing it would only queue a copy behind itself. Returns (re-enqueued, failed, queued).
     """
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
-            """WITH stuck AS (
-                   SELECT id FROM detections d
-                   WHERE state = ANY($1::text[])
-                     AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 3)))
-                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.detection_id = d.id)
-                   ORDER BY updated_at LIMIT 2000 FOR UPDATE SKIP LOCKED)
-               UPDATE detections d SET
-                   attempts = d.attempts + 1, updated_at = now(),
-                   state = CASE WHEN d.attempts + 1 >= $3 THEN 'failed' ELSE d.state END,
-                   state_reason = CASE WHEN d.attempts + 1 >= $3
-                       THEN format('no progress after %s attempts', d.attempts + 1) ELSE d.state_reason END
-               FROM stuck WHERE d.id = stuck.id
-               RETURNING d.id, d.state""",
-            _PENDING, stuck_after_s, max_attempts,
-        )
-        retry = [r["id"] for r in rows if r["state"] != "failed"]
+        overdue = await conn.fetch(
+            """SELECT id, state, attempts, published_partition, published_offset FROM detections d
+               WHERE state = ANY($1::text[])
+                 AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 3)))
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.detection_id = d.id)
+               ORDER BY updated_at LIMIT 2000 FOR UPDATE SKIP LOCKED""", _PENDING, stuck_after_s)
+        queued = [r["id"] for r in overdue if backlog is not None and r["state"] == "extracting"
+                  and backlog.queued(r["published_partition"], r["published_offset"])]
+        stuck = [r for r in overdue if r["id"] not in set(queued)]
+        fail = [r["id"] for r in stuck if r["attempts"] + 1 >= max_attempts]
+        retry = [r["id"] for r in stuck if r["attempts"] + 1 < max_attempts]
+        await conn.execute(
+            """UPDATE detections SET attempts = attempts + 1, updated_at = now(), state = 'failed',
+                   state_reason = format('no progress after %s attempts', attempts + 1)
+               WHERE id = ANY($1::uuid[])""", fail)
+        await conn.execute("UPDATE detections SET attempts = attempts + 1, updated_at = now() "
+                           "WHERE id = ANY($1::uuid[])", retry)
         if retry:
             await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])", retry)
             await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
-        if rows:
-            log.warning("reconciler: re-enqueued %d stuck detections, failed %d", len(retry), len(rows) - len(retry))
-        return len(retry), len(rows) - len(retry)
+        if stuck:
+            log.warning("reconciler: re-enqueued %d stuck detections, failed %d (%d queued, not stuck)",
+                        len(retry), len(fail), len(queued))
+        return len(retry), len(fail), len(queued)
 
 
 async def announce_due_joins(pool: asyncpg.Pool, producer: AIOKafkaProducer, join_timeout_s: float,
@@ -219,11 +270,14 @@ class Reconciler(DeadLetterRecorder):
         self.producer = producer_for(settings.kafka_bootstrap, "reconciler")
         self._tasks: list[asyncio.Task] = []
         self.states: dict[str, int] = {}
+        self.queued = 0  # overdue detections whose events still wait in the log (last round)
+        self.watch = QueueWatch()
         self.down: dict[str, str] = {}  # loop name -> the error that took it down
 
     def health(self) -> dict:
         # not ready while any background loop is down: an operator sees it, an orchestrator stops routing
-        return {"detections": self.states, "loops_down": dict(self.down), "ready": not self.down}
+        return {"detections": self.states, "queued_not_stuck": self.queued, "loops_down": dict(self.down),
+                "ready": not self.down}
 
     async def start(self) -> None:
         await self.producer.start()
@@ -299,8 +353,47 @@ class Reconciler(DeadLetterRecorder):
         await asyncio.sleep(self.settings.reconcile_every_s)
         # A broker restarted empty has lost its topics: put them back before anything auto-creates them.
         await ensure_topics(self.settings.kafka_bootstrap)
-        await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts)
+        backlog = await read_backlog(self.settings.kafka_bootstrap)
+        if backlog is not None:
+            backlog = Backlog(backlog.committed, backlog.end,
+                              self.watch.flowing(backlog.committed, backlog.end, self.settings.stuck_after_s))
+        _, _, self.queued = await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts,
+                                                 backlog)
         self.states = await count_states(self.pool)
+
+
+BODY_GROUP = "deer-body"  # shared.broker.BrokerRunner's group of the body service
+
+
+async def read_backlog(bootstrap: str, group: str = BODY_GROUP) -> Backlog | None:
+    """The body group's committed offsets and the detections topic's end offsets (`flowing` left empty for the
+    caller to fill); None when the broker cannot say (then every overdue detection is stuck, as before)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    partitions = [TopicPartition(DETECTIONS.name, p) for p in range(DETECTIONS.partitions)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000)
+    try:
+        await admin.start()
+        await consumer.start()
+        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        end = await consumer.end_offsets(partitions)
+        # Tansu reports a partition's end as the first offset of its last batch + 1: the rest of that batch
+        # would look lost. Reading the last batch gives the true end (one small fetch per partition).
+        consumer.assign([tp for tp, off in end.items() if off > 0])
+        for tp in consumer.assignment():
+            consumer.seek(tp, end[tp] - 1)
+        for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+            end[tp] = max(end[tp], max(r.offset for r in records) + 1)
+    except Exception as exc:  # noqa: BLE001 - an unreadable backlog only costs the distinction
+        log.warning("reconciler: cannot read the body group's offsets (%r): going by time alone", exc)
+        return None
+    finally:
+        await consumer.stop()
+        await admin.close()
+    return Backlog(committed={tp.partition: m.offset for tp, m in committed.items() if m.offset >= 0},
+                   end={tp.partition: off for tp, off in end.items()})
 
 
 async def make_handler(settings) -> Reconciler:

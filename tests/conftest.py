@@ -111,7 +111,8 @@ def stack(tmp_path_factory, viewpoint_cache):
                         body_ensemble="efficientnet_lite0,efficientnet_lite1", model_cache=viewpoint_cache)
     # Short reconciler timings so that lost work is found within the tests' patience, and a short
     # join timeout so that a component that never comes costs seconds.
-    s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_RECONCILE_EVERY_S": "1", "DEER_MAX_ATTEMPTS": "40",
+    s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_QUEUED_MAX_S": "30",
+                             "DEER_RECONCILE_EVERY_S": "1", "DEER_MAX_ATTEMPTS": "40",
                              "DEER_JOIN_TIMEOUT_S": "3", "DEER_LOG_LEVEL": "INFO"})
     s.start()
     stop = threading.Event()

@@ -112,19 +112,29 @@ async def test_a_failing_loop_is_restarted_counted_and_reported_not_ready(pg_dsn
 
 
 def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
-    backlog = ledger.Backlog(committed={0: 10}, end={0: 50, 1: 5, 3: 9}, flowing=frozenset({0, 1}))
-    assert backlog.queued(0, 10) and backlog.queued(0, 49)  # not consumed yet, still in the log
-    assert not backlog.queued(0, 9)  # consumed without progress: stuck
-    assert not backlog.queued(0, 50)  # beyond the log's end: a broker restarted empty lost it
-    assert backlog.queued(1, 3)  # a group that never committed starts at the beginning
-    assert not backlog.queued(3, 5)  # waiting, but the partition does not move: stuck
-    assert not backlog.queued(2, 0) and not backlog.queued(None, None)  # unknown: go by time
+    from shared.topics import DETECTIONS, FEATURES_BODY
+
+    d, f = DETECTIONS.name, FEATURES_BODY.name
+    body = ledger.Position(committed={0: 10}, end={0: 50, 1: 5, 3: 9})
+    backlog = ledger.Backlog(body, ledger.Position({0: 4}, {0: 4}), frozenset({(d, 0), (d, 1), (f, 0)}))
+    assert backlog.queued("extracting", 0, 10) and backlog.queued("extracting", 0, 49)  # not consumed yet
+    assert not backlog.queued("extracting", 0, 9)  # consumed, and fusion has nothing waiting: stuck
+    assert not backlog.queued("extracting", 0, 50)  # beyond the log's end: a broker restarted empty lost it
+    assert backlog.queued("extracting", 1, 3)  # a group that never committed starts at the beginning
+    assert not backlog.queued("extracting", 3, 5)  # waiting, but the partition does not move: stuck
+    assert not backlog.queued("extracting", 2, 0) and not backlog.queued("extracting", None, None)
+    # consumed by the body, waiting in fusion's queue, which flows: queued; which stands still: stuck
+    busy = ledger.Backlog(body, ledger.Position({0: 4}, {0: 90}), frozenset({(f, 0)}))
+    assert busy.queued("extracting", 0, 9) and busy.queued("fusing", None, None)
+    still = ledger.Backlog(body, ledger.Position({0: 4}, {0: 90}), frozenset())
+    assert not still.queued("extracting", 0, 9) and not still.queued("fusing", None, None)
 
     watch = ledger.QueueWatch()
-    assert watch.flowing({0: 5}, {0: 9, 1: 3}, 10, now=0.0) == {0, 1}  # first sight
-    assert watch.flowing({0: 5}, {0: 9, 1: 3}, 10, now=8.0) == {0, 1}
-    assert watch.flowing({0: 7}, {0: 9, 1: 3}, 10, now=15.0) == {0}  # 0 moved; 1 stood still for 15 s
-    assert watch.flowing({0: 7}, {0: 9, 1: 3}, 10, now=30.0) == frozenset()
+    pos = {d: ledger.Position({0: 5}, {0: 9, 1: 3})}
+    assert watch.flowing(pos, 10, now=0.0) == {(d, 0), (d, 1)}  # first sight
+    assert watch.flowing(pos, 10, now=8.0) == {(d, 0), (d, 1)}
+    assert watch.flowing({d: ledger.Position({0: 7}, {0: 9, 1: 3})}, 10, now=15.0) == {(d, 0)}  # 1 stood still
+    assert watch.flowing({d: ledger.Position({0: 7}, {0: 9, 1: 3})}, 10, now=30.0) == frozenset()
 
 
 async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg_dsn, broker):
@@ -147,9 +157,10 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
         # all overdue; the (test's own) body group has consumed nothing: queued, none re-published
         await pool.execute("UPDATE detections SET updated_at = now() - interval '1 hour' WHERE id = ANY($1::uuid[])",
                            ids)
-        found = await ledger.read_backlog(broker.bootstrap, group)
-        backlog = ledger.Backlog(found.committed, found.end, frozenset(found.end))  # as if the group moved lately
-        retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, backlog)
+        found = await ledger.read_backlog(broker.bootstrap, group, f"{group}-fusion")
+        # as if the body group moved lately on every partition
+        backlog = ledger.Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
+        retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200)
         assert queued >= len(ids) and not failed
         mine = await pool.fetch("SELECT attempts, state FROM detections WHERE id = ANY($1::uuid[])", ids)
         assert {(r["attempts"], r["state"]) for r in mine} == {(0, "extracting")}
@@ -166,9 +177,9 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
             await consumer.commit(past)
         finally:
             await consumer.stop()
-        found = await ledger.read_backlog(broker.bootstrap, group)
+        found = await ledger.read_backlog(broker.bootstrap, group, f"{group}-fusion")
         retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, ledger.Backlog(
-            found.committed, found.end, frozenset(found.end)))
+            found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end)), queued_max_s=7200)
         mine = await pool.fetch("SELECT attempts FROM detections WHERE id = ANY($1::uuid[])", ids)
         assert {r["attempts"] for r in mine} == {1}
         assert await pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = ANY($1::uuid[])", ids) == len(ids)

@@ -22,7 +22,7 @@ from shared.observability import DETECTIONS_BY_STATE, ERRORS
 from shared.pipeline import expected_components
 from shared.schemas import Box, DeadLetter, DetectionEvent, JoinDeadline, PipelineConfig
 from shared.states import PENDING, STATES
-from shared.topics import DEAD_LETTERS, DETECTIONS, JOIN_DEADLINES, ensure_topics
+from shared.topics import DEAD_LETTERS, DETECTIONS, FEATURES_BODY, JOIN_DEADLINES, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -131,49 +131,74 @@ async def _release(pool: asyncpg.Pool, claimed) -> None:
 
 
 @dataclass(frozen=True)
-class Backlog:
-    """Where the body service's consumer group stands on the detections topic: per partition, its committed
-    offset, the log's end, and whether the group's offset moved lately (the queue flows)."""
+class Position:
+    """Where a consumer group stands on a topic: per partition its committed offset and the log's end."""
 
     committed: dict[int, int]
     end: dict[int, int]
-    flowing: frozenset[int] = frozenset()
 
-    def queued(self, partition: int | None, offset: int | None) -> bool:
-        """Whether a detection's event waits in a queue that flows: not consumed yet, still in the log (a
-        broker restarted empty has lost it), and the group's offset on that partition moved lately. A
-        partition that does not move (a consumer wedged, hung or gone) holds stuck work, not queued work:
-        re-publishing is then the cure, as it was seen to be after a broker restarted empty."""
-        if partition is None or offset is None or partition not in self.end or partition not in self.flowing:
+    def waiting(self, partition: int) -> bool:
+        return self.committed.get(partition, 0) < self.end.get(partition, 0)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The two queues a detection can wait in before its decision: its event in the body group's queue
+    (where it landed is known), then its body features in the fusion group's. `flowing` names the
+    (topic, partition) whose group offset moved lately."""
+
+    body: Position
+    fusion: Position | None = None
+    flowing: frozenset[tuple[str, int]] = frozenset()
+
+    def in_body_queue(self, partition: int | None, offset: int | None) -> bool:
+        """Its event waits in a body partition that flows: not consumed yet, and still in the log (a broker
+        restarted empty has lost it). A partition that does not move (a consumer wedged, hung or gone)
+        holds stuck work, not queued work: re-publishing is then the cure, as it was seen to be after a
+        broker restarted empty."""
+        if partition is None or offset is None or partition not in self.body.end \
+                or (DETECTIONS.name, partition) not in self.flowing:
             return False
-        return self.committed.get(partition, 0) <= offset < self.end[partition]
+        return self.body.committed.get(partition, 0) <= offset < self.body.end[partition]
+
+    def fusion_busy(self) -> bool:
+        """Fusion works through a queue of body features (some partition waits and moves): a detection the
+        body has answered may be in it (where is not known, so any flowing fusion queue counts)."""
+        if self.fusion is None:
+            return False
+        return any(self.fusion.waiting(p) and (FEATURES_BODY.name, p) in self.flowing for p in self.fusion.end)
+
+    def queued(self, state: str, partition: int | None, offset: int | None) -> bool:
+        if state == "extracting" and self.in_body_queue(partition, offset):
+            return True
+        return state in ("extracting", "fusing") and self.fusion_busy()
 
 
 class QueueWatch:
-    """Remembers when the body group's committed offset of each partition last moved, across rounds."""
+    """Remembers when a group's committed offset of each (topic, partition) last moved, across rounds."""
 
     def __init__(self):
-        self._last: dict[int, tuple[int, float]] = {}  # partition -> (committed offset, when it last changed)
+        self._last: dict[tuple[str, int], tuple[int, float]] = {}  # -> (committed offset, when it last changed)
 
-    def flowing(self, committed: dict[int, int], end: dict[int, int], within_s: float,
-                now: float | None = None) -> frozenset[int]:
-        """Partitions whose group offset moved within `within_s` (a first sighting counts as a move)."""
+    def flowing(self, positions: dict[str, Position], within_s: float, now: float | None = None) -> frozenset:
+        """(topic, partition) whose group offset moved within `within_s` (a first sighting counts as a move)."""
         import time
 
         now = time.monotonic() if now is None else now
         out = set()
-        for p in end:
-            offset = committed.get(p, 0)
-            last = self._last.get(p)
-            if last is None or last[0] != offset:
-                self._last[p] = (offset, now)
-            if now - self._last[p][1] <= within_s:
-                out.add(p)
+        for topic, position in positions.items():
+            for p in position.end:
+                offset = position.committed.get(p, 0)
+                last = self._last.get((topic, p))
+                if last is None or last[0] != offset:
+                    self._last[(topic, p)] = (offset, now)
+                if now - self._last[(topic, p)][1] <= within_s:
+                    out.add((topic, p))
         return frozenset(out)
 
 
 async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int,
-                         backlog: Backlog | None = None) -> tuple[int, int, int]:
+                         backlog: Backlog | None = None, queued_max_s: float = 1800.0) -> tuple[int, int, int]:
     """Re-enqueue detections with no progress; fail those out of attempts.
 
     The patience doubles with every attempt up to 8x (stuck_after_s, 2x, 4x, 8x, 8x, ...):
@@ -181,17 +206,21 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
     failing a detection is a last resort, over an hour away with the defaults. Detections still
     waiting in the outbox are not stuck, and neither is one whose event is queued in the log behind
     others (`backlog`): in a season's backlog nearly every detection waits longer than the patience,
-    and re-publishing it would only queue a copy behind itself. Returns (re-enqueued, failed, queued).
+    and re-publishing it would only queue a copy behind itself. No detection counts as queued for more
+    than `queued_max_s` without progress: the consumer groups' offsets were seen to move oddly after a
+    broker restarted empty (a fresh consumer committing its old offset into the new broker's group), and
+    a misjudged detection must cost time, never its decision. Returns (re-enqueued, failed, queued).
     """
     async with pool.acquire() as conn, conn.transaction():
         overdue = await conn.fetch(
-            """SELECT id, state, attempts, published_partition, published_offset FROM detections d
+            """SELECT id, state, attempts, published_partition, published_offset,
+                      extract(epoch FROM now() - updated_at) AS waited FROM detections d
                WHERE state = ANY($1::text[])
                  AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 3)))
                  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.detection_id = d.id)
                ORDER BY updated_at LIMIT 2000 FOR UPDATE SKIP LOCKED""", _PENDING, stuck_after_s)
-        queued = [r["id"] for r in overdue if backlog is not None and r["state"] == "extracting"
-                  and backlog.queued(r["published_partition"], r["published_offset"])]
+        queued = [r["id"] for r in overdue if backlog is not None and r["waited"] < queued_max_s
+                  and backlog.queued(r["state"], r["published_partition"], r["published_offset"])]
         stuck = [r for r in overdue if r["id"] not in set(queued)]
         fail = [r["id"] for r in stuck if r["attempts"] + 1 >= max_attempts]
         retry = [r["id"] for r in stuck if r["attempts"] + 1 < max_attempts]
@@ -204,6 +233,8 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
         if retry:
             await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])", retry)
             await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+        if queued:
+            log.info("reconciler: %d overdue detections are queued behind others, not stuck", len(queued))
         if stuck:
             log.warning("reconciler: re-enqueued %d stuck detections, failed %d (%d queued, not stuck)",
                         len(retry), len(fail), len(queued))
@@ -355,45 +386,68 @@ class Reconciler(DeadLetterRecorder):
         await ensure_topics(self.settings.kafka_bootstrap)
         backlog = await read_backlog(self.settings.kafka_bootstrap)
         if backlog is not None:
-            backlog = Backlog(backlog.committed, backlog.end,
-                              self.watch.flowing(backlog.committed, backlog.end, self.settings.stuck_after_s))
+            positions = {DETECTIONS.name: backlog.body, FEATURES_BODY.name: backlog.fusion}
+            backlog = Backlog(backlog.body, backlog.fusion, self.watch.flowing(positions, self.settings.stuck_after_s))
         _, _, self.queued = await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts,
-                                                 backlog)
+                                                 backlog, self.settings.queued_max_s)
         self.states = await count_states(self.pool)
 
 
-BODY_GROUP = "deer-body"  # shared.broker.BrokerRunner's group of the body service
+BODY_GROUP, FUSION_GROUP = "deer-body", "deer-fusion"  # shared.broker.BrokerRunner's groups of the services
 
 
-async def read_backlog(bootstrap: str, group: str = BODY_GROUP) -> Backlog | None:
-    """The body group's committed offsets and the detections topic's end offsets (`flowing` left empty for the
-    caller to fill); None when the broker cannot say (then every overdue detection is stuck, as before)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+async def read_backlog(bootstrap: str, body_group: str = BODY_GROUP, fusion_group: str = FUSION_GROUP,
+                       timeout_s: float = 10.0) -> Backlog | None:
+    """Where the body group stands on the detections topic and the fusion group on the body features
+    (`flowing` left for the caller, who remembers earlier rounds); None when the broker cannot say within
+    `timeout_s` (then every overdue detection is stuck, as before). Right after a broker restarted empty
+    these requests were seen to hang for minutes: the round must not wait on them."""
+    task = asyncio.create_task(_read_backlog(bootstrap, body_group, fusion_group))
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()  # its clean-up finishes in the background
+        log.warning("reconciler: the consumer groups' offsets did not come within %.0f s: going by time alone",
+                    timeout_s)
+        return None
+    return task.result()
+
+
+async def _read_backlog(bootstrap: str, body_group: str, fusion_group: str) -> Backlog | None:
+    from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
-    partitions = [TopicPartition(DETECTIONS.name, p) for p in range(DETECTIONS.partitions)]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000)
     try:
         await admin.start()
         await consumer.start()
-        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
-        end = await consumer.end_offsets(partitions)
-        # Tansu reports a partition's end as the first offset of its last batch + 1: the rest of that batch
-        # would look lost. Reading the last batch gives the true end (one small fetch per partition).
-        consumer.assign([tp for tp, off in end.items() if off > 0])
-        for tp in consumer.assignment():
-            consumer.seek(tp, end[tp] - 1)
-        for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
-            end[tp] = max(end[tp], max(r.offset for r in records) + 1)
+        body = await _position(admin, consumer, body_group, DETECTIONS)
+        fusion = await _position(admin, consumer, fusion_group, FEATURES_BODY)
     except Exception as exc:  # noqa: BLE001 - an unreadable backlog only costs the distinction
-        log.warning("reconciler: cannot read the body group's offsets (%r): going by time alone", exc)
+        log.warning("reconciler: cannot read the consumer groups' offsets (%r): going by time alone", exc)
         return None
     finally:
         await consumer.stop()
         await admin.close()
-    return Backlog(committed={tp.partition: m.offset for tp, m in committed.items() if m.offset >= 0},
-                   end={tp.partition: off for tp, off in end.items()})
+    return Backlog(body, fusion)
+
+
+async def _position(admin, consumer, group: str, topic) -> Position:
+    from aiokafka import TopicPartition
+
+    partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+    committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+    end = await consumer.end_offsets(partitions)
+    # Tansu reports a partition's end as the first offset of its last batch + 1: the rest of that batch
+    # would look lost. Reading the last batch gives the true end (one small fetch per partition).
+    consumer.assign([tp for tp, off in end.items() if off > 0])
+    for tp in consumer.assignment():
+        consumer.seek(tp, end[tp] - 1)
+    for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+        end[tp] = max(end[tp], max(r.offset for r in records) + 1)
+    consumer.unsubscribe()
+    return Position(committed={tp.partition: m.offset for tp, m in committed.items() if m.offset >= 0},
+                    end={tp.partition: off for tp, off in end.items()})
 
 
 async def make_handler(settings) -> Reconciler:

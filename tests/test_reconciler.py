@@ -178,8 +178,12 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
         finally:
             await consumer.stop()
         found = await ledger.read_backlog(broker.bootstrap, group, f"{group}-fusion")
-        retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, ledger.Backlog(
-            found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end)), queued_max_s=7200)
+        backlog = ledger.Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
+        suspects: set = set()
+        await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200, suspects=suspects)
+        assert set(ids) <= suspects  # one round finding them stuck is not enough
+        assert not await pool.fetchval("SELECT max(attempts) FROM detections WHERE id = ANY($1::uuid[])", ids)
+        await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200, suspects=suspects)
         mine = await pool.fetch("SELECT attempts FROM detections WHERE id = ANY($1::uuid[])", ids)
         assert {r["attempts"] for r in mine} == {1}
         assert await pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = ANY($1::uuid[])", ids) == len(ids)

@@ -198,7 +198,8 @@ class QueueWatch:
 
 
 async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int,
-                         backlog: Backlog | None = None, queued_max_s: float = 1800.0) -> tuple[int, int, int]:
+                         backlog: Backlog | None = None, queued_max_s: float = 1800.0,
+                         suspects: set | None = None) -> tuple[int, int, int]:
     """Re-enqueue detections with no progress; fail those out of attempts.
 
     The patience doubles with every attempt up to 8x (stuck_after_s, 2x, 4x, 8x, 8x, ...):
@@ -209,7 +210,10 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
     and re-publishing it would only queue a copy behind itself. No detection counts as queued for more
     than `queued_max_s` without progress: the consumer groups' offsets were seen to move oddly after a
     broker restarted empty (a fresh consumer committing its old offset into the new broker's group), and
-    a misjudged detection must cost time, never its decision. Returns (re-enqueued, failed, queued).
+    a misjudged detection must cost time, never its decision. With `suspects` (kept by the caller across
+    rounds), a detection is re-published only when two rounds in a row find it stuck: the offsets and the
+    rows are read at two moments, and a detection passing from one queue to the next between them looked
+    stuck for one round. Returns (re-enqueued, failed, queued).
     """
     async with pool.acquire() as conn, conn.transaction():
         overdue = await conn.fetch(
@@ -222,6 +226,11 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
         queued = [r["id"] for r in overdue if backlog is not None and r["waited"] < queued_max_s
                   and backlog.queued(r["state"], r["published_partition"], r["published_offset"])]
         stuck = [r for r in overdue if r["id"] not in set(queued)]
+        if suspects is not None:
+            confirmed = [r for r in stuck if r["id"] in suspects]
+            suspects.clear()
+            suspects.update(r["id"] for r in stuck if r["id"] not in {c["id"] for c in confirmed})
+            stuck = confirmed
         fail = [r["id"] for r in stuck if r["attempts"] + 1 >= max_attempts]
         retry = [r["id"] for r in stuck if r["attempts"] + 1 < max_attempts]
         await conn.execute(
@@ -303,6 +312,7 @@ class Reconciler(DeadLetterRecorder):
         self.states: dict[str, int] = {}
         self.queued = 0  # overdue detections whose events still wait in the log (last round)
         self.watch = QueueWatch()
+        self.suspects: set = set()  # found stuck by the last round: re-published if this one agrees
         self.down: dict[str, str] = {}  # loop name -> the error that took it down
 
     def health(self) -> dict:
@@ -389,7 +399,7 @@ class Reconciler(DeadLetterRecorder):
             positions = {DETECTIONS.name: backlog.body, FEATURES_BODY.name: backlog.fusion}
             backlog = Backlog(backlog.body, backlog.fusion, self.watch.flowing(positions, self.settings.stuck_after_s))
         _, _, self.queued = await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts,
-                                                 backlog, self.settings.queued_max_s)
+                                                 backlog, self.settings.queued_max_s, self.suspects)
         self.states = await count_states(self.pool)
 
 

@@ -153,23 +153,18 @@ async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: 
     return rows
 
 
-async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, mode: str = "fast") -> dict:
-    """Produce one detection event per crop (paced at `rate`/s, or all at once) and wait for every result."""
+async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: str, config, expected: list[str],
+                      send_to, answers_on, answer_id, rate: float | None = None) -> dict:
+    """One detection event per (row, crop) onto `send_to` (paced at `rate`/s, or all at once), timed until
+    each detection's answer appears on `answers_on` (`answer_id` decodes an answer to its detection id)."""
     from aiokafka import AIOKafkaConsumer
 
     from shared.broker import MAX_MESSAGE_BYTES, producer_for
-    from shared.pipeline import expected_components
-    from shared.schemas import Box, DetectionEvent, DetectionResult, PipelineConfig
-    from shared.topics import DETECTIONS, RESULTS
+    from shared.schemas import Box, DetectionEvent
 
-    # the enhanced bench includes the coat, antler and (selective) pose services (its detections are bucks)
-    enhanced = mode == "enhanced"
-    config = PipelineConfig(mode=mode, coat=enhanced, antler=enhanced, pose=enhanced)
-    cls = "buck" if enhanced else "doe"
-    expected = expected_components(config, cls)
-    rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()}, expected)
-    consumer = AIOKafkaConsumer(RESULTS.name, bootstrap_servers=stack.bootstrap, group_id=f"bench-{uuid.uuid4()}",
-                                auto_offset_reset="latest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+    consumer = AIOKafkaConsumer(answers_on.name, bootstrap_servers=stack.bootstrap,
+                                group_id=f"bench-{uuid.uuid4()}", auto_offset_reset="latest",
+                                max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
     await consumer.start()
     while not consumer.assignment():
         await asyncio.sleep(0.05)
@@ -178,15 +173,17 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
     await producer.start()
     sent: dict[str, float] = {}
     done: dict[str, float] = {}
+    answers: list[bytes] = []
 
     async def collect():
         while len(done) < len(rows):
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 now = time.perf_counter()
                 for r in records:
-                    did = str(DetectionResult.from_bytes(r.value).detection_id)
+                    did = answer_id(r.value)
                     if did in sent and did not in done:
                         done[did] = now
+                        answers.append(r.value)
 
     collector = asyncio.create_task(collect())
     now = datetime.now(timezone.utc)
@@ -195,10 +192,10 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
         if rate:
             await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
         event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls=cls,
-                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode=mode,
-                               switches=config.switches(), expected=expected)
+                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop,
+                               mode=config.mode, switches=config.switches(), expected=expected)
         sent[str(det)] = time.perf_counter()
-        await producer.send(DETECTIONS.name, event.to_bytes(), key=str(det).encode())
+        await producer.send(send_to.name, event.to_bytes(), key=str(det).encode())
     await producer.flush()
     await asyncio.wait_for(collector, timeout=600)
     elapsed = max(done.values()) - start
@@ -206,67 +203,48 @@ async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, 
     await consumer.stop()
     latencies = np.array([1000 * (done[k] - sent[k]) for k in sent])
     return {"det_per_s": len(rows) / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99)), "seconds": elapsed}
+            "p99_ms": float(np.percentile(latencies, 99)), "seconds": elapsed, "answers": answers}
+
+
+async def _run_events(stack, crops: list[bytes], site: str, rate: float | None, mode: str = "fast") -> dict:
+    """Produce one detection event per crop (paced at `rate`/s, or all at once) and wait for every result."""
+    from shared.pipeline import expected_components
+    from shared.schemas import DetectionResult, PipelineConfig
+    from shared.topics import DETECTIONS, RESULTS
+
+    # the enhanced bench includes the coat, antler and (selective) pose services (its detections are bucks)
+    enhanced = mode == "enhanced"
+    config = PipelineConfig(mode=mode, coat=enhanced, antler=enhanced, pose=enhanced)
+    cls = "buck" if enhanced else "doe"
+    expected = expected_components(config, cls)
+    rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()}, expected)
+    timed = await _round_trip(stack, rows, crops, site, cls=cls, config=config, expected=expected,
+                              send_to=DETECTIONS, answers_on=RESULTS, rate=rate,
+                              answer_id=lambda raw: str(DetectionResult.from_bytes(raw).detection_id))
+    timed.pop("answers")
+    return timed
 
 
 async def _run_pose_requests(stack, crops: list[bytes], site: str) -> dict:
     """Pose requests straight to the pose service (the bench's look-alike crops never leave fusion uncertain,
     so fusion itself asks for none): its throughput and latency, request to published features."""
-    from aiokafka import AIOKafkaConsumer
-
-    from shared.broker import MAX_MESSAGE_BYTES, producer_for
-    from shared.schemas import Box, DetectionEvent, Features, PipelineConfig
+    from shared.schemas import Features, PipelineConfig
     from shared.topics import FEATURES_POSE, POSE_REQUESTS
 
     config = PipelineConfig(mode="enhanced", pose=True)
     expected = ["body", "pose"]
     rows = await _insert_detections(stack.dsn, crops, site, {"mode": "enhanced", **config.switches()}, expected)
-    consumer = AIOKafkaConsumer(FEATURES_POSE.name, bootstrap_servers=stack.bootstrap,
-                                group_id=f"bench-pose-{uuid.uuid4()}", auto_offset_reset="latest",
-                                max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
-    await consumer.start()
-    while not consumer.assignment():
-        await asyncio.sleep(0.05)
-    await consumer.seek_to_end()
-    producer = producer_for(stack.bootstrap, "bench-pose")
-    await producer.start()
-    sent: dict[str, float] = {}
-    done: dict[str, float] = {}
-    answers: list[Features] = []
-
-    async def collect():
-        while len(done) < len(rows):
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                now = time.perf_counter()
-                for r in records:
-                    f = Features.from_bytes(r.value)
-                    if str(f.detection_id) in sent and str(f.detection_id) not in done:
-                        done[str(f.detection_id)] = now
-                        answers.append(f)
-
-    collector = asyncio.create_task(collect())
-    start = time.perf_counter()
-    now = datetime.now(timezone.utc)
-    for (det, sha), crop in zip(rows, crops):
-        event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls="doe",
-                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop, mode="enhanced",
-                               switches=config.switches(), expected=expected)
-        sent[str(det)] = time.perf_counter()
-        await producer.send(POSE_REQUESTS.name, event.to_bytes(), key=str(det).encode())
-    await producer.flush()
-    await asyncio.wait_for(collector, timeout=600)
-    elapsed = max(done.values()) - start
-    await producer.stop()
-    await consumer.stop()
-    latencies = np.array([1000 * (done[k] - sent[k]) for k in sent])
-    flags = sorted({f for a in answers for f in a.flags})
-    return {"requests": len(rows), "answers_per_s": round(len(rows) / elapsed, 2),
-            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+    timed = await _round_trip(stack, rows, crops, site, cls="doe", config=config, expected=expected,
+                              send_to=POSE_REQUESTS, answers_on=FEATURES_POSE,
+                              answer_id=lambda raw: str(Features.from_bytes(raw).detection_id))
+    answers = [Features.from_bytes(raw) for raw in timed["answers"]]
+    return {"requests": len(rows), "answers_per_s": round(timed["det_per_s"], 2),
+            "p50_ms": round(timed["p50_ms"], 1), "p99_ms": round(timed["p99_ms"], 1),
             "keypoints_in_answers": sum(a.attributes.get("keypoints") is not None for a in answers),
             "viewpoints": {v: sum(a.attributes.get("viewpoint") == v for a in answers)
                            for v in sorted({a.attributes.get("viewpoint") for a in answers})},
-            "flags": flags, "versions": answers[0].attributes.get("versions") if answers else None,
+            "flags": sorted({f for a in answers for f in a.flags}),
+            "versions": answers[0].attributes.get("versions") if answers else None,
             "service_ms_per_crop": {k: round(float(np.median([a.timings_ms[k] for a in answers if k in a.timings_ms])), 1)
                                     for k in sorted({k for a in answers for k in a.timings_ms})}}
 

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-from tqdm import tqdm
-
 from deer_reid.evaluation.dataset import Sample
-from deer_reid.evaluation.features import pipeline_crop
-from deer_reid.training.viewpoint import report
+from deer_reid.training.viewpoint import crop_features, report
 from services.pose.classifier import ViewpointClassifier
-from services.pose.viewpoint import normalise_label
+from services.pose.viewpoint import UNKNOWN, normalise_label
 from shared.config import Settings
 
 
@@ -21,16 +17,17 @@ def predicted_viewpoints(samples: Sequence[Sample], name: str, settings: Setting
     notes: the classifier's version, its accuracy against the labels where the data has them, on the
     identities it never `learned` (trained or selected on) only."""
     classifier = ViewpointClassifier(name, settings.model_cache, device=settings.device, precision=settings.precision)
-    crops = [pipeline_crop(s.path.read_bytes(), settings) for s in samples]
-    x = np.concatenate([classifier.features(crops[i:i + 32])
-                        for i in tqdm(range(0, len(crops), 32), desc="viewpoint", unit="batch", disable=not progress)])
-    views = [v.label for v in classifier.head.viewpoints(x)]
+    x, keep, _ = crop_features(list(samples), classifier.backbone, settings, progress)
+    views = [UNKNOWN] * len(samples)  # an unreadable photo has no viewpoint
+    for i, v in zip(keep, classifier.head.viewpoints(x)):
+        views[i] = v.label
     notes = {"classifier": classifier.version, "backbone": classifier.card["backbone_version"],
              "threshold": classifier.head.threshold,
              "predicted": {v: views.count(v) for v in sorted(set(views))}}
-    labelled = [i for i, s in enumerate(samples) if normalise_label(s.viewpoint) and s.identity not in learned]
+    row = {i: n for n, i in enumerate(keep)}  # sample index -> its row of x
+    labelled = [i for i in keep if normalise_label(samples[i].viewpoint) and samples[i].identity not in learned]
     if labelled:
         notes["accuracy_identities"] = len({samples[i].identity for i in labelled})
-        notes["accuracy_against_labels"] = report(classifier.head, x[labelled],
+        notes["accuracy_against_labels"] = report(classifier.head, x[[row[i] for i in labelled]],
                                                   [normalise_label(samples[i].viewpoint) for i in labelled])
     return views, notes

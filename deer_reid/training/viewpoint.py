@@ -45,7 +45,8 @@ def labelled(samples: list[Sample]) -> list[Sample]:
     return [s for s in samples if normalise_label(s.viewpoint) not in (None, UNKNOWN)]
 
 
-def _features(samples: list[Sample], backbone, settings: Settings, progress: bool) -> tuple[np.ndarray, list, dict]:
+def crop_features(samples: list[Sample], backbone, settings: Settings, progress: bool) -> tuple[np.ndarray, list, dict]:
+    """The head's inputs for the samples' pipeline crops, in batches; the indexes read, and why others were not."""
     crops, keep, bad = [], [], {}
     for i, s in enumerate(samples):
         try:
@@ -108,7 +109,7 @@ def train_viewpoint(data_dir: Path, cfg: ViewpointConfig, settings: Settings, *,
         raise DatasetError(f"backbone {cfg.backbone} has no weights in {settings.model_cache}")
 
     def part(samples_of_part):
-        x, keep, bad = _features(samples_of_part, backbone, settings, progress)
+        x, keep, bad = crop_features(samples_of_part, backbone, settings, progress)
         return x, [normalise_label(samples_of_part[i].viewpoint) for i in keep], bad
 
     x_train, y_train, bad = part(parts.train)

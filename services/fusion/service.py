@@ -316,12 +316,11 @@ class FusionHandler:
                     per_exemplar: dict) -> dict:
         """Pose's answer, and the pose-aware component (added to `per_exemplar`): each candidate's best
         body similarity among its exemplars seen from the detection's viewpoint."""
-        row = await conn.fetchrow("SELECT status, features FROM detection_features WHERE detection_id = $1 "
-                                  "AND component = 'pose'", det["id"])
-        a = row["features"].get("attributes", {})
+        features = await store.joined_features(conn, det["id"], "pose")
+        a = features.get("attributes", {})
         view = a.get("viewpoint")
         out = {"ran": True, "viewpoint": view, "angle": a.get("angle"), "confidence": a.get("confidence"),
-               "source": a.get("source"), "why_unknown": a.get("why"), "flags": row["features"].get("flags", []),
+               "source": a.get("source"), "why_unknown": a.get("why"), "flags": features.get("flags", []),
                "keypoint_confidence": a.get("keypoint_confidence"), "versions": a.get("versions"),
                "same_viewpoint_exemplars": 0}
         if not known(view):
@@ -337,9 +336,7 @@ class FusionHandler:
 
     async def _antler(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
         """Antler scores of the best candidates by body, within the query's season (added to `per_exemplar`)."""
-        row = await conn.fetchrow("SELECT status, features FROM detection_features WHERE detection_id = $1 "
-                                  "AND component = 'antler'", det["id"])
-        features = row["features"]
+        features = await store.joined_features(conn, det["id"], "antler")
         a = features.get("attributes", {})
         emb = (features.get("embeddings") or [None])[0]
         fp = None

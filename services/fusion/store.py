@@ -33,6 +33,12 @@ async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncp
            FROM detections WHERE id = $1 FOR UPDATE""", detection_id)
 
 
+async def joined_features(conn: asyncpg.Connection, detection_id: UUID, component: str) -> dict:
+    """The features a component's event brought to the join (as `_stored` kept them)."""
+    return await conn.fetchval("SELECT features FROM detection_features WHERE detection_id = $1 AND component = $2",
+                               detection_id, component)
+
+
 async def arrived(conn: asyncpg.Connection, detection_id: UUID) -> dict[str, str]:
     """{component: status} of what has joined so far."""
     rows = await conn.fetch("SELECT component, status FROM detection_features WHERE detection_id = $1",

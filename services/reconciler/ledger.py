@@ -225,11 +225,12 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
                ORDER BY updated_at LIMIT 2000 FOR UPDATE SKIP LOCKED""", _PENDING, stuck_after_s)
         queued = [r["id"] for r in overdue if backlog is not None and r["waited"] < queued_max_s
                   and backlog.queued(r["state"], r["published_partition"], r["published_offset"])]
-        stuck = [r for r in overdue if r["id"] not in set(queued)]
+        waiting = set(queued)
+        stuck = [r for r in overdue if r["id"] not in waiting]
         if suspects is not None:
             confirmed = [r for r in stuck if r["id"] in suspects]
             suspects.clear()
-            suspects.update(r["id"] for r in stuck if r["id"] not in {c["id"] for c in confirmed})
+            suspects.update({r["id"] for r in stuck} - {r["id"] for r in confirmed})
             stuck = confirmed
         fail = [r["id"] for r in stuck if r["attempts"] + 1 >= max_attempts]
         retry = [r["id"] for r in stuck if r["attempts"] + 1 < max_attempts]

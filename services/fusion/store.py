@@ -65,10 +65,13 @@ async def start_fusing(conn: asyncpg.Connection, detection_id: UUID, deadline_s:
 
 
 async def expect_more(conn: asyncpg.Connection, detection_id: UUID, component: str, deadline_s: float) -> None:
-    """Wait for one more component (a selective pose request) and give the join a fresh deadline."""
+    """Wait for one more component (a selective pose request) and give the join a fresh deadline.
+
+    The deadline counts from this statement (clock_timestamp), not from the transaction's start (now()):
+    the scoring before it may take a while on a busy machine, and the request only leaves after commit."""
     await conn.execute(
         """UPDATE detections SET expected = array_append(coalesce(expected, ARRAY['body']), $2),
-               join_deadline = now() + make_interval(secs => $3::float8), updated_at = now()
+               join_deadline = clock_timestamp() + make_interval(secs => $3::float8), updated_at = now()
            WHERE id = $1 AND NOT ($2 = ANY(coalesce(expected, ARRAY['body'])))""", detection_id, component, deadline_s)
 
 

@@ -302,7 +302,7 @@ def cmd_ingest(args) -> int:
     report = asyncio.run(ingest(
         api_url_for(args, settings), Path(args.path), site=args.site, fallback_site="default", camera=args.camera,
         captured_at=args.captured_at, wait=args.wait, timeout=args.timeout, concurrency=args.concurrency,
-        progress=not args.quiet, headers=auth_headers(settings)))
+        progress=not args.quiet, headers=auth_headers(settings), max_image_bytes=settings.max_upload_bytes))
     text = json.dumps(report, indent=2, default=str)
     if args.json:
         Path(args.json).write_text(text)
@@ -699,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--human-only", action="store_true", help="only what a person decided")
     ex.set_defaults(func=cmd_export_labels)
 
-    ing = sub.add_parser("ingest", help="upload a folder (recursively) or one image")
+    ing = sub.add_parser("ingest", help="upload a folder (recursively), one image, or a zip or tar archive "
+                         "(entries read one at a time; refused entries are reported, the rest go on)")
     ing.add_argument("path")
     ing.add_argument("--site", help="camera site of the images (its property is looked up: `deer-reid sites`); "
                      "default: from SITE_YYYYMMDD_HHMMSS file names, else 'default'")

@@ -5,63 +5,128 @@ import asyncio
 import mimetypes
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import httpx
 from tqdm import tqdm
 
+from shared.archives import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, ArchiveRejected, Limits, is_archive, read_entries
 from shared.states import TERMINAL
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+@dataclass(frozen=True)
+class Item:
+    """One image to upload (`data`), or one refused before sending (`error`); `label` says where it came
+    from: its path, or `archive.zip!folder/entry.jpg`."""
+
+    label: str
+    name: str
+    data: bytes | None = None
+    error: str | None = None
+    status: int | None = None
 
 
-def find_images(path: Path) -> list[Path]:
-    """The image files under `path` (recursively), or `path` itself, in a stable order."""
+def find_files(path: Path) -> list[Path]:
+    """The images and archives under `path` (recursively), or `path` itself, in a stable order."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"no such file or folder: {path}")
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in path.rglob("*") if p.is_file() and (
+        p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith(ARCHIVE_SUFFIXES)))
 
 
-async def upload_one(client: httpx.AsyncClient, path: Path, fields: dict[str, str], retries: int = 5) -> dict:
-    """POST one image; returns the API's answer for it, or {"error", "status"}; retries only server trouble."""
-    data = path.read_bytes()
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+def archive_items(path: Path, limits: Limits) -> Iterator[Item]:
+    """An archive's entries as items, read one at a time. An entry refused is an item with its reason; an
+    archive that cannot be read on ends with one item saying why (the entries before it stand)."""
+    with open(path, "rb") as f:
+        try:
+            for entry in read_entries(f, limits):
+                yield Item(f"{path}!{entry.name}", entry.file_name, entry.data, entry.error,
+                           entry.status if entry.error else None)
+        except ArchiveRejected as exc:
+            yield Item(str(path), path.name, error=str(exc), status=exc.status)
+
+
+def items_of(path: Path, limits: Limits) -> Iterator[Item]:
+    """What `deer-reid ingest PATH` sends: a folder's images and archives (recursively), one image, or one
+    archive's images; each file is read only when its turn comes."""
+    for p in find_files(path):
+        with open(p, "rb") as f:
+            head = f.read(512)
+        if p.suffix.lower() not in IMAGE_SUFFIXES and is_archive(head, p.name):
+            yield from archive_items(p, limits)
+        else:
+            yield Item(str(p), p.name, p.read_bytes())
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (a number of seconds; anything else, such as a date, is 1)."""
+    try:
+        return min(max(float(value), 0.0), 30.0)
+    except (TypeError, ValueError):
+        return 1.0
+
+
+async def upload_one(client: httpx.AsyncClient, item: Item, fields: dict[str, str], retries: int = 5) -> dict:
+    """POST one image; returns the API's answer for it, or {"error", "status"}; retries server trouble and
+    the rate limit's 429 (after the Retry-After it gives), never a refusal."""
+    mime = mimetypes.guess_type(item.name)[0] or "application/octet-stream"
     for attempt in range(retries + 1):
         try:
-            resp = await client.post("/v1/uploads", data=fields, files=[("files", (path.name, data, mime))])
+            resp = await client.post("/v1/uploads", data=fields, files=[("files", (item.name, item.data, mime))])
         except httpx.TransportError as exc:
             if attempt == retries:
-                return {"path": str(path), "status": None, "error": f"transport: {exc!r}"}
+                return {"path": item.label, "status": None, "error": f"transport: {exc!r}"}
         else:
+            if resp.status_code == 429 and attempt < retries:  # the API's rate limit: wait as it asks
+                await asyncio.sleep(_retry_after(resp.headers.get("retry-after")))
+                continue
             if resp.status_code < 500:
                 body = resp.json()
                 if resp.status_code >= 400:
-                    return {"path": str(path), "status": resp.status_code, "error": body.get("error", body)}
-                return {"path": str(path), "status": resp.status_code, **body["images"][0]}
+                    return {"path": item.label, "status": resp.status_code, "error": body.get("error", body)}
+                return {"path": item.label, "status": resp.status_code, **body["images"][0]}
             if attempt == retries:
-                return {"path": str(path), "status": resp.status_code, "error": resp.text[:500]}
+                return {"path": item.label, "status": resp.status_code, "error": resp.text[:500]}
         await asyncio.sleep(min(0.5 * 2 ** attempt, 8))
     raise AssertionError("unreachable")
 
 
-async def upload_all(api_url: str, paths: list[Path], fields: dict[str, str], concurrency: int = 4,
+async def upload_all(api_url: str, items: Iterable[Path | Item], fields: dict[str, str], concurrency: int = 4,
                      progress: bool = True, headers: dict[str, str] | None = None) -> list[dict]:
-    sem = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(paths), desc="upload", unit="img", disable=not progress)
+    """Upload every item, `concurrency` at a time, one image per request; the answers in the items' order.
+    Items are drawn one at a time (an archive is never read whole), off the event loop."""
+    source = enumerate(items)
+    taking = asyncio.Lock()
+    results: dict[int, dict] = {}
+    bar = tqdm(desc="upload", unit="img", disable=not progress)
+
+    def draw() -> tuple[int, Item] | None:
+        i, nxt = next(source, (None, None))
+        if i is None:
+            return None
+        return i, nxt if isinstance(nxt, Item) else Item(str(nxt), Path(nxt).name, Path(nxt).read_bytes())
 
     async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=headers) as client:
-        async def one(path: Path) -> dict:
-            async with sem:
-                result = await upload_one(client, path, fields)
-            bar.update(1)
-            return result
+        async def worker() -> None:
+            while True:
+                async with taking:
+                    drawn = await asyncio.to_thread(draw)
+                if drawn is None:
+                    return
+                i, item = drawn
+                if item.error is not None:
+                    results[i] = {"path": item.label, "status": item.status, "error": item.error}
+                else:
+                    results[i] = await upload_one(client, item, fields)
+                bar.update(1)
 
-        results = await asyncio.gather(*(one(p) for p in paths))
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     bar.close()
-    return results
+    return [results[i] for i in sorted(results)]
 
 
 async def wait_terminal(api_url: str, ids: list[str], timeout: float | None = None, progress: bool = True,
@@ -91,18 +156,20 @@ async def wait_terminal(api_url: str, ids: list[str], timeout: float | None = No
     return states
 
 
-async def ingest(api_url: str, path: Path, *, site: str | None, fallback_site: str | None = None, camera: str | None, captured_at: str | None,
-                 wait: bool, timeout: float | None = None, concurrency: int = 4, progress: bool = True,
-                 headers: dict[str, str] | None = None) -> dict:
-    paths = find_images(path)
+async def ingest(api_url: str, path: Path, *, site: str | None, fallback_site: str | None = None,
+                 camera: str | None, captured_at: str | None, wait: bool, timeout: float | None = None,
+                 concurrency: int = 4, progress: bool = True, headers: dict[str, str] | None = None,
+                 max_image_bytes: int = 50 * 1024 * 1024) -> dict:
     fields = {k: v for k, v in (("site", site), ("fallback_site", fallback_site), ("camera", camera),
                                 ("fallback_captured_at", captured_at)) if v}
+    find_files(path)  # a path that is not there fails here, before anything is sent
     started = time.monotonic()
-    results = await upload_all(api_url, paths, fields, concurrency, progress, headers)
+    results = await upload_all(api_url, items_of(path, Limits(max_entry_bytes=max_image_bytes)), fields,
+                               concurrency, progress, headers)
     upload_s = time.monotonic() - started
     ids = [d["id"] for r in results if "detections" in r for d in r["detections"]]
     report = {
-        "images": len(paths),
+        "images": len(results),
         "uploaded": sum(1 for r in results if "detections" in r),
         "duplicates": sum(1 for r in results if r.get("duplicate")),
         "rejected": [r for r in results if "error" in r],

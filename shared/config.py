@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     # a whole request, refused with 413 before any parsing (64 files of 50 MB would be 3.2 GB held at once);
     # the command line sends one image per request
     max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # per client address: a burst, then a sustained rate (429 past it); `deer-reid ingest` sends ~4 at once
+    rate_limit_per_s: float = Field(100.0, gt=0)
+    rate_limit_burst: int = Field(400, ge=1)
+    # a request body that takes longer than this to arrive is answered 408 (a slow sender holds a worker)
+    request_body_timeout_s: float = Field(120.0, gt=0)
+    # other origins (e.g. "https://dash.example.org") allowed to call the API from a browser; comma-separated
+    cors_origins: str = ""
     # single-animal frames of one camera this close in time are one sighting, decided together (0: off)
     sighting_gap_s: float = Field(10.0, ge=0, le=600)
     crop_max_side: int = Field(512, ge=64, le=4096)

@@ -75,6 +75,38 @@ def make_jpeg(width: int = 64, height: int = 48, **save_args) -> bytes:
     return out.getvalue()
 
 
+def zip_of(entries: dict[str, bytes], *, links: tuple[str, ...] = ()) -> bytes:
+    """A zip archive of `entries` (deflated); names in `links` are stored as symbolic links to their bytes."""
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries.items():
+            info = zipfile.ZipInfo(name)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            if name in links:
+                info.external_attr = (0o120777 << 16)
+            z.writestr(info, data)
+    return out.getvalue()
+
+
+def tar_of(entries: dict[str, bytes], mode: str = "w:gz", *, links: dict[str, str] | None = None) -> bytes:
+    """A tar archive (gzip by default) of `entries`, plus symbolic links name -> target."""
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode=mode) as t:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            t.addfile(info)
+    return out.getvalue()
+
+
 @pytest.fixture(scope="session")
 def pg_dsn(tmp_path_factory):
     """A real PostgreSQL + pgvector with the migrations applied."""

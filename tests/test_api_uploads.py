@@ -1,6 +1,7 @@
 """The upload API against the real database: good uploads stored once, hostile ones refused with nothing stored."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import zlib
@@ -14,28 +15,35 @@ from services.api.app import create_app
 from services.api.auth import create_key
 from shared.config import Settings
 from shared.db import create_pool
-from tests.conftest import make_jpeg
+from tests.conftest import make_jpeg, tar_of, zip_of
 
 
+
+
+@contextlib.asynccontextmanager
+async def api_client(pg_dsn, home, **settings):
+    """The FastAPI app with `settings` on a clean database, driven in-process through httpx as an admin."""
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute("TRUNCATE images, detections, outbox, embeddings, individuals CASCADE")
+    await conn.close()
+    settings = Settings(home=home, database_url=pg_dsn, **settings)
+    app = create_app(settings)
+    app.state.pool = await create_pool(pg_dsn)
+    try:
+        _, key = await create_key(app.state.pool, "ranger", "admin")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                     headers={"Authorization": f"Bearer {key}"}) as client:
+            client.settings = settings
+            client.pool = app.state.pool
+            yield client
+    finally:
+        await app.state.pool.close()
 
 
 @pytest.fixture
 async def api(pg_dsn, tmp_path):
-    """The FastAPI app on a clean database, driven in-process through httpx."""
-    conn = await asyncpg.connect(pg_dsn)
-    await conn.execute("TRUNCATE images, detections, outbox, embeddings, individuals CASCADE")
-    await conn.close()
-    settings = Settings(home=tmp_path, database_url=pg_dsn, max_upload_bytes=50 * 1024 * 1024)
-    app = create_app(settings)
-    app.state.pool = await create_pool(pg_dsn)
-    _, key = await create_key(app.state.pool, "ranger", "admin")
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://api",
-                                 headers={"Authorization": f"Bearer {key}"}) as client:
-        client.settings = settings
-        client.pool = app.state.pool
+    async with api_client(pg_dsn, tmp_path, max_upload_bytes=50 * 1024 * 1024) as client:
         yield client
-    await app.state.pool.close()
 
 
 async def stored(client) -> dict:
@@ -144,13 +152,36 @@ HOSTILE = {
     "path in name": ([("../../etc/passwd.jpg", None, "image/jpeg")], {}, 422, "plain file name"),
     "backslash name": ([("..\\..\\boot.jpg", None, "image/jpeg")], {}, 422, "plain file name"),
     "hidden name": ([(".htaccess", None, "image/jpeg")], {}, 422, "plain file name"),
+    # archives: one refused entry refuses the upload (an upload is all or nothing)
+    "zip climbing entry": ([("card.zip", zip_of({"ok.jpg": make_jpeg(), "../../evil.jpg": make_jpeg()}),
+                             "application/zip")], {}, 422, "climbs"),
+    "tar absolute entry": ([("card.tar.gz", tar_of({"/etc/cron.d/x.jpg": make_jpeg()}), "application/gzip")], {},
+                           422, "absolute"),
+    "tar symlink": ([("card.tar", tar_of({}, "w", links={"a.jpg": "/etc/shadow"}), "application/x-tar")], {}, 422,
+                    "link"),
+    "zip bomb": ([("card.zip", lambda: zip_of({"b.jpg": b"\0" * (8 * 1024 * 1024)}), "application/zip")], {}, 413,
+                 "zip bomb"),
+    "tar bomb": ([("card.tgz", lambda: tar_of({f"{n}.jpg": b"\0" * (40 * 1024 * 1024) for n in range(8)}),
+                   "application/gzip")], {}, 413, ""),
+    "nested archive": ([("card.zip", zip_of({"inner.zip": zip_of({"a.jpg": make_jpeg()})}), "application/zip")],
+                       {}, 422, "not opened"),
+    "archive of text": ([("card.zip", zip_of({"notes.txt": b"hello"}), "application/zip")], {}, 422,
+                        "not an image"),
+    "zip not a zip": ([("card.zip", b"PK\x03\x04 nope", "application/zip")], {}, 422, "not a readable"),
+    "archive with a bad image": ([("card.zip", zip_of({"a.jpg": make_jpeg(), "b.jpg": b"junk"}),
+                                   "application/zip")], {}, 422, "not a decodable image"),
+    "too many images in an archive": ([("card.zip", zip_of({f"{n}.jpg": make_jpeg() for n in range(65)}),
+                                        "application/zip")], {}, 413, "images in one upload"),
+    "two entries one name": ([("card.zip", zip_of({"a/x.jpg": make_jpeg(), "b/x.jpg": make_jpeg()}),
+                               "application/zip")], {}, 422, "same name"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 async def test_hostile_uploads_get_a_clear_4xx_and_store_nothing(api, jpeg_bytes, case):
     files, fields, status, text = HOSTILE[case]
-    files = [(n, jpeg_bytes if b is None else b, m) for n, b, m in (files or [("a.jpg", None, "image/jpeg")])]
+    files = [(n, jpeg_bytes if b is None else b() if callable(b) else b, m)  # big ones are built when used
+             for n, b, m in (files or [("a.jpg", None, "image/jpeg")])]
     r = await post(api, files, **fields)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     if status:
@@ -159,6 +190,19 @@ async def test_hostile_uploads_get_a_clear_4xx_and_store_nothing(api, jpeg_bytes
     message = body.get("error") or json.dumps(body.get("detail"))
     assert text.lower() in message.lower(), message
     assert await stored(api) == NOTHING
+
+
+async def test_an_archive_upload_stores_its_images(api, jpeg_bytes):
+    """A zip of a card (folders, a macOS metadata file) is its images; names carry site and time as files do."""
+    card = zip_of({"cam1/ridge_20251101_060000.jpg": jpeg_bytes, "cam1/ridge_20251101_060130.jpg": make_jpeg(),
+                   "__MACOSX/cam1/._ridge_20251101_060000.jpg": b"\0\5\x16\7"})
+    r = await post(api, [("card.zip", card, "application/zip")], site=None, captured_at=None)
+    assert r.status_code == 201, r.text
+    images = r.json()["images"]
+    assert sorted(i["name"] for i in images) == ["ridge_20251101_060000.jpg", "ridge_20251101_060130.jpg"]
+    assert await stored(api) == {"images": 2, "detections": 2, "outbox": 2, "blobs": 2}
+    rows = await api.pool.fetch("SELECT site, captured_at FROM images ORDER BY captured_at")
+    assert [r["site"] for r in rows] == ["ridge", "ridge"] and rows[1]["captured_at"].minute == 1
 
 
 async def test_truncated_jpeg_is_refused(api, jpeg_bytes):
@@ -238,33 +282,21 @@ async def test_each_enhancement_switches_on_its_own_and_the_rest_stay(api):
 
 async def test_oversized_requests_and_too_many_parts_are_refused_before_parsing(pg_dsn, tmp_path, jpeg_bytes):
     """The whole request is bounded (413 before parsing), and so are the multipart parts."""
-    conn = await asyncpg.connect(pg_dsn)
-    await conn.execute("TRUNCATE images, detections, outbox, embeddings, individuals CASCADE")
-    await conn.close()
-    settings = Settings(home=tmp_path, database_url=pg_dsn, max_request_bytes=64 * 1024, max_files_per_upload=4)
-    app = create_app(settings)
-    app.state.pool = await create_pool(pg_dsn)
-    _, key = await create_key(app.state.pool, "ranger", "admin")
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
-                                     headers={"Authorization": f"Bearer {key}"}) as c:
-            c.settings, c.pool = settings, app.state.pool
-            big = make_jpeg(64, 48) + b"\0" * (80 * 1024)
-            r = await post(c, [("big.jpg", big, "image/jpeg")])
-            assert r.status_code == 413, r.text
-            small = make_jpeg(32, 24)
-            r = await post(c, [(f"{n}.jpg", small, "image/jpeg") for n in range(5)])
-            assert r.status_code in (400, 413) and "files" in r.text.lower(), r.text
-            r = await c.post("/v1/uploads", data={**FIELDS, **{f"extra{n}": "x" for n in range(40)}},
-                             files=[("files", ("a.jpg", small, "image/jpeg"))])
-            assert r.status_code == 400 and "fields" in r.text.lower(), r.text
-            r = await c.post("/v1/uploads", data={**FIELDS, "detections": "[" + " " * (2 * 1024 * 1024) + "]"},
-                             files=[("files", ("a.jpg", small, "image/jpeg"))])
-            assert r.status_code in (400, 413), r.status_code
-            # the people's API takes JSON up to 2 MB (10,000 detection ids in a split), no more
-            r = await c.post("/v1/individuals/merge", content=b'{"keep": 1, "absorb": 2, "reason": "'
-                             + b"x" * (3 * 1024 * 1024) + b'"}', headers={"content-type": "application/json"})
-            assert r.status_code == 413
-            assert await stored(c) == NOTHING
-    finally:
-        await app.state.pool.close()
+    async with api_client(pg_dsn, tmp_path, max_request_bytes=64 * 1024, max_files_per_upload=4) as c:
+        big = make_jpeg(64, 48) + b"\0" * (80 * 1024)
+        r = await post(c, [("big.jpg", big, "image/jpeg")])
+        assert r.status_code == 413, r.text
+        small = make_jpeg(32, 24)
+        r = await post(c, [(f"{n}.jpg", small, "image/jpeg") for n in range(5)])
+        assert r.status_code in (400, 413) and "files" in r.text.lower(), r.text
+        r = await c.post("/v1/uploads", data={**FIELDS, **{f"extra{n}": "x" for n in range(40)}},
+                         files=[("files", ("a.jpg", small, "image/jpeg"))])
+        assert r.status_code == 400 and "fields" in r.text.lower(), r.text
+        r = await c.post("/v1/uploads", data={**FIELDS, "detections": "[" + " " * (2 * 1024 * 1024) + "]"},
+                         files=[("files", ("a.jpg", small, "image/jpeg"))])
+        assert r.status_code in (400, 413), r.status_code
+        # the people's API takes JSON up to 2 MB (10,000 detection ids in a split), no more
+        r = await c.post("/v1/individuals/merge", content=b'{"keep": 1, "absorb": 2, "reason": "'
+                         + b"x" * (3 * 1024 * 1024) + b'"}', headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert await stored(c) == NOTHING

@@ -9,6 +9,7 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from deer_reid.ingest import ingest as ingest_path
 from deer_reid.ingest import upload_all, wait_terminal
 from services.reconciler.ledger import event_from_row
 from shared.broker import producer_for
@@ -16,6 +17,7 @@ from shared.embedded import EmbeddedBroker
 from shared.schemas import DetectionResult
 from shared.states import TERMINAL
 from shared.topics import DETECTIONS, RESULTS
+from tests.conftest import tar_of, zip_of
 from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, ingest_through_fault
 
 pytestmark = pytest.mark.stack
@@ -48,6 +50,33 @@ async def test_upload_to_identity_end_to_end(stack, db, nyala_paths, nyala_rows)
                              progress=False, headers=stack.auth)
     assert again[0]["duplicate"] is True and again[0]["detections"][0]["id"] == ids[0]
     assert await db.fetchval("SELECT count(*) FROM detections WHERE site = 'e2e'") == len(ids)
+
+
+async def test_ingest_of_a_folder_with_archives_reports_each_refusal_and_sends_the_rest(stack, db, nyala_paths,
+                                                                                         tmp_path):
+    """`deer-reid ingest FOLDER`: loose images and the images inside zip and tar archives are uploaded one
+    a request; a hostile or unreadable entry is reported with its reason and the others go on."""
+    photos = [p.read_bytes() for p in nyala_paths[40:44]]
+    (tmp_path / "loose.jpg").write_bytes(photos[0])
+    (tmp_path / "card1.zip").write_bytes(zip_of({"DCIM/a.jpg": photos[0], "../../escape.jpg": photos[1],
+                                                 "DCIM/readme.txt": b"hi", "DCIM/broken.jpg": b"junk"}))
+    (tmp_path / "card2.tar.gz").write_bytes(tar_of({"DCIM/b.jpg": photos[2], "DCIM/c.jpg": photos[3]},
+                                                   links={"DCIM/l.jpg": "/etc/passwd"}))
+    (tmp_path / "cut.tar").write_bytes(tar_of({"d.jpg": photos[0] * 3}, "w")[:3000])
+    report = await ingest_path(stack.api_url, tmp_path, site="archives", camera="cam1",
+                               captured_at="2025-11-01T06:00:00Z", wait=True, timeout=WAIT_S, progress=False,
+                               headers=stack.auth)
+    rejected = {r["path"].split("!")[-1].rsplit("/", 1)[-1]: r for r in report["rejected"]}
+    assert "climbs" in rejected.pop("escape.jpg")["error"]
+    assert "not an image" in rejected.pop("readme.txt")["error"]
+    assert rejected.pop("broken.jpg")["status"] == 422  # the API's answer for that entry
+    assert "link" in rejected.pop("l.jpg")["error"]
+    assert "cannot be read on" in rejected.pop("cut.tar")["error"]
+    assert rejected == {}
+    # loose.jpg and a.jpg are one photo: the second is a duplicate of the first
+    assert report["uploaded"] == 4 and report["duplicates"] == 1 and report["submitted"] == 4
+    assert report["terminal"] == 4 and set(report["states"]) <= TERMINAL
+    assert await db.fetchval("SELECT count(*) FROM images WHERE site = 'archives'") == 3
 
 
 async def test_the_same_event_twice_has_no_second_effect(stack, db, nyala_paths):

@@ -19,14 +19,18 @@ from uuid import UUID
 
 import asyncpg
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from services.api import people, web
 from services.api.auth import Admin, Reader, Reviewer
+from services.api.guards import BodyDeadline, OriginPolicy, RateLimit
 from services.api.deps import Config, Pool
-from services.api.uploads import PlannedImage, UploadRejected, parse_detections, parse_time, plan_image, safe_file_name
+from services.api.uploads import PlannedImage, UploadRejected, expand_archive, parse_detections, parse_time, \
+    plan_image, safe_file_name
 from shared import sites
+from shared.archives import Limits, is_archive
 from shared.config import Settings, get_settings
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
@@ -53,6 +57,25 @@ async def read_limited(upload: UploadFile, limit: int) -> bytes:
     if len(data) > limit:
         raise UploadRejected(f"file is over the limit of {limit} bytes", status=413, file=upload.filename)
     return data
+
+
+async def read_files(files: list[UploadFile], settings: Settings) -> list[tuple[str, bytes]]:
+    """Each uploaded file as (name, bytes); an archive counts as its images (read off the event loop, within
+    what a plain upload may hold: its images count against the file limit, its bytes against the request's)."""
+    sources: list[tuple[str, bytes]] = []
+    for f in files:
+        head = await f.read(512)
+        await f.seek(0)
+        if is_archive(head, f.filename or ""):
+            limits = Limits(max_entry_bytes=settings.max_upload_bytes, max_entries=4 * settings.max_files_per_upload,
+                            max_total_bytes=settings.max_request_bytes)
+            sources += await asyncio.to_thread(expand_archive, safe_file_name(f.filename), f.file, limits)
+        else:
+            sources.append((safe_file_name(f.filename), await read_limited(f, settings.max_upload_bytes)))
+        if len(sources) > settings.max_files_per_upload:
+            raise UploadRejected(f"over {settings.max_files_per_upload} images in one upload (archives count "
+                                 f"their images)", status=413)
+    return sources
 
 
 async def property_of(conn: asyncpg.Connection, site: str) -> str:
@@ -130,7 +153,8 @@ async def upload(
     pool: Pool,
     settings: Config,
     _: Reviewer,
-    files: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP)")],
+    files: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP), or zip or tar "
+                                                         "archives of them")],
     site: Annotated[str | None, Form(description="beats a SITE_YYYYMMDD_HHMMSS file name")] = None,
     fallback_site: Annotated[str | None, Form(description="used only when neither gives a site")] = None,
     camera: Annotated[str | None, Form()] = None,
@@ -146,7 +170,13 @@ async def upload(
         if len(files) > settings.max_files_per_upload:
             raise UploadRejected(f"{len(files)} files in one upload; at most {settings.max_files_per_upload}",
                                  status=413)
-        names = [safe_file_name(f.filename) for f in files]
+        for label, value in (("site", site), ("fallback_site", fallback_site), ("camera", camera)):
+            if value is not None and not sites.NAME.match(value):  # refused even where another field wins
+                raise UploadRejected(f"{label} {value[:100]!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if sighting is not None and not SIGHTING_KEY.match(sighting):
+            raise UploadRejected("sighting must be 1-100 letters, digits, '.', '_', ':' or '-'")
+        sources = await read_files(files, settings)
+        names = [name for name, _ in sources]
         if len(set(names)) != len(names):
             raise UploadRejected("two files in one upload have the same name")
         when = parse_time(captured_at, "captured_at") if captured_at else None
@@ -154,8 +184,7 @@ async def upload(
         boxes = parse_detections(detections, names)
         now = datetime.now(timezone.utc)
         planned = []
-        for name, upload_file in zip(names, files):
-            data = await read_limited(upload_file, settings.max_upload_bytes)
+        for name, data in sources:
             # Decoding and cropping are CPU work: keep the event loop answering.
             planned.append(await asyncio.to_thread(
                 plan_image, name, data, boxes[name], site=site, fallback_site=fallback_site, camera=camera, captured_at=when,
@@ -163,8 +192,6 @@ async def upload(
                 max_pixels=settings.max_pixels, crop_max_side=settings.crop_max_side, now=now))
         for im in planned:
             await asyncio.to_thread(store_blob, settings.blobs, im.sha256, im.data)
-        if sighting is not None and not SIGHTING_KEY.match(sighting):
-            raise UploadRejected("sighting must be 1-100 letters, digits, '.', '_', ':' or '-'")
         images = await persist(pool, planned, sighting, settings.sighting_gap_s)
     EVENTS.labels("api", "upload").inc(len(images))
     status = 201 if any(not i["duplicate"] for i in images) else 200
@@ -306,6 +333,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web.router, max_body_size=64 * 1024)
     web.mount_static(app)
     app.add_route("/metrics", metrics_endpoint)
+    # Outermost first: the cheapest refusals come before anything reads the request.
+    origins = frozenset(o.strip().rstrip("/") for o in settings.cors_origins.split(",") if o.strip())
+    app.add_middleware(BodyDeadline, seconds=settings.request_body_timeout_s)
+    app.add_middleware(CORSMiddleware, allow_origins=sorted(origins), allow_methods=["*"],
+                       allow_headers=["Authorization", "Content-Type", "X-Deer-Page"])
+    app.add_middleware(OriginPolicy, allowed=origins)
+    app.add_middleware(RateLimit, per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
     app.dependency_overrides[get_settings] = lambda: settings
 
     @app.exception_handler(UploadRejected)

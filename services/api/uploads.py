@@ -4,10 +4,12 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
+from typing import BinaryIO
 from datetime import datetime, timedelta, timezone
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from shared.archives import ArchiveRejected, Limits, read_entries
 from shared.images import ImageRejected, crop_jpeg, decode_upload, filename_time
 from shared.schemas import DetectionClass
 from shared.sites import NAME
@@ -78,6 +80,21 @@ def safe_file_name(name: str | None) -> str:
             or name.startswith("."):
         raise UploadRejected(f"file name {name!r} is not a plain file name", file=name[:255])
     return name
+
+
+def expand_archive(name: str, file: BinaryIO, limits: Limits) -> list[tuple[str, bytes]]:
+    """An uploaded archive's images as (file name, bytes). An upload is all or nothing, so any refused
+    entry refuses the upload, naming the entry and why."""
+    out = []
+    try:
+        for entry in read_entries(file, limits):
+            if entry.error is not None:
+                raise UploadRejected(f"archive entry {entry.name!r}: {entry.error}", status=entry.status,
+                                     file=f"{name}!{entry.name}"[:300])
+            out.append((safe_file_name(entry.file_name), entry.data))
+    except ArchiveRejected as exc:
+        raise UploadRejected(f"archive {name!r}: {exc}", status=exc.status, file=name) from None
+    return out
 
 
 def parse_time(value: str, what: str) -> datetime:

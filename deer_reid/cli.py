@@ -381,6 +381,16 @@ def cmd_bench(args) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "deer_reid.cli", *sys.argv[1:]], env)
 
     settings = _settings(args)
+    if args.gallery:
+        from deer_reid.gallery_bench import gallery_bench
+
+        result = gallery_bench(args.gallery, k=settings.candidates_k, queries=args.gallery_queries,
+                               per_individual=settings.exemplars_per_individual,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.precision_check:
         names = [n.strip() for n in (args.body_model or "efficientnet_lite0").split(",")]
         result = precision_check(Path(args.precision_check), names, settings)
@@ -625,6 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", help="write the result here")
     be.add_argument("--precision-check", metavar="DATA_DIR",
                     help="instead: cosine of bf16 against fp32 embeddings of the labelled images in DATA_DIR")
+    be.add_argument("--gallery", type=int, metavar="N",
+                    help="instead: fusion's gallery search (p50/p99, recall against exact search) over N synthetic "
+                         "exemplars in a fresh embedded PostgreSQL")
+    be.add_argument("--gallery-queries", type=int, default=500)
     be.set_defaults(func=cmd_bench)
 
     si = sub.add_parser("sites", help="camera sites and the property (population) each belongs to")

@@ -123,20 +123,36 @@ async def exemplar_viewpoints(conn: asyncpg.Connection, exemplar_ids: list[int])
     return {r["id"]: r["viewpoint"] for r in rows}
 
 
+def nearest_sql(dim: int) -> str:
+    """The gallery lookup: the HNSW index alone orders the exemplars (a CTE, so that no join can talk the
+    planner out of the index), then their individuals' sexes are looked up for the few it returned.
+    Parameters: vector, version, property, how many to fetch, the compatible sexes."""
+    return f"""WITH near AS MATERIALIZED (
+                   SELECT e.id, e.individual_id, e.vec::halfvec({dim}) <=> $1::halfvec({dim}) AS distance
+                   FROM embeddings e
+                   WHERE e.exemplar AND e.dim = {dim} AND e.version = $2 AND e.property = $3
+                   ORDER BY e.vec::halfvec({dim}) <=> $1::halfvec({dim})
+                   LIMIT $4)
+               SELECT near.id, near.individual_id, 1 - near.distance AS sim,
+                      i.sex = ANY($5::text[]) AS compatible
+               FROM near JOIN individuals i ON i.id = near.individual_id
+               ORDER BY near.distance"""
+
+
 async def nearest_exemplars(conn: asyncpg.Connection, vector: np.ndarray, version: str, prop: str, sex: str,
                             k: int) -> list[tuple[int, float, int]]:
     """(individual, similarity, exemplar id) of the k nearest gallery exemplars of the same embedding
-    version, property and a compatible sex."""
+    version, property and a compatible sex. Exemplars of an incompatible sex are dropped after the index
+    search; while they leave fewer than k, the search is widened (x4) until the gallery runs out."""
     dim = int(vector.shape[0])  # from a validated embedding: safe to put in the SQL text
-    rows = await conn.fetch(
-        f"""SELECT e.id, e.individual_id, 1 - (e.vec::halfvec({dim}) <=> $1::halfvec({dim})) AS sim
-            FROM embeddings e JOIN individuals i ON i.id = e.individual_id
-            WHERE e.exemplar AND e.dim = {dim} AND e.version = $2 AND e.property = $3 AND i.sex = ANY($4::text[])
-            ORDER BY e.vec::halfvec({dim}) <=> $1::halfvec({dim})
-            LIMIT $5""",
-        vector, version, prop, list(COMPATIBLE_SEXES[sex]), k,
-    )
-    return [(r["individual_id"], float(r["sim"]), r["id"]) for r in rows]
+    sexes = list(COMPATIBLE_SEXES[sex])
+    fetch = k
+    while True:
+        rows = await conn.fetch(nearest_sql(dim), vector, version, prop, fetch, sexes)
+        hits = [r for r in rows if r["compatible"]]
+        if len(hits) >= k or len(rows) < fetch:
+            return [(r["individual_id"], float(r["sim"]), r["id"]) for r in hits[:k]]
+        fetch *= 4
 
 
 async def exemplars_founded_after(conn: asyncpg.Connection, version: str, prop: str, sex: str,

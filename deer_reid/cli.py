@@ -125,6 +125,14 @@ def cmd_status(args) -> int:
     return 0 if running else 1
 
 
+def cmd_k8s(args) -> int:
+    from deer_reid.k8s import write
+
+    for path in write(Path(args.out)):
+        print(path)
+    return 0
+
+
 def cmd_migrate(args) -> int:
     """Apply the database migrations and create the topics (an external Kafka and PostgreSQL)."""
     from shared.db import migrate
@@ -586,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mig = sub.add_parser("migrate", help="apply migrations and create topics on DEER_DATABASE_URL / DEER_KAFKA_BOOTSTRAP")
     mig.set_defaults(func=cmd_migrate)
+
+    k8 = sub.add_parser("k8s", help="write the Kubernetes manifests (Deployments, Services, KEDA ScaledObjects)")
+    k8.add_argument("--out", default="deploy/k8s")
+    k8.set_defaults(func=cmd_k8s)
 
     ev = sub.add_parser("eval", help="measure re-identification accuracy on a labelled folder")
     ev.add_argument("data_dir", help="folder with metadata.csv (path, identity[, viewpoint, encounter, ...])")

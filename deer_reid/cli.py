@@ -133,6 +133,13 @@ def cmd_k8s(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from deer_reid.dashboard import write
+
+    print(write(Path(args.out)))
+    return 0
+
+
 def cmd_migrate(args) -> int:
     """Apply the database migrations and create the topics (an external Kafka and PostgreSQL)."""
     from shared.db import migrate
@@ -598,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     k8 = sub.add_parser("k8s", help="write the Kubernetes manifests (Deployments, Services, KEDA ScaledObjects)")
     k8.add_argument("--out", default="deploy/k8s")
     k8.set_defaults(func=cmd_k8s)
+
+    da = sub.add_parser("dashboard", help="write the Grafana dashboard (a row per service)")
+    da.add_argument("--out", default="deploy/grafana/dashboards/deer-reid.json")
+    da.set_defaults(func=cmd_dashboard)
 
     ev = sub.add_parser("eval", help="measure re-identification accuracy on a labelled folder")
     ev.add_argument("data_dir", help="folder with metadata.csv (path, identity[, viewpoint, encounter, ...])")

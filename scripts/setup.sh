@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
 # Install everything deer-reid needs on a fresh machine (idempotent, quick when nothing changed):
-# Debian's jemalloc for the service launcher, and a Python 3.11 virtual environment in .venv
+# Debian's jemalloc, Chromium and Prometheus, and a Python 3.11 virtual environment in .venv
 # with the pinned dependencies (torch and torchvision come from this machine's pip index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] && command -v apt-get >/dev/null; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "setup: installing libjemalloc2" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2; } >/dev/null; then
-    echo "setup: WARNING: libjemalloc2 could not be installed; services run on glibc malloc (timings swing more)" >&2
+# debian_install "WHAT IS MISSING WITHOUT IT" FILE... -- PACKAGE...: install Debian packages unless the files exist
+debian_install() {
+  local why=$1 missing=0; shift
+  while [ "$1" != "--" ]; do [ -e "$1" ] || missing=1; shift; done; shift
+  [ "$missing" = 1 ] && command -v apt-get >/dev/null || return 0
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "setup: installing $*" >&2
+  if ! { DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq \
+         && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@"; } >/dev/null; then
+    echo "setup: WARNING: $* could not be installed; $why" >&2
   fi
-fi
-
-# Debian's Chromium and its driver: the page's tests drive a real browser (nothing is downloaded by a test tool)
-if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "setup: installing chromium and chromium-driver" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver; } >/dev/null; then
-    echo "setup: WARNING: chromium could not be installed; the page's browser tests will fail" >&2
-  fi
-fi
+}
+# jemalloc for the service launcher
+debian_install "services run on glibc malloc (timings swing more)" \
+  /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 -- libjemalloc2
+# Chromium and its driver: the page's tests drive a real browser (nothing is downloaded by a test tool)
+debian_install "the page's browser tests will fail" /usr/bin/chromium /usr/bin/chromedriver -- chromium chromium-driver
+# Prometheus: a test scrapes the running stack with the real server and queries its HTTP API
+debian_install "the Prometheus scrape test will fail" /usr/bin/prometheus -- prometheus
 
 PY=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then

@@ -24,6 +24,8 @@ BATCH_SIZE = Histogram(
 )
 ERRORS = Counter("deer_errors_total", "Errors, by kind", ["service", "kind"])
 CONSUMER_LAG = Gauge("deer_consumer_lag", "Messages behind the end of the partition", ["service", "topic", "partition"])
+# measured by the reconciler from the broker's offsets each round, whatever the consumers are doing
+GROUP_LAG = Gauge("deer_group_lag", "Messages a consumer group has yet to consume (broker offsets)", ["group", "topic"])
 DETECTIONS_BY_STATE = Gauge("deer_detections", "Detections by state (reconciler's view)", ["state"])
 
 

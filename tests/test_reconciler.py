@@ -190,3 +190,25 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
     finally:
         await producer.stop()
         await pool.close()
+
+
+async def test_offsets_are_read_from_a_fresh_broker_round_after_round(broker):
+    """Topics still empty, as when a stack starts: every group's position reads (lag 0), again and again,
+    and nothing is left failing the next round."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from shared.topics import Topic
+
+    topics = [Topic(f"fresh-{uuid.uuid4().hex[:8]}", 2) for _ in range(2)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t.name, t.partitions, 1) for t in topics])
+    finally:
+        await admin.close()
+    group = f"fresh-{uuid.uuid4()}"
+    pairs = [(group, t) for t in topics]
+    for _ in range(3):
+        positions = await ledger.read_positions(broker.bootstrap, pairs)
+        assert positions is not None and set(positions) == {(group, t.name) for t in topics}
+        assert all(ledger.lag(p) == 0 for p in positions.values())

@@ -18,11 +18,12 @@ from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
 from shared.broker import TRANSIENT, Handled, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
-from shared.observability import DETECTIONS_BY_STATE, ERRORS
+from shared.observability import DETECTIONS_BY_STATE, ERRORS, GROUP_LAG
 from shared.pipeline import expected_components
 from shared.schemas import Box, DeadLetter, DetectionEvent, JoinDeadline, PipelineConfig
 from shared.states import PENDING, STATES
-from shared.topics import DEAD_LETTERS, DETECTIONS, FEATURES_BODY, JOIN_DEADLINES, ensure_topics
+from shared.topics import DEAD_LETTERS, DETECTIONS, FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, \
+    JOIN_DEADLINES, POSE_REQUESTS, Topic, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -395,25 +396,38 @@ class Reconciler(DeadLetterRecorder):
         await asyncio.sleep(self.settings.reconcile_every_s)
         # A broker restarted empty has lost its topics: put them back before anything auto-creates them.
         await ensure_topics(self.settings.kafka_bootstrap)
-        backlog = await read_backlog(self.settings.kafka_bootstrap)
-        if backlog is not None:
-            positions = {DETECTIONS.name: backlog.body, FEATURES_BODY.name: backlog.fusion}
-            backlog = Backlog(backlog.body, backlog.fusion, self.watch.flowing(positions, self.settings.stuck_after_s))
+        positions = await read_positions(self.settings.kafka_bootstrap)
+        backlog = None
+        if positions is not None:
+            for (group, topic), position in positions.items():
+                GROUP_LAG.labels(group, topic).set(lag(position))
+            backlog = backlog_of(positions)
+            queues = {DETECTIONS.name: backlog.body, FEATURES_BODY.name: backlog.fusion}
+            backlog = Backlog(backlog.body, backlog.fusion, self.watch.flowing(queues, self.settings.stuck_after_s))
         _, _, self.queued = await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts,
                                                  backlog, self.settings.queued_max_s, self.suspects)
         self.states = await count_states(self.pool)
 
 
 BODY_GROUP, FUSION_GROUP = "deer-body", "deer-fusion"  # shared.broker.BrokerRunner's groups of the services
+# Every consumer group's queue, read from the broker each round: the lag an operator (and KEDA) scales on
+# is measured here, outside the consumers, so it stays true while a consumer is idle, hung or gone.
+WATCHED = ((BODY_GROUP, DETECTIONS), ("deer-coat", DETECTIONS), ("deer-antler", DETECTIONS),
+           ("deer-pose", POSE_REQUESTS), (FUSION_GROUP, FEATURES_BODY), (FUSION_GROUP, FEATURES_COAT),
+           (FUSION_GROUP, FEATURES_ANTLER), (FUSION_GROUP, FEATURES_POSE), (FUSION_GROUP, JOIN_DEADLINES))
 
 
-async def read_backlog(bootstrap: str, body_group: str = BODY_GROUP, fusion_group: str = FUSION_GROUP,
-                       timeout_s: float = 10.0) -> Backlog | None:
-    """Where the body group stands on the detections topic and the fusion group on the body features
-    (`flowing` left for the caller, who remembers earlier rounds); None when the broker cannot say within
-    `timeout_s` (then every overdue detection is stuck, as before). Right after a broker restarted empty
-    these requests were seen to hang for minutes: the round must not wait on them."""
-    task = asyncio.create_task(_read_backlog(bootstrap, body_group, fusion_group))
+def lag(position: Position) -> int:
+    """Messages the group has yet to consume, all partitions together."""
+    return sum(max(0, end - position.committed.get(p, 0)) for p, end in position.end.items())
+
+
+async def read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]] = WATCHED, timeout_s: float = 10.0
+                         ) -> dict[tuple[str, str], Position] | None:
+    """(group, topic name) -> where the group stands on the topic; None when the broker cannot say within
+    `timeout_s`. Right after a broker restarted empty these requests were seen to hang for minutes: the
+    round must not wait on them."""
+    task = asyncio.create_task(_read_positions(bootstrap, pairs))
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:
         task.cancel()  # its clean-up finishes in the background
@@ -423,7 +437,20 @@ async def read_backlog(bootstrap: str, body_group: str = BODY_GROUP, fusion_grou
     return task.result()
 
 
-async def _read_backlog(bootstrap: str, body_group: str, fusion_group: str) -> Backlog | None:
+async def read_backlog(bootstrap: str, body_group: str = BODY_GROUP, fusion_group: str = FUSION_GROUP,
+                       timeout_s: float = 10.0) -> Backlog | None:
+    """Where the body group stands on the detections topic and the fusion group on the body features
+    (`flowing` left for the caller, who remembers earlier rounds); None when the broker cannot say."""
+    positions = await read_positions(bootstrap, ((body_group, DETECTIONS), (fusion_group, FEATURES_BODY)), timeout_s)
+    return None if positions is None else backlog_of(positions, body_group, fusion_group)
+
+
+def backlog_of(positions: dict[tuple[str, str], Position], body_group: str = BODY_GROUP,
+               fusion_group: str = FUSION_GROUP) -> Backlog:
+    return Backlog(positions[(body_group, DETECTIONS.name)], positions.get((fusion_group, FEATURES_BODY.name)))
+
+
+async def _read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]]) -> dict[tuple[str, str], Position] | None:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -432,33 +459,58 @@ async def _read_backlog(bootstrap: str, body_group: str, fusion_group: str) -> B
     try:
         await admin.start()
         await consumer.start()
-        body = await _position(admin, consumer, body_group, DETECTIONS)
-        fusion = await _position(admin, consumer, fusion_group, FEATURES_BODY)
+        ends = await _ends(consumer, list({t.name: t for _, t in pairs}.values()))
+        positions = {}
+        for group in dict.fromkeys(g for g, _ in pairs):
+            mine = [t for g, t in pairs if g == group]
+            committed = await _committed(admin, group, mine)
+            for topic in mine:
+                positions[(group, topic.name)] = Position(committed=committed.get(topic.name, {}),
+                                                          end=ends[topic.name])
     except Exception as exc:  # noqa: BLE001 - an unreadable backlog only costs the distinction
         log.warning("reconciler: cannot read the consumer groups' offsets (%r): going by time alone", exc)
         return None
     finally:
-        await consumer.stop()
-        await admin.close()
-    return Backlog(body, fusion)
+        for closing in (consumer.stop, admin.close):
+            try:
+                await closing()
+            except Exception as exc:  # noqa: BLE001 - a failed clean-up must not fail the round
+                log.warning("reconciler: closing an offsets client: %r", exc)
+    return positions
 
 
-async def _position(admin, consumer, group: str, topic) -> Position:
+async def _committed(admin, group: str, topics: list[Topic]) -> dict[str, dict[int, int]]:
     from aiokafka import TopicPartition
 
-    partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
-    committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+    partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
+    out: dict[str, dict[int, int]] = {}
+    for tp, meta in (await admin.list_consumer_group_offsets(group, partitions=partitions)).items():
+        if meta.offset >= 0:
+            out.setdefault(tp.topic, {})[tp.partition] = meta.offset
+    return out
+
+
+async def _ends(consumer, topics: list[Topic]) -> dict[str, dict[int, int]]:
+    """topic name -> partition -> the log's end, for all the topics in one round trip of each kind."""
+    from aiokafka import TopicPartition
+
+    partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
     end = await consumer.end_offsets(partitions)
     # Tansu reports a partition's end as the first offset of its last batch + 1: the rest of that batch
-    # would look lost. Reading the last batch gives the true end (one small fetch per partition).
-    consumer.assign([tp for tp, off in end.items() if off > 0])
-    for tp in consumer.assignment():
-        consumer.seek(tp, end[tp] - 1)
-    for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
-        end[tp] = max(end[tp], max(r.offset for r in records) + 1)
-    consumer.unsubscribe()
-    return Position(committed={tp.partition: m.offset for tp, m in committed.items() if m.offset >= 0},
-                    end={tp.partition: off for tp, off in end.items()})
+    # would look lost. Reading the last batch gives the true end (one small fetch for all partitions).
+    # The consumer is this round's own and is stopped right after: it is never unsubscribed (aiokafka's
+    # fetcher, woken after an unsubscribe, fails the consumer; seen with topics still empty).
+    with_data = [tp for tp, off in end.items() if off > 0]
+    if with_data:
+        consumer.assign(with_data)
+        for tp in with_data:
+            consumer.seek(tp, end[tp] - 1)
+        for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+            end[tp] = max(end[tp], max(r.offset for r in records) + 1)
+    out: dict[str, dict[int, int]] = {t.name: {} for t in topics}
+    for tp, off in end.items():
+        out[tp.topic][tp.partition] = off
+    return out
 
 
 async def make_handler(settings) -> Reconciler:

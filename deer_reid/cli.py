@@ -125,6 +125,25 @@ def cmd_status(args) -> int:
     return 0 if running else 1
 
 
+def cmd_soak(args) -> int:
+    from deer_reid.soak import soak
+
+    settings = _settings(args)
+    try:
+        report = asyncio.run(soak(settings.home, Path(args.photos), args.detections, dsn=settings.database_url or None,
+                                  rate=args.rate, faults=args.faults, concurrency=args.concurrency,
+                                  timeout=args.timeout, seed=args.seed, headers=auth_headers(settings),
+                                  progress=not args.quiet))
+    except RuntimeError as exc:
+        print(f"deer-reid soak: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0 if report["lost"] == 0 and report["decided_twice"] == 0 else 1
+
+
 def cmd_k8s(args) -> int:
     from deer_reid.k8s import write
 
@@ -601,6 +620,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     mig = sub.add_parser("migrate", help="apply migrations and create topics on DEER_DATABASE_URL / DEER_KAFKA_BOOTSTRAP")
     mig.set_defaults(func=cmd_migrate)
+
+    so = sub.add_parser("soak", help="drive the running stack with N distinct detections (optionally with faults) "
+                        "and account for every one")
+    so.add_argument("detections", type=int)
+    so.add_argument("--photos", required=True, help="a folder of real photos the distinct images are made from")
+    so.add_argument("--rate", type=float, help="detections per second (default: all at once, one backlog)")
+    so.add_argument("--faults", action="store_true", help="SIGKILL each service once and the broker, spread out")
+    so.add_argument("--concurrency", type=int, default=4)
+    so.add_argument("--timeout", type=float, default=86400, help="give up waiting for decisions after this")
+    so.add_argument("--seed", type=int)
+    so.add_argument("--json")
+    so.add_argument("--quiet", action="store_true")
+    so.set_defaults(func=cmd_soak)
 
     k8 = sub.add_parser("k8s", help="write the Kubernetes manifests (Deployments, Services, KEDA ScaledObjects)")
     k8.add_argument("--out", default="deploy/k8s")

@@ -76,6 +76,7 @@ class Stack:
     dsn: str = ""
     bootstrap: str = ""
     admin_key: str = ""
+    broker_restarts: int = 0
     _stopping: bool = False
 
     @property
@@ -191,7 +192,16 @@ class Stack:
             raise StackError(f"services not healthy after {timeout:.0f}s: {sorted(pending)}")
 
     def supervise_once(self) -> None:
-        """Restart any service that died (with a pause that grows if it keeps dying)."""
+        """Restart any service that died (with a pause that grows if it keeps dying), and the embedded broker:
+        it comes back empty on its port, and the reconciler re-creates the topics and re-publishes what was lost."""
+        broker = self.broker
+        if broker is not None and not self._stopping and broker.process is not None \
+                and broker.process.poll() is not None:
+            log.warning("the embedded broker exited with %s; restarting it", broker.process.returncode)
+            broker.start()
+            renice_tree(broker.process.pid, YIELDING_NICE)
+            self.broker_restarts += 1  # counted once it runs again
+            self._write_state("healthy")
         for child in self.children.values():
             if self._stopping or child.process is None or child.process.poll() is None:
                 continue
@@ -249,6 +259,8 @@ class Stack:
             "random_weights_allowed": self.settings.allow_random_weights,
             "services": {n: {"pid": c.process.pid if c.process else None, "metrics_port": c.port,
                              "restarts": c.restarts} for n, c in self.children.items()},
+            "broker": None if self.broker is None or self.broker.process is None else
+            {"pid": self.broker.process.pid, "restarts": self.broker_restarts},
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))

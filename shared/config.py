@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where native: CUDA, AMX, AVX-512 BF16) | bf16 | fp32
     torch_threads: int = 0  # 0: one per available core
+    # the body service answers an event it saw lately from its embeddings (0: always embed again)
+    body_cache_entries: int = Field(8192, ge=0)
 
     # micro-batching of the broker runner
     batch_max: int = Field(16, ge=1, le=1024)

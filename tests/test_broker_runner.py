@@ -180,3 +180,22 @@ async def test_a_committed_offset_past_the_end_of_a_recreated_partition_is_read_
     finally:
         await fresh.stop()
     assert got == [b"0", b"1", b"2"]
+
+
+async def test_an_event_seen_again_is_answered_from_recent_embeddings_not_the_models(lite0, jpeg_bytes):
+    from shared.observability import EVENTS
+
+    good = crop_jpeg(decode_upload(jpeg_bytes, max_bytes=1 << 26, max_pixels=1 << 26).image, (0, 0, 200, 200), 512)
+    handler = BodyHandler(BodyExtractor([lite0]), ["efficientnet_lite0"], [], cache_entries=2)
+    embedded, cached = EVENTS.labels("body", "embedded"), EVENTS.labels("body", "cached")
+    events = [detection(good) for _ in range(3)]
+    before = embedded._value.get(), cached._value.get()
+    first = await handler.handle(events[:2])
+    again = await handler.handle([events[1].model_copy(update={"attempt": 2}), events[2]])  # a re-publication
+    assert (embedded._value.get() - before[0], cached._value.get() - before[1]) == (3, 1)
+    f1, f2 = (Features.from_bytes(h.outputs[0].value) for h in (first[1], again[0]))
+    assert f2.detection_id == f1.detection_id and f2.attempt == 2
+    assert f2.embeddings[0].vector == f1.embeddings[0].vector
+    assert f2.timings_ms == {"body_cached": 0.0} and "body" in f1.timings_ms
+    assert len(handler.recent) == 2 and (events[0].detection_id, ("efficientnet_lite0",)) not in handler.recent
+    await handler.close()

@@ -13,7 +13,6 @@ from deer_reid.ingest import ingest as ingest_path
 from deer_reid.ingest import upload_all, wait_terminal
 from services.reconciler.ledger import event_from_row
 from shared.broker import producer_for
-from shared.embedded import EmbeddedBroker
 from shared.schemas import DetectionResult
 from shared.states import TERMINAL
 from shared.topics import DETECTIONS, RESULTS
@@ -145,16 +144,18 @@ async def test_kill_9_of_a_service_mid_ingest_loses_nothing(stack, db, nyala_pat
 
 
 async def test_broker_restarted_empty_mid_ingest_loses_nothing(stack, db, nyala_paths):
-    port = stack.broker.port
     log_path = stack.home / "logs" / "broker.log"
+    restarts = stack.broker_restarts
 
-    async def restart_empty():
-        await asyncio.sleep(2)
-        stack.broker = EmbeddedBroker(port, log_path)
-        stack.broker.start()
+    async def restarted_empty():  # by the supervisor, as under `deer-reid up`
+        deadline = time.monotonic() + 30
+        while (stack.broker_restarts == restarts or stack.broker.process.poll() is not None) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert stack.broker_restarts == restarts + 1 and stack.broker.process.poll() is None
 
     await ingest_through_fault(stack, db, nyala_paths[400:400 + FAULT_BATCH], "broker-restart", stack.broker.kill,
-                               restart_empty, wait_s=180)
+                               restarted_empty, wait_s=180)
     clashes = sum(1 for line in log_path.read_text(errors="replace").splitlines()
                   if "produce" in line and "AlreadyExists" in line and ".batch" in line)
     print(f"broker-restart: {clashes} produce clashes in Tansu after its restart, healed")

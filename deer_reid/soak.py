@@ -1,0 +1,194 @@
+"""`deer-reid soak N --photos DIR`: drive the running stack with N detections and account for every one.
+
+The images are distinct (each a seeded crop and shift of one of the real photos, so each is a new image
+to the API), for volume only: a soak measures flow, never accuracy. They go in at `--rate` per second or
+all at once as one backlog, one image per request as `deer-reid ingest` sends them. With `--faults`, each
+service is killed with SIGKILL once and the broker is killed (the supervisor of `deer-reid up` restarts it
+empty), spread over the submissions. The report:
+
+- submitted, terminal, failed, lost (submitted minus terminal when the wait ends);
+- decided_twice: detections with more than one machine decision (each must be decided exactly once);
+- republished: the reconciler's re-publications of the run's detections (their attempts);
+- re_embedded: crops the body's models ran on beyond one per detection (its events answered from recent
+  embeddings are not), from the body service's own counter polled twice a second (restarts are followed
+  like Prometheus' increase(); increments between the last poll and a kill are missed, so this can only
+  undercount);
+- wall_s, det_per_s; p50_ms and p99_ms from upload to decision.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import asyncpg
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from deer_reid.ingest import Item, find_files, upload_all, wait_terminal
+from deer_reid.stack import read_state
+from shared.states import TERMINAL
+
+FAULT_ORDER = ("body", "fusion", "coat", "antler", "pose", "reconciler", "api", "broker")
+
+
+def distinct_image(photo: bytes, k: int) -> bytes:
+    """Image k made from `photo`: a crop of 80-95% of each side at a seeded place and a slight brightness
+    shift, as a JPEG. Distinct bytes for every k: a new image to the API, the same animal to the eye."""
+    rng = random.Random(k)
+    with Image.open(io.BytesIO(photo)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        cw, ch = int(w * rng.uniform(0.8, 0.95)), int(h * rng.uniform(0.8, 0.95))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        crop = im.crop((x, y, x + cw, y + ch)).point(lambda v, d=rng.randint(-6, 6): max(0, min(255, v + d)))
+        out = io.BytesIO()
+        crop.save(out, format="JPEG", quality=88)
+    return out.getvalue()
+
+
+def fault_plan(n: int, targets: tuple[str, ...] = FAULT_ORDER) -> dict[int, str]:
+    """Submission index -> what is killed then: spread evenly between 10% and 70% of the submissions."""
+    if not targets:
+        return {}
+    first, last = int(n * 0.1), int(n * 0.7)
+    step = max(1, (last - first) // max(1, len(targets) - 1))
+    return {min(n - 1, first + i * step): t for i, t in enumerate(targets)}
+
+
+class CounterTotal:
+    """The total increase of a counter sampled now and then, across restarts of the process that owns it
+    (a sample below the last one means it restarted from zero)."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.last: float | None = None
+
+    def add(self, sample: float) -> None:
+        if self.last is not None:
+            self.total += sample - self.last if sample >= self.last else sample
+        self.last = sample
+
+
+def kill(home: Path, target: str) -> int | None:
+    """SIGKILL the service (or the broker) named, by the pid the supervisor's state file gives now."""
+    state = read_state(home) or {}
+    entry = state.get("broker") if target == "broker" else state.get("services", {}).get(target)
+    pid = (entry or {}).get("pid")
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+    return pid
+
+
+def submissions(photos: list[Path], n: int, *, seed: int, rate: float | None, faults: dict[int, str],
+                on_fault: Callable[[str], None]) -> Iterator[Item]:
+    """The n images, paced at `rate` per second (None: as fast as they are taken), with each planned fault
+    injected as its turn comes. Runs on upload_all's drawing thread: sleeping here paces the uploads."""
+    order = np.random.default_rng(seed).permutation(n) % len(photos)
+    cache: dict[int, bytes] = {}
+    started = time.monotonic()
+    for k in range(n):
+        if rate:
+            time.sleep(max(0.0, started + k / rate - time.monotonic()))
+        if k in faults:
+            on_fault(faults[k])
+        i = int(order[k])
+        if i not in cache:
+            cache[i] = photos[i].read_bytes()
+        yield Item(f"soak-{k}", f"soak-{seed}-{k}.jpg", distinct_image(cache[i], seed * 1_000_003 + k))
+
+
+def body_events(exposition: str, outcome: str = "embedded") -> float:
+    """The body service's deer_events_total{outcome=...} from its /metrics text (0 before its first):
+    "embedded" counts crops the models ran on, "cached" events answered from recent embeddings."""
+    for family in text_string_to_metric_families(exposition):
+        if family.name == "deer_events":
+            return sum(s.value for s in family.samples
+                       if s.name == "deer_events_total" and s.labels == {"service": "body", "outcome": outcome})
+    return 0.0
+
+
+async def _poll_body(url: str, total: CounterTotal, stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(timeout=2) as client:
+        while not stop.is_set():
+            try:
+                total.add(body_events((await client.get(url)).text))
+            except httpx.HTTPError:
+                pass  # restarting: the next sample after it comes back counts from zero
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def soak(home: Path, photos_dir: Path, n: int, *, dsn: str | None = None, rate: float | None = None,
+               faults: bool = False, concurrency: int = 4, timeout: float = 86400, seed: int | None = None,
+               headers: dict[str, str] | None = None, progress: bool = True) -> dict:
+    state = read_state(home)
+    if not state:
+        raise RuntimeError(f"no running stack in {home}: start it with `deer-reid up`")
+    photos = [p for p in find_files(photos_dir) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    if not photos:
+        raise RuntimeError(f"no photos under {photos_dir}")
+    seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000)
+    site = f"soak-{uuid.uuid4().hex[:8]}"
+    plan = fault_plan(n) if faults else {}
+    injected: list[dict] = []
+
+    def on_fault(target: str) -> None:
+        injected.append({"target": target, "pid": kill(home, target), "at_s": round(time.monotonic() - started, 1)})
+
+    body = CounterTotal()
+    stop = asyncio.Event()
+    poller = asyncio.create_task(_poll_body(
+        f"http://127.0.0.1:{state['services']['body']['metrics_port']}/metrics", body, stop))
+    await asyncio.sleep(0.6)  # a first sample before anything is sent
+    started = time.monotonic()
+    results = await upload_all(state["api_url"], submissions(photos, n, seed=seed, rate=rate, faults=plan,
+                                                             on_fault=on_fault),
+                               {"site": site, "camera": "soak", "fallback_captured_at": "2025-11-01T06:00:00Z"},
+                               concurrency=concurrency, progress=progress, headers=headers)
+    ids = [d["id"] for r in results if "detections" in r for d in r["detections"]]
+    states = await wait_terminal(state["api_url"], ids, timeout=timeout, progress=progress, headers=headers)
+    wall = time.monotonic() - started
+    await asyncio.sleep(1.0)  # the body's last events into the count
+    stop.set()
+    await poller
+    conn = await asyncpg.connect(dsn or state["database_url"])
+    try:
+        rows = await conn.fetch(
+            """SELECT d.id, d.state, d.attempts,
+                      extract(epoch FROM (SELECT min(x.decided_at) FROM decisions x
+                                          WHERE x.detection_id = d.id AND x.decided_by = 'fusion') - d.created_at)
+                        AS decided_after_s,
+                      (SELECT count(*) FROM decisions x WHERE x.detection_id = d.id AND x.decided_by = 'fusion')
+                        AS decisions
+               FROM detections d WHERE d.site = $1""", site)
+    finally:
+        await conn.close()
+    latencies = [1000 * float(r["decided_after_s"]) for r in rows if r["decided_after_s"] is not None]
+    terminal = sum(1 for i in ids if states.get(i) in TERMINAL)
+    return {
+        "submitted": len(ids), "terminal": terminal,
+        "failed": sum(1 for r in rows if r["state"] == "failed"),
+        "lost": len(ids) - terminal,
+        "decided_twice": sum(1 for r in rows if r["decisions"] > 1),
+        "republished": int(sum(r["attempts"] for r in rows)),
+        "re_embedded": max(0, int(round(body.total)) - len(ids)),
+        "wall_s": round(wall, 1), "det_per_s": round(len(ids) / wall, 2) if wall else None,
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+        "rejected": [r for r in results if "error" in r][:10],
+        "faults": injected, "site": site, "seed": seed, "mode": "rate" if rate else "backlog", "rate": rate,
+    }

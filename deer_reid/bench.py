@@ -5,7 +5,10 @@
 3. end to end: a fresh embedded stack (broker, database, services); detection rows are
    written as the API writes them, the events are produced to the detections topic
    and the bench waits for every result on the results topic. A burst measures
-   throughput; a paced run at half that rate measures latency (p50/p99).
+   throughput; a paced run at half that rate measures latency (p50/p99);
+4. the peer: the way the system we replace worked, on the same crops and the same database (eager fp32
+   ResNet50 at batch 1, one gallery query per detection, nothing pipelined), and our end-to-end
+   throughput over it (`ratio_to_peer`).
 Speed does not depend on weights, so models without weights run on random ones
 (and the report says so).
 """
@@ -20,6 +23,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import asyncpg
 import numpy as np
 
 from shared.config import Settings
@@ -318,6 +322,9 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
         rate = burst["det_per_s"] / 2
         progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
         paced = asyncio.run(_run_events(stack, crops[:paced_n], "bench-paced", rate, mode))
+        progress(f"the system we replace on the same {detections} crops: eager fp32 ResNet50 at batch 1, "
+                 "a query per detection ...")
+        result["peer"] = asyncio.run(peer_throughput(crops, stack.dsn))
         if mode == "enhanced":
             result["coat_stored_bytes_per_detection"] = asyncio.run(_coat_bytes(stack.dsn))
             result["pose_requested"] = asyncio.run(_pose_share(stack.dsn))
@@ -337,6 +344,8 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
         "ratio": round(burst["det_per_s"] / result["bare_det_per_s"], 3),
         "p50_ms": round(paced["p50_ms"], 1), "p99_ms": round(paced["p99_ms"], 1),
         "latency_rate_det_per_s": round(rate, 1),
+        # our end-to-end throughput over the peer's, measured in this run on the same crops
+        "ratio_to_peer": round(burst["det_per_s"] / result["peer"]["det_per_s"], 2),
         "burst_p50_ms": round(burst["p50_ms"], 1), "burst_p99_ms": round(burst["p99_ms"], 1),
         "stages": stages,
         # Where the two cores went during the burst: CPU milliseconds per detection, by process.
@@ -349,6 +358,41 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     result["achieved_gflops_e2e"] = round(gflop * result["e2e_det_per_s"], 1)
     result["achieved_share_of_matmul_peak"] = round(result["achieved_gflops_e2e"] / peak, 3)
     return result
+
+
+async def peer_throughput(crops: list[bytes], dsn: str, k: int = 50) -> dict:
+    """The way the system we replace worked, on the same crops and database: eager fp32 ResNet50 at batch 1
+    (no tracing, no bf16, no micro-batches), then one gallery query per detection, one after the other
+    (no pipelining). The weights are left random: they do not change the speed."""
+    import timm
+    import torch
+
+    from services.fusion import store
+    from shared.db import _init_connection
+    from shared.images import model_input
+
+    model = timm.create_model("resnet50", pretrained=False, num_classes=0).eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    conn = await asyncpg.connect(dsn)
+    await _init_connection(conn)
+    try:
+        # the gallery the pipeline built: the peer's vectors are cut to its size, for the cost of the query
+        row = await conn.fetchrow("SELECT version, dim, property FROM embeddings WHERE exemplar LIMIT 1")
+        version, dim, prop = (row["version"], row["dim"], row["property"]) if row else ("none", 2048, "default")
+        started = time.perf_counter()
+        for crop in crops:
+            x = torch.from_numpy(model_input(crop, 224)).permute(2, 0, 1).unsqueeze(0).float().div(255)
+            with torch.inference_mode():
+                vec = model((x - mean) / std)[0].numpy()[:dim].astype(np.float32)
+            async with conn.transaction():
+                await store.prepare_search(conn)
+                await store.nearest_exemplars(conn, vec / (np.linalg.norm(vec) or 1.0), version, prop, "unknown", k)
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {"det_per_s": round(len(crops) / elapsed, 2), "ms_per_det": round(1000 * elapsed / len(crops), 1),
+            "gallery_version": version}
 
 
 async def _coat_bytes(dsn: str) -> dict:

@@ -64,3 +64,14 @@ def test_bench_gallery_reports_latency_recall_and_the_index():
     assert 0.9 <= result["recall_at_k"] <= 1.0
     c = result["cosines"]
     assert c["within_individual_median"] > c["between_individuals_median"] + 0.2
+
+
+async def test_the_peer_baseline_embeds_and_queries_one_detection_at_a_time(pool, pg_dsn, nyala_paths):
+    from deer_reid.bench import peer_throughput
+
+    vectors, owner, _ = gb.synthetic_gallery(400, 1280, 8, 1)
+    await gb._load(pool, vectors, owner)
+    crops = [p.read_bytes() for p in nyala_paths[:3]]
+    result = await peer_throughput(crops, pg_dsn)
+    assert result["gallery_version"] == gb.VERSION  # it queried the gallery that is there
+    assert result["det_per_s"] > 0 and result["ms_per_det"] == pytest.approx(1000 / result["det_per_s"], rel=0.05)

@@ -29,7 +29,7 @@ async def test_the_nearest_compatible_exemplars_come_back_however_many_incompati
     vectors, owner, asked = gb.synthetic_gallery(2400, 1280, 8, 5, seed=3)
     ids, _ = await gb._load(pool, vectors, owner)
     query = asked[0]
-    order = gb.exact_top_k(vectors, query, len(vectors))  # every exemplar, nearest first
+    order = gb.exact_top_k(gb.unit_rows(vectors), query, len(vectors))  # every exemplar, nearest first
     # the 200 nearest exemplars' individuals become female: a buck's query must look past all of them
     near_individuals = sorted({int(i) for i in owner[order[:200]]})
     async with pool.acquire() as conn:

@@ -227,6 +227,7 @@ class BrokerRunner:
         self.ready = True
         log.info("%s consuming %s as group %s", name, [t.name for t in self.handler.input_topics], self.group)
         last_progress = last_check = time.monotonic()
+        suspected = False  # the last check found work waiting unfetched
         finishing: asyncio.Task | None = None  # the previous batch's produce + commit
         try:
             while not self._stop.is_set():
@@ -241,14 +242,20 @@ class BrokerRunner:
                         await finishing
                     finishing = asyncio.create_task(self._finish(records, outputs))
                     last_progress = now
+                    suspected = False
                 elif now - last_progress > STALL_AFTER_S and now - last_check > STALL_CHECK_S:
                     last_check = now
                     if finishing is not None:
                         await finishing
                         finishing = None
-                    if await self._stalled():
+                    # Two checks in a row, with fetches between them: an idle consumer checked just as a
+                    # message lands sees it waiting too, and a fresh consumer costs seconds of rejoining
+                    # (a pose request missed its join deadline so).
+                    stalled = await self._stalled()
+                    if stalled and suspected:
                         await self._recreate_consumer()
                         last_progress = time.monotonic()
+                    suspected = stalled and not suspected
             if finishing is not None:
                 await finishing  # SIGTERM: the batch in hand is produced and committed before leaving
         finally:

@@ -386,7 +386,7 @@ async def peer_throughput(crops: list[bytes], dsn: str, k: int = 50) -> dict:
             with torch.inference_mode():
                 vec = model((x - mean) / std)[0].numpy()[:dim].astype(np.float32)
             async with conn.transaction():
-                await store.prepare_search(conn)
+                await store.prepare_search(conn, k)
                 await store.nearest_exemplars(conn, vec / (np.linalg.norm(vec) or 1.0), version, prop, "unknown", k)
         elapsed = time.perf_counter() - started
     finally:

@@ -39,7 +39,7 @@ async def test_the_nearest_compatible_exemplars_come_back_however_many_incompati
         await conn.execute("UPDATE individuals SET sex = 'male' WHERE NOT (id = ANY($1::bigint[]))", ind_ids)
         sex_of = {r["id"]: r["sex"] for r in await conn.fetch("SELECT id, sex FROM individuals")}
         async with conn.transaction():
-            await store.prepare_search(conn)
+            await store.prepare_search(conn, 50)
             found = await store.nearest_exemplars(conn, query.astype(np.float32), gb.VERSION, gb.PROPERTY,
                                                   "male", 50)
             as_doe = await store.nearest_exemplars(conn, query.astype(np.float32), gb.VERSION, gb.PROPERTY,
@@ -59,7 +59,8 @@ async def test_the_nearest_compatible_exemplars_come_back_however_many_incompati
 
 def test_bench_gallery_reports_latency_recall_and_the_index():
     result = gb.gallery_bench(3000, queries=30, k=20)
-    assert result["exemplars"] == 3000 and result["queries"] == 25 and result["k"] == 20
+    assert result["exemplars"] == 3000 and result["k"] == 20
+    assert result["queries"] == 30 and result["warm_up_queries"] == 30 and result["ef_search"] == 40
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     assert 0.9 <= result["recall_at_k"] <= 1.0
     c = result["cosines"]
@@ -75,3 +76,47 @@ async def test_the_peer_baseline_embeds_and_queries_one_detection_at_a_time(pool
     result = await peer_throughput(crops, pg_dsn)
     assert result["gallery_version"] == gb.VERSION  # it queried the gallery that is there
     assert result["det_per_s"] > 0 and result["ms_per_det"] == pytest.approx(1000 / result["det_per_s"], rel=0.05)
+
+
+async def test_the_gallery_indexes_are_built_wide_and_searched_at_twice_k(pool, pg_dsn):
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        definitions = [r["indexdef"] for r in await conn.fetch(
+            "SELECT indexdef FROM pg_indexes WHERE indexname LIKE 'embeddings_gallery_%'")]
+        assert len(definitions) == 4
+        assert all("ef_construction='128'" in d and "hnsw" in d for d in definitions), definitions
+        async with conn.transaction():
+            await store.prepare_search(conn, 50)
+            assert await conn.fetchval("SHOW hnsw.ef_search") == "100"
+            assert await conn.fetchval("SHOW hnsw.iterative_scan") == "relaxed_order"
+        assert await conn.fetchval("SHOW hnsw.ef_search") == "40"  # SET LOCAL: gone with the transaction
+        async with conn.transaction():
+            await store.prepare_search(conn, 3)  # never under pgvector's own default
+            assert await conn.fetchval("SHOW hnsw.ef_search") == "40"
+    finally:
+        await conn.close()
+
+
+def test_the_embedded_database_holds_a_quarter_of_memory_in_shared_buffers(tmp_path):
+    from shared.embedded import postgres_settings, write_settings
+
+    assert postgres_settings(24 * 2**30) == {"shared_buffers": "2048MB"}
+    assert postgres_settings(4 * 2**30) == {"shared_buffers": "1024MB"}
+    assert postgres_settings(256 * 2**20) == {"shared_buffers": "128MB"}
+    (tmp_path / "postgresql.conf").write_text("# initdb's\n")
+    write_settings(tmp_path, {"shared_buffers": "1024MB"})
+    write_settings(tmp_path, {"shared_buffers": "512MB"})  # every start rewrites ours, includes once
+    assert (tmp_path / "postgresql.conf").read_text().count("include_if_exists = 'deer-reid.conf'") == 1
+    assert (tmp_path / "deer-reid.conf").read_text() == "shared_buffers = '512MB'\n"
+
+
+async def test_the_embedded_database_runs_with_those_settings(pg_dsn):
+    from shared.embedded import physical_memory, postgres_settings
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        shown = await conn.fetchval(
+            "SELECT setting::bigint * 8192 / 1048576 FROM pg_settings WHERE name = 'shared_buffers'")
+    finally:
+        await conn.close()
+    assert f"{shown}MB" == postgres_settings(physical_memory())["shared_buffers"]

@@ -266,7 +266,7 @@ class FusionHandler:
         outputs: dict = {}
         by_property: dict[str, list[Scored]] = defaultdict(list)
         async with conn.transaction():
-            await store.prepare_search(conn)
+            await store.prepare_search(conn, self.settings.candidates_k)
             for det in detections:
                 scored = await self._score(conn, det)
                 if scored is not None:

@@ -54,12 +54,15 @@ def items_of(path: Path, limits: Limits) -> Iterator[Item]:
     """What `deer-reid ingest PATH` sends: a folder's images and archives (recursively), one image, or one
     archive's images; each file is read only when its turn comes."""
     for p in find_files(path):
-        with open(p, "rb") as f:
-            head = f.read(512)
-        if p.suffix.lower() not in IMAGE_SUFFIXES and is_archive(head, p.name):
+        if p.suffix.lower() not in IMAGE_SUFFIXES and _is_archive_file(p):  # an image is opened once
             yield from archive_items(p, limits)
         else:
             yield Item(str(p), p.name, p.read_bytes())
+
+
+def _is_archive_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return is_archive(f.read(512), path.name)
 
 
 def _retry_after(value: str | None) -> float:

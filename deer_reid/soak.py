@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deer_reid.ingest import Item, find_files, upload_all, wait_terminal
 from deer_reid.stack import read_state
+from shared.archives import IMAGE_SUFFIXES
 from shared.states import TERMINAL
 
 FAULT_ORDER = ("body", "fusion", "coat", "antler", "pose", "reconciler", "api", "broker")
@@ -138,7 +139,7 @@ async def soak(home: Path, photos_dir: Path, n: int, *, dsn: str | None = None, 
     state = read_state(home)
     if not state:
         raise RuntimeError(f"no running stack in {home}: start it with `deer-reid up`")
-    photos = [p for p in find_files(photos_dir) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    photos = [p for p in find_files(photos_dir) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not photos:
         raise RuntimeError(f"no photos under {photos_dir}")
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000)

@@ -315,3 +315,24 @@ def test_review_session_judges_suggestions_against_the_labels():
     s = summarize(outcomes)
     assert (s["top1_of_existing"], s["top3_of_existing"], s["right_individual_was_new"]) == (0.5, 0.5, 1)
     assert s["mean_actions_per_decision"] == round(4 / 3, 3) and s["fusion_had_no_candidate"] == 1
+
+
+def test_coat_shortlists_are_drawn_within_each_gallery_and_matched_pairs_are_not_matched_again():
+    from deer_reid.evaluation import coat as coat_eval
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((8, 4))
+    body = v @ v.T
+    whole = coat_eval.shortlists(body, 2)
+    halves = coat_eval.shortlists(body, 2, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert not halves[:4, 4:].any() and not halves[4:, :4].any()  # never across the two galleries
+    for i in range(8):  # each photo's own two nearest within its half are shortlisted
+        ix = [j for j in (range(4) if i < 4 else range(4, 8)) if j != i]
+        nearest = sorted(ix, key=lambda j: -body[i, j])[:2]
+        assert halves[i, nearest].all()
+    assert (whole != halves).any()
+    # scores already matched are reused: a `known` pair comes back as given, not matched again
+    known = np.full((8, 8), np.nan)
+    known[halves] = 0.5
+    out = coat_eval.pattern_matrix([None] * 8, halves, known)  # None patterns: nothing new could be scored
+    assert np.array_equal(np.isnan(out), ~halves) and np.all(out[halves] == 0.5)

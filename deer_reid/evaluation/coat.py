@@ -101,20 +101,35 @@ def _pattern_rows(args: tuple[list[bytes | None], list[tuple[int, list[int]]]]) 
             if (s := pattern_similarity(patterns[i], patterns[j])) is not None]
 
 
-def shortlists(body: np.ndarray, shortlist: int) -> np.ndarray:
-    """(N, N) bool: j is among i's `shortlist` closest photos by body, or i among j's (scored both ways)."""
+def shortlists(body: np.ndarray, shortlist: int, galleries: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """(N, N) bool: j is among i's `shortlist` closest photos by body, or i among j's (scored both ways).
+    With `galleries` (groups of photo indexes), each photo is shortlisted among its own group only: fusion
+    shortlists among the gallery it searches, so a part of the run reported on its own (the held-out
+    identities) must not spend its shortlist on photos outside it."""
     n = len(body)
+    if galleries is not None:
+        mask = np.zeros((n, n), dtype=bool)
+        for group in galleries:
+            ix = np.asarray(group, dtype=np.int64)
+            mask[np.ix_(ix, ix)] = shortlists(body[np.ix_(ix, ix)], shortlist)
+        return mask
     ranked = np.argsort(-np.where(np.eye(n, dtype=bool), -np.inf, body), axis=1, kind="stable")[:, :shortlist]
     mask = np.zeros((n, n), dtype=bool)
     mask[np.repeat(np.arange(n), ranked.shape[1]), ranked.ravel()] = True
     return mask | mask.T
 
 
-def pattern_matrix(patterns: list[bytes | None], mask: np.ndarray) -> np.ndarray:
-    """Pattern scores of the shortlisted pairs (`mask`), NaN elsewhere."""
+def pattern_matrix(patterns: list[bytes | None], mask: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """Pattern scores of the shortlisted pairs (`mask`), NaN elsewhere; pairs already scored in `known`
+    (NaN: not scored) are taken from it, not matched again."""
     n = len(patterns)
     out = np.full((n, n), np.nan)
-    work = [(i, [int(j) for j in np.flatnonzero(mask[i]) if j > i]) for i in range(n)]
+    todo = mask.copy()
+    if known is not None:
+        done = mask & ~np.isnan(known)
+        out[done] = known[done]
+        todo &= ~done
+    work = [(i, [int(j) for j in np.flatnonzero(todo[i]) if j > i]) for i in range(n)]
     workers = len(os.sched_getaffinity(0))
     chunks = [(patterns, work[k::workers]) for k in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
@@ -135,17 +150,21 @@ def as_fusion_scores(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask | np.isnan(floor)[:, None], scored, floor[:, None])
 
 
-def coat_matrices(feats: list[dict], body: np.ndarray, shortlist: int) -> tuple[dict[str, np.ndarray], dict]:
-    """The coat components as fusion scores them ({name: matrix}), and the pattern variants measured."""
-    mask = shortlists(body, shortlist)
+def coat_matrices(feats: list[dict], body: np.ndarray, shortlist: int, galleries: Sequence[Sequence[int]] | None = None,
+                  matched: dict[str, np.ndarray] | None = None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The coat components as fusion scores them ({name: matrix}), the pattern variants measured, and the
+    variants' raw pattern scores (pass them back as `matched` to score other shortlists without matching
+    the pairs again). `galleries`: as in `shortlists`."""
+    mask = shortlists(body, shortlist, galleries)
     colour = [f["embeddings"].get(COLOUR_VERSION) for f in feats]
     facing = [f["attributes"].get("facing") for f in feats]
     maps = [f["embeddings"].get(MARKINGS_VERSION) for f in feats]
-    variants = {name: pattern_matrix([f[name] for f in feats], mask) for name in VARIANTS}
+    variants = {name: pattern_matrix([f[name] for f in feats], mask, (matched or {}).get(name)) for name in VARIANTS}
     components = {COLOUR: colour_matrix(colour), MARKINGS: markings_matrix(maps, facing),
                   PATTERN: variants[SERVICE_VARIANT]}
     return ({name: as_fusion_scores(m, mask) for name, m in components.items()},
-            {name: as_fusion_scores(m, mask) for name, m in variants.items()})
+            {name: as_fusion_scores(m, mask) for name, m in variants.items()}, variants)
 
 
 def extraction_ms(feats: list[dict]) -> dict[str, float]:

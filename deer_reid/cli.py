@@ -267,18 +267,14 @@ def cmd_calibration(args) -> int:
 
 def cmd_train(args) -> int:
     from deer_reid.evaluation.dataset import DatasetError
-    from deer_reid.stack import pid_alive, read_state
     from deer_reid.training.train import TrainConfig, TrainError, train
 
     settings = _settings(args)
-    state = read_state(settings.home)
-    in_use = set()
-    if state and pid_alive(state["supervisor_pid"]):
-        in_use = {state.get("body_model"), *(state.get("body_ensemble") or [])}
+    in_use = _models_in_use(settings)
     cfg = TrainConfig(name=args.name, base=args.base, epochs=args.epochs, input_size=args.input_size, seed=args.seed,
                       holdout_identities=args.holdout_identities, validation_identities=args.validation_identities,
                       batch=args.batch, lr=args.lr, precision=args.precision or "fp32", overwrite=args.overwrite,
-                      resume=args.resume, average_from=args.average_from)
+                      resume=args.resume, average_from=args.average_from, erase=args.erase)
     try:
         card = train(Path(args.data_dir), cfg, settings, in_use=in_use, progress=not args.quiet)
     except (TrainError, DatasetError) as exc:
@@ -291,6 +287,38 @@ def cmd_train(args) -> int:
     print(f"\nmodel {card['name']} is in {settings.model_cache / card['name']}; measure it on identities it never "
           f"learned: deer-reid eval {args.data_dir} --protocol loo --body-model {card['name']}")
     return 0
+
+
+def cmd_train_soup(args) -> int:
+    from deer_reid.evaluation.dataset import DatasetError
+    from deer_reid.training.soup import soup
+    from deer_reid.training.train import TrainError
+    from shared.models import MissingWeights
+
+    settings = _settings(args)
+    try:
+        card = soup(args.name, args.ingredients, settings, overwrite=args.overwrite, in_use=_models_in_use(settings),
+                    progress=not args.quiet)
+    except (TrainError, DatasetError, MissingWeights) as exc:
+        print(f"deer-reid train soup: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(card, indent=2))
+    print(json.dumps({k: card[k] for k in ("name", "embedding_version", "validation", "seconds")}
+                     | {"kept": card["soup"]["kept"]}, indent=2))
+    print(f"\nmodel {card['name']} is in {settings.model_cache / card['name']}; measure it on identities none of "
+          f"its ingredients learned: deer-reid eval {card['data']['folder']} --protocol loo --body-model {card['name']}")
+    return 0
+
+
+def _models_in_use(settings) -> set[str]:
+    """The body models the running stack (if any) serves: never replaced under it."""
+    from deer_reid.stack import pid_alive, read_state
+
+    state = read_state(settings.home)
+    if state and pid_alive(state["supervisor_pid"]):
+        return {state.get("body_model"), *(state.get("body_ensemble") or [])}
+    return set()
 
 
 def cmd_train_viewpoint(args) -> int:
@@ -738,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=3e-4)
     tr.add_argument("--average-from", type=int, default=0, help="average the weights of every epoch from this one "
                     "on (BN recomputed); kept only if it beats the best epoch on validation (0: off)")
+    tr.add_argument("--erase", type=float, default=0.0, metavar="P",
+                    help="random erasing: the share of training images with one rectangle of noise (0: off)")
     tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default fp32 (bf16 measured no faster)")
     tr.add_argument("--overwrite", action="store_true", help="replace a trained model of the same name")
     tr.add_argument("--resume", action="store_true", help="continue from the last epoch's checkpoint")
@@ -761,6 +791,16 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--json", help="write the card here too")
     tv.add_argument("--quiet", action="store_true")
     tv.set_defaults(func=cmd_train_viewpoint)
+
+    ts = sub.add_parser("train-soup", help="(deer-reid train soup NAME --from A B ...) one network averaging the "
+                        "weights of fine-tunes of one split, chosen greedily on validation")
+    ts.add_argument("name", help="the soup's name in the model cache (then --body-model NAME)")
+    ts.add_argument("--from", dest="ingredients", nargs="+", required=True, metavar="MODEL",
+                    help="models trained by `deer-reid train` with the same base, input size, data and split")
+    ts.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+    ts.add_argument("--json", help="write the card here too")
+    ts.add_argument("--quiet", action="store_true")
+    ts.set_defaults(func=cmd_train_soup)
 
     ex = sub.add_parser("export-labels", help="decided detections as a folder `train` accepts")
     ex.add_argument("out")
@@ -868,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["train", "viewpoint"]:
         # `train DATA_DIR` fine-tunes a body network; `train viewpoint DATA_DIR` fits the viewpoint classifier
         argv[:2] = ["train-viewpoint"]
+    elif argv[:2] == ["train", "soup"]:
+        argv[:2] = ["train-soup"]
     args = build_parser().parse_args(argv)
     return args.func(args)
 

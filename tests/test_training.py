@@ -182,3 +182,70 @@ async def test_export_labels_writes_a_folder_train_and_eval_accept(stack, nyala_
         await export_labels(stack.dsn, tmp_path / "labels", prop="export-cam")
     with pytest.raises(ExportError, match="by a person"):
         await export_labels(stack.dsn, tmp_path / "human", prop="export-cam", human_only=True)
+
+
+def test_random_erasing_hides_one_rectangle_and_leaves_runs_without_it_unchanged():
+    import torch
+
+    batch = torch.full((6, 3, 40, 40), 128, dtype=torch.uint8)
+    plain = training_data.augment(batch, 32, torch.Generator().manual_seed(5))
+    again = training_data.augment(batch, 32, torch.Generator().manual_seed(5), 0.0)
+    assert torch.equal(plain, again)  # erase 0 draws nothing more: older recipes replay the same
+    erased = training_data.augment(batch, 32, torch.Generator().manual_seed(5), 1.0)
+    assert torch.equal(erased, training_data.augment(batch, 32, torch.Generator().manual_seed(5), 1.0))
+    for seed in range(8):  # one image at a time: the erasing's draws shift the next image's
+        one = batch[:1]
+        ref = training_data.augment(one, 32, torch.Generator().manual_seed(seed))[0]
+        img = training_data.augment(one, 32, torch.Generator().manual_seed(seed), 1.0)[0]
+        changed = (img != ref).any(dim=0)
+        rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
+        assert changed.any()
+        # the changed pixels lie in one rectangle of 2-33% of the image (a noise pixel may match by chance)
+        box = int((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
+        assert 0.02 * 32 * 32 * 0.5 <= box <= 0.34 * 32 * 32, (seed, box)
+        assert int(changed.sum()) >= 0.9 * box
+
+
+def test_a_soup_averages_fine_tunes_of_one_split_and_keeps_only_what_validation_rewards(folder, tmp_path):
+    import torch
+
+    from deer_reid.training.soup import average, soup
+
+    settings = settings_for(tmp_path)
+    cache = settings.model_cache
+    a = train(folder, TrainConfig(name="a", **TINY), settings, progress=False)
+    b = train(folder, TrainConfig(name="b", **{**TINY, "lr": 3e-3, "erase": 0.5}), settings, progress=False)
+    card = soup("ab", ["a", "b"], settings, progress=False)
+    steps = card["soup"]["steps"]
+    # the better ingredient alone first, the other tried on top, kept only if validation improved
+    alone = {n: card["soup"]["ingredients"][n]["validation"] for n in ("a", "b")}
+    first = max(("a", "b"), key=lambda n: (alone[n]["top1"], alone[n]["mAP"]))
+    assert steps[0]["ingredient"] == first and steps[1]["ingredient"] != first
+    tried = steps[1]["validation"]
+    assert steps[1]["kept"] == ((tried["top1"], tried["mAP"]) > (alone[first]["top1"], alone[first]["mAP"]))
+    assert card["soup"]["kept"] == [first] + ([steps[1]["ingredient"]] if steps[1]["kept"] else [])
+    # the weights are the mean of the kept ingredients', and the soup keeps their identities' split
+    weights = torch.load(cache / "ab" / "model.pt", weights_only=True)
+    parts = [torch.load(cache / n / "model.pt", weights_only=True) for n in card["soup"]["kept"]]
+    key = next(k for k, v in weights.items() if torch.is_floating_point(v))
+    assert torch.allclose(weights[key], torch.stack([p[key] for p in parts]).mean(0))
+    assert card["identities"] == a["identities"] == b["identities"]
+    model = load_model("ab", cache)
+    assert model.version == card["embedding_version"] and get_spec("ab", cache).input_size == 64
+    assert torch.equal(average([parts[0], parts[0]])[key], parts[0][key])
+
+    # what cannot be souped is refused with the reason
+    train(folder, TrainConfig(name="other-split", **{**TINY, "seed": 1}), settings, progress=False)
+    train(folder, TrainConfig(name="bigger", **{**TINY, "input_size": 72}), settings, progress=False)
+    with pytest.raises(TrainError, match="split the identities differently"):
+        soup("x", ["a", "other-split"], settings, progress=False)
+    with pytest.raises(TrainError, match="input size"):
+        soup("x", ["a", "bigger"], settings, progress=False)
+    with pytest.raises(TrainError, match="at least two"):
+        soup("x", ["a"], settings, progress=False)
+    with pytest.raises(TrainError, match="not a body network"):
+        soup("x", ["a", "efficientnet_lite0"], settings, progress=False)
+    with pytest.raises(TrainError, match="exists"):
+        soup("ab", ["a", "b"], settings, progress=False)
+    with pytest.raises(TrainError, match="one of the ingredients"):
+        soup("a", ["a", "b"], settings, overwrite=True, progress=False)

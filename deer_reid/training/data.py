@@ -64,10 +64,13 @@ def class_labels(samples: Sequence[Sample], by_viewpoint: bool) -> tuple[np.ndar
     return np.asarray([index[k] for k in keys], dtype=np.int64), names
 
 
-def augment(batch, size: int, generator):
+def augment(batch, size: int, generator, erase: float = 0.0):
     """Identity-keeping augmentation of a uint8 (N, 3, H, W) batch: a crop of 70-100% of the frame
     (the detector's box is loose anyway), brightness/contrast/saturation (light and camera differ), a
-    small rotation. No horizontal flip: the two flanks of a striped animal are different patterns."""
+    small rotation. No horizontal flip: the two flanks of a striped animal are different patterns. With
+    `erase` > 0, that share of images also gets one rectangle (2-33% of the area) of noise: grass, a branch
+    or another animal hides part of an animal in trail-camera frames, and a network that must find the
+    identity in what is left cannot lean on one patch of the coat (random erasing, Zhong et al. 2020)."""
     import torch
     from torchvision.transforms.v2 import functional as TF
 
@@ -83,5 +86,16 @@ def augment(batch, size: int, generator):
         img = TF.adjust_contrast(img, 0.75 + 0.5 * r[4].item())
         img = TF.adjust_saturation(img, 0.7 + 0.6 * r[5].item())
         img = TF.rotate(img, float(-8 + 16 * r[6].item()))
+        if erase > 0:  # drawn only when asked: runs without erasing keep their random stream
+            e = torch.rand(5, generator=generator)
+            if e[0].item() < erase:
+                area = (0.02 + 0.31 * e[1].item()) * size * size
+                aspect = float(np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * e[2].item()))
+                eh = min(size, max(1, int(round((area * aspect) ** 0.5))))
+                ew = min(size, max(1, int(round((area / aspect) ** 0.5))))
+                y, x = int((size - eh) * e[3].item()), int((size - ew) * e[4].item())
+                img = img.clone()
+                img[:, y:y + eh, x:x + ew] = torch.randint(0, 256, (3, eh, ew), generator=generator,
+                                                           dtype=torch.uint8)
         out.append(img)
     return torch.stack(out)

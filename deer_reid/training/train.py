@@ -67,6 +67,8 @@ class TrainConfig:
     # Validation peaked early and then fell while the loss kept dropping: averaging the epochs around the
     # peak is one network (fast mode) that behaves like an ensemble of them.
     average_from: int = 0
+    # Random erasing: the share of training images with one rectangle replaced by noise (0: off).
+    erase: float = 0.0
     overwrite: bool = False
     resume: bool = False
 
@@ -105,6 +107,32 @@ def _load_images(samples: list[Sample], size: int, settings: Settings, progress:
             images.append(None)
             bad[str(s.path)] = str(exc)
     return images, bad
+
+
+def validation_figures(net, x_val: np.ndarray | None, val_samples: list[Sample], spec, precision: str) -> dict:
+    """Leave-one-encounter-out retrieval among the validation photos (uint8 HWC at the input size): what
+    chooses an epoch, an average or a soup. Empty when there is nothing to validate on."""
+    import torch
+
+    if x_val is None:
+        return {}
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    net.eval()
+    feats = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for start in range(0, len(x_val), 64):
+            xb = torch.from_numpy(x_val[start:start + 64]).permute(0, 3, 1, 2).float().div_(255)
+            xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+            feats.append(torch.nn.functional.normalize(net(xb).float(), dim=1))
+    e = torch.cat(feats).numpy()
+    r = retrieval(e @ e.T, [s.identity for s in val_samples], [s.encounter for s in val_samples])
+    return {k: r[k] for k in ("queries", "top1", "top5", "mAP")}
+
+
+def better(a: dict, b: dict | None) -> bool:
+    """Validation figures `a` beat `b` (None: nothing yet): top-1 first, mAP to break ties."""
+    return b is None or (a.get("top1", 0), a.get("mAP", 0)) > (b.get("top1", 0), b.get("mAP", 0))
 
 
 def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[str] = frozenset(),
@@ -178,19 +206,7 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
 
     def validate(net=None) -> dict:
-        net = net or module
-        if x_val is None:
-            return {}
-        net.eval()
-        feats = []
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for start in range(0, len(x_val), 64):
-                xb = torch.from_numpy(x_val[start:start + 64]).permute(0, 3, 1, 2).float().div_(255)
-                xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
-                feats.append(torch.nn.functional.normalize(net(xb).float(), dim=1))
-        e = torch.cat(feats).numpy()
-        r = retrieval(e @ e.T, [s.identity for s in val_samples], [s.encounter for s in val_samples])
-        return {k: r[k] for k in ("queries", "top1", "top5", "mAP")}
+        return validation_figures(net or module, x_val, val_samples, spec, precision)
 
     if first_epoch == 0:
         baseline = validate()
@@ -205,7 +221,7 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
                    disable=not progress)
         for step in bar:
             idx = order[step * cfg.batch:(step + 1) * cfg.batch]
-            xb = data.augment(x_train[idx], cfg.input_size, generator).float().div_(255)
+            xb = data.augment(x_train[idx], cfg.input_size, generator, cfg.erase).float().div_(255)
             xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = head(module(xb), y_train[idx])
@@ -222,8 +238,7 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         if progress:
             tqdm.write(f"epoch {epoch + 1}: loss {entry['loss']:.3f}, validation top-1 {val.get('top1', 0):.3f} "
                        f"top-5 {val.get('top5', 0):.3f} ({entry['seconds']} s)")
-        if best is None or (val.get("top1", 0), val.get("mAP", 0)) > (best["validation"].get("top1", 0),
-                                                                      best["validation"].get("mAP", 0)):
+        if better(val, best and best["validation"]):
             best = {"epoch": epoch + 1, "validation": val}
             torch.save(module.net.state_dict(), folder / "best.pt")
         if averaged is not None and epoch + 1 >= cfg.average_from:
@@ -246,8 +261,7 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         history.append(entry)
         if progress:
             tqdm.write(f"{entry['epoch']}: validation top-1 {val.get('top1', 0):.3f} top-5 {val.get('top5', 0):.3f}")
-        if best is None or (val.get("top1", 0), val.get("mAP", 0)) > (best["validation"].get("top1", 0),
-                                                                      best["validation"].get("mAP", 0)):
+        if better(val, best and best["validation"]):
             best = {"epoch": entry["epoch"], "validation": val}
             torch.save(averaged.module.net.state_dict(), folder / "best.pt")
     weights = folder / TRAINED_WEIGHTS
@@ -270,6 +284,7 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         "selected_epoch": best["epoch"] if best else None, "validation": best["validation"] if best else None,
         "history": history, "seconds": round(time.monotonic() - started, 1),
         "loss": "sub-center ArcFace", "augmentation": data.augment.__doc__.split(":", 1)[1].strip(),
+        "random_erasing": cfg.erase,
     }
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2))
     return card

@@ -151,16 +151,18 @@ def as_fusion_scores(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def coat_matrices(feats: list[dict], body: np.ndarray, shortlist: int, galleries: Sequence[Sequence[int]] | None = None,
-                  matched: dict[str, np.ndarray] | None = None
+                  matched: dict[str, np.ndarray] | None = None, variants: Sequence[str] = tuple(VARIANTS)
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The coat components as fusion scores them ({name: matrix}), the pattern variants measured, and the
-    variants' raw pattern scores (pass them back as `matched` to score other shortlists without matching
-    the pairs again). `galleries`: as in `shortlists`."""
+    """The coat components as fusion scores them ({name: matrix}), the pattern `variants` measured (the
+    service's is always matched: it is the pattern component), and their raw pattern scores (pass them back
+    as `matched` to score other shortlists without matching the pairs again). `galleries`: as in
+    `shortlists`."""
     mask = shortlists(body, shortlist, galleries)
     colour = [f["embeddings"].get(COLOUR_VERSION) for f in feats]
     facing = [f["attributes"].get("facing") for f in feats]
     maps = [f["embeddings"].get(MARKINGS_VERSION) for f in feats]
-    variants = {name: pattern_matrix([f[name] for f in feats], mask, (matched or {}).get(name)) for name in VARIANTS}
+    variants = {name: pattern_matrix([f[name] for f in feats], mask, (matched or {}).get(name))
+                for name in dict.fromkeys([SERVICE_VARIANT, *variants])}
     components = {COLOUR: colour_matrix(colour), MARKINGS: markings_matrix(maps, facing),
                   PATTERN: variants[SERVICE_VARIANT]}
     return ({name: as_fusion_scores(m, mask) for name, m in components.items()},

@@ -284,7 +284,6 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         "selected_epoch": best["epoch"] if best else None, "validation": best["validation"] if best else None,
         "history": history, "seconds": round(time.monotonic() - started, 1),
         "loss": "sub-center ArcFace", "augmentation": data.augment.__doc__.split(":", 1)[1].strip(),
-        "random_erasing": cfg.erase,
     }
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2))
     return card

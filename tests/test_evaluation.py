@@ -57,6 +57,21 @@ def test_average_precision_by_hand():
     assert average_precision(np.array([False, False])) == 0.0
 
 
+def test_the_top1_interval_resamples_identities_and_narrows_with_more_of_them():
+    from deer_reid.evaluation.metrics import bootstrap_interval
+
+    # every identity right or every one wrong: no resample can move the share
+    assert bootstrap_interval(np.ones(40, bool), [i // 4 for i in range(40)]) == [1.0, 1.0]
+    # half the identities always right, half always wrong: the share moves with the identities drawn
+    few = bootstrap_interval(np.repeat([True, False] * 5, 4), np.repeat(np.arange(10), 4))
+    many = bootstrap_interval(np.repeat([True, False] * 50, 4), np.repeat(np.arange(100), 4))
+    assert few[0] < many[0] < 0.5 < many[1] < few[1]
+    # a retrieval reports it around its top-1
+    sim = np.array([[1, .9, .1, .2], [.9, 1, .2, .1], [.1, .2, 1, .05], [.2, .1, .05, 1]])  # b: wrong
+    r = retrieval(sim, ["a", "a", "b", "b"], [1, 2, 3, 4])
+    assert r["top1"] == 0.5 and r["top1_ci95"][0] <= 0.5 <= r["top1_ci95"][1]
+
+
 def test_bcubed_known_example():
     # predicted clusters {0,1,2} {3,4}; truth {0,1} {2,3,4}
     pred = ["x", "x", "x", "y", "y"]

@@ -24,13 +24,31 @@ def average_precision(ranked_relevance: np.ndarray) -> float:
     return float(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
 
 
-def _summary(first_hit: list[int], aps: list[float], max_rank: int) -> dict:
-    """CMC, top-1/top-5 and mAP from each query's rank of its first hit and its average precision."""
+def _summary(first_hit: list[int], aps: list[float], max_rank: int, groups: list | None = None) -> dict:
+    """CMC, top-1/top-5 and mAP from each query's rank of its first hit and its average precision; with
+    `groups` (each query's identity), 95% intervals of top-1 and top-5 as well."""
     n = len(first_hit)
     hits = np.asarray(first_hit)
     cmc = [float(np.mean(hits < k)) if n else 0.0 for k in range(1, max_rank + 1)]
-    return {"queries": n, "top1": cmc[0], "top5": cmc[4] if max_rank >= 5 else None,
-            "mAP": float(np.mean(aps)) if n else 0.0, "cmc": cmc}
+    out = {"queries": n, "top1": cmc[0], "top5": cmc[4] if max_rank >= 5 else None,
+           "mAP": float(np.mean(aps)) if n else 0.0, "cmc": cmc}
+    if groups is not None and n:
+        out["top1_ci95"] = bootstrap_interval(hits < 1, groups)
+        if max_rank >= 5:
+            out["top5_ci95"] = bootstrap_interval(hits < 5, groups)
+    return out
+
+
+def bootstrap_interval(correct: np.ndarray, groups: Sequence[Hashable], resamples: int = 2000,
+                       seed: int = 0) -> list[float]:
+    """95% percentile interval of a share of correct queries, resampling whole identities (a query's
+    photos of one animal are not independent draws): how far a figure may move on other animals."""
+    names, index = np.unique(np.asarray(groups), return_inverse=True)
+    right = np.bincount(index, weights=np.asarray(correct, dtype=float), minlength=len(names))
+    total = np.bincount(index, minlength=len(names)).astype(float)
+    draws = np.random.default_rng(seed).multinomial(len(names), np.full(len(names), 1 / len(names)), resamples)
+    shares = (draws @ right) / np.maximum(draws @ total, 1)
+    return [round(float(v), 4) for v in np.percentile(shares, [2.5, 97.5])]
 
 
 def retrieval(similarity: np.ndarray, identities: Sequence[Hashable], encounters: Sequence[Hashable],
@@ -44,7 +62,7 @@ def retrieval(similarity: np.ndarray, identities: Sequence[Hashable], encounters
     ids = np.asarray(identities)
     enc = np.asarray(encounters)
     views = None if viewpoints is None else np.asarray(viewpoints)
-    first_hit, aps = [], []
+    first_hit, aps, who = [], [], []
     for i in range(len(ids)):
         gallery = enc != enc[i]
         if views is not None:
@@ -55,7 +73,8 @@ def retrieval(similarity: np.ndarray, identities: Sequence[Hashable], encounters
         ranked = rank(similarity[i, gallery], relevant)
         first_hit.append(int(np.argmax(ranked)))
         aps.append(average_precision(ranked))
-    return _summary(first_hit, aps, max_rank)
+        who.append(ids[i])
+    return _summary(first_hit, aps, max_rank, who)
 
 
 def retrieval_by_sighting(similarity: np.ndarray, identities: Sequence[Hashable], encounters: Sequence[Hashable],
@@ -65,7 +84,7 @@ def retrieval_by_sighting(similarity: np.ndarray, identities: Sequence[Hashable]
     the encounter. Queries are encounters, so the figures are per sighting, not per image."""
     ids = np.asarray(identities)
     enc = np.asarray(encounters)
-    first_hit, aps = [], []
+    first_hit, aps, who = [], [], []
     for e in dict.fromkeys(enc.tolist()):
         members = enc == e
         gallery = ~members
@@ -76,7 +95,8 @@ def retrieval_by_sighting(similarity: np.ndarray, identities: Sequence[Hashable]
         ranked = rank(scores, relevant)
         first_hit.append(int(np.argmax(ranked)))
         aps.append(average_precision(ranked))
-    return _summary(first_hit, aps, max_rank)
+        who.append(ids[members][0])
+    return _summary(first_hit, aps, max_rank, who)
 
 
 def query_expanded_similarity(embeddings: np.ndarray, encounters: Sequence[Hashable], k: int = 2,

@@ -107,6 +107,10 @@ def markdown(result: dict) -> str:
         lines += ["## Leave-one-encounter-out retrieval", "",
                   "| gallery | queries | top-1 | top-5 | mAP |", "|---|---|---|---|---|",
                   f"| all | {result['queries']} | {result['top1']:.3f} | {result['top5']:.3f} | {result['mAP']:.3f} |"]
+        if result.get("top1_ci95"):
+            lo, hi = result["top1_ci95"]
+            lines.insert(len(lines) - 3, f"Top-1 {result['top1']:.3f}, 95% interval {lo:.3f}-{hi:.3f} (identities "
+                                         "resampled): differences inside it may be luck of the animals drawn.\n")
         if result.get("same_viewpoint"):
             v = result["same_viewpoint"]
             lines.append(f"| same viewpoint | {v['queries']} | {v['top1']:.3f} | {v['top5']:.3f} | {v['mAP']:.3f} |")

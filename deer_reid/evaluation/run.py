@@ -107,7 +107,7 @@ def _subset(matrix: np.ndarray, idx: list[int]) -> np.ndarray:
 
 
 def _rows(result: dict) -> dict:
-    return {m: result[m] for m in ("queries", "top1", "top5", "mAP")}
+    return {m: result[m] for m in ("queries", "top1", "top5", "mAP", "top1_ci95", "top5_ci95") if m in result}
 
 
 def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, report_dir: Path | None,

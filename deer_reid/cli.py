@@ -274,7 +274,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(name=args.name, base=args.base, epochs=args.epochs, input_size=args.input_size, seed=args.seed,
                       holdout_identities=args.holdout_identities, validation_identities=args.validation_identities,
                       batch=args.batch, lr=args.lr, precision=args.precision or "fp32", overwrite=args.overwrite,
-                      resume=args.resume, average_from=args.average_from, erase=args.erase)
+                      resume=args.resume, average_from=args.average_from, erase=args.erase,
+                      refit=args.refit, distill=args.distill)
     try:
         card = train(Path(args.data_dir), cfg, settings, in_use=in_use, progress=not args.quiet)
     except (TrainError, DatasetError) as exc:
@@ -768,6 +769,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "on (BN recomputed); kept only if it beats the best epoch on validation (0: off)")
     tr.add_argument("--erase", type=float, default=0.0, metavar="P",
                     help="random erasing: the share of training images with one rectangle of noise (0: off)")
+    tr.add_argument("--distill", type=float, default=0.0, metavar="W",
+                    help="weight of the cosine distance to the frozen ImageNet network's embedding (0: off)")
+    tr.add_argument("--refit", action="store_true", help="once validation has chosen the epoch, train again on "
+                    "training + validation identities for that many epochs (the holdout stays unseen)")
     tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default fp32 (bf16 measured no faster)")
     tr.add_argument("--overwrite", action="store_true", help="replace a trained model of the same name")
     tr.add_argument("--resume", action="store_true", help="continue from the last epoch's checkpoint")

@@ -109,6 +109,53 @@ def test_averaged_weights_are_measured_on_validation_and_kept_only_when_better(f
     assert model.version == card["embedding_version"]
 
 
+def test_refit_trains_again_on_validation_identities_for_the_chosen_epochs_and_never_on_the_holdout(folder, tmp_path):
+    settings = settings_for(tmp_path)
+    plain = train(folder, TrainConfig(name="plain", **dict(TINY, epochs=2, holdout_identities=2)), settings, progress=False)
+    card = train(folder, TrainConfig(name="refit", refit=True, **dict(TINY, epochs=2, holdout_identities=2)), settings, progress=False)
+    ids = card["identities"]
+    # the selection is the plain run's (same seed), then the network learns from validation identities too
+    assert card["selected_epoch"] == plain["selected_epoch"] and card["validation"] == plain["validation"]
+    assert set(ids["train"]) == set(plain["identities"]["train"]) | set(ids["validation"])
+    assert not set(ids["holdout"]) & set(ids["train"])
+    assert card["refit"]["epochs"] == card["selected_epoch"] and card["refit"]["of_schedule"] == 2
+    assert card["refit"]["identities"] == 4 and card["refit"]["images"] == 16
+    assert card["weights_sha256"] != plain["weights_sha256"]
+    assert plain["refit"] is None
+    # eval leaves out every identity the refit learned: only the holdout is measured
+    from deer_reid.evaluation.run import never_trained_on
+
+    kept, notes = never_trained_on(load_dataset(folder), ["refit"], settings)
+    assert {s.identity for s in kept} == set(ids["holdout"]) and "4 identities" in notes["refit"]
+
+
+def test_distillation_holds_the_embedding_near_the_imagenet_networks(folder, tmp_path):
+    import torch
+    from PIL import Image
+
+    settings = settings_for(tmp_path)
+    cfg = dict(TINY, epochs=2, lr=3e-3)
+    free = train(folder, TrainConfig(name="free", **cfg), settings, progress=False)
+    held = train(folder, TrainConfig(name="held", distill=100.0, **cfg), settings, progress=False)
+    assert held["hyper_parameters"]["distill"] == 100.0 and free["hyper_parameters"]["distill"] == 0.0
+    photos = np.stack([np.asarray(Image.open(s.path).convert("RGB").resize((64, 64)))
+                       for s in load_dataset(folder)[:12]])
+    spec = get_spec("efficientnet_lite0")
+
+    def embedding(weights_file: Path) -> np.ndarray:
+        net = spec.build()
+        net.load_weights(torch.load(weights_file, map_location="cpu", weights_only=True))
+        net.eval()
+        x = (torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(net(x), dim=1).numpy()
+
+    imagenet = embedding(resolve_weights(spec, settings.model_cache)[0])
+    moved = {name: 1 - float((embedding(settings.model_cache / name / "model.pt") * imagenet).sum(1).mean())
+             for name in ("free", "held")}
+    assert moved["held"] < moved["free"]
+
+
 def test_bad_training_inputs_are_clear_errors_or_reasoned_skips(folder, tmp_path):
     settings = settings_for(tmp_path)
 

@@ -69,6 +69,13 @@ class TrainConfig:
     average_from: int = 0
     # Random erasing: the share of training images with one rectangle replaced by noise (0: off).
     erase: float = 0.0
+    # After choosing the epoch on validation, train again on training + validation identities and stop there
+    # (the usual last step once selection is done): the final network learns from every identity not held out.
+    refit: bool = False
+    # Keep the ImageNet embedding in view: this weight times the mean cosine distance between the network's
+    # embedding of a training image and the frozen ImageNet network's (0: off). Fine-tuning on a hundred
+    # animals forgets some of what ImageNet features got right on animals it never saw; this holds it back.
+    distill: float = 0.0
     overwrite: bool = False
     resume: bool = False
 
@@ -164,23 +171,38 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
     val_samples = [parts.validation[i] for i in val_keep]
     x_val = np.stack([val_images[i] for i in val_keep]) if val_keep else None
 
-    torch.manual_seed(cfg.seed)
-    module = spec.build()
     found = resolve_weights(spec, settings.model_cache)
     if found is None:
         raise TrainError(f"no ImageNet weights for {cfg.base} in {settings.model_cache}")
-    module.load_weights(torch.load(found[0], map_location="cpu", weights_only=True))
-    from deer_reid.training.arcface import SubCenterArcFace
 
-    head = SubCenterArcFace(spec.dim, len(classes), cfg.subcenters, cfg.scale, cfg.margin)
-    module = module.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW([{"params": module.parameters(), "lr": cfg.lr},
-                                   {"params": head.parameters(), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(keep) // cfg.batch)
-    total = steps_per_epoch * cfg.epochs
-    warmup = min(steps_per_epoch, total // 4 + 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + np.cos(np.pi * min(1.0, max(0, step - warmup) / max(1, total - warmup)))))
+    def fresh(n_classes: int, n_images: int):
+        """The network from its ImageNet weights, a new head, the optimiser and its schedule (warm-up, then
+        cosine over `cfg.epochs` epochs of `n_images`)."""
+        from deer_reid.training.arcface import SubCenterArcFace
+
+        torch.manual_seed(cfg.seed)
+        net = spec.build()
+        net.load_weights(torch.load(found[0], map_location="cpu", weights_only=True))
+        arc = SubCenterArcFace(spec.dim, n_classes, cfg.subcenters, cfg.scale, cfg.margin)
+        net = net.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW([{"params": net.parameters(), "lr": cfg.lr},
+                                 {"params": arc.parameters(), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+        per_epoch = max(1, n_images // cfg.batch)
+        total = per_epoch * cfg.epochs
+        warmup = min(per_epoch, total // 4 + 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+            1 + np.cos(np.pi * min(1.0, max(0, step - warmup) / max(1, total - warmup)))))
+        return net, arc, opt, sched, per_epoch
+
+    module, head, optimizer, schedule, steps_per_epoch = fresh(len(classes), len(keep))
+    teacher = None
+    if cfg.distill > 0:
+        teacher = spec.build()
+        teacher.load_weights(torch.load(found[0], map_location="cpu", weights_only=True))
+        # normalised by batch statistics as the student is (train mode), without the student's random
+        # drop-connect: at the start the two agree, and the distance measures what training moved
+        teacher.net._global_params = teacher.net._global_params._replace(drop_connect_rate=None)
+        teacher = teacher.to(memory_format=torch.channels_last).train().requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     history, best, first_epoch = [], None, 0
     averaged = torch.optim.swa_utils.AveragedModel(module) if cfg.average_from else None
@@ -211,28 +233,39 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
     if first_epoch == 0:
         baseline = validate()
         history.append({"epoch": 0, "validation": baseline, "note": "ImageNet weights, before training"})
-    for epoch in range(first_epoch, cfg.epochs):
-        module.train()
-        head.train()
-        t0 = time.monotonic()
-        order = torch.randperm(len(keep), generator=generator)
+    def run_epoch(net, arc, opt, sched, per_epoch: int, x, y, gen, desc: str) -> float:
+        """One pass over the training images in a seeded order; the mean loss."""
+        net.train()
+        arc.train()
+        order = torch.randperm(len(x), generator=gen)
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not progress)
+        bar = tqdm(range(per_epoch), desc=desc, unit="batch", disable=not progress)
         for step in bar:
             idx = order[step * cfg.batch:(step + 1) * cfg.batch]
-            xb = data.augment(x_train[idx], cfg.input_size, generator, cfg.erase).float().div_(255)
+            xb = data.augment(x[idx], cfg.input_size, gen, cfg.erase).float().div_(255)
             xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = head(module(xb), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
+                embedded = net(xb)
+                loss = arc(embedded, y[idx])
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = torch.nn.functional.normalize(teacher(xb).float(), dim=1)
+                    drift = 1 - (torch.nn.functional.normalize(embedded.float(), dim=1) * target).sum(1).mean()
+                    loss = loss + cfg.distill * drift
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            schedule.step()
+            opt.step()
+            sched.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        return float(np.mean(losses))
+
+    for epoch in range(first_epoch, cfg.epochs):
+        t0 = time.monotonic()
+        loss = run_epoch(module, head, optimizer, schedule, steps_per_epoch, x_train, y_train, generator,
+                         f"epoch {epoch + 1}/{cfg.epochs}")
         val = validate()
-        entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), "validation": val,
+        entry = {"epoch": epoch + 1, "loss": round(loss, 4), "validation": val,
                  "seconds": round(time.monotonic() - t0, 1)}
         history.append(entry)
         if progress:
@@ -264,6 +297,33 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         if better(val, best and best["validation"]):
             best = {"epoch": entry["epoch"], "validation": val}
             torch.save(averaged.module.net.state_dict(), folder / "best.pt")
+    refit = None
+    if cfg.refit and best and isinstance(best["epoch"], int) and parts.validation:
+        # The epoch count is chosen; the validation identities have done their work. Train once more from the
+        # ImageNet weights on training + validation identities, the same schedule, stopped at the chosen epoch:
+        # more animals to learn from, and the holdout is still unseen. Nothing is left to measure this network
+        # on but the holdout, so its card keeps the selection run's validation figures.
+        t0 = time.monotonic()
+        more = [s for s in parts.validation if sum(v.identity == s.identity for v in parts.validation) >= 2]
+        more_images, bad_more = _load_images(more, pre, settings, progress)
+        bad_val.update(bad_more)
+        refit_images = [train_images[i] for i in keep] + [im for im in more_images if im is not None]
+        refit_samples = train_samples + [s for s, im in zip(more, more_images) if im is not None]
+        refit_labels, refit_classes = data.class_labels(refit_samples, by_viewpoint)
+        x_refit = torch.from_numpy(np.stack(refit_images)).permute(0, 3, 1, 2).contiguous()
+        net, arc, opt, sched, per_epoch = fresh(len(refit_classes), len(refit_samples))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for epoch in range(best["epoch"]):
+            run_epoch(net, arc, opt, sched, per_epoch, x_refit, torch.from_numpy(refit_labels), gen,
+                      f"refit {epoch + 1}/{best['epoch']}")
+        torch.save(net.net.state_dict(), folder / "best.pt")
+        refit = {"epochs": best["epoch"], "of_schedule": cfg.epochs, "images": len(refit_samples),
+                 "identities": len({s.identity for s in refit_samples}), "classes": len(refit_classes),
+                 "seconds": round(time.monotonic() - t0, 1)}
+        history.append({"epoch": f"refit on training + validation identities, {best['epoch']} epochs",
+                        "seconds": refit["seconds"]})
+        if progress:
+            tqdm.write(f"refit: {refit['epochs']} epochs on {refit['identities']} identities ({refit['seconds']} s)")
     weights = folder / TRAINED_WEIGHTS
     shutil.copyfile(folder / "best.pt", weights.with_suffix(".partial"))
     weights.with_suffix(".partial").replace(weights)
@@ -275,13 +335,14 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         "created_at": datetime.now(timezone.utc).isoformat(),
         "data": {"folder": str(Path(data_dir).resolve()), "checksum": _folder_checksum(samples, Path(data_dir)),
                  "images": len(samples), "identities": len({s.identity for s in samples})},
-        "identities": {"train": parts.identities("train"), "validation": parts.identities("validation"),
+        "identities": {"train": sorted({s.identity for s in refit_samples}) if refit else parts.identities("train"),
+                       "validation": parts.identities("validation"),
                        "holdout": parts.identities("holdout"), "skipped": parts.skipped},
         "unreadable_images": {**bad_train, **bad_val},
         "classes": len(classes), "classes_by": "identity x viewpoint" if by_viewpoint else "identity",
         "hyper_parameters": {k: v for k, v in asdict(cfg).items() if k not in ("name", "overwrite", "resume")},
         "precision": precision, "threads": threads, "machine": platform.processor() or platform.machine(),
-        "selected_epoch": best["epoch"] if best else None, "validation": best["validation"] if best else None,
+        "selected_epoch": best["epoch"] if best else None, "refit": refit, "validation": best["validation"] if best else None,
         "history": history, "seconds": round(time.monotonic() - started, 1),
         "loss": "sub-center ArcFace", "augmentation": data.augment.__doc__.split(":", 1)[1].strip(),
     }

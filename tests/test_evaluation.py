@@ -245,6 +245,26 @@ def test_loo_protocol_on_a_tiny_real_folder(tiny_folder, tmp_path_factory):
     assert held_out_of(samples, None)[0] == samples
 
 
+def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside_the_artifact(tiny_folder,
+                                                                                             tmp_path_factory):
+    from deer_reid.evaluation.run import run_loo
+
+    out = tmp_path_factory.mktemp("coat-out")
+    result = run_loo(tiny_folder, mode="fast", body_model="efficientnet_lite0", limit=None, seed=3,
+                     report_dir=None, json_path=None, target_false_merge=0.02, calibration_out=out / "cal.json",
+                     settings=Settings(), progress=False, coat=True, coat_shortlist=5)
+    how = load_file(out / "cal.json")["fusion"]["aggregation"]
+    candidates = {k for k in result["ablation"] if "candidate" in k}
+    assert candidates == {f"all fused + {v} as a second pattern component (candidate, not in the service; {how})"
+                          for v in ("xfeat-crop", "rootsift-animal")}
+    assert set(result["candidate_weights"]["rootsift-animal"]) == {
+        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift-animal"}
+    assert candidates <= set(result["ablation_same_viewpoint"])
+    # the artifact fusion installs holds only what the services compute
+    assert set(load_file(out / "cal.json")["fusion"]["calibrations"]) == {
+        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern"}
+
+
 @pytest.mark.parametrize("csv_text, sex_text, message", [
     ("identity\n1\n", None, "missing column(s) path"),
     ("path,identity\n", None, "no rows"),

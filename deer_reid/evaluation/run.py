@@ -14,7 +14,7 @@ from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import Sample, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
 from deer_reid.evaluation.antler import antler_features, males, notes
-from deer_reid.evaluation.coat import coat_features, coat_matrices, coat_version, extraction_ms
+from deer_reid.evaluation.coat import SERVICE_VARIANT, coat_features, coat_matrices, coat_version, extraction_ms
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.pose import predicted_viewpoints
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
@@ -273,6 +273,19 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     if len(names) > 1:
         ablation["body ensemble, SPEC weighted mean (uncalibrated)"] = retrieval(_subset(unfitted, hid), hids, henc)
     ablation[f"all fused through calibration ({how})"] = retrieval(_subset(fused, hid), hids, henc)
+    candidates = {}
+    if coat:
+        # A candidate the service does not run yet: the other pattern matchers as components of their own,
+        # each calibrated and weighted like the rest (fitted on the fit half, the same aggregation).
+        for v, m in pattern_variants.items():
+            if v.startswith("antler") or v == SERVICE_VARIANT:
+                continue
+            extra = {**per_component, f"coat:pattern-{v}": m}
+            cand = cal.fit_fusion(extra, fit_idx, ids, enc, how)
+            candidates[f"all fused + {v} as a second pattern component (candidate, not in the service; {how})"] = \
+                cal.fused_similarity(extra, FusionModel.from_artifact({"fusion": cand, "version_id": f"eval-{v}"}))
+            result.setdefault("candidate_weights", {})[v] = cand["weights"]
+    ablation.update({k: retrieval(_subset(m, hid), hids, henc) for k, m in candidates.items()})
     result["ablation_gallery"] = {"identities": len(held_ids), "images": len(held_idx)}
     result["ablation"] = {k: _rows(v) for k, v in ablation.items()}
     if hviews:
@@ -280,7 +293,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
             k: _rows(retrieval(_subset(m, hid), hids, henc, hviews))
             for k, m in [*((f"{c} alone", m) for c, m in per_component.items()),
                          *((f"coat:pattern alone, {v}", m) for v, m in pattern_variants.items()),
-                         (f"all fused through calibration ({how})", fused)]}
+                         (f"all fused through calibration ({how})", fused), *candidates.items()]}
 
     fit = {"identities": len(fit_ids), "images": len(fit_idx), "report": chosen.report}
     held = {"identities": len(held_ids), "images": len(held_idx), "report": best["held"],

@@ -245,6 +245,12 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
                                      exemplar_vectors=exemplar_vectors)
         return points, *cal.choose(points, target_false_merge, max_review)
 
+    def fit_fusion(components, how, version_id):
+        """Calibrations and weights fitted on the fit half, the model fusion would run, and its scores."""
+        fusion = cal.fit_fusion(components, fit_idx, ids, enc, how)
+        model = FusionModel.from_artifact({"fusion": fusion, "version_id": version_id})
+        return fusion, model, cal.fused_similarity(components, model)
+
     fit_pairs = _subset(unfitted, fit_idx)[~np.eye(len(fit_idx), dtype=bool)]
     # Before: the SPEC's weighted mean of raw cosines, thresholds fitted the same way.
     _, before, before_met = fit_thresholds(None, settings.identity_aggregation, fit_pairs)
@@ -252,9 +258,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     # After: calibrated per component and fused by fitted weights; the aggregation is chosen on the fit half.
     fits = {}
     for how in AGGREGATIONS:
-        fusion = cal.fit_fusion(per_component, fit_idx, ids, enc, how)
-        model = FusionModel.from_artifact({"fusion": fusion, "version_id": f"eval-{how}"})
-        fused = cal.fused_similarity(per_component, model)
+        fusion, model, fused = fit_fusion(per_component, how, f"eval-{how}")
         points, chosen, met = fit_thresholds(model, how, _subset(fused, fit_idx)[~np.eye(len(fit_idx), dtype=bool)])
         fits[how] = {"fusion": fusion, "model": model, "fused": fused, "points": points, "chosen": chosen,
                      "met": met,
@@ -274,16 +278,12 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         ablation["body ensemble, SPEC weighted mean (uncalibrated)"] = retrieval(_subset(unfitted, hid), hids, henc)
     ablation[f"all fused through calibration ({how})"] = retrieval(_subset(fused, hid), hids, henc)
     candidates = {}
-    if coat:
-        # A candidate the service does not run yet: the other pattern matchers as components of their own,
-        # each calibrated and weighted like the rest (fitted on the fit half, the same aggregation).
-        for v, m in pattern_variants.items():
-            if v.startswith("antler") or v == SERVICE_VARIANT:
-                continue
-            extra = {**per_component, f"coat:pattern-{v}": m}
-            cand = cal.fit_fusion(extra, fit_idx, ids, enc, how)
-            candidates[f"all fused + {v} as a second pattern component (candidate, not in the service; {how})"] = \
-                cal.fused_similarity(extra, FusionModel.from_artifact({"fusion": cand, "version_id": f"eval-{v}"}))
+    # A candidate the services do not run yet: each other coat pattern matcher as a component of its own,
+    # calibrated and weighted like the rest (fitted on the fit half, the same aggregation).
+    for v, m in (coat_variants.items() if coat else ()):
+        if v != SERVICE_VARIANT:
+            cand, _, scores = fit_fusion({**per_component, f"coat:pattern-{v}": m}, how, f"eval-{v}")
+            candidates[f"all fused + {v} as a second pattern component (candidate, not in the service; {how})"] = scores
             result.setdefault("candidate_weights", {})[v] = cand["weights"]
     ablation.update({k: retrieval(_subset(m, hid), hids, henc) for k, m in candidates.items()})
     result["ablation_gallery"] = {"identities": len(held_ids), "images": len(held_idx)}

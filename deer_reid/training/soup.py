@@ -28,7 +28,7 @@ from deer_reid.training.train import (
     validation_figures,
 )
 from shared.config import Settings
-from shared.models import CARD_FILE, TRAINED_WEIGHTS, get_spec, read_card, sha256_of
+from shared.models import CARD_FILE, TRAINED_WEIGHTS, get_spec, read_card, resolve_weights, sha256_of
 
 SPLIT_KEYS = ("train", "validation", "holdout")
 
@@ -102,10 +102,10 @@ def soup(name: str, ingredient_names: list[str], settings: Settings, *, overwrit
     module = spec.build()
     states = {}
     for card in cards:
-        weights = cache / card["name"] / TRAINED_WEIGHTS
-        if sha256_of(weights) != card["weights_sha256"]:
-            raise TrainError(f"{weights} does not match its card's checksum")
-        states[card["name"]] = torch.load(weights, map_location="cpu", weights_only=True)
+        found = resolve_weights(get_spec(card["name"], cache), cache)  # checksum verified against the card
+        if found is None:
+            raise TrainError(f"{card['name']} has a card but no weights in {cache / card['name']}")
+        states[card["name"]] = torch.load(found[0], map_location="cpu", weights_only=True)
 
     def measure(state: dict) -> dict:
         module.load_weights(state)

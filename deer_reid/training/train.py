@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,6 +117,15 @@ def _load_images(samples: list[Sample], size: int, settings: Settings, progress:
     return images, bad
 
 
+def network_input(batch, spec):
+    """A uint8 (N, 3, H, W) tensor as the network takes it: scaled, normalised by the spec, channels-last."""
+    import torch
+
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return ((batch.float().div_(255) - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
 def validation_figures(net, x_val: np.ndarray | None, val_samples: list[Sample], spec, precision: str) -> dict:
     """Leave-one-encounter-out retrieval among the validation photos (uint8 HWC at the input size): what
     chooses an epoch, an average or a soup. Empty when there is nothing to validate on."""
@@ -123,14 +133,11 @@ def validation_figures(net, x_val: np.ndarray | None, val_samples: list[Sample],
 
     if x_val is None:
         return {}
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
     net.eval()
     feats = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for start in range(0, len(x_val), 64):
-            xb = torch.from_numpy(x_val[start:start + 64]).permute(0, 3, 1, 2).float().div_(255)
-            xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+            xb = network_input(torch.from_numpy(x_val[start:start + 64]).permute(0, 3, 1, 2), spec)
             feats.append(torch.nn.functional.normalize(net(xb).float(), dim=1))
     e = torch.cat(feats).numpy()
     r = retrieval(e @ e.T, [s.identity for s in val_samples], [s.encounter for s in val_samples])
@@ -175,16 +182,19 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
     if found is None:
         raise TrainError(f"no ImageNet weights for {cfg.base} in {settings.model_cache}")
 
+    def imagenet_network():
+        net = spec.build()
+        net.load_weights(torch.load(found[0], map_location="cpu", weights_only=True))
+        return net.to(memory_format=torch.channels_last)
+
     def fresh(n_classes: int, n_images: int):
         """The network from its ImageNet weights, a new head, the optimiser and its schedule (warm-up, then
         cosine over `cfg.epochs` epochs of `n_images`)."""
         from deer_reid.training.arcface import SubCenterArcFace
 
         torch.manual_seed(cfg.seed)
-        net = spec.build()
-        net.load_weights(torch.load(found[0], map_location="cpu", weights_only=True))
+        net = imagenet_network()
         arc = SubCenterArcFace(spec.dim, n_classes, cfg.subcenters, cfg.scale, cfg.margin)
-        net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW([{"params": net.parameters(), "lr": cfg.lr},
                                  {"params": arc.parameters(), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
         per_epoch = max(1, n_images // cfg.batch)
@@ -197,12 +207,11 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
     module, head, optimizer, schedule, steps_per_epoch = fresh(len(classes), len(keep))
     teacher = None
     if cfg.distill > 0:
-        teacher = spec.build()
-        teacher.load_weights(torch.load(found[0], map_location="cpu", weights_only=True))
+        teacher = imagenet_network()
         # normalised by batch statistics as the student is (train mode), without the student's random
         # drop-connect: at the start the two agree, and the distance measures what training moved
         teacher.net._global_params = teacher.net._global_params._replace(drop_connect_rate=None)
-        teacher = teacher.to(memory_format=torch.channels_last).train().requires_grad_(False)
+        teacher = teacher.train().requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     history, best, first_epoch = [], None, 0
     averaged = torch.optim.swa_utils.AveragedModel(module) if cfg.average_from else None
@@ -224,15 +233,13 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
         if averaged is not None and state.get("averaged") is not None:
             averaged.load_state_dict(state["averaged"])
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-
     def validate(net=None) -> dict:
         return validation_figures(net or module, x_val, val_samples, spec, precision)
 
     if first_epoch == 0:
         baseline = validate()
         history.append({"epoch": 0, "validation": baseline, "note": "ImageNet weights, before training"})
+
     def run_epoch(net, arc, opt, sched, per_epoch: int, x, y, gen, desc: str) -> float:
         """One pass over the training images in a seeded order; the mean loss."""
         net.train()
@@ -242,8 +249,7 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         bar = tqdm(range(per_epoch), desc=desc, unit="batch", disable=not progress)
         for step in bar:
             idx = order[step * cfg.batch:(step + 1) * cfg.batch]
-            xb = data.augment(x[idx], cfg.input_size, gen, cfg.erase).float().div_(255)
-            xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+            xb = network_input(data.augment(x[idx], cfg.input_size, gen, cfg.erase), spec)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 embedded = net(xb)
                 loss = arc(embedded, y[idx])
@@ -285,8 +291,8 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
 
     if averaged is not None and int(averaged.n_averaged) > 0:
         # batch-norm statistics of the averaged weights, from the training images (augmented as in training)
-        batches = [((data.augment(x_train[k:k + cfg.batch], cfg.input_size, generator).float().div_(255) - mean) / std)
-                   .contiguous(memory_format=torch.channels_last) for k in range(0, len(keep), cfg.batch)]
+        batches = [network_input(data.augment(x_train[k:k + cfg.batch], cfg.input_size, generator), spec)
+                   for k in range(0, len(keep), cfg.batch)]
         torch.optim.swa_utils.update_bn(batches, averaged)
         val = validate(averaged.module)
         entry = {"epoch": f"average of epochs {cfg.average_from}-{cfg.epochs}", "validation": val,
@@ -304,7 +310,8 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         # more animals to learn from, and the holdout is still unseen. Nothing is left to measure this network
         # on but the holdout, so its card keeps the selection run's validation figures.
         t0 = time.monotonic()
-        more = [s for s in parts.validation if sum(v.identity == s.identity for v in parts.validation) >= 2]
+        photos = Counter(s.identity for s in parts.validation)
+        more = [s for s in parts.validation if photos[s.identity] >= 2]
         more_images, bad_more = _load_images(more, pre, settings, progress)
         bad_val.update(bad_more)
         refit_images = [train_images[i] for i in keep] + [im for im in more_images if im is not None]
@@ -342,7 +349,8 @@ def train(data_dir: Path, cfg: TrainConfig, settings: Settings, *, in_use: set[s
         "classes": len(classes), "classes_by": "identity x viewpoint" if by_viewpoint else "identity",
         "hyper_parameters": {k: v for k, v in asdict(cfg).items() if k not in ("name", "overwrite", "resume")},
         "precision": precision, "threads": threads, "machine": platform.processor() or platform.machine(),
-        "selected_epoch": best["epoch"] if best else None, "refit": refit, "validation": best["validation"] if best else None,
+        "selected_epoch": best["epoch"] if best else None, "refit": refit,
+        "validation": best["validation"] if best else None,
         "history": history, "seconds": round(time.monotonic() - started, 1),
         "loss": "sub-center ArcFace", "augmentation": data.augment.__doc__.split(":", 1)[1].strip(),
     }

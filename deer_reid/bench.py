@@ -292,7 +292,7 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     del models
     if mode == "enhanced":
         progress("coat extraction and matching, bare ...")
-        result["coat_bare"] = coat_costs(crops[:32])
+        result["coat_bare"] = coat_costs(crops[:32], settings)
         progress("antler geometry and fingerprint, bare ...")
         result["antler_bare"] = antler_costs(crops[:32], settings)
         progress("pose keypoints and viewpoint, bare ...")
@@ -402,9 +402,9 @@ async def _coat_bytes(dsn: str) -> dict:
     conn = await asyncpg.connect(dsn)
     try:
         row = await conn.fetchrow(
-            """SELECT avg(octet_length(p.pattern)) AS pattern, avg(pg_column_size(f.features)) AS features,
-                      count(*) AS detections
-               FROM detection_features f LEFT JOIN coat_patterns p USING (detection_id) WHERE f.component = 'coat'""")
+            """SELECT (SELECT sum(octet_length(pattern)) FROM coat_patterns) / count(*) AS pattern,
+                      avg(pg_column_size(f.features)) AS features, count(*) AS detections
+               FROM detection_features f WHERE f.component = 'coat'""")
     finally:
         await conn.close()
     return {k: (round(float(v), 1) if v is not None else None) for k, v in row.items()}
@@ -499,29 +499,35 @@ def antler_costs(crops: list[bytes], settings: Settings) -> dict:
             "model": model.version, "crops": len(crops)}
 
 
-def coat_costs(crops: list[bytes]) -> dict:
-    """Milliseconds of the coat extractor per crop (one thread) and of one pattern match, median."""
+def coat_costs(crops: list[bytes], settings: Settings) -> dict:
+    """Milliseconds of the coat extractor per crop (one thread) and of one pattern match per matcher, median."""
     from services.coat.extractor import CoatExtractor
     from services.fusion.components.coat import pattern_similarity
 
-    extractor = CoatExtractor()
+    extractor = CoatExtractor.from_settings(settings)
     extractor.extract(crops[0])  # warm-up: ONNX session
     features, times = [], []
     for crop in crops:
         started = time.perf_counter()
         features.append(extractor.extract(crop))
         times.append(1000 * (time.perf_counter() - started))
-    patterns = [f.pattern for f in features if f.pattern]
-    match = []
-    for a, b in zip(patterns, patterns[1:] + patterns[:1]):
-        started = time.perf_counter()
-        pattern_similarity(a, b)
-        match.append(1000 * (time.perf_counter() - started))
+    match, patterns = {}, {}
+    for method in extractor.patterns:
+        patterns[method] = [f.patterns[method] for f in features if method in f.patterns]
+        times_of = []
+        for a, b in zip(patterns[method], patterns[method][1:] + patterns[method][:1]):
+            started = time.perf_counter()
+            pattern_similarity(a, b)
+            times_of.append(1000 * (time.perf_counter() - started))
+        match[method] = round(float(np.median(times_of)), 2) if times_of else None
+    steps = sorted({k for f in features for k in f.timings_ms if k != "total"})
     return {"extract_ms_per_crop": round(float(np.median(times)), 1),
             "steps_ms": {k: round(float(np.median([f.timings_ms[k] for f in features if k in f.timings_ms])), 1)
-                         for k in ("foreground", "colour", "markings", "pattern")},
-            "match_ms_per_pair": round(float(np.median(match)), 2) if match else None,
-            "crops": len(crops), "patterns": len(patterns)}
+                         for k in steps},
+            "match_ms_per_pair": match,
+            "pattern_bytes_median": {m: int(np.median([len(p) for p in ps])) if ps else None
+                                     for m, ps in patterns.items()},
+            "crops": len(crops), "patterns": {m: len(ps) for m, ps in patterns.items()}}
 
 
 def precision_check(data_dir: Path, names: list[str], settings: Settings, limit: int | None = None,

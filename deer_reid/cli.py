@@ -691,8 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(to compare models on the same animals); trained models' own identities are always left out")
     ev.add_argument("--coat", action="store_true", help="loo: add the coat service's components (colour, "
                     "markings, pattern matching) and measure each, and all fused")
-    ev.add_argument("--coat-shortlist", type=int, default=30, metavar="K",
-                    help="loo --coat: photos each photo's pattern is matched against (its K closest by body)")
+    ev.add_argument("--coat-shortlist", type=int, metavar="K", help="loo --coat: gallery photos each photo's coat "
+                    "is compared with, its K closest by body (default: the service's DEER_COAT_SHORTLIST)")
     ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "
                     "(the sighting protocol; reported as such)")
     ev.add_argument("--pose", action="store_true", help="loo: add the pose-aware component (body similarity to "

@@ -66,14 +66,18 @@ class Settings(BaseSettings):
     join_sweep_every_s: float = Field(1.0, gt=0)  # the reconciler's look for joins past their deadline
 
     # coat service and its matching in fusion
-    coat_pattern: str = Field("xfeat", pattern="^(xfeat|rootsift)$")  # local features (eval --coat measures both)
+    # local feature matchers, each its own fusion component (comma-separated): on nyala-train's fit half, fused
+    # with body, colour and markings, XFeat + RootSIFT beat XFeat alone (eval --coat measures each)
+    coat_patterns: str = Field("xfeat,rootsift", pattern="^(xfeat|rootsift)(,(xfeat|rootsift))?$")
     # per detection: measured on nyala-train's fit-half identities (pattern alone, top-1 / top-5):
     # 256: 0.079 / 0.284, 512: 0.099 / 0.297, 1024: 0.116 / 0.334, every keypoint (~700): 0.117 / 0.330
     coat_keypoints: int = Field(1024, ge=16, le=4096)
     coat_restrict_to_animal: bool = True  # keypoints on the foreground only (the box is loose)
     coat_workers: int = 0  # crops processed side by side (0: one per core)
-    coat_shortlist: int = Field(10, ge=1, le=200)  # candidates (best by body) whose exemplars coat is matched with
-    coat_exemplars: int = Field(4, ge=1, le=64)  # exemplars per shortlisted candidate
+    # gallery photos closest by the fast body model that a detection's coat is compared with. Measured with
+    # `eval --coat` on nyala-train's fit half (both matchers fused, top-1 / top-5): 20: 0.127 / 0.312,
+    # 40: 0.145 / 0.334, 60: 0.143 / 0.358, 100: 0.163 / 0.363; the cost grows with it (bench --mode enhanced)
+    coat_shortlist: int = Field(60, ge=1, le=1000)
 
     # antler service and its matching in fusion
     antler_model: str = "efficientnet_lite0"  # the network whose region embedding the fingerprint projects
@@ -140,6 +144,10 @@ class Settings(BaseSettings):
     @property
     def blobs(self) -> Path:
         return (self.blob_dir or self.home / "blobs").expanduser().resolve()
+
+    @property
+    def coat_pattern_methods(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.coat_patterns.split(",")))
 
     @property
     def ensemble(self) -> list[str]:

@@ -10,7 +10,15 @@ from PIL import Image, ImageEnhance
 from services.coat import colour, markings, pattern
 from services.coat.extractor import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION, CoatExtractor
 from services.coat.foreground import foreground
-from services.fusion.components.coat import COLOUR, MARKINGS, PATTERN, coat_scores, colour_matrix, markings_matrix
+from services.fusion.components.coat import (
+    COLOUR,
+    MARKINGS,
+    PATTERN,
+    PATTERN_OF,
+    coat_scores,
+    colour_matrix,
+    markings_matrix,
+)
 
 
 def small(path, side=256) -> np.ndarray:
@@ -172,7 +180,7 @@ def test_rootsift_is_the_measured_alternative(nyala_paths):
 def test_bad_crops_give_no_coat_evidence_flagged_never_an_error(extractor, name, image, flag):
     result = extractor.extract(jpeg(image))
     assert result.status == "no-evidence" and flag in result.flags
-    assert result.pattern is None and not result.embeddings
+    assert not result.patterns and not result.embeddings
 
 
 def test_unreadable_and_oversized_crops_give_no_evidence(extractor):
@@ -188,15 +196,24 @@ def test_a_real_crop_gives_every_part_and_scores_itself_highest(crops, extractor
     assert all(("facing" in r.attributes) != ("foreground-approximate" in r.flags) for r in results)
     a = next(r for r in results if "facing" in r.attributes)
     b = next(r for r in results if r is not a)
-    assert a.status == "ok" and a.pattern is not None and a.attributes["facing"] in ("left", "right")
+    assert a.status == "ok" and set(a.patterns) == {"xfeat", "rootsift"} and a.attributes["facing"] in ("left", "right")
     versions = {e.version for e in a.embeddings}
     assert COLOUR_VERSION in versions and MARKINGS_VERSION in versions
 
     def view(x):
         vectors = {e.version: e.array() for e in x.embeddings}
         return {"colour": (COLOUR_VERSION, vectors[COLOUR_VERSION]), "markings": vectors.get(MARKINGS_VERSION),
-                "facing": x.attributes.get("facing"), "pattern": x.pattern, "pattern_version": x.pattern_version}
+                "facing": x.attributes.get("facing"),
+                "patterns": {m: (x.pattern_versions[m], raw) for m, raw in x.patterns.items()}}
 
     itself, other = coat_scores(view(a), view(a)), coat_scores(view(a), view(b))
     assert itself[COLOUR] == pytest.approx(1.0) and itself[MARKINGS] == pytest.approx(1.0)
-    assert itself[PATTERN] > 0.9 and (other[PATTERN] or 0.0) < itself[PATTERN]
+    for matcher, component in PATTERN_OF.items():  # each matcher is a component of its own
+        assert itself[component] > 0.9 and (other[component] or 0.0) < itself[component]
+    # another extractor's keypoints (another version) are never compared: no evidence, not a low score
+    renamed = {**view(a), "patterns": {m: ("other-version", raw) for m, (_, raw) in view(a)["patterns"].items()}}
+    assert coat_scores(view(a), renamed)[PATTERN] is None
+    # a matcher only the exemplar has gives no component; one only the query has, no evidence
+    xfeat_only = {**view(a), "patterns": {"xfeat": view(a)["patterns"]["xfeat"]}}
+    assert PATTERN_OF["rootsift"] not in coat_scores(xfeat_only, view(a))
+    assert coat_scores(view(a), xfeat_only)[PATTERN_OF["rootsift"]] is None

@@ -252,17 +252,40 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     out = tmp_path_factory.mktemp("coat-out")
     result = run_loo(tiny_folder, mode="fast", body_model="efficientnet_lite0", limit=None, seed=3,
                      report_dir=None, json_path=None, target_false_merge=0.02, calibration_out=out / "cal.json",
-                     settings=Settings(), progress=False, coat=True, coat_shortlist=5)
+                     settings=Settings(), progress=False, coat=True, coat_shortlist=4)
     how = load_file(out / "cal.json")["fusion"]["aggregation"]
     candidates = {k for k in result["ablation"] if "candidate" in k}
-    assert candidates == {f"all fused + {v} as a second pattern component (candidate, not in the service; {how})"
-                          for v in ("xfeat-crop", "rootsift-animal")}
-    assert set(result["candidate_weights"]["rootsift-animal"]) == {
-        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift-animal"}
+    assert candidates == {
+        f"all fused + xfeat-crop as a second pattern component (candidate, not in the service; {how})"}
+    assert set(result["candidate_weights"]["xfeat-crop"]) == {
+        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift",
+        "coat:pattern-xfeat-crop"}
     assert candidates <= set(result["ablation_same_viewpoint"])
-    # the artifact fusion installs holds only what the services compute
-    assert set(load_file(out / "cal.json")["fusion"]["calibrations"]) == {
-        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern"}
+    assert result["coat"]["shortlist"] == 4
+    # the artifact fusion installs holds only what the services compute: both of the service's matchers
+    artifact = load_file(out / "cal.json")["fusion"]
+    assert set(artifact["calibrations"]) == {
+        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift"}
+    assert artifact["coat_version"].endswith("+rootsift-opencv:1024-animal")
+
+
+def test_coat_scores_the_shortlist_and_gives_the_rest_its_floor_or_no_evidence():
+    from deer_reid.evaluation.coat import as_fusion_scores
+
+    nan = np.nan
+    raw = np.array([[nan, 0.8, 0.3, 0.5],
+                    [0.8, nan, nan, nan],
+                    [0.3, nan, nan, 0.1],
+                    [0.5, nan, 0.1, nan]])
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, [1, 2]] = True  # photo 0 compared with photos 1 and 2, not 3
+    mask[1, [2]] = True  # nothing could be compared: no evidence at all
+    mask[2, [0, 3]] = True
+    out = as_fusion_scores(raw, mask)
+    assert out[0, 1:].tolist() == [0.8, 0.3, 0.3]  # photo 3 is absent from the shortlist: the floor, not its 0.5
+    assert np.isnan(out[1]).all()
+    assert out[2, [0, 1, 3]].tolist() == [0.3, 0.1, 0.1]
+    assert np.isnan(out[3]).all()  # an empty shortlist
 
 
 @pytest.mark.parametrize("csv_text, sex_text, message", [
@@ -352,22 +375,24 @@ def test_review_session_judges_suggestions_against_the_labels():
     assert s["mean_actions_per_decision"] == round(4 / 3, 3) and s["fusion_had_no_candidate"] == 1
 
 
-def test_coat_shortlists_are_drawn_within_each_gallery_and_matched_pairs_are_not_matched_again():
+def test_coat_shortlists_are_drawn_as_fusion_draws_them_within_each_gallery_and_not_matched_again():
     from deer_reid.evaluation import coat as coat_eval
 
     rng = np.random.default_rng(0)
-    v = rng.standard_normal((8, 4))
+    v = rng.standard_normal((16, 4))
     body = v @ v.T
-    whole = coat_eval.shortlists(body, 2)
-    halves = coat_eval.shortlists(body, 2, [[0, 1, 2, 3], [4, 5, 6, 7]])
-    assert not halves[:4, 4:].any() and not halves[4:, :4].any()  # never across the two galleries
-    for i in range(8):  # each photo's own two nearest within its half are shortlisted
-        ix = [j for j in (range(4) if i < 4 else range(4, 8)) if j != i]
-        nearest = sorted(ix, key=lambda j: -body[i, j])[:2]
-        assert halves[i, nearest].all()
+    enc = [i // 2 if i % 4 < 2 else 100 + i for i in range(16)]  # photos 0-1, 4-5, ...: one encounter each
+    groups = [list(range(8)), list(range(8, 16))]
+    whole = coat_eval.shortlists(body, enc, 3)
+    halves = coat_eval.shortlists(body, enc, 3, groups)
+    assert not halves[:8, 8:].any() and not halves[8:, :8].any()  # never across the two galleries
+    for i in range(16):
+        # its three closest photos by body in its half, never one of its own encounter (not in its gallery)
+        others = [j for j in groups[i >= 8] if enc[j] != enc[i]]
+        assert sorted(np.flatnonzero(halves[i]).tolist()) == sorted(sorted(others, key=lambda j: -body[i, j])[:3])
     assert (whole != halves).any()
     # scores already matched are reused: a `known` pair comes back as given, not matched again
-    known = np.full((8, 8), np.nan)
+    known = np.full((16, 16), np.nan)
     known[halves] = 0.5
-    out = coat_eval.pattern_matrix([None] * 8, halves, known)  # None patterns: nothing new could be scored
+    out = coat_eval.pattern_matrix([None] * 16, halves, known)  # None patterns: nothing new could be scored
     assert np.array_equal(np.isnan(out), ~halves) and np.all(out[halves] == 0.5)

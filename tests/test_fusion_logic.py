@@ -205,9 +205,14 @@ def test_coat_events_with_unreadable_patterns_or_too_many_marks_are_refused():
     from services.fusion.service import MAX_MARKS, Refused, validate
 
     detection = {**DETECTION, "expected": ["body", "coat"]}
-    good = _features("coat", embeddings=[], attributes={"marks": [], "pattern": {"version": "v", "data": "AAAA"}})
-    with pytest.raises(Refused, match="coat pattern unreadable"):
-        validate(good, detection, {})
+    broken = _features("coat", embeddings=[], attributes={"marks": [], "patterns": {"xfeat": {"version": "v",
+                                                                                            "data": "AAAA"}}})
+    with pytest.raises(Refused, match="coat pattern xfeat unreadable"):
+        validate(broken, detection, {})
+    for patterns, message in [({"surf": {"version": "v", "data": "AAAA"}}, "unknown matcher"),
+                              ([1, 2], "must be an object"), ({"rootsift": "AAAA"}, "rootsift unreadable")]:
+        with pytest.raises(Refused, match=message):
+            validate(_features("coat", embeddings=[], attributes={"marks": [], "patterns": patterns}), detection, {})
     too_many = _features("coat", embeddings=[], attributes={"marks": [{}] * (MAX_MARKS + 1)})
     with pytest.raises(Refused, match="marks"):
         validate(too_many, detection, {})

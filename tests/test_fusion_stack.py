@@ -437,9 +437,10 @@ async def test_coat_features_join_and_score_candidates_and_bad_crops_only_lose_c
         assert r["expected"] == ["body", "coat"] and "coat" in r["arrived"] and not r["missing"], r
     # the second photo was matched on coat against the first's individual (its exemplar), all three parts
     cand = next(c for c in db_["result"]["candidates"] if c["individual_id"] == da["individual_id"])
-    for part in ("coat:colour", "coat:markings", "coat:pattern"):
+    for part in ("coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift"):
         assert part in cand["components"], cand
     assert cand["components"]["coat:pattern"]["raw"] is not None and cand["components"]["coat:colour"]["raw"] > 0
+    assert cand["components"]["coat:pattern-rootsift"]["raw"] is not None
     assert db_["result"]["coat"]["exemplars_matched"] >= 1 and db_["result"]["coat"]["matching_ms"] > 0
     # infrared: flagged, and its grey levels never compared with the day photos' colour
     assert "coat:infrared" in dg["result"]["flags"]
@@ -447,11 +448,13 @@ async def test_coat_features_join_and_score_candidates_and_bad_crops_only_lose_c
         assert c["components"].get("coat:colour", {}).get("raw") is None
     # a tiny crop: no coat evidence, flagged, decided on body like any other
     assert dt["result"]["arrived"]["coat"] == "no-evidence" and "coat:tiny-crop" in dt["result"]["flags"]
-    # patterns are stored compactly, as bytes
-    sizes = await db.fetch("SELECT keypoints, octet_length(pattern) AS n FROM coat_patterns "
+    # patterns are stored compactly, as bytes, one row per detection and matcher
+    sizes = await db.fetch("SELECT matcher, keypoints, octet_length(pattern) AS n FROM coat_patterns "
                            "WHERE detection_id = ANY($1::uuid[])", [uuid.UUID(x) for x in (a, b, g)])
-    assert len(sizes) == 3 and all(r["n"] == 8 + 68 * r["keypoints"] and r["keypoints"] >= 5 for r in sizes)
+    per_keypoint = {"xfeat": 4 + 64, "rootsift": 4 + 128}
+    assert sorted(r["matcher"] for r in sizes) == ["rootsift"] * 3 + ["xfeat"] * 3
+    assert all(r["n"] == 8 + per_keypoint[r["matcher"]] * r["keypoints"] and r["keypoints"] >= 5 for r in sizes)
     stored = await db.fetchval("SELECT features FROM detection_features WHERE detection_id = $1 AND component = 'coat'",
                                uuid.UUID(a))
-    assert "pattern" not in stored["attributes"] and stored["attributes"]["marks"] is not None
+    assert "patterns" not in stored["attributes"] and stored["attributes"]["marks"] is not None
     await assert_exactly_once(db, [a, b, g, t], "coat")

@@ -214,6 +214,9 @@ def fit_isotonic(scores: np.ndarray, same: np.ndarray) -> dict:
     from sklearn.isotonic import IsotonicRegression
 
     ok = np.isfinite(scores)
+    if not ok.any():  # the component never had evidence here (a small fit set): flat, at the base rate
+        prior = round(float(same.mean()), 6) if same.size else 0.0
+        return {"x": [0.0, 1.0], "y": [prior, prior], "prior": prior}
     iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True).fit(scores[ok], same[ok])
     return {"x": [round(float(v), 6) for v in iso.X_thresholds_], "y": [round(float(v), 6) for v in iso.y_thresholds_],
             "prior": round(float(same[ok].mean()), 6) if ok.any() else 0.0}

@@ -1,9 +1,9 @@
 """Coat components for `deer-reid eval`: the coat service's own extractor on every photo, then the same
 pairwise scores fusion computes (colour, markings, pattern), as similarity matrices.
 
-As in the service, coat is scored against a shortlist only: each photo against the `shortlist` photos its
-body embedding finds closest; the others take the lowest score of the query's shortlist (fusion's rule for
-individuals absent from a component's shortlist). Extraction is cached by image checksum and extractor
+As in the service, coat is scored against a shortlist only: each photo against the gallery photos its body
+embedding finds closest (`shortlists`); the others take the lowest score of the query's shortlist (fusion's
+rule for individuals absent from a component's shortlist). Extraction is cached by image checksum and extractor
 version, like the body embeddings.
 """
 from __future__ import annotations
@@ -28,28 +28,36 @@ from services.coat.pattern import PatternExtractor, pack
 from services.fusion.components.coat import (
     COLOUR,
     MARKINGS,
-    PATTERN,
+    PATTERN_OF,
     colour_matrix,
     markings_matrix,
     pattern_similarity,
 )
 from shared.config import Settings
 
-# The pattern variants measured: the service's (XFeat on the animal), XFeat on the whole crop, RootSIFT on the animal.
-VARIANTS = {"xfeat-animal": ("xfeat", True), "xfeat-crop": ("xfeat", False), "rootsift-animal": ("rootsift", True)}
-SERVICE_VARIANT = "xfeat-animal"
+# The pattern variants measured: XFeat and RootSIFT on the animal (the service's two matchers by default),
+# and XFeat on the whole crop. Each photo's animal is found once and every variant uses that foreground.
+VARIANTS = {"xfeat-animal": ("xfeat", True), "rootsift-animal": ("rootsift", True), "xfeat-crop": ("xfeat", False)}
+_ON_THE_ANIMAL = ("xfeat", "rootsift")  # what the eval's extractor extracts itself; the rest is added
+
+
+def service_variants(settings: Settings) -> dict[str, str]:
+    """{variant: the fusion component it is} for the service's matchers under `settings`."""
+    where = "animal" if settings.coat_restrict_to_animal else "crop"
+    return {f"{m}-{where}": PATTERN_OF[m] for m in settings.coat_pattern_methods}
 
 
 def _extract(args: tuple[bytes, int]) -> dict:
-    """The service's coat features of one crop, and the other pattern variants on the same foreground."""
+    """The service's coat features of one crop (both matchers on the animal), and the other pattern variants
+    on the same foreground."""
     crop, keypoints = args
-    service = _service_extractor(keypoints)
-    result = service.extract(crop)
-    out: dict = {SERVICE_VARIANT: result.pattern, "embeddings": {e.version: e.array().copy() for e in result.embeddings},
-                 "attributes": result.attributes, "flags": result.flags, "timings": result.timings_ms}
+    result = _extractor(keypoints).extract(crop)
+    out: dict = {f"{m}-animal": result.patterns.get(m) for m in _ON_THE_ANIMAL}
+    out.update({"embeddings": {e.version: e.array().copy() for e in result.embeddings},
+                "attributes": result.attributes, "flags": result.flags, "timings": result.timings_ms})
     rgb = np.array(Image.open(io.BytesIO(crop)).convert("RGB"))
     for name, (method, restrict) in VARIANTS.items():
-        if name != SERVICE_VARIANT:
+        if name not in out:
             if restrict and result.mask is None:
                 out[name] = None
                 continue
@@ -61,16 +69,15 @@ def _extract(args: tuple[bytes, int]) -> dict:
 _CACHE: dict = {}
 
 
-def _service_extractor(keypoints: int) -> CoatExtractor:
+def _extractor(keypoints: int) -> CoatExtractor:
     if keypoints not in _CACHE:
-        method, restrict = VARIANTS[SERVICE_VARIANT]
-        _CACHE[keypoints] = CoatExtractor(method, keypoints, restrict)
+        _CACHE[keypoints] = CoatExtractor(_ON_THE_ANIMAL, keypoints, True)
     return _CACHE[keypoints]
 
 
-def coat_version(keypoints: int) -> str:
-    """The version of the coat extractor the eval measures (the service's default)."""
-    return _service_extractor(keypoints).version
+def coat_version(settings: Settings) -> str:
+    """The version of the service's coat extractor under `settings` (what an artifact's coat calibrations fit)."""
+    return CoatExtractor.from_settings(settings).version
 
 
 def coat_features(samples: Sequence[Sample], settings: Settings, *, cache: Path | None = None,
@@ -79,7 +86,7 @@ def coat_features(samples: Sequence[Sample], settings: Settings, *, cache: Path 
     keypoints = settings.coat_keypoints
     cache = cache or settings.model_cache.parent / "features"
     cache.mkdir(parents=True, exist_ok=True)
-    versions = _service_extractor(keypoints).version + "|" + ",".join(VARIANTS)
+    versions = _extractor(keypoints).version + "|" + ",".join(VARIANTS)
     file = cache / f"coat_{hashlib.sha256(versions.encode()).hexdigest()[:12]}_crop{settings.crop_max_side}.pkl"
     known: dict = pickle.loads(file.read_bytes()) if file.exists() else {}
     shas = [hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples]
@@ -101,22 +108,24 @@ def _pattern_rows(args: tuple[list[bytes | None], list[tuple[int, list[int]]]]) 
             if (s := pattern_similarity(patterns[i], patterns[j])) is not None]
 
 
-def shortlists(body: np.ndarray, shortlist: int, galleries: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """(N, N) bool: j is among i's `shortlist` closest photos by body, or i among j's (scored both ways).
-    With `galleries` (groups of photo indexes), each photo is shortlisted among its own group only: fusion
-    shortlists among the gallery it searches, so a part of the run reported on its own (the held-out
-    identities) must not spend its shortlist on photos outside it."""
+def shortlists(body: np.ndarray, encounters: Sequence, shortlist: int,
+               galleries: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """(N, N) bool; row i: the photos photo i's coat is compared with, as fusion picks them: the `shortlist`
+    gallery photos its body embedding finds closest. Photos of the query's own encounter are never picked:
+    the leave-one-encounter-out gallery does not hold them. With `galleries` (groups of photo indexes) each
+    photo is shortlisted within its own group only: fusion shortlists among the gallery it searches, so a
+    part of the run reported on its own (the held-out identities) must not spend its shortlist on photos
+    outside it."""
     n = len(body)
-    if galleries is not None:
-        mask = np.zeros((n, n), dtype=bool)
-        for group in galleries:
-            ix = np.asarray(group, dtype=np.int64)
-            mask[np.ix_(ix, ix)] = shortlists(body[np.ix_(ix, ix)], shortlist)
-        return mask
-    ranked = np.argsort(-np.where(np.eye(n, dtype=bool), -np.inf, body), axis=1, kind="stable")[:, :shortlist]
+    enc = np.asarray([str(e) for e in encounters], dtype=object)
     mask = np.zeros((n, n), dtype=bool)
-    mask[np.repeat(np.arange(n), ranked.shape[1]), ranked.ravel()] = True
-    return mask | mask.T
+    for group in (galleries if galleries is not None else [range(n)]):
+        ix = np.asarray(list(group), dtype=np.int64)
+        sims = np.where(enc[ix][:, None] == enc[ix][None, :], -np.inf, body[np.ix_(ix, ix)])
+        ranked = np.argsort(-sims, axis=1, kind="stable")[:, :shortlist]
+        for r, row in enumerate(ranked):
+            mask[ix[r], ix[row[np.isfinite(sims[r, row])]]] = True
+    return mask
 
 
 def pattern_matrix(patterns: list[bytes | None], mask: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
@@ -140,33 +149,33 @@ def pattern_matrix(patterns: list[bytes | None], mask: np.ndarray, known: np.nda
 
 
 def as_fusion_scores(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A coat component as fusion sees it: scored only against the shortlist; any other photo takes the
-    lowest score the query's shortlist got (fusion's "absent from the shortlist" rule), NaN when the
-    query had no evidence at all."""
+    """A coat component as fusion sees it: scored only against the query's shortlist (`mask`, row by row);
+    any other photo takes the lowest score the query's shortlist got (fusion's "absent from the shortlist"
+    rule), NaN when the query had no evidence at all."""
     scored = np.where(mask, matrix, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a query with no evidence at all: its floor is NaN
-        floor = np.nanmin(np.where(np.eye(len(matrix), dtype=bool), np.nan, scored), axis=1)
+        floor = np.nanmin(scored, axis=1)
     return np.where(mask | np.isnan(floor)[:, None], scored, floor[:, None])
 
 
-def coat_matrices(feats: list[dict], body: np.ndarray, shortlist: int, galleries: Sequence[Sequence[int]] | None = None,
+def coat_matrices(feats: list[dict], mask: np.ndarray, service: dict[str, str],
                   matched: dict[str, np.ndarray] | None = None, variants: Sequence[str] = tuple(VARIANTS)
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The coat components as fusion scores them ({name: matrix}), the pattern `variants` measured (the
-    service's is always matched: it is the pattern component), and their raw pattern scores (pass them back
-    as `matched` to score other shortlists without matching the pairs again). `galleries`: as in
-    `shortlists`."""
-    mask = shortlists(body, shortlist, galleries)
+    """The coat components as fusion scores them ({name: matrix}) against each photo's shortlist (`mask`,
+    from `shortlists`): colour, markings and the `service`'s pattern variants ({variant: component}); the
+    pattern `variants` measured; and their raw pattern scores (pass them back as `matched` to score other
+    shortlists without matching the pairs again)."""
     colour = [f["embeddings"].get(COLOUR_VERSION) for f in feats]
     facing = [f["attributes"].get("facing") for f in feats]
     maps = [f["embeddings"].get(MARKINGS_VERSION) for f in feats]
-    variants = {name: pattern_matrix([f[name] for f in feats], mask, (matched or {}).get(name))
-                for name in dict.fromkeys([SERVICE_VARIANT, *variants])}
+    pairs = mask | mask.T  # a pair's score serves both its photos
+    raw = {name: pattern_matrix([f[name] for f in feats], pairs, (matched or {}).get(name))
+           for name in dict.fromkeys([*service, *variants])}
     components = {COLOUR: colour_matrix(colour), MARKINGS: markings_matrix(maps, facing),
-                  PATTERN: variants[SERVICE_VARIANT]}
+                  **{component: raw[v] for v, component in service.items()}}
     return ({name: as_fusion_scores(m, mask) for name, m in components.items()},
-            {name: as_fusion_scores(m, mask) for name, m in variants.items()}, variants)
+            {name: as_fusion_scores(m, mask) for name, m in raw.items()}, raw)
 
 
 def extraction_ms(feats: list[dict]) -> dict[str, float]:

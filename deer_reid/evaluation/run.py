@@ -14,7 +14,14 @@ from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import Sample, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
 from deer_reid.evaluation.antler import antler_features, males, notes
-from deer_reid.evaluation.coat import SERVICE_VARIANT, coat_features, coat_matrices, coat_version, extraction_ms
+from deer_reid.evaluation.coat import (
+    coat_features,
+    coat_matrices,
+    coat_version,
+    extraction_ms,
+    service_variants,
+    shortlists,
+)
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.pose import predicted_viewpoints
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
@@ -114,7 +121,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
             json_path: Path | None, target_false_merge: float, calibration_out: Path | None,
             settings: Settings, allow_random: bool = False, progress: bool = True,
             holdout_of: str | None = None, max_review: float | None = None, coat: bool = False,
-            coat_shortlist: int = 30, antler: bool = False,
+            coat_shortlist: int | None = None, antler: bool = False,
             antler_ignore_cut: bool = False, pose: bool = False, viewpoint_model: str | None = None) -> dict:
     """Closed-set retrieval, the ablation, and the fitted fusion (written as the calibration artifact).
 
@@ -151,15 +158,22 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     pattern_variants: dict[str, np.ndarray] = {}
     coat_notes: dict = {}
     if coat:
-        # The coat service's extractor on every photo; pattern matching against each photo's body shortlist.
+        # The coat service's extractor on every photo; pattern matching against each photo's body shortlist
+        # (as fusion draws it: the gallery photos the fast body model finds closest).
         coat_feats = coat_features(samples, settings, progress=progress)
         coat_started = time.monotonic()
+        coat_service = service_variants(settings)
+        coat_shortlist = coat_shortlist or settings.coat_shortlist
         coat_body = per_component[body_component(names[0])]
-        # over the whole run only the service's pattern is needed (the all-identity rows); the variants
+
+        def coat_shortlists(galleries=None):
+            return shortlists(coat_body, enc, coat_shortlist, galleries)
+        # over the whole run only the service's patterns are needed (the all-identity rows); the variants
         # are measured in the ablation, on the halves below
-        components, _, matched = coat_matrices(coat_feats, coat_body, coat_shortlist, variants=())
+        components, _, matched = coat_matrices(coat_feats, coat_shortlists(), coat_service, variants=())
         per_component.update(components)
-        coat_notes = {"shortlist": coat_shortlist, "extraction_ms_median": extraction_ms(coat_feats),
+        coat_notes = {"shortlist": coat_shortlist,
+                      "pattern_components": coat_service, "extraction_ms_median": extraction_ms(coat_feats),
                       "matching_s_all_variants": round(time.monotonic() - coat_started, 1),
                       "flags": {f: sum(f in x["flags"] for x in coat_feats)
                                 for f in sorted({f for x in coat_feats for f in x["flags"]})},
@@ -225,7 +239,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         # for coat among the gallery it searches: the shortlists are drawn again within each half, so the
         # reported half's photos are not each given a shortlist that is half spent on the other half.
         started_halves = time.monotonic()
-        halves, coat_variants, _ = coat_matrices(coat_feats, coat_body, coat_shortlist, [fit_idx, held_idx], matched)
+        halves, coat_variants, _ = coat_matrices(coat_feats, coat_shortlists([fit_idx, held_idx]), coat_service,
+                                                 matched)
         per_component.update(halves)
         pattern_variants.update(coat_variants)  # beside the antler variants, when both are measured
         coat_notes["matching_s_all_variants"] = round(coat_notes["matching_s_all_variants"]
@@ -281,7 +296,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     # A candidate the services do not run yet: each other coat pattern matcher as a component of its own,
     # calibrated and weighted like the rest (fitted on the fit half, the same aggregation).
     for v, m in (coat_variants.items() if coat else ()):
-        if v != SERVICE_VARIANT:
+        if v not in coat_service:
             cand, _, scores = fit_fusion({**per_component, f"coat:pattern-{v}": m}, how, f"eval-{v}")
             candidates[f"all fused + {v} as a second pattern component (candidate, not in the service; {how})"] = scores
             result.setdefault("candidate_weights", {})[v] = cand["weights"]
@@ -302,7 +317,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     artifact_path = calibration_out or settings.calibration_path
     fusion = {k: v for k, v in best["fusion"].items()}
     if coat:
-        fusion["coat_version"] = coat_version(settings.coat_keypoints)
+        fusion["coat_version"] = coat_version(settings)
     if antler:
         fusion["antler_version"] = antler_version
     artifact = cal.write_artifact(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -30,20 +31,34 @@ class CoatFeatures:
     flags: list[str] = field(default_factory=list)
     embeddings: list[Embedding] = field(default_factory=list)  # colour (or grey) and markings maps
     marks: list[dict] = field(default_factory=list)  # structured marking records
-    pattern: bytes | None = None  # packed keypoints + descriptors
-    pattern_version: str | None = None
+    patterns: dict[str, bytes] = field(default_factory=dict)  # matcher -> packed keypoints + descriptors
+    pattern_versions: dict[str, str] = field(default_factory=dict)  # matcher -> its version
     attributes: dict = field(default_factory=dict)  # lighting, facing, foreground share, keypoint count
     timings_ms: dict[str, float] = field(default_factory=dict)
     mask: np.ndarray | None = None  # the animal's mask in the crop (not published: eval reuses it)
 
 
 class CoatExtractor:
-    def __init__(self, method: str = "xfeat", keypoints: int = 1024, restrict_to_animal: bool = True):
-        self.pattern = PatternExtractor(method, keypoints)
+    """`methods`: the local feature matchers whose patterns are extracted, each a fusion component of its own."""
+
+    def __init__(self, methods: Sequence[str] = ("xfeat", "rootsift"), keypoints: int = 1024,
+                 restrict_to_animal: bool = True):
+        methods = (methods,) if isinstance(methods, str) else tuple(methods)
+        self.patterns = {m: PatternExtractor(m, keypoints) for m in methods}
         self.restrict = restrict_to_animal
-        self.pattern_version = (f"{xfeat_version() if method == 'xfeat' else 'rootsift-opencv'}:"
-                                f"{keypoints}{'-animal' if restrict_to_animal else '-crop'}")
-        self.version = f"coat-v3:{FOREGROUND_VERSION}:{self.pattern_version}"
+        self.pattern_versions = {m: f"{xfeat_version() if m == 'xfeat' else 'rootsift-opencv'}:"
+                                    f"{keypoints}{'-animal' if restrict_to_animal else '-crop'}" for m in methods}
+        # one matcher alone keeps the version it had before there were two
+        self.version = f"coat-v3:{FOREGROUND_VERSION}:{'+'.join(self.pattern_versions.values())}"
+
+    @classmethod
+    def from_settings(cls, settings) -> "CoatExtractor":
+        """The extractor the coat service runs under `settings` (shared.config.Settings)."""
+        return cls(settings.coat_pattern_methods, settings.coat_keypoints, settings.coat_restrict_to_animal)
+
+    def load(self) -> None:
+        for extractor in self.patterns.values():
+            extractor.load()
 
     def extract(self, crop: bytes) -> CoatFeatures:
         started = time.perf_counter()
@@ -64,7 +79,7 @@ class CoatExtractor:
             out.flags.append("no-animal-found")
             if not self.restrict:  # the whole-crop pattern does not need the animal
                 self._add_pattern(out, rgb, None)
-            out.status = "ok" if out.pattern else "no-evidence"
+            out.status = "ok" if out.patterns else "no-evidence"
             out.timings_ms["total"] = _ms(started)
             return out
         head_left = colour.facing_left(fg.mask, fg.box)
@@ -97,14 +112,16 @@ class CoatExtractor:
         return out
 
     def _add_pattern(self, out: CoatFeatures, rgb: np.ndarray, mask: np.ndarray | None) -> None:
-        t = time.perf_counter()
-        pattern: Pattern = self.pattern(rgb, mask)
-        out.attributes["keypoints"] = len(pattern)
-        if len(pattern) >= 5:
-            out.pattern, out.pattern_version = pack(pattern), self.pattern_version
-        else:
+        out.attributes["keypoints"] = {}
+        for method, extractor in self.patterns.items():
+            t = time.perf_counter()
+            pattern: Pattern = extractor(rgb, mask)
+            out.attributes["keypoints"][method] = len(pattern)
+            if len(pattern) >= 5:
+                out.patterns[method], out.pattern_versions[method] = pack(pattern), self.pattern_versions[method]
+            out.timings_ms[f"pattern_{method}"] = _ms(t)
+        if not out.patterns:
             out.flags.append("no-keypoints")
-        out.timings_ms["pattern"] = _ms(t)
 
 
 def _ms(since: float) -> float:

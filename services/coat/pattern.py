@@ -4,11 +4,12 @@ Extraction (`PatternExtractor`): XFeat (ONNX, vendored in `xfeat/`, Apache-2.0) 
 the network's input (320x224 for landscape crops, 256x256 otherwise), keypoints from its keypoint
 heat map (5 px non-maximum suppression), ranked by heat x reliability, restricted to the animal's
 mask when one is given, the best `keypoints` kept; descriptors sampled bilinearly from the dense map.
-RootSIFT (OpenCV SIFT, Hellinger-normalised) is the measured alternative (`deer-reid eval --coat-pattern`).
+RootSIFT (OpenCV SIFT, Hellinger-normalised) is the second matcher: the service extracts both by default
+(`DEER_COAT_PATTERNS`), and fusion calibrates and weighs each as a component of its own.
 
 Storage (`pack`/`unpack`): positions as uint16 fractions of the crop, descriptors as int8 (x127 of
-unit vectors): 4 + 64 bytes per XFeat keypoint. The service keeps up to 1,024 (`DEER_COAT_KEYPOINTS`);
-a nyala photo has about 700 on the animal (median), about 48 kB.
+unit vectors): 4 + 64 bytes per XFeat keypoint, 4 + 128 per RootSIFT keypoint. The service keeps up to
+1,024 of each (`DEER_COAT_KEYPOINTS`).
 
 Matching (`match`): mutual nearest neighbours, then a homography fitted with MAGSAC; the score is the
 inlier count squashed to [0, 1) (n / (n + 12)), monotone, so the calibration maps it to P(same).

@@ -28,7 +28,7 @@ class CoatHandler(CropExtractorHandler):
         self.extractor = extractor
 
     def health(self) -> dict:
-        return {"pattern_version": self.extractor.pattern_version}
+        return {"pattern_versions": self.extractor.pattern_versions}
 
     async def handle(self, events: Sequence[DetectionEvent]) -> list[Handled]:
         out = [Handled() for _ in events]
@@ -46,9 +46,10 @@ class CoatHandler(CropExtractorHandler):
 
 def coat_features(event: DetectionEvent, result: CoatFeatures) -> Features:
     attributes = dict(result.attributes, marks=result.marks)
-    if result.pattern is not None:
-        attributes["pattern"] = {"version": result.pattern_version,
-                                 "data": base64.b64encode(result.pattern).decode("ascii")}
+    if result.patterns:
+        attributes["patterns"] = {
+            m: {"version": result.pattern_versions[m], "data": base64.b64encode(raw).decode("ascii")}
+            for m, raw in result.patterns.items()}
     return Features(
         component="coat", detection_id=event.detection_id, site=event.site, property=event.property,
         camera=event.camera, captured_at=event.captured_at, cls=event.cls, status=result.status,
@@ -57,6 +58,6 @@ def coat_features(event: DetectionEvent, result: CoatFeatures) -> Features:
 
 
 async def make_handler(settings: Settings) -> CoatHandler:
-    extractor = CoatExtractor(settings.coat_pattern, settings.coat_keypoints, settings.coat_restrict_to_animal)
-    extractor.pattern.load()  # fail fast: the pinned XFeat weights are checked at start, not on the first event
+    extractor = CoatExtractor.from_settings(settings)
+    extractor.load()  # fail fast: the pinned XFeat weights are checked at start, not on the first event
     return CoatHandler(extractor, settings.coat_workers or len(os.sched_getaffinity(0)))

@@ -31,7 +31,7 @@ from services.fusion import store
 from services.fusion.calibration import CalibrationSource
 from services.fusion.components import aggregate, body_component, body_similarity, component_of
 from services.fusion.components import antler as antler_rules
-from services.fusion.components.coat import coat_scores
+from services.fusion.components.coat import PATTERN_OF, coat_scores
 from services.fusion.components.pose import POSE, known, pose_similarity
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
 from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_prior
@@ -98,18 +98,24 @@ def expected_of(detection) -> list[str]:
 MAX_MARKS = 256
 
 
-def coat_pattern_of(event: Features) -> tuple[str, bytes] | None:
-    """(version, packed bytes) of a coat event's pattern; Refused when it is present but unreadable."""
-    pattern = event.attributes.get("pattern")
-    if pattern is None:
-        return None
-    try:
-        raw = base64.b64decode(pattern["data"], validate=True)
-        version = str(pattern["version"])
-        unpack(raw)
-    except (KeyError, TypeError, ValueError, PatternError) as exc:
-        raise Refused(f"coat pattern unreadable: {exc}") from None
-    return version, raw
+def coat_patterns_of(event: Features) -> dict[str, tuple[str, int, bytes]]:
+    """{matcher: (version, keypoints, packed bytes)} of a coat event's patterns; Refused when one is present
+    but unreadable or of a matcher fusion does not know."""
+    patterns = event.attributes.get("patterns") or {}
+    if not isinstance(patterns, dict):
+        raise Refused("coat patterns must be an object of matcher -> pattern")
+    out = {}
+    for matcher, pattern in patterns.items():
+        if matcher not in PATTERN_OF:
+            raise Refused(f"coat pattern of unknown matcher {str(matcher)[:40]!r} (known: {sorted(PATTERN_OF)})")
+        try:
+            raw = base64.b64decode(pattern["data"], validate=True)
+            version = str(pattern["version"])
+            count = len(unpack(raw))
+        except (KeyError, TypeError, ValueError, PatternError) as exc:
+            raise Refused(f"coat pattern {matcher} unreadable: {exc}") from None
+        out[matcher] = (version, count, raw)
+    return out
 
 
 def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, int | None]) -> None:
@@ -137,7 +143,7 @@ def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, i
         marks = event.attributes.get("marks", [])
         if not isinstance(marks, list) or len(marks) > MAX_MARKS:
             raise Refused(f"coat marks must be a list of at most {MAX_MARKS} records")
-        coat_pattern_of(event)
+        coat_patterns_of(event)
 
 
 ANTLER_DIM = 64
@@ -230,9 +236,8 @@ class FusionHandler:
                 return Handled([result_output(det["property"], det["result"])]), None
             return Handled(), None
         await store.add_feature(conn, det["id"], event.component, event.status, _stored(event))
-        if event.component == "coat" and (pattern := coat_pattern_of(event)) is not None:
-            await store.store_coat_pattern(conn, det["id"], pattern[0], int(event.attributes.get("keypoints", 0)),
-                                           pattern[1])
+        if event.component == "coat" and (patterns := coat_patterns_of(event)):
+            await store.store_coat_patterns(conn, det["id"], patterns)
         if event.component == "antler" and event.attributes.get("present") is not None:
             fp = event.embeddings[0] if event.embeddings else None
             await store.store_antler(conn, det["id"], event.attributes, None if fp is None else fp.array(),
@@ -307,7 +312,8 @@ class FusionHandler:
                 first_model = best
         pose = await self._pose(conn, det, first_model, per_exemplar) if got.get("pose") in ("ok", "no-evidence") \
             else None
-        coat = await self._coat(conn, det, per_exemplar) if got.get("coat") in ("ok", "no-evidence") else None
+        coat = await self._coat(conn, det, sex, vectors, per_exemplar) if got.get("coat") in ("ok", "no-evidence") \
+            else None
         antler = await self._antler(conn, det, per_exemplar) if got.get("antler") in ("ok", "no-evidence") else None
         return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat, antler,
                       pose)
@@ -352,12 +358,21 @@ class FusionHandler:
         return {"query": query, "archives": archives, "scores": scores, "flags": features.get("flags", []),
                 "geometry": a.get("geometry"), "version": query.version}
 
-    async def _coat(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
-        """Coat scores against the exemplars of the best candidates by body (added to `per_exemplar`)."""
+    async def _coat(self, conn: asyncpg.Connection, det: asyncpg.Record, sex: str, vectors: list,
+                    per_exemplar: dict) -> dict:
+        """Coat scores against the `coat_shortlist` gallery photos closest to the detection by the fast body
+        model (its nearest exemplars), each individual scored by its photos on that shortlist (added to
+        `per_exemplar`). The closest photos, not an individual's newest: the photo that ranks an animal first
+        by body is the one whose coat must confirm it (`eval --coat` measures the shortlist's size)."""
         started = time.perf_counter()
-        shortlist = _best_by_body(per_exemplar, self.settings.coat_shortlist)
-        exemplars = await store.exemplar_detections(conn, shortlist, self.settings.coat_exemplars)
-        stored = await store.coat_of(conn, [det["id"], *(d for ds in exemplars.values() for d in ds)])
+        nearest = []
+        if vectors:
+            _, body_version, vec, _ = vectors[0]  # the fast model's, as for pose
+            nearest = await store.nearest_exemplars(conn, vec, body_version, det["property"], sex,
+                                                    self.settings.coat_shortlist)
+        photos = await store.exemplar_photos(conn, [exemplar for _, _, exemplar in nearest])
+        shortlist = [(ind, photos[exemplar]) for ind, _, exemplar in nearest if exemplar in photos]
+        stored = await store.coat_of(conn, [det["id"], *(d for _, d in shortlist)])
         query = stored[det["id"]]
         flags = query["features"].get("flags", [])
         version = query["features"].get("attributes", {}).get("version")
@@ -369,19 +384,19 @@ class FusionHandler:
 
         def match() -> dict[str, dict[int, list[float]]]:  # CPU work (OpenCV releases the GIL): off the loop
             out: dict[str, dict[int, list[float]]] = defaultdict(dict)
-            for ind in shortlist:
-                for d in exemplars.get(ind, []):
-                    if d in views and d != det["id"]:
-                        for name, score in coat_scores(views[det["id"]], views[d]).items():
-                            out[name].setdefault(ind, [])
-                            if score is not None:
-                                out[name][ind].append(score)
+            for ind, d in shortlist:
+                if d in views and d != det["id"]:
+                    for name, score in coat_scores(views[det["id"]], views[d]).items():
+                        out[name].setdefault(ind, [])
+                        if score is not None:
+                            out[name][ind].append(score)
             return out
 
         matched = await asyncio.get_running_loop().run_in_executor(None, match)
         per_exemplar.update(matched)
         STAGE_SECONDS.labels(self.name, "coat-match").observe(time.perf_counter() - started)
-        return {"version": version, "shortlist": len(shortlist), "exemplars_matched": sum(len(exemplars.get(i, [])) for i in shortlist),
+        return {"version": version, "shortlist": len({ind for ind, _ in shortlist}),
+                "exemplars_matched": len(shortlist),
                 "matching_ms": round(1000 * (time.perf_counter() - started), 2),
                 "flags": flags, "facing": facing,
                 "marks": query["features"].get("attributes", {}).get("marks", [])[:16]}
@@ -538,7 +553,7 @@ def _stored(event: Features) -> dict:
     `coat_patterns`, as bytes)."""
     stored = event.model_dump(mode="json", exclude={"embeddings"} if event.component == "body" else set())
     if event.component == "coat" and isinstance(stored.get("attributes"), dict):
-        stored["attributes"].pop("pattern", None)
+        stored["attributes"].pop("patterns", None)
     return stored
 
 
@@ -553,7 +568,7 @@ def coat_view(stored: dict) -> dict:
     colour = next(((v, vec) for v, vec in vectors.items() if v in (COLOUR_VERSION, GREY_VERSION)), None)
     return {"colour": colour, "markings": vectors.get(MARKINGS_VERSION),
             "facing": features.get("attributes", {}).get("facing"),
-            "pattern": stored["pattern"], "pattern_version": stored["pattern_version"]}
+            "patterns": stored["patterns"]}
 
 
 def result_output(prop: str, result: dict) -> Output:

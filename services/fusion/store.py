@@ -307,36 +307,34 @@ async def rechoose_exemplars(conn: asyncpg.Connection, individual: int, n: int, 
         await conn.execute("UPDATE embeddings SET exemplar = false WHERE id = ANY($1::bigint[])", drop)
 
 
-async def store_coat_pattern(conn: asyncpg.Connection, detection_id: UUID, version: str, keypoints: int,
-                             pattern: bytes) -> None:
-    await conn.execute(
-        """INSERT INTO coat_patterns (detection_id, version, keypoints, pattern) VALUES ($1, $2, $3, $4)
-           ON CONFLICT (detection_id) DO NOTHING""", detection_id, version, keypoints, pattern)
+async def store_coat_patterns(conn: asyncpg.Connection, detection_id: UUID,
+                              patterns: dict[str, tuple[str, int, bytes]]) -> None:
+    """{matcher: (version, keypoints, packed bytes)} of one detection; a redelivery changes nothing."""
+    await conn.executemany(
+        """INSERT INTO coat_patterns (detection_id, matcher, version, keypoints, pattern) VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (detection_id, matcher) DO NOTHING""",
+        [(detection_id, matcher, *p) for matcher, p in patterns.items()])
 
 
 async def coat_of(conn: asyncpg.Connection, detection_ids: list[UUID]) -> dict[UUID, dict]:
-    """{detection: its stored coat features, status and pattern} for those whose coat features arrived."""
+    """{detection: its stored coat features, status and patterns ({matcher: (version, bytes)})} for those
+    whose coat features arrived."""
     rows = await conn.fetch(
-        """SELECT f.detection_id, f.status, f.features, p.version AS pattern_version, p.pattern
+        """SELECT f.detection_id, f.status, f.features, p.matcher, p.version AS pattern_version, p.pattern
            FROM detection_features f LEFT JOIN coat_patterns p ON p.detection_id = f.detection_id
            WHERE f.detection_id = ANY($1::uuid[]) AND f.component = 'coat'""", detection_ids)
-    return {r["detection_id"]: {"status": r["status"], "features": r["features"],
-                                "pattern_version": r["pattern_version"], "pattern": r["pattern"]} for r in rows}
-
-
-async def exemplar_detections(conn: asyncpg.Connection, individuals: list[int], per_individual: int) -> dict[int, list[UUID]]:
-    """{individual: its exemplar detections, newest first} (any embedding version's exemplars)."""
-    rows = await conn.fetch(
-        """SELECT individual_id, detection_id FROM (
-               SELECT individual_id, detection_id, row_number() OVER (
-                   PARTITION BY individual_id ORDER BY max(created_at) DESC) AS n
-               FROM embeddings WHERE exemplar AND individual_id = ANY($1::bigint[])
-               GROUP BY individual_id, detection_id) x
-           WHERE n <= $2""", individuals, per_individual)
-    out: dict[int, list[UUID]] = {}
+    out: dict[UUID, dict] = {}
     for r in rows:
-        out.setdefault(r["individual_id"], []).append(r["detection_id"])
+        stored = out.setdefault(r["detection_id"], {"status": r["status"], "features": r["features"], "patterns": {}})
+        if r["matcher"] is not None:
+            stored["patterns"][r["matcher"]] = (r["pattern_version"], r["pattern"])
     return out
+
+
+async def exemplar_photos(conn: asyncpg.Connection, exemplars: list[int]) -> dict[int, UUID]:
+    """{exemplar embedding row: the detection (photo) it embeds}."""
+    rows = await conn.fetch("SELECT id, detection_id FROM embeddings WHERE id = ANY($1::bigint[])", exemplars)
+    return {r["id"]: r["detection_id"] for r in rows}
 
 
 async def crop_of(conn: asyncpg.Connection, detection_id: UUID) -> bytes:

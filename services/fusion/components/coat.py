@@ -4,7 +4,9 @@
   grey levels are different versions and never meet.
 - `coat:markings`: cosine of the two marking maps; only for animals facing the same way (a map is
   laid out head-first, so a left flank would otherwise meet a mirrored right flank).
-- `coat:pattern`: geometrically verified keypoint matches, squashed to [0, 1).
+- `coat:pattern` (XFeat) and `coat:pattern-rootsift` (RootSIFT): geometrically verified keypoint matches,
+  squashed to [0, 1). Two matchers, two components: they find different animals (on nyala-train's fit half
+  the fitted fusion weighs both), and each is calibrated on its own.
 Each is None ("no evidence") when either side lacks that part.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from services.coat import markings as coat_markings
 from services.coat import pattern as coat_pattern
 
 COLOUR, MARKINGS, PATTERN = "coat:colour", "coat:markings", "coat:pattern"
-COAT_COMPONENTS = (COLOUR, MARKINGS, PATTERN)
+PATTERN_OF = {"xfeat": PATTERN, "rootsift": "coat:pattern-rootsift"}  # matcher -> its component
+COAT_COMPONENTS = (COLOUR, MARKINGS, *PATTERN_OF.values())
 
 
 def colour_similarity(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
@@ -42,17 +45,23 @@ def pattern_similarity(a: bytes | None, b: bytes | None) -> float | None:
 
 
 def coat_scores(query: Mapping, exemplar: Mapping) -> dict[str, float | None]:
-    """The three raw scores of two detections' coat features, each a mapping with `colour` (version,
-    vector), `markings` (vector), `facing` and `pattern` (packed bytes, version)."""
+    """The raw scores of two detections' coat features, each a mapping with `colour` (version, vector),
+    `markings` (vector), `facing` and `patterns` ({matcher: (version, packed bytes)}); a matcher's component
+    only where the query has its pattern."""
     q_colour, e_colour = query.get("colour"), exemplar.get("colour")
     same_colour = q_colour is not None and e_colour is not None and q_colour[0] == e_colour[0]
-    same_pattern = query.get("pattern_version") == exemplar.get("pattern_version")
-    return {
+    scores = {
         COLOUR: colour_similarity(q_colour[1], e_colour[1]) if same_colour else None,
         MARKINGS: markings_similarity(query.get("markings"), exemplar.get("markings"), query.get("facing"),
                                       exemplar.get("facing")),
-        PATTERN: pattern_similarity(query.get("pattern"), exemplar.get("pattern")) if same_pattern else None,
     }
+    theirs = exemplar.get("patterns") or {}
+    for matcher, (version, raw) in (query.get("patterns") or {}).items():
+        if matcher in PATTERN_OF:
+            other = theirs.get(matcher)
+            same = other is not None and other[0] == version  # another extractor's keypoints never meet
+            scores[PATTERN_OF[matcher]] = pattern_similarity(raw, other[1]) if same else None
+    return scores
 
 
 def colour_matrix(vectors: Sequence[np.ndarray | None]) -> np.ndarray:

@@ -269,6 +269,16 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     assert artifact["coat_version"].endswith("+rootsift-opencv:1024-animal")
 
 
+def test_coat_eval_measures_the_services_matchers_or_says_which_it_cannot():
+    from deer_reid.evaluation.coat import service_variants
+
+    assert service_variants(Settings()) == {"xfeat-animal": "coat:pattern", "rootsift-animal": "coat:pattern-rootsift"}
+    assert service_variants(Settings(coat_patterns="xfeat", coat_restrict_to_animal=False)) == {
+        "xfeat-crop": "coat:pattern"}
+    with pytest.raises(ValueError, match=r"\['rootsift-crop'\]"):
+        service_variants(Settings(coat_patterns="xfeat,rootsift", coat_restrict_to_animal=False))
+
+
 def test_coat_scores_the_shortlist_and_gives_the_rest_its_floor_or_no_evidence():
     from deer_reid.evaluation.coat import as_fusion_scores
 

@@ -44,7 +44,12 @@ _ON_THE_ANIMAL = ("xfeat", "rootsift")  # what the eval's extractor extracts its
 def service_variants(settings: Settings) -> dict[str, str]:
     """{variant: the fusion component it is} for the service's matchers under `settings`."""
     where = "animal" if settings.coat_restrict_to_animal else "crop"
-    return {f"{m}-{where}": PATTERN_OF[m] for m in settings.coat_pattern_methods}
+    service = {f"{m}-{where}": PATTERN_OF[m] for m in settings.coat_pattern_methods}
+    unmeasured = sorted(set(service) - set(VARIANTS))
+    if unmeasured:
+        raise ValueError(f"eval --coat measures the pattern variants {sorted(VARIANTS)}; the service's settings ask "
+                         f"for {unmeasured} (DEER_COAT_PATTERNS, DEER_COAT_RESTRICT_TO_ANIMAL)")
+    return service
 
 
 def _extract(args: tuple[bytes, int]) -> dict:

@@ -219,7 +219,7 @@ def fit_isotonic(scores: np.ndarray, same: np.ndarray) -> dict:
         return {"x": [0.0, 1.0], "y": [prior, prior], "prior": prior}
     iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True).fit(scores[ok], same[ok])
     return {"x": [round(float(v), 6) for v in iso.X_thresholds_], "y": [round(float(v), 6) for v in iso.y_thresholds_],
-            "prior": round(float(same[ok].mean()), 6) if ok.any() else 0.0}
+            "prior": round(float(same[ok].mean()), 6)}
 
 
 def fit_fusion(per_component: Mapping[str, np.ndarray], indices: Sequence[int], identities: Sequence[str],

@@ -38,7 +38,7 @@ from shared.config import Settings
 # The pattern variants measured: XFeat and RootSIFT on the animal (the service's two matchers by default),
 # and XFeat on the whole crop. Each photo's animal is found once and every variant uses that foreground.
 VARIANTS = {"xfeat-animal": ("xfeat", True), "rootsift-animal": ("rootsift", True), "xfeat-crop": ("xfeat", False)}
-_ON_THE_ANIMAL = ("xfeat", "rootsift")  # what the eval's extractor extracts itself; the rest is added
+_ON_THE_ANIMAL = tuple(PATTERN_OF)  # every matcher fusion knows, extracted as the service does; the rest is added
 
 
 def service_variants(settings: Settings) -> dict[str, str]:

@@ -43,7 +43,6 @@ class CoatExtractor:
 
     def __init__(self, methods: Sequence[str] = ("xfeat", "rootsift"), keypoints: int = 1024,
                  restrict_to_animal: bool = True):
-        methods = (methods,) if isinstance(methods, str) else tuple(methods)
         self.patterns = {m: PatternExtractor(m, keypoints) for m in methods}
         self.restrict = restrict_to_animal
         self.pattern_versions = {m: f"{xfeat_version() if m == 'xfeat' else 'rootsift-opencv'}:"

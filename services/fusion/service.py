@@ -118,8 +118,11 @@ def coat_patterns_of(event: Features) -> dict[str, tuple[str, int, bytes]]:
     return out
 
 
-def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, int | None]) -> None:
-    """Refuse feature events that do not belong to this detection or carry broken vectors."""
+def validate(event: Features, detection: asyncpg.Record,
+             known_dims: dict[str, int | None]) -> dict[str, tuple[str, int, bytes]]:
+    """Refuse feature events that do not belong to this detection or carry broken vectors. Returns a coat
+    event's patterns as it decoded them (`coat_patterns_of`; empty for other components), so that the join
+    stores them without decoding them again."""
     if event.property != detection["property"] or event.site != detection["site"]:
         raise Refused(f"event names site {event.site!r} / property {event.property!r}, the detection "
                       f"{event.detection_id} is at {detection['site']!r} / {detection['property']!r}")
@@ -143,7 +146,8 @@ def validate(event: Features, detection: asyncpg.Record, known_dims: dict[str, i
         marks = event.attributes.get("marks", [])
         if not isinstance(marks, list) or len(marks) > MAX_MARKS:
             raise Refused(f"coat marks must be a list of at most {MAX_MARKS} records")
-        coat_patterns_of(event)
+        return coat_patterns_of(event)
+    return {}
 
 
 ANTLER_DIM = 64
@@ -218,7 +222,7 @@ class FusionHandler:
             return Handled(), det if (await store.arrived(conn, det["id"])).get("body") == "ok" else None
         dims = {e.version: await self._known_dim(conn, e.version) for e in event.embeddings}
         try:
-            validate(event, det, dims)
+            coat_patterns = validate(event, det, dims)
         except Refused as exc:
             if not is_terminal(det["state"]) and event.component in expected_of(det) \
                     and event.property == det["property"]:
@@ -236,8 +240,8 @@ class FusionHandler:
                 return Handled([result_output(det["property"], det["result"])]), None
             return Handled(), None
         await store.add_feature(conn, det["id"], event.component, event.status, _stored(event))
-        if event.component == "coat" and (patterns := coat_patterns_of(event)):
-            await store.store_coat_patterns(conn, det["id"], patterns)
+        if coat_patterns:
+            await store.store_coat_patterns(conn, det["id"], coat_patterns)
         if event.component == "antler" and event.attributes.get("present") is not None:
             fp = event.embeddings[0] if event.embeddings else None
             await store.store_antler(conn, det["id"], event.attributes, None if fp is None else fp.array(),

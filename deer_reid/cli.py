@@ -271,11 +271,12 @@ def cmd_train(args) -> int:
 
     settings = _settings(args)
     in_use = _models_in_use(settings)
+    validation = args.validation_identities if args.validation_identities is not None else 0 if args.folds else 15
     cfg = TrainConfig(name=args.name, base=args.base, epochs=args.epochs, input_size=args.input_size, seed=args.seed,
-                      holdout_identities=args.holdout_identities, validation_identities=args.validation_identities,
+                      holdout_identities=args.holdout_identities, validation_identities=validation, folds=args.folds,
                       batch=args.batch, lr=args.lr, precision=args.precision or "fp32", overwrite=args.overwrite,
                       resume=args.resume, average_from=args.average_from, erase=args.erase,
-                      refit=args.refit, distill=args.distill)
+                      refit=args.refit, distill=args.distill, subcenters=args.subcenters)
     try:
         card = train(Path(args.data_dir), cfg, settings, in_use=in_use, progress=not args.quiet)
     except (TrainError, DatasetError) as exc:
@@ -762,7 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--holdout-identities", type=int, default=58,
                     help="identities neither trained on nor used to choose the epoch (eval reports on them)")
-    tr.add_argument("--validation-identities", type=int, default=15, help="identities that choose the epoch")
+    tr.add_argument("--validation-identities", type=int, help="identities that choose the epoch (default 15)")
+    tr.add_argument("--folds", type=int, default=0, metavar="K",
+                    help="choose the epoch by K-fold cross-validation over every identity not held out, then train "
+                    "on all of them (instead of --validation-identities)")
     tr.add_argument("--batch", type=int, default=32)
     tr.add_argument("--lr", type=float, default=3e-4)
     tr.add_argument("--average-from", type=int, default=0, help="average the weights of every epoch from this one "
@@ -771,6 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random erasing: the share of training images with one rectangle of noise (0: off)")
     tr.add_argument("--distill", type=float, default=0.0, metavar="W",
                     help="weight of the cosine distance to the frozen ImageNet network's embedding (0: off)")
+    tr.add_argument("--subcenters", type=int, default=3, metavar="K",
+                    help="ArcFace centres per class (1: plain ArcFace)")
     tr.add_argument("--refit", action="store_true", help="once validation has chosen the epoch, train again on "
                     "training + validation identities for that many epochs (the holdout stays unseen)")
     tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default fp32 (bf16 measured no faster)")

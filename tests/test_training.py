@@ -3,6 +3,7 @@ determinism and resume, the bad inputs, the evaluation's fairness rule, and `exp
 from __future__ import annotations
 
 import csv
+import functools
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,62 @@ def test_refit_trains_again_on_validation_identities_for_the_chosen_epochs_and_n
 
     kept, notes = never_trained_on(load_dataset(folder), ["refit"], settings)
     assert {s.identity for s in kept} == set(ids["holdout"]) and "4 identities" in notes["refit"]
+
+
+def test_folds_choose_the_epoch_over_every_identity_then_train_on_all_and_resume_skips_folds_done(
+        folder, tmp_path, monkeypatch):
+    from deer_reid.evaluation.run import never_trained_on
+    from deer_reid.training import train as training
+
+    real = training_data.augment
+    calls = {"n": 0, "stop_after": None}  # one augmentation per training step
+
+    @functools.wraps(real)  # the card quotes the augmentation's docstring
+    def counted(*a, **k):
+        calls["n"] += 1
+        if calls["stop_after"] is not None and calls["n"] > calls["stop_after"]:
+            raise KeyboardInterrupt("power cut")
+        return real(*a, **k)
+
+    monkeypatch.setattr(training_data, "augment", counted)
+    cfg = dict(TINY, epochs=2, holdout_identities=2, validation_identities=0, folds=2)
+    settings = settings_for(tmp_path / "1")
+    card = train(folder, TrainConfig(name="cv", **cfg), settings, progress=False)
+    uninterrupted = calls["n"]
+    ids, cross = card["identities"], card["cross_validation"]
+    # each of the 4 training identities is validated on exactly once, never with the holdout
+    validated = [set(f["validation_identities"]) for f in cross["per_fold"]]
+    assert len(validated) == 2 and not validated[0] & validated[1]
+    assert validated[0] | validated[1] == set(ids["train"]) and len(ids["train"]) == 4
+    assert not set(ids["holdout"]) & set(ids["train"]) and ids["validation"] == []
+    # the history is every validation query at once, epoch by epoch; the best epoch is chosen from it
+    for epoch in range(3):
+        per = [f["curve"][epoch]["validation"] for f in cross["per_fold"]]
+        assert card["history"][epoch]["validation"] == training.pooled_figures(per)
+        assert card["history"][epoch]["validation"]["queries"] == sum(v["queries"] for v in per) > 0
+    chosen = max(card["history"][1:3], key=lambda h: (h["validation"]["top1"], h["validation"]["mAP"]))
+    assert card["selected_epoch"] == chosen["epoch"] and card["validation"] == chosen["validation"]
+    # the network shipped learned every training identity for the chosen number of epochs
+    assert card["refit"]["identities"] == 4 and card["refit"]["epochs"] == card["selected_epoch"]
+    kept, _ = never_trained_on(load_dataset(folder), ["cv"], settings)
+    assert {s.identity for s in kept} == set(ids["holdout"])
+
+    # stopped in the second fold, resumed: the first fold is not trained again, and the result is the same
+    fold_one = cfg["epochs"] * (cross["per_fold"][0]["training_images"] // cfg["batch"])
+    settings = settings_for(tmp_path / "2")
+    calls.update(n=0, stop_after=fold_one + 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(folder, TrainConfig(name="cv", **cfg), settings, progress=False)
+    calls.update(n=0, stop_after=None)
+    resumed = train(folder, TrainConfig(name="cv", **cfg, resume=True), settings, progress=False)
+    assert calls["n"] == uninterrupted - fold_one
+    assert resumed["weights_sha256"] == card["weights_sha256"]
+    assert resumed["cross_validation"]["per_fold"][1]["curve"] == cross["per_fold"][1]["curve"]
+
+    with pytest.raises(TrainError, match="replaces --validation-identities"):
+        train(folder, TrainConfig(name="x", **dict(cfg, validation_identities=1)), settings, progress=False)
+    with pytest.raises(DatasetError, match="folds need"):
+        train(folder, TrainConfig(name="y", **dict(cfg, folds=9)), settings, progress=False)
 
 
 def test_distillation_holds_the_embedding_near_the_imagenet_networks(folder, tmp_path):

@@ -56,6 +56,24 @@ def split(samples: Sequence[Sample], *, holdout: int, validation: int, seed: int
     return Split(pick(train_ids), pick(val), pick(held), skipped)
 
 
+def folds(samples: Sequence[Sample], k: int, seed: int) -> list[tuple[list[Sample], list[Sample]]]:
+    """K identity-disjoint (training, validation) pairs over `samples`, each identity validated on once:
+    cross-validation for choosing the epoch when a single validation split is too few animals to tell
+    epochs apart, after which every identity can be trained on. Identities are dealt round-robin in a
+    seeded order, largest first, so the folds hold about as many photos as identities."""
+    by_id: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_id.setdefault(s.identity, []).append(s)
+    if k < 2 or k > len(by_id):
+        raise DatasetError(f"{k} folds need 2 to {len(by_id)} (the training identities) folds")
+    names = sorted(by_id)
+    shuffled = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    ordered = sorted(shuffled, key=lambda n: -len(by_id[n]))  # stable: ties keep the seeded order
+    dealt = [ordered[i::k] for i in range(k)]
+    return [([s for j, ids in enumerate(dealt) if j != i for n in ids for s in by_id[n]],
+             [s for n in ids for s in by_id[n]]) for i, ids in enumerate(dealt)]
+
+
 def class_labels(samples: Sequence[Sample], by_viewpoint: bool) -> tuple[np.ndarray, list[str]]:
     """Class index per sample: identity, or identity x viewpoint."""
     keys = [f"{s.identity}|{(s.viewpoint or 'unknown').lower()}" if by_viewpoint else s.identity for s in samples]

@@ -4,6 +4,9 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from shared.schemas import DetectionClass
 
@@ -39,6 +42,16 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
         raise DatasetError(f"{path}: file not found") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: not a readable CSV file: {exc}") from None
+
+
+def identities_in_seeded_order(samples: Sequence[Sample], seed: int) -> dict[str, list[Sample]]:
+    """{identity: its samples}, the identities in a seeded random order (the same for a seed whatever the
+    rows' order): how splits, folds and `--limit` draw whole animals."""
+    by_id: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_id.setdefault(s.identity, []).append(s)
+    names = sorted(by_id)
+    return {names[i]: by_id[names[i]] for i in np.random.default_rng(seed).permutation(len(names))}
 
 
 def load_dataset(root: Path) -> list[Sample]:

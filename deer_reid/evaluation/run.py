@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deer_reid.evaluation import calibration as cal
-from deer_reid.evaluation.dataset import Sample, load_dataset
+from deer_reid.evaluation.dataset import Sample, identities_in_seeded_order, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
 from deer_reid.evaluation.antler import antler_features, males, notes
 from deer_reid.evaluation.coat import (
@@ -49,13 +49,9 @@ def select(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
     """Whole identities in a seeded order until `limit` images (all of them without a limit)."""
     if not limit or limit >= len(samples):
         return samples
-    by_identity: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_identity.setdefault(s.identity, []).append(s)
-    names = sorted(by_identity)
     chosen: list[Sample] = []
-    for i in np.random.default_rng(seed).permutation(len(names)):
-        chosen.extend(by_identity[names[i]])
+    for photos in identities_in_seeded_order(samples, seed).values():
+        chosen.extend(photos)
         if len(chosen) >= limit:
             break
     return reindexed(chosen[:limit])

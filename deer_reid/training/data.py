@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deer_reid.evaluation.dataset import DatasetError, Sample
+from deer_reid.evaluation.dataset import DatasetError, Sample, identities_in_seeded_order
 
 # Viewpoint labels a training folder may use; flanks of a striped animal carry different patterns,
 # so identity x viewpoint is the class where a viewpoint is given.
@@ -36,11 +36,8 @@ def split(samples: Sequence[Sample], *, holdout: int, validation: int, seed: int
     """Seeded, identity-disjoint: `holdout` identities for the final figures, `validation` for choosing the
     epoch, the rest for training. Identities with a single photo teach nothing about how one animal varies:
     they are left out of training (they may still be held out, as distractors)."""
-    by_id: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_id.setdefault(s.identity, []).append(s)
-    names = sorted(by_id)
-    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    by_id = identities_in_seeded_order(samples, seed)
+    order = list(by_id)
     held, val, rest = order[:holdout], order[holdout:holdout + validation], order[holdout + validation:]
     skipped = {n: "one photo only" for n in rest if len(by_id[n]) < 2}
     train_ids = [n for n in rest if n not in skipped]
@@ -61,14 +58,10 @@ def folds(samples: Sequence[Sample], k: int, seed: int) -> list[tuple[list[Sampl
     cross-validation for choosing the epoch when a single validation split is too few animals to tell
     epochs apart, after which every identity can be trained on. Identities are dealt round-robin in a
     seeded order, largest first, so the folds hold about as many photos as identities."""
-    by_id: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_id.setdefault(s.identity, []).append(s)
+    by_id = identities_in_seeded_order(samples, seed)
     if k < 2 or k > len(by_id):
         raise DatasetError(f"{k} folds need 2 to {len(by_id)} (the training identities) folds")
-    names = sorted(by_id)
-    shuffled = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    ordered = sorted(shuffled, key=lambda n: -len(by_id[n]))  # stable: ties keep the seeded order
+    ordered = sorted(by_id, key=lambda n: -len(by_id[n]))  # stable: ties keep the seeded order
     dealt = [ordered[i::k] for i in range(k)]
     return [([s for j, ids in enumerate(dealt) if j != i for n in ids for s in by_id[n]],
              [s for n in ids for s in by_id[n]]) for i, ids in enumerate(dealt)]

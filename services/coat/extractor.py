@@ -15,7 +15,7 @@ import numpy as np
 from services.coat import colour, markings
 from services.coat.foreground import VERSION as FOREGROUND_VERSION
 from services.coat.foreground import foreground
-from services.coat.pattern import Pattern, PatternExtractor, pack, xfeat_version
+from services.coat.pattern import Pattern, PatternExtractor, pack
 from shared.images import decode_crop
 from shared.schemas import Embedding
 
@@ -45,8 +45,8 @@ class CoatExtractor:
                  restrict_to_animal: bool = True):
         self.patterns = {m: PatternExtractor(m, keypoints) for m in methods}
         self.restrict = restrict_to_animal
-        self.pattern_versions = {m: f"{xfeat_version() if m == 'xfeat' else 'rootsift-opencv'}:"
-                                    f"{keypoints}{'-animal' if restrict_to_animal else '-crop'}" for m in methods}
+        where = "-animal" if restrict_to_animal else "-crop"
+        self.pattern_versions = {m: f"{extractor.version}{where}" for m, extractor in self.patterns.items()}
         # one matcher alone keeps the version it had before there were two
         self.version = f"coat-v3:{FOREGROUND_VERSION}:{'+'.join(self.pattern_versions.values())}"
 

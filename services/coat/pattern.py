@@ -104,6 +104,11 @@ class PatternExtractor:
             raise ValueError(f"unknown pattern method {method!r}")
         self.method, self.keypoints = method, keypoints
 
+    @property
+    def version(self) -> str:
+        """What a pattern was extracted with (the matcher's weights and the keypoint budget)."""
+        return f"{xfeat_version() if self.method == 'xfeat' else 'rootsift-opencv'}:{self.keypoints}"
+
     def load(self) -> None:
         """Open (and checksum) the networks now rather than on the first crop."""
         if self.method == "xfeat":

@@ -238,6 +238,25 @@ def cmd_sites(args) -> int:
     return 0
 
 
+def cmd_census(args) -> int:
+    import httpx
+
+    from deer_reid.census import recluster
+
+    if args.action == "status":
+        print(json.dumps(_api(args, "GET", f"/v1/census/{args.property}"), indent=2, default=str))
+        return 0
+    settings = _settings(args)
+    with httpx.Client(base_url=api_url_for(args, settings), headers=auth_headers(settings), timeout=60) as client:
+        try:
+            run = recluster(client, args.property, timeout=args.timeout)
+        except (RuntimeError, httpx.HTTPError) as exc:
+            print(f"deer-reid: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(run, indent=2, default=str))
+    return 0
+
+
 def cmd_gallery(args) -> int:
     from deer_reid.gallery import rebuild
 
@@ -400,6 +419,15 @@ def cmd_eval(args) -> int:
 
             state = read_state(settings.home) or {}
             stack_models = [m for m in [state.get("body_model"), *(state.get("body_ensemble") or [])] if m]
+        if args.protocol == "census":
+            from deer_reid.evaluation.census import run_census
+
+            result = run_census(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
+                                seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
+                                json_path=args.json, budget=args.budget, reviewer_error=args.reviewer_error,
+                                recluster_every=args.recluster_every, baseline=not args.no_baseline,
+                                progress=not args.quiet, settings=settings, stack_models=stack_models)
+        elif args.protocol == "open-set":
             result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                                   seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
                                   json_path=args.json, progress=not args.quiet, settings=settings,
@@ -411,7 +439,7 @@ def cmd_eval(args) -> int:
         installed = _api(args, "POST", "/v1/calibration", json=result.pop("_artifact"))
         result["calibration"]["installed_id"] = installed["id"]
     result.pop("_artifact", None)
-    skip = {"cmc", "ablation", "ablation_same_viewpoint", "calibration", "plots", "levers"}
+    skip = {"cmc", "ablation", "ablation_same_viewpoint", "calibration", "plots", "levers", "census_now"}
     print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=2, default=str))
     if "ablation" in result:
         print("\nablation (loo):")
@@ -445,6 +473,14 @@ def cmd_bench(args) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "deer_reid.cli", *sys.argv[1:]], env)
 
     settings = _settings(args)
+    if args.census:
+        from deer_reid.census_bench import census_bench
+
+        result = census_bench(args.census, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.gallery:
         from deer_reid.gallery_bench import gallery_bench
 
@@ -674,7 +710,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="measure re-identification accuracy on a labelled folder")
     ev.add_argument("data_dir", help="folder with metadata.csv (path, identity[, viewpoint, encounter, ...])")
-    ev.add_argument("--protocol", choices=("loo", "open-set"), required=True)
+    ev.add_argument("--protocol", choices=("loo", "open-set", "census"), required=True,
+                    help="loo: retrieval and the fitted fusion; open-set: the running stack's online decisions; "
+                    "census: the identity graph with the labels answering its questions (and today's way beside it)")
+    ev.add_argument("--budget", type=int, default=1000, help="census: the most answers the labels give")
+    ev.add_argument("--reviewer-error", type=float, default=0.02, help="census: how often the reviewer is wrong "
+                    "(seeded)")
+    ev.add_argument("--recluster-every", type=int, default=10, help="census: answers between re-solves")
+    ev.add_argument("--no-baseline", action="store_true", help="census: skip today's way (the review queue) "
+                    "on copies of the photos")
     ev.add_argument("--mode", choices=("fast", "enhanced"), default="fast")
     ev.add_argument("--body-model", help="body model(s), comma-separated for an ensemble")
     ev.add_argument("--json", help="write the full result here")
@@ -724,6 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead: fusion's gallery search (p50/p99, recall against exact search) over N synthetic "
                          "exemplars in a fresh embedded PostgreSQL")
     be.add_argument("--gallery-queries", type=int, default=500)
+    be.add_argument("--census", type=int, metavar="N",
+                    help="instead: one re-clustering of an N-detection property (synthetic embeddings, one individual "
+                    "per photo to start from) in a fresh embedded PostgreSQL")
     be.set_defaults(func=cmd_bench)
 
     si = sub.add_parser("sites", help="camera sites and the property (population) each belongs to")
@@ -737,6 +784,16 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (si_add, si_list):
         p.add_argument("--api-url")
     si.set_defaults(func=cmd_sites)
+
+    ce = sub.add_parser("census", help="the identity graph: re-cluster a property, or see where its census stands")
+    ce_sub = actions(ce)
+    ce_re = ce_sub.add_parser("recluster", help="re-solve the property's identity graph now and wait for the run")
+    ce_re.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the census service")
+    ce_st = ce_sub.add_parser("status", help="individuals, questions left, answers, the calibration in force")
+    for p in (ce_re, ce_st):
+        p.add_argument("--property", default="default")
+        p.add_argument("--api-url")
+    ce.set_defaults(func=cmd_census)
 
     ga = sub.add_parser("gallery", help="the gallery of exemplars")
     ga_sub = actions(ga)

@@ -16,6 +16,7 @@ SERVICES = {
     "api": (("api",), None),
     "reconciler": (("reconciler", "dead-letters"), None),
     "fusion": (("fusion",), "deer-fusion"),
+    "census": (("census",), None),
     "body": (("body",), "deer-body"),
     "coat": (("coat",), "deer-coat"),
     "antler": (("antler",), "deer-antler"),

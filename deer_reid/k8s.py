@@ -65,6 +65,8 @@ WORKLOADS = (
              why="uploads, results and the page; /metrics on its own port"),
     Workload("reconciler", "cpu", 1, "250m", "512Mi", why="the outbox relay and the ledger: one is enough"),
     Workload("fusion", "cpu", 1, "1", "2Gi", why="one fusion: it serialises decisions per property"),
+    Workload("census", "cpu", 1, "1", "4Gi",
+             why="re-clusters each property's identity graph; a season's graph and its neighbour search fit in 4 GiB"),
     Workload("body", "gpu", 1, "2", "6Gi", gpu=True, volumes=("models",), scale_on=DETECTIONS.name),
     Workload("antler", "gpu", 1, "1", "3Gi", gpu=True, volumes=("models",), scale_on=DETECTIONS.name,
              why="its fingerprint network runs on the body's CUDA image"),

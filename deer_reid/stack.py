@@ -31,7 +31,7 @@ from shared.topics import ensure_topics
 
 log = logging.getLogger("deer_reid.stack")
 
-SERVICES = ("reconciler", "fusion", "body", "coat", "antler", "pose", "api")
+SERVICES = ("reconciler", "fusion", "census", "body", "coat", "antler", "pose", "api")
 # On one machine the body extractor is the bottleneck and its two OpenMP threads stall each other
 # whenever one is preempted, so the light services yield the CPU to it (they fill its idle gaps).
 # Production runs the body on its own GPU machine and has no use for this.

@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     max_attempts: int = Field(10, ge=1)
     relay_batch: int = Field(256, ge=1)
 
+    # census (the identity graph's re-clustering, services/census)
+    census_poll_s: float = Field(2.0, gt=0)  # how often the census service looks for requested or due runs
+    census_after_decisions: int = Field(50, ge=1)  # a property is re-clustered after this many new decisions
+    census_every_s: float = Field(900.0, gt=0)  # ... or this long after its last run, if anything changed
+    census_neighbours: int = Field(10, ge=0, le=100)  # body nearest neighbours per detection added as edges
+    census_questions_kept: int = Field(500, ge=1, le=100_000)  # questions a run leaves open, best first
+    # a question counts as "left" while its answer has at least this chance of changing the census
+    census_stop_flip: float = Field(0.1, gt=0, lt=1)
+    census_refit_min_answers: int = Field(30, ge=2)  # answered pairs before a property's calibration is refitted
+    census_refit_min_each: int = Field(8, ge=1)  # ... with at least this many `same` and `different`
+    census_refit_every: int = Field(10, ge=1)  # new answers between refits
+
     # uploads
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_pixels: int = Field(80_000_000, ge=1)

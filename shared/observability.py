@@ -27,6 +27,9 @@ CONSUMER_LAG = Gauge("deer_consumer_lag", "Messages behind the end of the partit
 # measured by the reconciler from the broker's offsets each round, whatever the consumers are doing
 GROUP_LAG = Gauge("deer_group_lag", "Messages a consumer group has yet to consume (broker offsets)", ["group", "topic"])
 DETECTIONS_BY_STATE = Gauge("deer_detections", "Detections by state (reconciler's view)", ["state"])
+CENSUS_RUNS = Counter("deer_census_runs_total", "Census re-clusterings, by outcome", ["outcome"])
+CENSUS_MOVES = Counter("deer_census_moves_total", "Detections the census job moved", [])
+CENSUS_QUESTIONS = Gauge("deer_census_questions_open", "Open census questions", ["property"])
 
 
 def setup_logging(service: str) -> None:

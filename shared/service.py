@@ -82,3 +82,46 @@ class CropExtractorHandler:
         """`fn(*args)` for each argument tuple, side by side on the worker threads, in order."""
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(self._pool, fn, *args) for args in args_per_call)))
+
+
+async def run_loop(name: str, make_worker: Callable[[Settings], Awaitable], settings: Settings | None = None) -> None:
+    """The entry point of a service that is a supervised loop instead of a broker consumer (the census job):
+    logging, /metrics + /healthz, SIGTERM/SIGINT, then `await worker.step()` every `worker.every_s` seconds.
+    A step that raises is logged and counted, and the loop goes on: one bad property never stops the rest.
+    On a signal the loop finishes the step in progress (its work is one transaction per property) and exits."""
+    from shared.observability import ERRORS
+
+    settings = settings or get_settings()
+    worker = await make_worker(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    state = {"ready": True, "last_error": None}
+
+    def health() -> dict:
+        return {"service": name, **getattr(worker, "health", lambda: {})(), **state}
+
+    ops = await serve_ops(settings.metrics_port, health, settings.metrics_host)
+    try:
+        while not stopping.is_set():
+            try:
+                await worker.step()
+                state["last_error"] = None
+            except Exception as exc:  # noqa: BLE001 - logged, counted, retried next round
+                log.exception("%s: step failed", name)
+                ERRORS.labels(name, type(exc).__name__).inc()
+                state["last_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=worker.every_s)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await worker.close()
+        if ops is not None:
+            ops.cancel()
+
+
+def main_loop(name: str, make_worker: Callable[[Settings], Awaitable]) -> None:
+    setup_logging(name)
+    asyncio.run(run_loop(name, make_worker))

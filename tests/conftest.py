@@ -150,7 +150,14 @@ def stack(tmp_path_factory, viewpoint_cache):
     # join timeout so that a component that never comes costs seconds.
     s = Stack(settings, env={"DEER_STUCK_AFTER_S": "8", "DEER_QUEUED_MAX_S": "30",
                              "DEER_RECONCILE_EVERY_S": "1", "DEER_MAX_ATTEMPTS": "40",
-                             "DEER_JOIN_TIMEOUT_S": str(JOIN_TIMEOUT_S), "DEER_LOG_LEVEL": "INFO"})
+                             "DEER_JOIN_TIMEOUT_S": str(JOIN_TIMEOUT_S), "DEER_LOG_LEVEL": "INFO",
+                             # a property's calibration is refitted from a handful of answers (the census tests'),
+                             # and the census re-clusters only when a test asks: every test module shares this
+                             # stack, and a run on its own would move another test's detections under it
+                             # (test_census_loop.py tests the schedule itself)
+                             "DEER_CENSUS_REFIT_MIN_ANSWERS": "6", "DEER_CENSUS_REFIT_MIN_EACH": "3",
+                             "DEER_CENSUS_REFIT_EVERY": "1", "DEER_CENSUS_AFTER_DECISIONS": "1000000",
+                             "DEER_CENSUS_EVERY_S": "31536000"})
     s.start()
     stop = threading.Event()
 
@@ -179,3 +186,22 @@ async def db(stack):
     await conn.close()
 
 
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's headless Chromium driven by Selenium (the system's driver: nothing is downloaded)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    # the system's driver: nothing is downloaded
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

@@ -99,3 +99,13 @@ async def ingest_through_fault(stack, db, paths, site: str, fault, recover=None,
     return counts
 
 
+async def until(read, ok, timeout: float = 60.0, what: str = "the database"):
+    """Poll `await read()` until `ok(value)`; the value, or AssertionError naming `what` at the timeout."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = await read()
+        if ok(value):
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what} (last: {value!r})")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deer_reid.evaluation import calibration as cal
-from services.fusion import exemplars
+from shared import exemplars
 from services.fusion.decision import REVIEW, Thresholds, decide
 from services.fusion.scoring import FusionModel, score_candidates, with_prior
 from services.fusion.service import Refused, validate

@@ -6,7 +6,6 @@ Screenshots are kept in reports/screenshots/ (DEER_TEST_ARTIFACTS overrides) as 
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -16,28 +15,10 @@ import pytest
 
 from deer_reid.ingest import wait_terminal
 from tests.conftest import REPO
-from tests.stack_helpers import WAIT_S, ingest
+from tests.stack_helpers import WAIT_S, ingest, until
 
 PROP = "page"
 ARTIFACTS = Path(os.environ.get("DEER_TEST_ARTIFACTS", REPO / "reports" / "screenshots"))
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    # the system's driver: nothing is downloaded
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +74,7 @@ async def test_review_confirm_merge_and_undo_in_a_real_browser(stack, page_herd,
 
     # one key press confirms the selected (first) candidate
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ENTER)
-    await _until(lambda: row(detection), lambda r: r["decided_by"] == "human")
+    await until(lambda: row(detection), lambda r: r["decided_by"] == "human")
     r = await row(detection)
     assert (r["state"], r["individual_id"]) == ("assigned", int(first))
     wait_for(lambda: browser.find_elements(By.ID, "queue-empty") or (
@@ -114,7 +95,7 @@ async def test_review_confirm_merge_and_undo_in_a_real_browser(stack, page_herd,
     shot(browser, "profile")
     browser.find_element(By.ID, "merge-id").send_keys(str(absorb))
     browser.find_element(By.CSS_SELECTOR, "#merge-form button").click()
-    await _until(lambda: db.fetchval("SELECT merged_into FROM individuals WHERE id = $1", absorb), lambda v: v == keep)
+    await until(lambda: db.fetchval("SELECT merged_into FROM individuals WHERE id = $1", absorb), lambda v: v == keep)
     assert {x["id"] for x in await db.fetch("SELECT id FROM detections WHERE individual_id = $1", keep)} >= moved
     merge_id = await db.fetchval("SELECT max(id) FROM audit_log WHERE action = 'merge'")
 
@@ -122,7 +103,7 @@ async def test_review_confirm_merge_and_undo_in_a_real_browser(stack, page_herd,
     button = wait_for(lambda: browser.find_elements(By.ID, f"undo-{merge_id}"), what="the merge's undo button")[0]
     shot(browser, "profile-after-merge")
     button.click()
-    await _until(lambda: db.fetchval("SELECT merged_into FROM individuals WHERE id = $1", absorb), lambda v: v is None)
+    await until(lambda: db.fetchval("SELECT merged_into FROM individuals WHERE id = $1", absorb), lambda v: v is None)
     assert {x["id"] for x in await db.fetch("SELECT id FROM detections WHERE individual_id = $1", absorb)} == moved
     assert await db.fetchval("SELECT undone_by FROM audit_log WHERE id = $1", merge_id) is not None
     wait_for(lambda: "undone by" in browser.page_source, what="the page to show the undo")
@@ -134,13 +115,3 @@ async def test_review_confirm_merge_and_undo_in_a_real_browser(stack, page_herd,
         browser.get(stack.api_url + path)
         assert marker in browser.page_source
     shot(browser, "statistics")
-
-
-async def _until(read, ok, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await read()
-        if ok(value):
-            return value
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"the database never showed the change (last: {value!r})")

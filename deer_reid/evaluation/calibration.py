@@ -22,11 +22,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from deer_reid.evaluation.metrics import clustering_report
-from services.fusion import exemplars as exemplar_choice
+from shared import exemplars as exemplar_choice
 from services.fusion.calibration import ARTIFACT_KIND, ARTIFACT_VERSION
 from services.fusion.components import aggregate
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Thresholds, decide
-from services.fusion.scoring import ComponentCalibration, FusionModel, fused_score, logit, score_candidates
+from services.fusion.scoring import FusionModel, fused_score, score_candidates
+from shared.calibrated import fit_components
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -210,18 +211,6 @@ def component_pairs(sim: np.ndarray, indices: Sequence[int], identities: Sequenc
     return np.asarray(queries), np.asarray(scores, dtype=np.float64), np.asarray(same, dtype=bool)
 
 
-def fit_isotonic(scores: np.ndarray, same: np.ndarray) -> dict:
-    from sklearn.isotonic import IsotonicRegression
-
-    ok = np.isfinite(scores)
-    if not ok.any():  # the component never had evidence here (a small fit set): flat, at the base rate
-        prior = round(float(same.mean()), 6) if same.size else 0.0
-        return {"x": [0.0, 1.0], "y": [prior, prior], "prior": prior}
-    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True).fit(scores[ok], same[ok])
-    return {"x": [round(float(v), 6) for v in iso.X_thresholds_], "y": [round(float(v), 6) for v in iso.y_thresholds_],
-            "prior": round(float(same[ok].mean()), 6)}
-
-
 def fit_fusion(per_component: Mapping[str, np.ndarray], indices: Sequence[int], identities: Sequence[str],
                encounters: Sequence[str], aggregation: str = "best") -> dict:
     """Per-component isotonic calibrations and logistic-regression weights on their log-odds.
@@ -229,24 +218,14 @@ def fit_fusion(per_component: Mapping[str, np.ndarray], indices: Sequence[int], 
     Returns the artifact's `fusion` section. A single component gets weight 1 and intercept 0 (its
     calibration alone is the probability).
     """
-    from sklearn.linear_model import LogisticRegression
-
     names = list(per_component)
     pairs = {n: component_pairs(per_component[n], indices, identities, encounters, aggregation) for n in names}
-    calibrations = {n: fit_isotonic(pairs[n][1], pairs[n][2]) for n in names}
     base_q, _, base_same = pairs[names[0]]
-    if len(names) == 1:
-        weights, intercept = {names[0]: 1.0}, 0.0
-    else:
-        # the pairs line up across components: same queries, same identities, same order
-        for n in names[1:]:
-            if not np.array_equal(pairs[n][0], base_q) or not np.array_equal(pairs[n][2], base_same):
-                raise ValueError(f"component {n} was evaluated on other pairs than {names[0]}")
-        x = np.column_stack([logit(np.where(np.isnan(p := ComponentCalibration.from_dict(calibrations[n])(
-            pairs[n][1])), calibrations[n]["prior"], p)) for n in names])
-        lr = LogisticRegression(C=1.0, max_iter=1000).fit(x, base_same)
-        weights = {n: round(float(w), 6) for n, w in zip(names, lr.coef_[0])}
-        intercept = round(float(lr.intercept_[0]), 6)
+    # the pairs line up across components: same queries, same identities, same order
+    for n in names[1:]:
+        if not np.array_equal(pairs[n][0], base_q) or not np.array_equal(pairs[n][2], base_same):
+            raise ValueError(f"component {n} was evaluated on other pairs than {names[0]}")
+    calibrations, weights, intercept = fit_components({n: pairs[n][1] for n in names}, base_same)
     return {"calibrations": calibrations, "weights": weights, "intercept": intercept, "aggregation": aggregation,
             "pairs": int(base_same.size), "same_pairs": int(base_same.sum())}
 

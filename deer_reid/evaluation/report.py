@@ -92,6 +92,27 @@ def plot_operating_curve(points, chosen, target: float, path: Path) -> Path:
     return _save(fig, ax, path, legend_size=7)
 
 
+def plot_census(result: dict, path: Path) -> Path:
+    """Human answers against B-cubed F1 and the predicted head count: the census and today's way."""
+    plt = _plt()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    runs = [("identity graph + questions", result["curve"])]
+    if result.get("baseline"):
+        runs.append(("today: review queue, oldest first, top 3", result["baseline"]["curve"]))
+    for label, curve in runs:
+        xs = [p["answers"] for p in curve]
+        ax.plot(xs, [p["bcubed_f1"] for p in curve], marker="o", ms=3, label=label)
+        bx.plot(xs, [p["predicted_individuals"] for p in curve], marker="o", ms=3, label=label)
+    for f1 in (0.90, 0.95):
+        ax.axhline(f1, color="grey", lw=0.8, ls=":")
+    bx.axhline(result["true_individuals"], color="black", lw=1, ls="--", label="true individuals")
+    ax.set(xlabel="human answers", ylabel="B-cubed F1", title="Census quality", ylim=(0, 1))
+    bx.set(xlabel="human answers", ylabel="individuals", title="Predicted individuals")
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=8)
+    return _save(fig, ax, path)
+
+
 def _fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -177,9 +198,41 @@ def markdown(result: dict) -> str:
                     "review_rate", "failed", "thresholds"):
             lines.append(f"| {key} | {_fmt(result.get(key))} |")
         lines += ["", result.get("temporal_note", ""), ""]
+    if result["protocol"] == "census":
+        lines += _census_lines(result)
     if result.get("plots"):
         lines += ["## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in result["plots"].items()] + [""]
     return "\n".join(lines)
+
+
+def _census_lines(result: dict) -> list[str]:
+    def row(label: str, p: dict) -> str:
+        return (f"| {label} | {p['answers']} | {p['bcubed_precision']:.3f} | {p['bcubed_recall']:.3f} | "
+                f"{p['bcubed_f1']:.3f} | {p['false_merge_rate']:.3f} | {p['predicted_individuals']} |")
+
+    head = ["| | answers | B-cubed P | B-cubed R | F1 | false-merge | predicted individuals |",
+            "|---|---|---|---|---|---|---|"]
+    lines = ["## Census with people in the loop", "",
+             f"{result['sightings']} sightings ({result['images']} photos) of {result['true_individuals']} "
+             "individuals, "
+             f"uploaded sighting by sighting in a seeded order; reviewer wrong with probability "
+             f"{result['reviewer_error']}, re-solved every {result['recluster_every']} answers, budget "
+             f"{result['budget']}.",
+             "", f"- answers to F1 0.90: {_fmt(result['answers_to_f1_90'])}; to F1 0.95: "
+             f"{_fmt(result['answers_to_f1_95'])} ({_fmt(result['answers_per_sighting_to_f1_95'])} per sighting)"]
+    if result.get("baseline"):
+        b = result["baseline"]
+        lines.append(f"- today's way (review queue, oldest first, top 3): to F1 0.90: {_fmt(b['answers_to_f1_90'])}; "
+                     f"to F1 0.95: {_fmt(b['answers_to_f1_95'])}")
+    lines += ["", *head, row("online decisions (fusion, one at a time)", result["online"]),
+              row("re-clustered, no answer yet", result["curve"][0])]
+    for p in result["curve"][1:]:
+        lines.append(row("after answers", p))
+    if result.get("baseline"):
+        lines += ["", "Today's way, on byte-different copies of the same photos:", "", *head,
+                  row("online decisions", result["baseline"]["online"])]
+        lines += [row("after review decisions", p) for p in result["baseline"]["curve"][1:]]
+    return lines + [""]
 
 
 def write_report(result: dict, report_dir: Path | None, json_path: Path | None) -> None:

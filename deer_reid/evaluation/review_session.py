@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Callable
 
 import httpx
 
@@ -53,8 +54,9 @@ def summarize(outcomes: list[dict]) -> dict:
 
 
 async def work_queue(api_url: str, headers: dict, prop: str, truth: dict[str, str], placed: dict[str, int | None],
-                     max_decisions: int = 10000) -> dict:
-    """Work the property's review queue to the end; `placed` is each detection's individual before (changed here)."""
+                     max_decisions: int = 10000, observe: Callable[[int, dict], None] | None = None) -> dict:
+    """Work the property's review queue to the end; `placed` is each detection's individual before (changed here).
+    `observe(decisions so far, placed)` is called after every decision (the census eval's curve of today's way)."""
     placements: dict[int, Counter] = {}
     for det, ind in placed.items():
         if ind is not None and det in truth:
@@ -93,6 +95,8 @@ async def work_queue(api_url: str, headers: dict, prop: str, truth: dict[str, st
             placed[det] = target
             outcomes.append({"detection": det, "right_exists": bool(right), "rank": rank, "action": action,
                              "clicks": clicks, "candidates": candidates[:SUGGESTIONS]})
+            if observe is not None:
+                observe(len(outcomes), placed)
     report = summarize(outcomes)
     report["api_seconds_per_decision"] = round(sum(seconds) / len(seconds), 4) if seconds else None
     return report

@@ -353,8 +353,13 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
 
 
 async def _open_set(api_url: str, samples: list[Sample], order: list[int], site: str, fallback_time: str,
-                    progress: bool, sightings: bool = False, headers: dict | None = None) -> list[dict]:
+                    progress: bool, sightings: bool = False, headers: dict | None = None,
+                    copy_mark: bytes | None = None) -> list[dict]:
+    """Upload the samples one at a time in `order`, each waited for until decided; the detections as the API
+    shows them. With `copy_mark`, byte-different copies are uploaded (a JPEG comment; the same pixels)."""
     import httpx
+
+    from deer_reid.evaluation.census import with_comment
 
     from shared.states import TERMINAL
 
@@ -366,8 +371,9 @@ async def _open_set(api_url: str, samples: list[Sample], order: list[int], site:
                       "fallback_captured_at": s.captured_at or fallback_time}
             if sightings:
                 fields["sighting"] = re.sub(r"[^A-Za-z0-9._:-]", "-", f"enc-{s.encounter}")[:100]
+            data = s.path.read_bytes() if copy_mark is None else with_comment(s.path.read_bytes(), copy_mark)
             resp = await client.post("/v1/uploads", data=fields,
-                                     files=[("files", (s.path.name, s.path.read_bytes(), "image/jpeg"))])
+                                     files=[("files", (s.path.name, data, "image/jpeg"))])
             if resp.status_code >= 400:
                 raise RuntimeError(f"{s.path}: upload refused: {resp.status_code} {resp.text[:300]}")
             image = resp.json()["images"][0]

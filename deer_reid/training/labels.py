@@ -7,7 +7,9 @@ learned. Until the review queue exists (#12) the machine's decisions are exporte
 
 Layout: DIR/images/<detection id>.jpg (the detection's crop, as the pipeline saw it),
 DIR/metadata.csv (path, identity, encounter, viewpoint, decided_by, property, site, camera,
-captured_at), DIR/sex.csv (identity, sex) for individuals of known sex. An encounter is one image:
+captured_at), DIR/sex.csv (identity, sex) for individuals of known sex, DIR/pairs.csv (a, b, answer,
+actor, answered_at, a_path, b_path): the pairs people answered in question mode (`same`, `different`,
+`cannot-tell`; undone answers left out), labelled pairs of the property's own animals. An encounter is one image:
 photos of one frame share it, so eval never counts a frame's twin as a re-identification.
 """
 from __future__ import annotations
@@ -35,6 +37,9 @@ async def export_labels(dsn: str, out: Path, *, prop: str | None = None, human_o
                WHERE d.state IN ('assigned', 'new') AND ($1::text IS NULL OR d.property = $1)
                  AND (NOT $2 OR d.decided_by = 'human')
                ORDER BY d.individual_id, d.captured_at, d.id""", prop, human_only)
+        pairs = await pool.fetch(
+            """SELECT a, b, answer, actor, answered_at FROM identity_answers
+               WHERE NOT undone AND ($1::text IS NULL OR property = $1) ORDER BY id""", prop)
     finally:
         await pool.close()
     if not rows:
@@ -58,8 +63,15 @@ async def export_labels(dsn: str, out: Path, *, prop: str | None = None, human_o
         w = csv.writer(f)
         w.writerow(["identity", "sex"])
         w.writerows(sorted(sexes.items()))
+    exported = {r["id"] for r in rows}
+    with open(out / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "answer", "actor", "answered_at", "a_path", "b_path"])
+        for r in pairs:
+            w.writerow([r["a"], r["b"], r["answer"], r["actor"], r["answered_at"].isoformat(),
+                        *(f"images/{d}.jpg" if d in exported else "" for d in (r["a"], r["b"]))])
     by = {}
     for r in rows:
         by[r["decided_by"] or "unknown"] = by.get(r["decided_by"] or "unknown", 0) + 1
     return {"folder": str(out), "detections": len(rows), "identities": len({r["individual_id"] for r in rows}),
-            "decided_by": by}
+            "decided_by": by, "answered_pairs": len(pairs)}

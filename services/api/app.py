@@ -23,7 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from services.api import people, web
+from services.api import census, people, web
 from services.api.auth import Admin, Reader, Reviewer
 from services.api.guards import BodyDeadline, OriginPolicy, RateLimit
 from services.api.deps import Config, Pool
@@ -204,10 +204,11 @@ class StatesQuery(BaseModel):
 
 @router.post("/v1/detections/states")
 async def detection_states(query: StatesQuery, pool: Pool, _: Reader):
-    """States of many detections at once (what `deer-reid ingest --wait` polls)."""
-    rows = await pool.fetch("SELECT id, state FROM detections WHERE id = ANY($1::uuid[])", query.ids)
+    """States and individuals of many detections at once (what `deer-reid ingest --wait` and the census eval poll)."""
+    rows = await pool.fetch("SELECT id, state, individual_id FROM detections WHERE id = ANY($1::uuid[])", query.ids)
     states = {str(r["id"]): r["state"] for r in rows}
-    return {"states": states, "missing": [str(i) for i in query.ids if str(i) not in states]}
+    return {"states": states, "individuals": {str(r["id"]): r["individual_id"] for r in rows},
+            "missing": [str(i) for i in query.ids if str(i) not in states]}
 
 
 @router.get("/v1/detections/{detection_id}")
@@ -285,7 +286,8 @@ async def put_site(name: str, site: SiteIn, pool: Pool, _: Admin):
 @router.get("/v1/calibration")
 async def calibration(pool: Pool, _: Reader):
     """The active fusion calibration (per-component calibrations, weights, thresholds), or 404."""
-    row = await pool.fetchrow("SELECT id, artifact, created_at FROM calibrations WHERE active ORDER BY id DESC LIMIT 1")
+    row = await pool.fetchrow("SELECT id, artifact, created_at FROM calibrations WHERE active AND property IS NULL "
+                              "ORDER BY id DESC LIMIT 1")
     if row is None:
         raise HTTPException(404, detail={"error": "no calibration installed: run `deer-reid eval --protocol loo`"})
     return {"id": row["id"], "created_at": row["created_at"], "artifact": row["artifact"]}
@@ -330,6 +332,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router, form_limits={"max_files": settings.max_files_per_upload, "max_fields": 32,
                                             "max_part_size": 1024 * 1024})
     app.include_router(people.router, max_body_size=JSON_BODY_LIMIT)
+    app.include_router(census.router, max_body_size=JSON_BODY_LIMIT)
     app.include_router(web.router, max_body_size=64 * 1024)
     web.mount_static(app)
     app.add_route("/metrics", metrics_endpoint)

@@ -1,4 +1,4 @@
-"""The web page: the review queue, individuals and their profiles, the audit log with undo.
+"""The web page: the review queue, census questions, individuals and their profiles, the audit log with undo.
 
 Server-rendered (Jinja2, autoescaped: whatever people type in a name or a note is shown as text) from
 the same read functions as the API; the buttons call the API with `fetch`. No CDN: the one style
@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from services.api import browse
+from services.api import browse, census
 from services.api.auth import COOKIE, Principal, principal_of, requires
 from services.api.deps import Config, Pool
 
@@ -90,6 +90,21 @@ async def review_page(request: Request, pool: Pool, who: Viewer, order: Literal[
     queue = await browse.review_queue(pool, prop=property, order=order, flagged=True, limit=1, offset=max(0, skip))
     return render("review.html", who, item=queue["items"][0] if queue["items"] else None, total=queue["total"],
                   order=order, skip=max(0, skip), property=property)
+
+
+@router.get("/census")
+async def census_page(request: Request, pool: Pool, who: Viewer, property: str = "default"):
+    """Question mode: one pair at a time, answered with one key."""
+    if who is None:
+        return to_login(request)
+    async with pool.acquire() as conn:
+        try:
+            standing = await census.standing(conn, property)
+        except HTTPException:
+            return render("missing.html", who, what=f"property {property}")
+        q = await census.next_question(conn, property)
+        question = None if q is None else await census.question_view(conn, q)
+    return render("census.html", who, census=standing, q=question, property=property)
 
 
 @router.get("/individuals")

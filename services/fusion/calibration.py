@@ -50,39 +50,58 @@ async def install(conn: asyncpg.Connection, artifact: dict, created_by: str = "e
     """Make `artifact` the active calibration; earlier ones stay as history."""
     check_artifact(artifact)
     async with conn.transaction():
-        await conn.execute("UPDATE calibrations SET active = false WHERE active")
+        await conn.execute("UPDATE calibrations SET active = false WHERE active AND property IS NULL")
         return await conn.fetchval("INSERT INTO calibrations (artifact, created_by) VALUES ($1, $2) RETURNING id",
                                    artifact, created_by)
 
 
 class CalibrationSource:
-    """The active artifact, re-read whenever a newer one is installed: no restart to pick up a new fit."""
+    """The active artifacts, re-read whenever a newer one is installed: no restart to pick up a new fit.
+
+    The global one (`deer-reid eval`, `calibration install`) applies everywhere; a property's own (fitted by the
+    census job on its people's answers) applies to that property's detections before the global one."""
 
     def __init__(self, default: Thresholds):
         self.default = default
         self.id: int | None = None
         self.artifact: dict | None = None
         self.model: FusionModel | None = None
+        self.by_property: dict[str, tuple[int, dict, FusionModel]] = {}
 
     async def refresh(self, conn: asyncpg.Connection) -> None:
         found, artifact = await store.active_calibration(conn, self.id)
         if found is None:
             self.id, self.artifact, self.model = None, None, None
         elif artifact is not None:
-            try:
-                self.artifact = check_artifact(artifact)
-                self.model = FusionModel.from_artifact({**artifact, "version_id": found})
-            except ArtifactError as exc:
-                log.error("calibration %s ignored: %s", found, exc)
-                self.artifact, self.model = None, None
-            self.id = found
-            if self.artifact:
-                log.info("calibration %s loaded: thresholds %s", found, self.artifact["thresholds"])
+            self.id, self.artifact, self.model = found, *self._load(found, artifact)
+        known = {prop: cal_id for prop, (cal_id, _, _) in self.by_property.items()}
+        fresh = {}
+        for prop, cal_id, artifact in await store.property_calibrations(conn, known):
+            if artifact is None:
+                fresh[prop] = self.by_property[prop]
+                continue
+            loaded, model = self._load(cal_id, artifact)
+            if loaded is not None:
+                fresh[prop] = (cal_id, loaded, model)
+        self.by_property = fresh
 
-    def for_versions(self, versions: dict[str, str]) -> tuple[Thresholds, FusionModel | None]:
-        """The thresholds and fitted fusion for body embeddings of these versions (defaults if none applies)."""
-        a = self.artifact
-        if a and a.get("embedding_versions") == versions:
-            t = a["thresholds"]
-            return Thresholds(match=t["match"], new=t["new"]), self.model
+    @staticmethod
+    def _load(found: int, artifact: dict) -> tuple[dict | None, FusionModel | None]:
+        try:
+            checked = check_artifact(artifact)
+            model = FusionModel.from_artifact({**artifact, "version_id": found})
+        except ArtifactError as exc:
+            log.error("calibration %s ignored: %s", found, exc)
+            return None, None
+        log.info("calibration %s loaded: thresholds %s", found, checked["thresholds"])
+        return checked, model
+
+    def for_versions(self, versions: dict[str, str], prop: str | None = None) -> tuple[Thresholds, FusionModel | None]:
+        """The thresholds and fitted fusion for body embeddings of these versions, in this property (its own
+        calibration first, then the global one; the defaults if none applies)."""
+        own = self.by_property.get(prop) if prop is not None else None
+        for artifact, model in ((own[1], own[2]) if own else (None, None), (self.artifact, self.model)):
+            if artifact and artifact.get("embedding_versions") == versions:
+                t = artifact["thresholds"]
+                return Thresholds(match=t["match"], new=t["new"]), model
         return self.default, None

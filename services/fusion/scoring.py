@@ -21,76 +21,13 @@ from typing import Mapping
 import numpy as np
 
 from services.fusion.components import component_of
+from shared.calibrated import ComponentCalibration, FusionModel, logit, sigmoid
 
-_EPS = 1e-3  # isotonic fits reach 0 and 1 exactly; log-odds need them kept off the ends
+__all__ = ["ComponentCalibration", "FusionModel", "logit", "sigmoid"]  # re-exported: their home is shared/
+
 # Calibrations are flat beyond their end knots (and clipped near 0 and 1), so two candidates can
 # share a probability that their raw scores told apart: the raw scores' mean breaks such ties.
 RAW_TIE_BREAK = 1e-9
-
-
-@dataclass(frozen=True)
-class ComponentCalibration:
-    """Isotonic map of one component's raw score to P(same individual)."""
-
-    x: tuple[float, ...]
-    y: tuple[float, ...]
-    prior: float  # share of same-individual pairs it was fitted on
-
-    @classmethod
-    def from_dict(cls, c: dict) -> "ComponentCalibration":
-        return cls(tuple(c["x"]), tuple(c["y"]), float(c["prior"]))
-
-    def __call__(self, raw):
-        """P(same) of a raw score, or of an array of them (NaN, no evidence, stays NaN)."""
-        return np.where(np.isnan(raw), np.nan, np.interp(raw, self.x, self.y))
-
-
-@dataclass(frozen=True)
-class FusionModel:
-    """The fitted fusion: calibrations, combination weights and intercept; `version` names the fit."""
-
-    version: str
-    calibrations: Mapping[str, ComponentCalibration]
-    weights: Mapping[str, float]
-    intercept: float
-    aggregation: str = "best"
-    coat_version: str | None = None  # the coat extractor its coat calibrations were fitted on
-    antler_version: str | None = None  # the antler fingerprint its antler calibration was fitted on
-
-    @classmethod
-    def from_artifact(cls, artifact: dict) -> "FusionModel":
-        fusion = artifact["fusion"]
-        return cls(
-            coat_version=fusion.get("coat_version"),
-            antler_version=fusion.get("antler_version"),
-            version=str(artifact.get("version_id") or artifact.get("created_at")),
-            calibrations={name: ComponentCalibration.from_dict(c) for name, c in fusion["calibrations"].items()},
-            weights={k: float(v) for k, v in fusion["weights"].items()},
-            intercept=float(fusion["intercept"]),
-            aggregation=fusion.get("aggregation", "best"),
-        )
-
-    def calibrate(self, raw: Mapping[str, float | np.ndarray]) -> dict[str, float | np.ndarray]:
-        """Each component's P(same) (NaN where it had no evidence, or has no calibration)."""
-        return {n: self.calibrations[n](v) if n in self.calibrations else np.full_like(np.asarray(v, float), np.nan)
-                for n, v in raw.items()}
-
-    def probability(self, calibrated: Mapping[str, float | np.ndarray]):
-        """The fused P(same); a component with no evidence (missing or NaN) contributes its prior."""
-        z = self.intercept
-        for name, w in self.weights.items():
-            p = np.asarray(calibrated.get(name, np.nan), dtype=np.float64)
-            z = z + w * logit(np.where(np.isnan(p), self.calibrations[name].prior, p))
-        return sigmoid(z)
-
-
-def logit(p):
-    p = np.clip(p, _EPS, 1 - _EPS)
-    return np.log(p / (1 - p))
-
-
-def sigmoid(z):
-    return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=np.float64)))
 
 
 def fused_score(raw: Mapping[str, float | np.ndarray], model: "FusionModel | None",

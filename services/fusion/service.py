@@ -88,6 +88,7 @@ class Scored:
     coat: dict | None = None  # what coat matching did: shortlist, exemplars matched, milliseconds, flags
     antler: dict | None = None  # the antler query, the shortlisted candidates' season archives, its flags
     pose: dict | None = None  # what pose said (viewpoint, flags) and how many exemplars shared its viewpoint
+    photos: dict[int, int] | None = None  # individual -> its exemplar closest by the fast model (the graph's edge)
 
 
 def expected_of(detection) -> list[str]:
@@ -320,7 +321,7 @@ class FusionHandler:
             else None
         antler = await self._antler(conn, det, per_exemplar) if got.get("antler") in ("ok", "no-evidence") else None
         return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat, antler,
-                      pose)
+                      pose, closest_photos(first_model))
 
     async def _pose(self, conn: asyncpg.Connection, det: asyncpg.Record, body: dict[tuple[int, int], float],
                     per_exemplar: dict) -> dict:
@@ -410,16 +411,20 @@ class FusionHandler:
         if det is None or is_terminal(det["state"]):
             return [result_output(det["property"], det["result"])] if det is not None and det["result"] else []
         # Re-check under the lock: individuals founded since the search are candidates too.
-        for model, version, vec, _ in s.vectors:
+        for n, (model, version, vec, _) in enumerate(s.vectors):
             found = s.per_component_exemplars.setdefault(body_component(model), {})
             queries = [vec] + [v for _, ver, v in s.frames if ver == version]
-            for ind, ex in await store.exemplars_founded_after(conn, version, det["property"], s.sex,
-                                                               s.searched_up_to):
+            latest: dict[tuple[int, int], float] = {}
+            for ind, ex, exemplar in await store.exemplars_founded_after(conn, version, det["property"], s.sex,
+                                                                         s.searched_up_to):
                 sims = [x for x in (body_similarity(q, ex) for q in queries) if x is not None]
                 if sims:
                     found.setdefault(ind, []).append(max(sims))
+                    latest[(ind, exemplar)] = max(sims)
+            if n == 0:  # the fast model's closest photos of the newly founded ones, for the graph's edges
+                s.photos = {**(s.photos or {}), **closest_photos(latest)}
         versions = {model: version for model, version, _, _ in s.vectors}
-        thresholds, model = self.calibration.for_versions(versions)
+        thresholds, model = self.calibration.for_versions(versions, det["property"])
         how = model.aggregation if model else self.settings.identity_aggregation
         excluded = await store.cannot_link(conn, det["id"], det["image_sha256"])
         per_component = {name: {ind: _or_nan(aggregate(sims, how)) for ind, sims in by_ind.items()
@@ -460,8 +465,25 @@ class FusionHandler:
         individual = await store.apply_decision(
             conn, detection=det, sex=s.sex, decision=decision, result=result,
             exemplars_per_individual=self.settings.exemplars_per_individual)
+        await self._graph_edges(conn, det, s, decision, model)
         result["individual_id"] = individual
         return [result_output(det["property"], result)]
+
+    @staticmethod
+    async def _graph_edges(conn: asyncpg.Connection, det: asyncpg.Record, s: Scored, decision: Decision,
+                           model: FusionModel | None) -> None:
+        """The identity graph's machine edges of this decision: the detection and each top candidate's closest
+        photo, with every component's raw score (the census job re-weighs them as calibrations change) and the
+        fused calibrated probability without the temporal boost (None without a fitted model)."""
+        photos = await store.exemplar_photos(conn, [ex for ind, ex in (s.photos or {}).items()
+                                                    if any(c.individual_id == ind for c in decision.candidates)])
+        edges = []
+        for c in decision.candidates:
+            photo = photos.get((s.photos or {}).get(c.individual_id))
+            if photo is not None and photo != det["id"]:
+                edges.append((photo, {k: v for k, v in c.components.items() if v is not None},
+                              None if model is None else min(1.0, max(0.0, c.score - c.prior))))
+        await store.add_edges(conn, det["property"], det["id"], edges)
 
     def _antler_flags(self, antler: dict, candidates: list[Candidate], new_threshold: float) -> list[Candidate]:
         """The season rules against the best candidate: a possible duplicate profile goes to review."""
@@ -518,7 +540,7 @@ class FusionHandler:
             "components": dict(decision.candidates[0].components) if decision.candidates else {},
             "versions": versions, "random_weights": random_weights,
             "fusion": {"source": "fitted" if model else "spec-weighted-mean",
-                       "calibration_id": self.calibration.id if model else None,
+                       "calibration_id": int(model.version) if model else None,
                        "aggregation": model.aggregation if model else self.settings.identity_aggregation},
             "thresholds": {"match": thresholds.match, "new": thresholds.new,
                            "source": "calibrated" if model else "default"},
@@ -529,6 +551,16 @@ class FusionHandler:
             "antler": _antler_result(s.antler),
             "pose": s.pose,
         }
+
+
+def closest_photos(best: dict[tuple[int, int], float]) -> dict[int, int]:
+    """{individual: its exemplar (embedding id) most similar to the query} of a search's (individual, exemplar)
+    similarities."""
+    out: dict[int, tuple[float, int]] = {}
+    for (ind, exemplar), sim in best.items():
+        if ind not in out or sim > out[ind][0]:
+            out[ind] = (sim, exemplar)
+    return {ind: exemplar for ind, (_, exemplar) in out.items()}
 
 
 def _best_by_body(per_exemplar: dict, k: int) -> list[int]:

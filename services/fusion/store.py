@@ -10,20 +10,12 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 
-from services.fusion import exemplars as exemplar_choice
-from services.fusion.components.pose import VIEWPOINT_SQL
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
 from services.fusion.temporal import Sighting
+from shared.identity import VIEWPOINT_SQL, lock_property, rechoose_exemplars
 from shared.schemas import Embedding
 
-
-async def lock_property(conn: asyncpg.Connection, prop: str) -> None:
-    """Serialize identity assignment per property for the rest of the transaction.
-
-    Individuals are founded only under this lock, so their ids grow in commit order within a
-    property: "founded after my search" is exactly "id above the largest id my search could see".
-    """
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", prop)
+__all__ = ["lock_property", "rechoose_exemplars"]  # the identity mechanics fusion shares: shared/identity.py
 
 
 async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncpg.Record | None:
@@ -166,13 +158,14 @@ async def nearest_exemplars(conn: asyncpg.Connection, vector: np.ndarray, versio
 
 
 async def exemplars_founded_after(conn: asyncpg.Connection, version: str, prop: str, sex: str,
-                                  after_id: int) -> list[tuple[int, np.ndarray]]:
-    """Exemplars of individuals founded after the search (under the lock: nothing is founded meanwhile)."""
+                                  after_id: int) -> list[tuple[int, np.ndarray, int]]:
+    """(individual, vector, exemplar id) of the exemplars of individuals founded after the search (under the
+    lock: nothing is founded meanwhile)."""
     rows = await conn.fetch(
-        """SELECT e.individual_id, e.vec FROM embeddings e JOIN individuals i ON i.id = e.individual_id
+        """SELECT e.individual_id, e.vec, e.id FROM embeddings e JOIN individuals i ON i.id = e.individual_id
            WHERE e.exemplar AND e.version = $1 AND i.property = $2 AND i.id > $3 AND i.sex = ANY($4::text[])""",
         version, prop, after_id, list(COMPATIBLE_SEXES[sex]))
-    return [(r["individual_id"], np.asarray(r["vec"].to_numpy(), dtype=np.float32)) for r in rows]
+    return [(r["individual_id"], np.asarray(r["vec"].to_numpy(), dtype=np.float32), r["id"]) for r in rows]
 
 
 async def sighting_vectors(conn: asyncpg.Connection, detection_id: UUID, sighting: UUID | None,
@@ -226,12 +219,25 @@ async def site_coordinates(conn: asyncpg.Connection, prop: str) -> dict[str, tup
 
 async def active_calibration(conn: asyncpg.Connection, known_id: int | None) -> tuple[int | None, dict | None]:
     """(id, artifact) of the newest active calibration; the artifact only when its id differs from `known_id`."""
-    row = await conn.fetchrow("SELECT id FROM calibrations WHERE active ORDER BY id DESC LIMIT 1")
+    row = await conn.fetchrow("SELECT id FROM calibrations WHERE active AND property IS NULL ORDER BY id DESC LIMIT 1")
     if row is None:
         return None, None
     if row["id"] == known_id:
         return known_id, None
     return row["id"], await conn.fetchval("SELECT artifact FROM calibrations WHERE id = $1", row["id"])
+
+
+async def property_calibrations(conn: asyncpg.Connection, known: dict[str, int]) -> list[tuple[str, int, dict | None]]:
+    """(property, id, artifact) of each property's newest active calibration; the artifact only when its id
+    differs from `known[property]`."""
+    rows = await conn.fetch("SELECT DISTINCT ON (property) property, id FROM calibrations "
+                            "WHERE active AND property IS NOT NULL ORDER BY property, id DESC")
+    out = []
+    for r in rows:
+        same = known.get(r["property"]) == r["id"]
+        artifact = None if same else await conn.fetchval("SELECT artifact FROM calibrations WHERE id = $1", r["id"])
+        out.append((r["property"], r["id"], artifact))
+    return out
 
 
 async def apply_decision(conn: asyncpg.Connection, *, detection: asyncpg.Record, sex: str, decision: Decision,
@@ -264,6 +270,18 @@ async def apply_decision(conn: asyncpg.Connection, *, detection: asyncpg.Record,
     return individual
 
 
+async def add_edges(conn: asyncpg.Connection, prop: str, detection_id: UUID,
+                    edges: list[tuple[UUID, dict, float | None]]) -> None:
+    """The identity graph's edges from a decided detection to other photos: (photo, raw component scores,
+    calibrated P(same) or None). Fusion's edge of a pair replaces the census job's body-only one."""
+    await conn.executemany(
+        """INSERT INTO identity_edges (property, a, b, components, probability, source)
+           VALUES ($1, $2, $3, $4, $5, 'fusion')
+           ON CONFLICT (a, b) DO UPDATE SET components = EXCLUDED.components, probability = EXCLUDED.probability,
+               source = 'fusion', updated_at = now()""",
+        [(prop, min(detection_id, photo), max(detection_id, photo), comps, p) for photo, comps, p in edges])
+
+
 async def place_in_gallery(conn: asyncpg.Connection, detection_id: UUID, individual: int, n: int) -> None:
     """A new sighting's embeddings join the individual's gallery while it holds fewer than `n` exemplars;
     once full, the exemplars are re-chosen for coverage every n/2 sightings (the newest always among
@@ -278,33 +296,6 @@ async def place_in_gallery(conn: asyncpg.Connection, detection_id: UUID, individ
     sightings = await conn.fetchval("SELECT sightings FROM individuals WHERE id = $1", individual)
     if sightings % max(1, n // 2) == 0:
         await rechoose_exemplars(conn, individual, n)
-
-
-async def rechoose_exemplars(conn: asyncpg.Connection, individual: int, n: int, pool_size: int = 200) -> None:
-    """Re-choose the individual's exemplars among its newest `pool_size` embeddings of each version."""
-    rows = await conn.fetch(
-        f"""SELECT id, version, vec, exemplar, captured_at, viewpoint FROM (
-               SELECT e.id, e.version, e.vec, e.exemplar, d.captured_at, {VIEWPOINT_SQL} AS viewpoint,
-                      row_number() OVER (PARTITION BY e.version ORDER BY d.captured_at DESC, e.id DESC) AS n
-               FROM embeddings e JOIN detections d ON d.id = e.detection_id WHERE e.individual_id = $1) r
-           WHERE n <= $2 OR exemplar ORDER BY captured_at DESC, id DESC""", individual, pool_size)
-    by_version: dict[str, list] = {}
-    for r in rows:
-        by_version.setdefault(r["version"], []).append(r)
-    keep: list[int] = []
-    drop: list[int] = []
-    for version_rows in by_version.values():
-        pool = version_rows[:pool_size]
-        items = [exemplar_choice.ExemplarCandidate(
-            r["id"], np.asarray(r["vec"].to_numpy(), dtype=np.float32), r["captured_at"], r["viewpoint"])
-            for r in pool]
-        chosen = set(exemplar_choice.choose(items, n))
-        keep += [r["id"] for r in version_rows if r["id"] in chosen and not r["exemplar"]]
-        drop += [r["id"] for r in version_rows if r["id"] not in chosen and r["exemplar"]]
-    if keep:
-        await conn.execute("UPDATE embeddings SET exemplar = true WHERE id = ANY($1::bigint[])", keep)
-    if drop:
-        await conn.execute("UPDATE embeddings SET exemplar = false WHERE id = ANY($1::bigint[])", drop)
 
 
 async def store_coat_patterns(conn: asyncpg.Connection, detection_id: UUID,

@@ -156,3 +156,29 @@ document.addEventListener("keydown", async (event) => {
   } else { return; }
   event.preventDefault();
 });
+
+// Census question mode: one key answers the pair shown, and the page moves to the next question.
+async function answerQuestion(answer) {
+  const question = document.getElementById("question");
+  if (!question) return;
+  document.querySelectorAll("button.answer").forEach(b => { b.disabled = true; });
+  try {
+    const data = await send("POST", "/v1/census/questions/" + question.dataset.question + "/answer", {answer});
+    say(answer === "skip" ? "Skipped." : "Answered '" + answer + "' (answer #" + data.answer.id + ").");
+    setTimeout(() => location.reload(), 150);
+  } catch (e) {
+    setTimeout(() => location.reload(), 900);  // taken by someone else, or refused: the next question
+  }
+}
+
+document.querySelectorAll("button.answer").forEach(b => b.addEventListener("click", () => answerQuestion(b.dataset.answer)));
+wire("toggle-evidence", () => { const e = document.getElementById("evidence"); e.hidden = !e.hidden; });
+
+document.addEventListener("keydown", (event) => {
+  if (!document.getElementById("question")) return;
+  if (event.target.closest("input, textarea, select") || event.metaKey || event.ctrlKey || event.altKey) return;
+  const answers = {s: "same", d: "different", c: "cannot-tell", x: "skip"};
+  const key = event.key.toLowerCase();
+  if (answers[key]) { event.preventDefault(); answerQuestion(answers[key]); }
+  else if (key === "i") { event.preventDefault(); document.getElementById("toggle-evidence").click(); }
+});

@@ -15,15 +15,12 @@ from typing import Sequence
 import numpy as np
 
 from services.pose.viewpoint import LEFT, RIGHT, UNKNOWN
+from shared.identity import VIEWPOINT_SQL
+
+__all__ = ["VIEWPOINT_SQL"]  # the rule in SQL lives beside the identity mechanics that read it
 
 POSE = "pose"
 FACING = {"left": LEFT, "right": RIGHT}
-
-# The same rule in SQL, over `detections d` (exemplar choice and the fusion search read stored results).
-VIEWPOINT_SQL = ("COALESCE(NULLIF(d.result->'pose'->>'viewpoint', 'unknown'), "
-                 "CASE d.result->'coat'->>'facing' WHEN 'left' THEN 'profile-left' "
-                 "WHEN 'right' THEN 'profile-right' END)")
-
 
 def viewpoint_of(result: dict | None) -> str | None:
     """A decided detection's viewpoint from its stored result (None: not known)."""

@@ -1,0 +1,112 @@
+"""The identity graph's rows, read and requested the same way by the census job and the API (which checks a
+person's answer against the hard rules before it is taken)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from uuid import UUID
+
+import asyncpg
+
+from shared.calibrated import FusionModel, logit
+from shared.census.graph import IdentityGraph
+from shared.identity import PLACED
+
+IN_CENSUS = ("assigned", "new", "review")  # the detections that are nodes of the graph
+
+
+def run_lock_key(prop: str) -> str:
+    """The session advisory lock a census process holds while it re-clusters the property (hashed with 8)."""
+    return f"census:{prop}"
+
+
+async def runner_alive(conn: asyncpg.Connection, prop: str) -> bool:
+    """Whether some census process holds the property's run lock now (a run left `running` without one died)."""
+    free = await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 8))", run_lock_key(prop))
+    if free:
+        await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 8))", run_lock_key(prop))
+    return not free
+
+
+async def request_run(conn: asyncpg.Connection, prop: str, requested_by: str) -> int:
+    """A run of the property for the census service to do: the pending one, when one is already waiting or
+    running; a run left `running` by a process that died is marked `abandoned` (nothing of it was applied)
+    and a new one is requested."""
+    pending = await conn.fetchrow(
+        "SELECT id, state FROM census_runs WHERE property = $1 AND state IN ('requested', 'running')", prop)
+    if pending is not None and pending["state"] == "running" and not await runner_alive(conn, prop):
+        await conn.execute("UPDATE census_runs SET state = 'abandoned', finished_at = now() "
+                           "WHERE id = $1 AND state = 'running'", pending["id"])
+        pending = None
+    if pending is not None:
+        return pending["id"]
+    return await conn.fetchval(
+        """INSERT INTO census_runs (property, requested_by) VALUES ($1, $2)
+           ON CONFLICT (property) WHERE state IN ('requested', 'running')
+           DO UPDATE SET requested_by = census_runs.requested_by RETURNING id""", prop, requested_by[:100])
+
+
+def edge_probability(model: FusionModel | None, components: dict, stored: float | None) -> float | None:
+    """P(same) of an edge's raw component scores by `model` (None: the probability stored with it)."""
+    if model is None:
+        return stored
+    raw = {n: float(v) for n, v in components.items() if n in model.weights and v is not None}
+    if not raw:
+        return stored
+    return float(model.probability(model.calibrate(raw)))
+
+
+async def snapshot(conn: asyncpg.Connection, prop: str, with_edges: bool = True) -> dict:
+    """The property's graph as it stands: nodes, edges, answers, and the hard rules' raw material."""
+    nodes = await conn.fetch(
+        """SELECT id, individual_id, state, decided_by, sighting, image_sha256 FROM detections
+           WHERE property = $1 AND state IN ('assigned', 'new', 'review') ORDER BY created_at, id""", prop)
+    edges = await conn.fetch("SELECT a, b, components, probability FROM identity_edges WHERE property = $1", prop) \
+        if with_edges else []
+    answers = await conn.fetch(
+        "SELECT id, a, b, answer FROM identity_answers WHERE property = $1 AND NOT undone ORDER BY id", prop)
+    return {"nodes": nodes, "edges": edges, "answers": answers}
+
+
+def build_graph(snapshot: dict, model: FusionModel | None) -> tuple[IdentityGraph, dict[UUID, int], set, list]:
+    """(graph, node index, pairs never to ask again, labelled pairs for the refit) of a snapshot."""
+    nodes = snapshot["nodes"]
+    index = {r["id"]: i for i, r in enumerate(nodes)}
+    graph = IdentityGraph(len(nodes))
+    by_sighting: dict = defaultdict(list)
+    by_frame: dict = defaultdict(list)
+    for i, r in enumerate(nodes):
+        if r["sighting"] is not None:
+            by_sighting[r["sighting"]].append(i)
+        by_frame[r["image_sha256"]].append(i)
+        if r["decided_by"] == "human" and r["individual_id"] is not None and r["state"] in PLACED:
+            graph.anchors[i] = r["individual_id"]
+    for members in by_sighting.values():
+        graph.must += [(members[0], m) for m in members[1:]]
+    for members in by_frame.values():
+        graph.cannot += [(a, b) for n, a in enumerate(members) for b in members[n + 1:]]
+    latest: dict[tuple[int, int], str] = {}
+    for r in snapshot["answers"]:
+        if r["a"] in index and r["b"] in index:
+            i, j = index[r["a"]], index[r["b"]]
+            latest[(min(i, j), max(i, j))] = r["answer"]  # the newest answer about a pair counts
+    asked = set()
+    for key, answer in latest.items():
+        asked.add(key)
+        if answer == "same":
+            graph.must.append(key)
+        elif answer == "different":
+            graph.cannot.append(key)
+    for r in snapshot["edges"]:
+        i, j = index.get(r["a"]), index.get(r["b"])
+        if i is None or j is None:
+            continue
+        key = (min(i, j), max(i, j))
+        if latest.get(key) == "cannot-tell":
+            continue  # a person could not tell: the pair says nothing either way
+        p = edge_probability(model, r["components"], r["probability"])
+        if p is not None and math.isfinite(p):
+            graph.add_edge(i, j, float(logit(p)))
+    return graph, index, asked, list(latest.items())
+
+

@@ -91,7 +91,7 @@ async def _measure(dsn: str, n: int, dim: int, per_individual: int, seed: int, p
 
     vectors, owner, _ = synthetic_gallery(n, dim, per_individual, 1, seed)
     artifact = fitted_artifact(vectors, owner)
-    pool = await create_pool(dsn, max_size=2)
+    pool = await create_pool(dsn, max_size=2, command_timeout=Settings().census_statement_timeout_s)
     try:
         started = time.perf_counter()
         await _load(pool, vectors, owner)

@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     census_refit_min_answers: int = Field(30, ge=2)  # answered pairs before a property's calibration is refitted
     census_refit_min_each: int = Field(8, ge=1)  # ... with at least this many `same` and `different`
     census_refit_every: int = Field(10, ge=1)  # new answers between refits
+    # a season's run moves tens of thousands of rows in a statement: longer than the services' 60 s
+    census_statement_timeout_s: float = Field(900.0, gt=0)
 
     # uploads
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)

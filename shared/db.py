@@ -32,10 +32,12 @@ def _json_loads(text: str):
     return json.loads(text)
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
-    """A pool whose connections know the vector/halfvec and jsonb types."""
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 8,
+                      command_timeout: float = 60) -> asyncpg.Pool:
+    """A pool whose connections know the vector/halfvec and jsonb types; a statement that has not answered
+    within `command_timeout` seconds is abandoned (the census job's bulk statements get longer)."""
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
-                                     command_timeout=60)
+                                     command_timeout=command_timeout)
 
 
 def migrations() -> list[tuple[int, str, str]]:

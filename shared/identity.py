@@ -79,8 +79,10 @@ def individual_snapshot(row) -> dict:
 class Change:
     """One human change being built inside its transaction."""
 
-    def __init__(self, conn: asyncpg.Connection, actor: str, exemplars_per_individual: int):
+    def __init__(self, conn: asyncpg.Connection, actor: str, exemplars_per_individual: int,
+                 founder: str | None = None):
         self.conn, self.actor, self.n_exemplars = conn, actor, exemplars_per_individual
+        self.founder = founder or f"human:{actor}"  # `individuals.created_by` of what this change founds
         self.before: dict = {"detections": {}, "individuals": {}}
         self.after: dict = {"detections": {}, "individuals": {}}
         self.touched: set[int] = set()
@@ -117,7 +119,7 @@ class Change:
         return await self.conn.fetchval(
             """INSERT INTO individuals (site, property, sex, first_seen, last_seen, sightings, created_by)
                VALUES ($1, $2, $3, $4, $4, 0, $5) RETURNING id""", site, self.property, sex, first_seen,
-            f"human:{self.actor}"[:100])
+            self.founder[:100])
 
     async def move(self, det: asyncpg.Record, individual_id: int | None, state: str,
                    decided_by: str | None = "human") -> None:

@@ -187,3 +187,32 @@ def test_refit_from_answers_learns_the_propertys_own_scale_and_reports_reliabili
     assert not few["accepted"] and "answers" in few["why"]
     r = reliability(np.array([0.9, 0.1, 0.8]), np.array([True, False, False]))
     assert r["pairs"] == 3 and 0 < r["brier"] < 1
+
+
+def test_a_move_the_hard_rules_make_clash_moves_the_unit_that_stayed_too():
+    # 0 (in review) belongs with P's 2 and 3; 1 is in P, of 0's frame, and weakly linked: it must leave P
+    g = graph_of(4, [(0, 2, 6.0), (0, 3, 6.0), (1, 2, 0.5)], cannot=[(0, 1)])
+    p = plan(g, [None, "P", "P", "P"], cluster(g).labels, threshold=2.0)
+    assert p.target[0] == "P" and p.target[1] != "P"
+    assert violations(g, p.target) == []
+
+
+def test_a_persons_same_with_a_person_placed_detection_is_carried_out():
+    g = graph_of(3, [], must=[(0, 1)], anchors={1: "Y", 2: "Y"})
+    p = plan(g, [None, "Y", "Y"], cluster(g).labels, threshold=2.0)
+    assert p.target == ["Y", "Y", "Y"] and not p.deferred
+
+
+def test_contradicting_rules_drop_the_weaker_one_instead_of_stopping_the_census():
+    # a person moved frame 1 of sighting {0, 1} to another individual: the sighting's must-link goes
+    g = IdentityGraph(3, anchors={0: "X", 1: "Y"},
+                      rules=[("cannot", 0, 2, "answer 7 (different)"), ("must", 0, 2, "answer 5 (same)"),
+                             ("must", 0, 1, "sighting s")])
+    assert g.resolve() == ["answer 5 (same)", "sighting s"]
+    assert g.cannot == [(0, 2)] and g.must == []
+    assert violations(g, cluster(g).labels) == []
+
+
+def test_no_question_asks_to_merge_two_individuals_people_placed():
+    g = graph_of(2, [(0, 1, 3.0)], anchors={0: "X", 1: "Y"})
+    assert [q for q in questions(g, ["X", "Y"], asked=set()) if q.kind == "merge"] == []

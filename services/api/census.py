@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field
 from services.api import curation
 from services.api.auth import Reader, Reviewer
 from services.api.deps import Config, Pool
-from shared.census.graph import Infeasible, units_of
 from shared.census.store import IN_CENSUS, build_graph, request_run, snapshot
+from shared.identity import lock_property
 
 router = APIRouter(prefix="/v1/census", tags=["census"])
 NEXT_CANDIDATES = 50  # open questions looked at for the next one that is still worth asking
@@ -194,16 +194,17 @@ async def _check_rules(conn: asyncpg.Connection, prop: str, a: UUID, b: UUID, an
         raise HTTPException(409, detail={"error": "a detection of this question is no longer in the census "
                                                   "(failed or removed); take the next question"})
     i, j = index[a], index[b]
-    if answer == "same":
-        graph.must.append((min(i, j), max(i, j)))
-    else:
-        graph.cannot.append((min(i, j), max(i, j)))
-    try:
-        units_of(graph)
-    except Infeasible as exc:
-        why = ("two animals of one frame are two deer" if answer == "same" and
-               snap["nodes"][i]["image_sha256"] == snap["nodes"][j]["image_sha256"] else str(exc))
-        raise HTTPException(409, detail={"error": f"'{answer}' contradicts the hard rules: {why}"}) from None
+    # the answer after every rule in force: if they leave no room for it, it contradicts them
+    graph.rules.append(("must" if answer == "same" else "cannot", i, j, "this answer"))
+    if "this answer" in graph.resolve():
+        if answer == "same" and snap["nodes"][i]["image_sha256"] == snap["nodes"][j]["image_sha256"]:
+            why = "two animals of one frame are two deer"
+        elif answer == "same":
+            why = ("a person's 'different', another animal of a frame, or two individuals people placed keep "
+                   "these apart (merge the individuals instead, if they are one deer)")
+        else:
+            why = "a sighting's frames, or people's 'same' answers or placements, make these one animal"
+        raise HTTPException(409, detail={"error": f"'{answer}' contradicts the hard rules: {why}"})
 
 
 @router.post("/questions/{question_id}/answer")
@@ -211,9 +212,13 @@ async def answer(question_id: int, body: AnswerIn, pool: Pool, settings: Config,
     """One answer to one question. Returns the answer (with its audit entry, to undo it) and the next question."""
     async with pool.acquire() as conn:
         async with conn.transaction():
-            q = await conn.fetchrow("SELECT * FROM census_questions WHERE id = $1 FOR UPDATE", question_id)
-            if q is None:
+            prop = await conn.fetchval("SELECT property FROM census_questions WHERE id = $1", question_id)
+            if prop is None:
                 raise HTTPException(404, detail={"error": f"no question {question_id}"})
+            # the property's identity lock first (as the census job takes it before it touches questions): two
+            # answers at once are checked one after the other, never against a run half-way through
+            await lock_property(conn, prop)
+            q = await conn.fetchrow("SELECT * FROM census_questions WHERE id = $1 FOR UPDATE", question_id)
             if q["state"] != "open":
                 nxt = await next_question(conn, q["property"])
                 raise HTTPException(409, detail={

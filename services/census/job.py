@@ -105,9 +105,10 @@ def labelled_pairs(snapshot: dict, index: dict, latest: list) -> tuple[dict[str,
     return raw, np.asarray([s for _, s in rows], dtype=bool)
 
 
-async def _refit(conn: asyncpg.Connection, prop: str, artifact: dict | None, scope: str, raw: dict, same: np.ndarray,
-                 settings: Settings) -> tuple[dict, dict | None]:
-    """Refit the property's calibration from its answers; returns (report, the artifact now in force)."""
+def refit(prop: str, artifact: dict | None, scope: str, raw: dict, same: np.ndarray,
+          settings: Settings) -> tuple[dict, dict | None]:
+    """The property's calibration refitted from its answers: (report, the artifact to install, or None). Pure:
+    the artifact is installed with the run's changes, in its transaction (`install_refit`)."""
     current = (artifact or {}).get("fusion")
     report = refit_from_answers(raw, same, current, min_answers=settings.census_refit_min_answers,
                                 min_each=settings.census_refit_min_each)
@@ -116,16 +117,20 @@ async def _refit(conn: asyncpg.Connection, prop: str, artifact: dict | None, sco
         if artifact is None and report["accepted"]:
             report["accepted"] = False
             report["why"] = "no calibration to refit (install one: `deer-reid calibration install`)"
-        return {k: v for k, v in report.items() if k != "fusion"}, artifact
+        return {k: v for k, v in report.items() if k != "fusion"}, None
     fitted = {**artifact, "fusion": {**report["fusion"], "coat_version": current.get("coat_version"),
                                      "antler_version": current.get("antler_version")},
               "fit": {**artifact.get("fit", {}), "property": prop, "answers": report["answers"],
                       "reliability_before": report["before"], "reliability_after": report["after"]}}
+    return {k: v for k, v in report.items() if k != "fusion"}, fitted
+
+
+async def install_refit(conn: asyncpg.Connection, prop: str, fitted: dict) -> int:
+    """Make a refit the property's calibration (the earlier ones stay as history)."""
     await conn.execute("UPDATE calibrations SET active = false WHERE active AND property = $1", prop)
-    report["calibration_id"] = await conn.fetchval(
+    return await conn.fetchval(
         "INSERT INTO calibrations (artifact, created_by, property) VALUES ($1, 'census', $2) RETURNING id",
         fitted, prop)
-    return {k: v for k, v in report.items() if k != "fusion"}, fitted
 
 
 async def recluster(pool: asyncpg.Pool, prop: str, settings: Settings, run_id: int | None = None) -> dict:
@@ -149,7 +154,10 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
                            "WHERE property = $1 AND state = 'running' AND id IS DISTINCT FROM $2", prop, run_id)
         if run_id is None:
             run_id = await request_run(conn, prop, "cli")
-        await conn.execute("UPDATE census_runs SET state = 'running', started_at = now() WHERE id = $1", run_id)
+        started_run = await conn.fetchval("UPDATE census_runs SET state = 'running', started_at = now() "
+                                          "WHERE id = $1 AND state = 'requested' RETURNING id", run_id)
+        if started_run is None:  # another census process did it already (or it was abandoned meanwhile)
+            raise RunTaken(f"census run {run_id} of {prop!r} is no longer waiting")
         decisions_seen = await conn.fetchval("SELECT coalesce(max(id), 0) FROM decisions")
         answers_seen = await conn.fetchval("SELECT coalesce(max(id), 0) FROM identity_answers WHERE property = $1",
                                            prop)
@@ -166,17 +174,16 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
         model = FusionModel.from_artifact({**artifact, "version_id": cal_id}) if artifact else None
         t = time.perf_counter()
         graph, index, asked, latest = build_graph(snap, model)
-        refit = None
+        refitted, fitted = None, None
         previous = await conn.fetchval(
             "SELECT (summary->'refit'->>'answers')::int FROM census_runs WHERE property = $1 AND state = 'done' "
             "AND summary->'refit' IS NOT NULL ORDER BY id DESC LIMIT 1", prop)
         raw, same = labelled_pairs(snap, index, latest)
         if same.size and same.size >= (previous or 0) + settings.census_refit_every:
-            async with conn.transaction():
-                refit, fitted = await _refit(conn, prop, artifact, scope, raw, same, settings)
-            if refit.get("calibration_id"):
-                artifact, cal_id, scope = fitted, refit["calibration_id"], "property"
-                model = FusionModel.from_artifact({**artifact, "version_id": cal_id})
+            refitted, fitted = refit(prop, artifact, scope, raw, same, settings)
+            if fitted is not None:  # the refit weighs this run's edges; it is installed with the run's changes
+                artifact, scope = fitted, "property (refitted in this run)"
+                model = FusionModel.from_artifact({**artifact, "version_id": "0"})
                 graph, index, asked, latest = build_graph(snap, model)
         timings["graph_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -187,11 +194,14 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
         t = time.perf_counter()
         async with conn.transaction():
             await lock_property(conn, prop)
+            if fitted is not None:
+                cal_id = refitted["calibration_id"] = await install_refit(conn, prop, fitted)
             summary = await _apply(conn, prop, snap, graph, index, asked, solved.labels, threshold, settings,
                                    run_id)
             summary.update({"nodes": graph.n, "edges": len(graph.weights), "new_edges": new_edges,
                             "units": solved.units, "objective": round(solved.objective, 3),
-                            "calibration": {"id": cal_id, "scope": scope}, "refit": refit,
+                            "calibration": {"id": cal_id, "scope": scope}, "refit": refitted,
+                            "rules_dropped": graph.dropped[:50],
                             "threshold_log_odds": round(threshold, 4)})
             timings["apply_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - started
@@ -201,8 +211,8 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
                        answers_seen = $4 WHERE id = $1""", run_id, summary, decisions_seen, answers_seen)
         return {"run_id": run_id, **summary}
     except Exception as exc:
-        await conn.execute("UPDATE census_runs SET state = 'failed', finished_at = now(), error = $2 WHERE id = $1",
-                           run_id, f"{type(exc).__name__}: {exc}"[:2000])
+        await conn.execute("UPDATE census_runs SET state = 'failed', finished_at = now(), error = $2 "
+                           "WHERE id = $1 AND state = 'running'", run_id, f"{type(exc).__name__}: {exc}"[:2000])
         raise
 
 
@@ -231,9 +241,14 @@ async def _apply(conn: asyncpg.Connection, prop: str, snapshot: dict, graph: Ide
         current.append(r["individual_id"] if placed else None)
         if r["decided_by"] == "human" and placed:
             graph.anchors[i] = r["individual_id"]
+    graph.resolve()  # against the anchors as they are now: a person may have placed a detection meanwhile
+    # and answers given meanwhile are not asked again
+    for r in await conn.fetch("SELECT a, b FROM identity_answers WHERE property = $1 AND NOT undone", prop):
+        if r["a"] in index and r["b"] in index:
+            asked.add((min(index[r["a"]], index[r["b"]]), max(index[r["a"]], index[r["b"]])))
     units = units_of(graph)
     decided = plan(graph, current, solved, threshold, units)
-    change = Change(conn, ACTOR, settings.exemplars_per_individual)
+    change = Change(conn, ACTOR, settings.exemplars_per_individual, founder=ACTOR)
     change.property = prop  # the lock is held: taken above
     founded: dict[int, int] = {}
     moves = []

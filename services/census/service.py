@@ -91,4 +91,5 @@ class CensusWorker:
 
 
 async def make_worker(settings: Settings) -> CensusWorker:
-    return CensusWorker(await create_pool(settings.database_url), settings)
+    return CensusWorker(await create_pool(settings.database_url, command_timeout=settings.census_statement_timeout_s),
+                        settings)

@@ -427,6 +427,9 @@ class FusionHandler:
         thresholds, model = self.calibration.for_versions(versions, det["property"])
         how = model.aggregation if model else self.settings.identity_aggregation
         excluded = await store.cannot_link(conn, det["id"], det["image_sha256"])
+        # an individual merged away since the search (by a person or the census) takes no detection
+        excluded |= await store.merged_away(conn, sorted({ind for by_ind in s.per_component_exemplars.values()
+                                                          for ind in by_ind}))
         per_component = {name: {ind: _or_nan(aggregate(sims, how)) for ind, sims in by_ind.items()
                                 if ind not in excluded}
                          for name, by_ind in s.per_component_exemplars.items()}

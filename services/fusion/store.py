@@ -198,6 +198,13 @@ async def cannot_link(conn: asyncpg.Connection, detection_id: UUID, image_sha256
     return {r["individual_id"] for r in rows}
 
 
+async def merged_away(conn: asyncpg.Connection, individuals: list[int]) -> set[int]:
+    """Those of `individuals` that were merged into another (read under the property lock)."""
+    rows = await conn.fetch("SELECT id FROM individuals WHERE id = ANY($1::bigint[]) AND merged_into IS NOT NULL",
+                            individuals)
+    return {r["id"] for r in rows}
+
+
 async def sightings(conn: asyncpg.Connection, individuals: list[int], limit_each: int = 500) -> dict[int, list[Sighting]]:
     """The newest placed sightings of each individual (temporal priors)."""
     rows = await conn.fetch(

@@ -57,6 +57,10 @@ class IdentityGraph:
     must: list[tuple[int, int]] = field(default_factory=list)
     cannot: list[tuple[int, int]] = field(default_factory=list)
     anchors: dict[int, Hashable] = field(default_factory=dict)  # node -> the individual a person placed it in
+    # the hard rules as they were given, strongest first: ("must" | "cannot", i, j, what); `resolve` turns
+    # them into `must` and `cannot`, dropping any that contradicts the anchors or a stronger rule
+    rules: list[tuple[str, int, int, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # the rules `resolve` dropped, for the run's summary
 
     def add_edge(self, i: int, j: int, log_odds: float) -> None:
         """A machine edge; a pair scored twice keeps the stronger evidence either way."""
@@ -66,6 +70,61 @@ class IdentityGraph:
         old = self.weights.get(key)
         if old is None or abs(log_odds) > abs(old):
             self.weights[key] = float(log_odds)
+
+
+    def resolve(self) -> list[str]:
+        """Set `must` and `cannot` from the anchors and `rules`, in order; returns what was dropped.
+
+        The anchors come first (a person's placements are never moved), then each rule unless it contradicts
+        what is already in: a must-link between two nodes a cannot-link separates (or of two anchored
+        individuals), a cannot-link inside one must-link group. So the census always has a solution, and a
+        contradiction (a person moved one frame of a sighting; two answers given at once) costs the weaker
+        rule, named in the run's summary, instead of the whole run."""
+        uf = _UnionFind(self.n)
+        anchor: dict[int, Hashable] = {}
+        apart: dict[int, set[int]] = {}
+        first: dict[Hashable, int] = {}
+        for node, individual in sorted(self.anchors.items()):
+            if individual in first:
+                uf.union(node, first[individual])
+            else:
+                first[individual] = node
+        for node, individual in self.anchors.items():
+            anchor[uf.find(node)] = individual
+
+        def join(a: int, b: int) -> None:
+            ra, rb = uf.find(a), uf.find(b)
+            uf.union(ra, rb)
+            root = uf.find(ra)
+            other = rb if root == ra else ra
+            if other in anchor:
+                anchor[root] = anchor.pop(other)
+            moved = apart.pop(other, set())
+            apart.setdefault(root, set()).update(moved)
+            for x in moved:
+                apart[x].discard(other)
+                apart[x].add(root)
+
+        self.must, self.cannot, dropped = [], [], []
+        for kind, i, j, what in self.rules:
+            ri, rj = uf.find(i), uf.find(j)
+            if kind == "must":
+                two_placed = ri in anchor and rj in anchor and anchor[ri] != anchor[rj]
+                if ri != rj and (rj in apart.get(ri, ()) or two_placed):
+                    dropped.append(what)
+                    continue
+                if ri != rj:
+                    join(i, j)
+                self.must.append((i, j))
+            else:
+                if ri == rj:
+                    dropped.append(what)
+                    continue
+                apart.setdefault(ri, set()).add(rj)
+                apart.setdefault(rj, set()).add(ri)
+                self.cannot.append((i, j))
+        self.dropped = dropped
+        return dropped
 
 
 class _UnionFind:

@@ -85,10 +85,10 @@ def plan(graph: IdentityGraph, current: Sequence[Hashable | None], solved: Seque
     pick: dict[int, Hashable] = {}
     taken: set = set()
     for c, us in clusters.items():
-        anchor = next((units.anchor[u] for u in us if units.anchor[u] is not None), None)
-        if anchor is not None:
-            pick[c] = anchor
-            taken.add(anchor)
+        anchors = sorted({units.anchor[u] for u in us if units.anchor[u] is not None}, key=str)
+        if anchors:  # two only when a person placed one while the graph was solved: the first keeps the cluster
+            pick[c] = anchors[0]
+            taken.update(anchors)
     held: dict[int, Counter] = {c: Counter() for c in clusters}
     for u in range(k):
         for i in units.members[u]:
@@ -126,19 +126,32 @@ def plan(graph: IdentityGraph, current: Sequence[Hashable | None], solved: Seque
             if len(clusters[sol[u]]) == 1 and not others:
                 continue  # in review with no evidence either way: it stays there
         evidence = math.inf if forced[u] else w_new - w_alt
-        applied = units.anchor[u] is None and (forced[u] or evidence >= threshold)
+        # a unit a person placed moves only into that individual (its other frames follow it there)
+        may = units.anchor[u] is None or new == units.anchor[u]
+        applied = may and (forced[u] or evidence >= threshold)
         if applied:
             target_u[u] = new
         result.moves.append(Move(tuple(units.members[u]), old, new, evidence, applied))
     # a unit left where it was may now share an individual with a unit its hard rules separate it from
+    # (the solution keeps them apart, so the one not yet where the solution puts it goes there; failing that,
+    # the one that moved goes back)
     for _ in range(k + 1):
         clash = _cannot_clash(units, target_u)
         if clash is None:
             break
-        u = clash
-        target_u[u] = pick[sol[u]]
-        result.moves = [Move(m.nodes, m.before, m.after, math.inf, True) if m.nodes == tuple(units.members[u]) else m
-                        for m in result.moves]
+        movable = [x for x in clash if units.anchor[x] is None or pick[sol[x]] == units.anchor[x]]
+        go = next((x for x in movable if target_u[x] != pick[sol[x]]), None)
+        back = next((x for x in clash if target_u[x] != cur[x] and units.anchor[x] is None), None)
+        if go is not None:
+            target_u[go], applied = pick[sol[go]], True
+        elif back is not None:
+            go, applied = back, False
+            target_u[go] = cur[go]
+        else:
+            break
+        nodes = tuple(units.members[go])
+        result.moves = [m for m in result.moves if m.nodes != nodes]
+        result.moves.append(Move(nodes, cur[go], pick[sol[go]], math.inf, applied))
     for u in range(k):
         for i in units.members[u]:
             result.target[i] = target_u[u]
@@ -156,14 +169,14 @@ def plan(graph: IdentityGraph, current: Sequence[Hashable | None], solved: Seque
     return result
 
 
-def _cannot_clash(units: Units, target: Sequence) -> int | None:
-    """A unit that shares its individual with a unit it is cannot-linked to (the one that did not move)."""
+def _cannot_clash(units: Units, target: Sequence) -> tuple[int, int] | None:
+    """Two units cannot-linked to each other that share an individual."""
     for u, adj in enumerate(units.adjacency):
         if target[u] is None:
             continue
         for v, w in adj.items():
             if w == NEG_INF and target[v] == target[u]:
-                return u if units.anchor[u] is None else v
+                return u, v
     return None
 
 
@@ -207,9 +220,14 @@ def questions(graph: IdentityGraph, labels: Sequence[Hashable | None], asked: se
                 if u not in best_inside or w > best_inside[u][0]:
                     best_inside[u] = (w, i, j)
     cut = {(group[u], group[v]) for u in range(k) for v, w in units.adjacency[u].items() if w == NEG_INF}
+    anchored: dict = {}
+    for u in range(k):
+        if units.anchor[u] is not None:
+            anchored[group[u]] = units.anchor[u]
     out = []
     for key, total in between.items():
-        if key in best_pair and (key[0], key[1]) not in cut and (key[1], key[0]) not in cut:
+        people_apart = key[0] in anchored and key[1] in anchored and anchored[key[0]] != anchored[key[1]]
+        if key in best_pair and not people_apart and (key[0], key[1]) not in cut and (key[1], key[0]) not in cut:
             w, i, j = best_pair[key]
             flip = _sigmoid(total)
             moves = min(size[key[0]], size[key[1]])

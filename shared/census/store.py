@@ -81,22 +81,24 @@ def build_graph(snapshot: dict, model: FusionModel | None) -> tuple[IdentityGrap
         by_frame[r["image_sha256"]].append(i)
         if r["decided_by"] == "human" and r["individual_id"] is not None and r["state"] in PLACED:
             graph.anchors[i] = r["individual_id"]
-    for members in by_sighting.values():
-        graph.must += [(members[0], m) for m in members[1:]]
-    for members in by_frame.values():
-        graph.cannot += [(a, b) for n, a in enumerate(members) for b in members[n + 1:]]
-    latest: dict[tuple[int, int], str] = {}
+    latest: dict[tuple[int, int], tuple[str, int]] = {}
     for r in snapshot["answers"]:
         if r["a"] in index and r["b"] in index:
             i, j = index[r["a"]], index[r["b"]]
-            latest[(min(i, j), max(i, j))] = r["answer"]  # the newest answer about a pair counts
-    asked = set()
-    for key, answer in latest.items():
-        asked.add(key)
-        if answer == "same":
-            graph.must.append(key)
-        elif answer == "different":
-            graph.cannot.append(key)
+            latest[(min(i, j), max(i, j))] = (r["answer"], r["id"])  # the newest answer about a pair counts
+    # the rules, strongest first (after the anchors): people's answers, newest first; two animals of one
+    # frame; a sighting's frames
+    for (i, j), (answer, answer_id) in sorted(latest.items(), key=lambda kv: -kv[1][1]):
+        if answer in ("same", "different"):
+            graph.rules.append(("must" if answer == "same" else "cannot", i, j, f"answer {answer_id} ({answer})"))
+    for members in by_frame.values():
+        graph.rules += [("cannot", a, b, f"one frame ({nodes[a]['image_sha256'][:12]})")
+                        for n, a in enumerate(members) for b in members[n + 1:]]
+    for key, members in by_sighting.items():
+        graph.rules += [("must", members[0], m, f"sighting {key}") for m in members[1:]]
+    graph.dropped = graph.resolve()
+    asked = set(latest)
+    latest = {key: answer for key, (answer, _) in latest.items()}
     for r in snapshot["edges"]:
         i, j = index.get(r["a"]), index.get(r["b"])
         if i is None or j is None:

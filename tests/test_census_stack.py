@@ -385,3 +385,33 @@ async def test_question_mode_in_a_real_browser_answers_five_by_key_and_undoes(st
             assert (await client.post(f"/v1/census/answers/{answer_id}/undo", json={})).status_code == 409
     assert await db.fetchval("SELECT count(*) FROM identity_answers WHERE id = ANY($1::bigint[]) AND undone",
                              answered) == 5
+
+
+async def test_eval_census_protocol_reports_the_curve_and_todays_way(stack, census_calibration, nyala_rows,
+                                                                    nyala_paths, tmp_path):
+    from deer_reid.evaluation.census import run_census
+
+    folder = tmp_path / "labelled"
+    (folder / "img").mkdir(parents=True)
+    lines = ["path,identity,viewpoint,encounter"]
+    for n, (item, identity) in enumerate(herd(nyala_rows, nyala_paths, identities_with(nyala_rows, 4, 29, 4), 3)):
+        (folder / "img" / item.name).write_bytes(item.data)  # byte-different copies: never seen by this stack
+        lines.append(f"img/{item.name},{identity},left,{identity}-{n}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    result = await asyncio.to_thread(
+        run_census, folder, mode="fast", body_model=None, limit=None, seed=0, api_url=stack.api_url,
+        report_dir=tmp_path / "report", json_path=tmp_path / "census.json", budget=15, reviewer_error=0.0,
+        recluster_every=5, progress=False, settings=stack.settings, stack_models=[stack.settings.body_model])
+    assert (result["sightings"], result["true_individuals"], result["images"]) == (12, 4, 12)
+    curve = result["curve"]
+    assert curve[0]["answers"] == 0 and curve[-1]["answers"] == result["tally"]["answers"] <= 15
+    assert all(set(p) >= {"answers", "bcubed_f1", "bcubed_precision", "bcubed_recall", "predicted_individuals"}
+               for p in curve + result["baseline"]["curve"])
+    assert [p["answers"] for p in curve] == sorted(p["answers"] for p in curve)
+    assert result["tally"]["wrong_answers"] == 0  # --reviewer-error 0
+    for key in ("answers_to_f1_90", "answers_to_f1_95"):
+        assert result[key] is None or 0 <= result[key] <= 15
+    assert result["baseline"]["property"].endswith("-today") and result["baseline"]["curve"][0]["answers"] == 0
+    assert json.loads((tmp_path / "census.json").read_text())["curve"] == json.loads(json.dumps(curve))
+    assert (tmp_path / "report" / "census.png").exists()
+    assert "Census with people in the loop" in (tmp_path / "report" / "report.md").read_text()

@@ -206,6 +206,9 @@ def markdown(result: dict) -> str:
 
 
 def _census_lines(result: dict) -> list[str]:
+    def reached(v) -> str:
+        return "not reached" if v is None else _fmt(v)
+
     def row(label: str, p: dict) -> str:
         return (f"| {label} | {p['answers']} | {p['bcubed_precision']:.3f} | {p['bcubed_recall']:.3f} | "
                 f"{p['bcubed_f1']:.3f} | {p['false_merge_rate']:.3f} | {p['predicted_individuals']} |")
@@ -218,12 +221,13 @@ def _census_lines(result: dict) -> list[str]:
              f"uploaded sighting by sighting in a seeded order; reviewer wrong with probability "
              f"{result['reviewer_error']}, re-solved every {result['recluster_every']} answers, budget "
              f"{result['budget']}.",
-             "", f"- answers to F1 0.90: {_fmt(result['answers_to_f1_90'])}; to F1 0.95: "
-             f"{_fmt(result['answers_to_f1_95'])} ({_fmt(result['answers_per_sighting_to_f1_95'])} per sighting)"]
+             "", f"- answers to F1 0.90: {reached(result['answers_to_f1_90'])}; to F1 0.95: "
+             f"{reached(result['answers_to_f1_95'])} ({reached(result['answers_per_sighting_to_f1_95'])} per sighting)"]
     if result.get("baseline"):
         b = result["baseline"]
-        lines.append(f"- today's way (review queue, oldest first, top 3): to F1 0.90: {_fmt(b['answers_to_f1_90'])}; "
-                     f"to F1 0.95: {_fmt(b['answers_to_f1_95'])}")
+        lines.append("- today's way (review queue, oldest first, top 3): to F1 0.90: "
+                     f"{reached(b['answers_to_f1_90'])}; "
+                     f"to F1 0.95: {reached(b['answers_to_f1_95'])}; {b['session']['decisions']} review decisions")
     lines += ["", *head, row("online decisions (fusion, one at a time)", result["online"]),
               row("re-clustered, no answer yet", result["curve"][0])]
     for p in result["curve"][1:]:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Mapping, Sequence
+from typing import Hashable, Sequence
 
 NEG_INF = float("-inf")
 
@@ -315,27 +315,4 @@ def violations(graph: IdentityGraph, labels: Sequence[Hashable | None]) -> list[
         if labels[node] in seen and seen[labels[node]] != individual:
             out.append(f"anchors {seen[labels[node]]} and {individual} joined")
         seen.setdefault(labels[node], individual)
-    return out
-
-
-def cluster_weights(units: Units, cluster_of_unit: Sequence[int], u: int) -> dict[int, float]:
-    """{cluster: summed log-odds from unit u to that cluster's other units}."""
-    out: dict[int, float] = {}
-    for v, w in units.adjacency[u].items():
-        c = cluster_of_unit[v]
-        out[c] = out.get(c, 0.0) + w
-    return out
-
-
-def indexed(nodes: Iterable[Hashable]) -> dict[Hashable, int]:
-    """{node id: its index} in a stable order."""
-    return {node: i for i, node in enumerate(nodes)}
-
-
-def edge_log_odds(probabilities: Mapping[tuple[int, int], float], eps: float = 1e-3) -> dict[tuple[int, int], float]:
-    """Log-odds of calibrated probabilities, kept off the ends (an isotonic fit reaches 0 and 1 exactly)."""
-    out = {}
-    for key, p in probabilities.items():
-        p = min(1 - eps, max(eps, float(p)))
-        out[key] = math.log(p / (1 - p))
     return out

@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
+from shared.calibrated import sigmoid
 from shared.census.graph import NEG_INF, IdentityGraph, Units, units_of
 
 
@@ -56,15 +57,6 @@ class Plan:
     @property
     def deferred(self) -> list[Move]:
         return [m for m in self.moves if not m.applied]
-
-
-def _sigmoid(z: float) -> float:
-    if z == NEG_INF:
-        return 0.0
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
 
 
 def plan(graph: IdentityGraph, current: Sequence[Hashable | None], solved: Sequence[int], threshold: float,
@@ -229,14 +221,14 @@ def questions(graph: IdentityGraph, labels: Sequence[Hashable | None], asked: se
         people_apart = key[0] in anchored and key[1] in anchored and anchored[key[0]] != anchored[key[1]]
         if key in best_pair and not people_apart and (key[0], key[1]) not in cut and (key[1], key[0]) not in cut:
             w, i, j = best_pair[key]
-            flip = _sigmoid(total)
+            flip = float(sigmoid(total))
             moves = min(size[key[0]], size[key[1]])
             out.append(Question(i, j, "merge", w, flip, moves, flip * moves))
     for u, (w, i, j) in best_inside.items():
         if units_in[group[u]] < 2:
             continue
         inside = sum(x for v, x in units.adjacency[u].items() if group[v] == group[u])
-        flip = 1.0 - _sigmoid(inside)
+        flip = 1.0 - float(sigmoid(inside))
         moves = len(units.members[u])
         a, b = (i, j) if units.of[i] == u else (j, i)  # a: the detection whose place is in question
         out.append(Question(a, b, "split", w, flip, moves, flip * moves))

@@ -3,5 +3,5 @@
 # and services started by the fixtures. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 exec .venv/bin/python -m pytest -ra "$@"

@@ -83,7 +83,14 @@ class PoseHandler(CropExtractorHandler):
         self.off = off or {}  # part -> why it is not running
 
     def health(self) -> dict:
-        return {"keypoints": self.keypoints.version if self.keypoints else f"off: {self.off.get('keypoints')}",
+        if self.keypoints is not None:
+            path = "keypoints, the viewpoint classifier where they are unsure" if self.classifier else "keypoints"
+        elif self.classifier is not None:
+            path = f"viewpoint classifier only (keypoints off: {self.off.get('keypoints')})"
+        else:
+            path = "none: every viewpoint is unknown"
+        return {"viewpoint_path": path,
+                "keypoints": self.keypoints.version if self.keypoints else f"off: {self.off.get('keypoints')}",
                 "viewpoint_classifier": self.classifier.version if self.classifier else
                 f"off: {self.off.get('classifier')}"}
 
@@ -166,6 +173,10 @@ async def make_handler(settings: Settings) -> PoseHandler:
         except MissingWeights as exc:
             off["keypoints"] = str(exc)
             log.warning("pose: keypoints off: %s", exc)
+        except ImportError as exc:  # weights present, OpenMMLab stack not installed (it is optional)
+            off["keypoints"] = (f"the OpenMMLab stack is not installed ({exc.name or exc}): "
+                                "DEER_POSE_KEYPOINTS=1 scripts/setup.sh installs it")
+            log.warning("pose: keypoints off: %s", off["keypoints"])
     if _off(settings.pose_viewpoint_model):
         off["classifier"] = "DEER_POSE_VIEWPOINT_MODEL is none"
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from deer_reid.client import api_key, auth_headers
 from shared.config import Settings
+from shared.schemas import DetectionClass
 
 
 def _settings(args) -> Settings:
@@ -133,6 +134,45 @@ def _healthz(host: str, port: int | None) -> dict | str:
         return f"unreachable: {exc}"
 
 
+def _reported(command: str, run, refusals: tuple[type[Exception], ...]) -> int:
+    """Run a command's body: its report printed as JSON (exit 0), or its refusal on stderr (exit 2)."""
+    try:
+        report = run()
+    except refusals as exc:
+        print(f"deer-reid {command}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_backup(args) -> int:
+    from deer_reid.backup import BackupError, backup
+
+    settings = _settings(args)
+    return _reported("backup", lambda: backup(database_url_for(settings), Path(args.out), blobs=settings.blobs,
+                                              model_cache=settings.model_cache), (BackupError,))
+
+
+def cmd_restore(args) -> int:
+    from deer_reid.backup import BackupError, restore
+
+    settings = _settings(args)
+    if settings.database_url:
+        print("deer-reid restore: DEER_DATABASE_URL is set: restore brings a backup into the embedded default's "
+              "home; for a managed PostgreSQL use pg_restore (see the README)", file=sys.stderr)
+        return 2
+    return _reported("restore", lambda: restore(Path(args.backup), settings.home, blobs=settings.blobs,
+                                                model_cache=settings.model_cache, force=args.force), (BackupError,))
+
+
+def cmd_doctor(args) -> int:
+    from deer_reid.doctor import checks, report
+
+    text, status = report(checks(_settings(args)))
+    print(text)
+    return status
+
+
 def cmd_status(args) -> int:
     from deer_reid.stack import pid_alive, read_state
 
@@ -147,7 +187,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_soak(args) -> int:
-    from deer_reid.soak import soak
+    from deer_reid.soak import exit_status, soak
 
     settings = _settings(args)
     try:
@@ -162,7 +202,7 @@ def cmd_soak(args) -> int:
     if args.json:
         Path(args.json).write_text(text)
     print(text)
-    return 0 if report["lost"] == 0 and report["decided_twice"] == 0 else 1
+    return exit_status(report)
 
 
 def cmd_k8s(args) -> int:
@@ -389,33 +429,49 @@ def cmd_export_labels(args) -> int:
     from deer_reid.training.labels import ExportError, export_labels
 
     settings = _settings(args)
-    try:
-        report = asyncio.run(export_labels(database_url_for(settings), Path(args.out), prop=args.property,
-                                           human_only=args.human_only))
-    except ExportError as exc:
-        print(f"deer-reid export-labels: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+    return _reported("export-labels", lambda: asyncio.run(export_labels(
+        database_url_for(settings), Path(args.out), prop=args.property, human_only=args.human_only,
+        source_labels=args.source_labels)), (ExportError,))
 
 
 def cmd_ingest(args) -> int:
-    from deer_reid.ingest import ingest
+    from deer_reid.ingest import IngestRefused, ingest
 
     settings = _settings(args)
-    report = asyncio.run(ingest(
-        api_url_for(args, settings), Path(args.path), site=args.site, fallback_site="default", camera=args.camera,
-        captured_at=args.captured_at, wait=args.wait, timeout=args.timeout, concurrency=args.concurrency,
-        progress=not args.quiet, headers=auth_headers(settings), max_image_bytes=settings.max_upload_bytes))
+    if args.camtrap_dp and args.detections:
+        print("deer-reid ingest: --camtrap-dp and --detections are two different inputs; give one", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(ingest(
+            api_url_for(args, settings), Path(args.path), site=args.site, fallback_site="default",
+            camera=args.camera, captured_at=args.captured_at, wait=args.wait, timeout=args.timeout,
+            concurrency=args.concurrency, progress=not args.quiet, headers=auth_headers(settings),
+            max_image_bytes=settings.max_upload_bytes, detections=args.detections, min_conf=args.min_conf,
+            cls=args.cls, cls_map=args.cls_map, camtrap_dp=args.camtrap_dp, taxon=args.taxon,
+            prop=args.property))
+    except (IngestRefused, FileNotFoundError) as exc:
+        for message in getattr(exc, "messages", [str(exc)])[:50]:
+            print(f"deer-reid ingest: refused: {message}", file=sys.stderr)
+        return 2
     text = json.dumps(report, indent=2, default=str)
     if args.json:
         Path(args.json).write_text(text)
+    source = report.get("megadetector") or report.get("camtrap_dp") or {}
+    refused = source.get("refused_entries", []) + source.get("refused_rows", [])
     summary = {k: v for k, v in report.items() if k != "rejected"}
     summary["rejected"] = len(report["rejected"])
+    for key in ("megadetector", "camtrap_dp"):
+        if key in summary:
+            summary[key] = {k: (len(v) if k.startswith("refused") else v) for k, v in summary[key].items()
+                            if k != "images_without_entry_first"}
     print(json.dumps(summary, indent=2))
     for r in report["rejected"][:10]:
         print(f"rejected {r['path']}: {r['status']} {r['error']}", file=sys.stderr)
-    return 0
+    for message in refused[:20]:
+        print(f"refused {message}", file=sys.stderr)
+    unfinished = args.wait and report.get("terminal", 0) < report["submitted"]
+    # a script around ingest must tell a clean run from one that left something behind
+    return 1 if report["rejected"] or refused or unfinished else 0
 
 
 def cmd_eval(args) -> int:
@@ -491,7 +547,8 @@ def cmd_bench(args) -> int:
     env = with_jemalloc(dict(os.environ))
     if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
         # The bare measurement runs under the same allocator as the services it is compared with.
-        os.execve(sys.executable, [sys.executable, "-m", "deer_reid.cli", *sys.argv[1:]], env)
+        # its own arguments, not sys.argv: called as main([...]) from a script or a test, those differ
+        os.execve(sys.executable, [sys.executable, "-m", "deer_reid.cli", *args.argv], env)
 
     settings = _settings(args)
     if args.census:
@@ -588,6 +645,19 @@ def cmd_export(args) -> int:
         z.extractall(out)
         names = z.namelist()
     print(f"wrote {', '.join(names)} to {out}")
+    if args.with_media:
+        if args.format != "camtrap-dp":
+            print("deer-reid export: --with-media goes with --format camtrap-dp", file=sys.stderr)
+            return 2
+        import csv
+
+        with open(out / "media.csv", newline="") as f:
+            media = list(csv.DictReader(f))
+        for row in media:  # one image at a time: a season's photos never sit in memory together
+            target = out / row["filePath"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_api(args, "GET", f"/v1/images/{row['mediaID']}"))
+        print(f"wrote {len(media)} images under {out / 'media'}")
     return 0
 
 
@@ -704,6 +774,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="print the running stack's state")
     status.set_defaults(func=cmd_status)
+
+    bk = sub.add_parser("backup", help="save the whole state (database, images, trained models) into a new "
+                        "folder, consistently, while the stack runs")
+    bk.add_argument("out")
+    bk.set_defaults(func=cmd_backup)
+    rs = sub.add_parser("restore", help="bring a backup back into an empty DEER_HOME (checksums first; newer "
+                        "migrations applied after)")
+    rs.add_argument("backup")
+    rs.add_argument("--force", action="store_true", help="replace a home that is not empty")
+    rs.set_defaults(func=cmd_restore)
+
+    doc = sub.add_parser("doctor", help="check what a working install needs, each item with its fix "
+                         "(exit 1 when the default run cannot work)")
+    doc.set_defaults(func=cmd_doctor)
 
     mig = sub.add_parser("migrate", help="apply migrations and create topics on DEER_DATABASE_URL / DEER_KAFKA_BOOTSTRAP")
     mig.set_defaults(func=cmd_migrate)
@@ -895,6 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out")
     ex.add_argument("--property", help="only this property")
     ex.add_argument("--human-only", action="store_true", help="only what a person decided")
+    ex.add_argument("--source-labels", action="store_true",
+                    help="the labels the photos came with (Camtrap DP individualID) as the identities")
     ex.set_defaults(func=cmd_export_labels)
 
     ing = sub.add_parser("ingest", help="upload a folder (recursively), one image, or a zip or tar archive "
@@ -904,6 +990,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: from SITE_YYYYMMDD_HHMMSS file names, else 'default'")
     ing.add_argument("--camera")
     ing.add_argument("--captured-at", help="ISO-8601 time for images whose own time cannot be read")
+    ing.add_argument("--detections", type=Path, metavar="MD_JSON",
+                     help="MegaDetector batch output for the folder: animal boxes become detections, people and "
+                     "vehicles are never uploaded, images without an animal box are skipped")
+    ing.add_argument("--min-conf", type=float, default=0.2, help="with --detections: the least confidence of an "
+                     "animal box (MegaDetector's typical threshold; default 0.2)")
+    ing.add_argument("--cls", default="unknown", choices=[c.value for c in DetectionClass],
+                     help="class of every detection (antlered or not, as far as it is known)")
+    ing.add_argument("--cls-map", type=Path, metavar="CSV",
+                     help="with --detections: a CSV of file,cls giving each image's class (beats --cls)")
+    ing.add_argument("--camtrap-dp", action="store_true",
+                     help="PATH is a Camtrap DP 1.0.2 data package: deployments become sites and cameras, media "
+                     "with boxed observations become uploads, eventID the sighting, individualID a label")
+    ing.add_argument("--taxon", help="with --camtrap-dp: only observations of this scientificName")
+    ing.add_argument("--property", default="default", help="with --camtrap-dp: the property of its sites")
     ing.add_argument("--wait", action="store_true", help="wait until every detection is terminal")
     ing.add_argument("--json", help="write the report here")
     ing.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
@@ -931,6 +1031,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--format", choices=["csv", "camtrap-dp"], default="csv")
     xp.add_argument("--property", help="only this property")
     xp.add_argument("--scientific-name", default="Cervidae", help="Camtrap DP: the taxon of the animals")
+    xp.add_argument("--with-media", action="store_true",
+                    help="Camtrap DP: write the images too, at each media row's filePath (a package another "
+                    "stack can ingest with `deer-reid ingest OUT --camtrap-dp`)")
     xp.add_argument("--api-url")
     xp.set_defaults(func=cmd_export)
 
@@ -1000,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     elif argv[:2] == ["train", "soup"]:
         argv[:2] = ["train-soup"]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a command that re-executes itself (bench) passes on
     return args.func(args)
 
 

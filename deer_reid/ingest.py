@@ -25,6 +25,7 @@ class Item:
     data: bytes | None = None
     error: str | None = None
     status: int | None = None
+    fields: dict[str, str] | None = None  # this image's own form fields (site, boxes, time, sighting)
 
 
 def find_files(path: Path) -> list[Path]:
@@ -79,12 +80,14 @@ async def upload_one(client: httpx.AsyncClient, item: Item, fields: dict[str, st
     mime = mimetypes.guess_type(item.name)[0] or "application/octet-stream"
     for attempt in range(retries + 1):
         try:
-            resp = await client.post("/v1/uploads", data=fields, files=[("files", (item.name, item.data, mime))])
+            resp = await client.post("/v1/uploads", data={**fields, **(item.fields or {})},
+                                     files=[("files", (item.name, item.data, mime))])
         except httpx.TransportError as exc:
             if attempt == retries:
                 return {"path": item.label, "status": None, "error": f"transport: {exc!r}"}
         else:
-            if resp.status_code == 429 and attempt < retries:  # the API's rate limit: wait as it asks
+            if resp.status_code in (429, 503) and attempt < retries:
+                # the API's rate limit, or its database restarting: wait as it asks
                 await asyncio.sleep(_retry_after(resp.headers.get("retry-after")))
                 continue
             if resp.status_code < 500:
@@ -159,16 +162,78 @@ async def wait_terminal(api_url: str, ids: list[str], timeout: float | None = No
     return states
 
 
+class IngestRefused(ValueError):
+    """Nothing was sent: the input as a whole cannot be read (its messages say why)."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__("; ".join(messages[:5]))
+        self.messages = messages
+
+
+async def ensure_sites(client: httpx.AsyncClient, wanted: dict[str, tuple[float, float]], prop: str) -> list[str]:
+    """Register the sites of a Camtrap DP package (with their coordinates) in `prop`; returns, for each
+    site that already belongs to another property, why its media are left out (sites are never moved)."""
+    resp = await client.get("/v1/sites")
+    resp.raise_for_status()
+    known = {s["name"]: s for s in resp.json()["sites"]}
+    clashes = []
+    for name, (lat, lon) in sorted(wanted.items()):
+        have = known.get(name)
+        if have is not None and have["property"] != prop:
+            clashes.append(f"site {name!r} belongs to property {have['property']!r}, not {prop!r}: give "
+                           f"--property {have['property']} or rename the deployment's location")
+            continue
+        if have is not None and have["lat"] == lat and have["lon"] == lon:
+            continue
+        put = await client.put(f"/v1/sites/{name}", json={"property": prop, "lat": lat, "lon": lon})
+        if put.status_code >= 400:
+            raise IngestRefused([f"registering site {name!r}: {put.status_code} {put.text[:300]}"])
+    return clashes
+
+
 async def ingest(api_url: str, path: Path, *, site: str | None, fallback_site: str | None = None,
                  camera: str | None, captured_at: str | None, wait: bool, timeout: float | None = None,
                  concurrency: int = 4, progress: bool = True, headers: dict[str, str] | None = None,
-                 max_image_bytes: int = 50 * 1024 * 1024) -> dict:
+                 max_image_bytes: int = 50 * 1024 * 1024, detections: Path | None = None, min_conf: float = 0.2,
+                 cls: str = "unknown", cls_map: Path | None = None, camtrap_dp: bool = False,
+                 taxon: str | None = None, prop: str = "default") -> dict:
+    """Upload a folder, an image or an archive; or a folder with its MegaDetector output (`detections`:
+    animal boxes only, empty frames skipped); or a Camtrap DP package (`camtrap_dp`). Raises
+    IngestRefused when the input as a whole cannot be read, before anything is sent."""
+    from deer_reid import ingest_sources
+    from deer_reid.sources import camtrap, megadetector
+
     fields = {k: v for k, v in (("site", site), ("fallback_site", fallback_site), ("camera", camera),
                                 ("fallback_captured_at", captured_at)) if v}
     find_files(path)  # a path that is not there fails here, before anything is sent
+    source_report: dict = {}
+    if camtrap_dp:
+        try:
+            package = await asyncio.to_thread(camtrap.read, path, taxon=taxon)
+        except camtrap.PackageRefused as exc:
+            raise IngestRefused(exc.messages) from None
+        async with httpx.AsyncClient(base_url=api_url, timeout=60, headers=headers) as client:
+            wanted = {d.site: (d.lat, d.lon) for d in package.deployments.values()}
+            for clash in await ensure_sites(client, wanted, prop):
+                package.problems.append(clash)
+                for dep in [d for d in package.deployments.values() if clash.startswith(f"site {d.site!r}")]:
+                    package.observations = [o for o in package.observations
+                                            if package.media[o.media].deployment != dep.id]
+        items, source_report = ingest_sources.camtrap_items(package, cls=cls)
+        fields = {}  # every item carries its own site, camera and time
+    elif detections is not None:
+        try:
+            items, source_report = ingest_sources.megadetector_items(
+                Path(path), Path(detections), min_conf=min_conf, cls=cls,
+                cls_map=ingest_sources.read_cls_map(cls_map) if cls_map else None)
+        except (megadetector.MegaDetectorError, OSError, ValueError) as exc:
+            raise IngestRefused([f"{detections}: {exc}"]) from None
+    else:
+        items = items_of(path, Limits(max_entry_bytes=max_image_bytes))
+        if cls != "unknown":
+            fields["cls"] = cls
     started = time.monotonic()
-    results = await upload_all(api_url, items_of(path, Limits(max_entry_bytes=max_image_bytes)), fields,
-                               concurrency, progress, headers)
+    results = await upload_all(api_url, items, fields, concurrency, progress, headers)
     upload_s = time.monotonic() - started
     ids = [d["id"] for r in results if "detections" in r for d in r["detections"]]
     report = {
@@ -179,6 +244,8 @@ async def ingest(api_url: str, path: Path, *, site: str | None, fallback_site: s
         "submitted": len(ids),
         "upload_s": round(upload_s, 2),
     }
+    if source_report:
+        report["megadetector" if detections is not None else "camtrap_dp"] = source_report
     if wait:
         states = await wait_terminal(api_url, ids, timeout, progress, headers=headers)
         wall = time.monotonic() - started

@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# what is installed and what is not, each missing item with its fix; stops here if the stack cannot run
+.venv/bin/deer-reid doctor
 [ $# -eq 0 ] && set -- --body-model efficientnet_lite0
 exec .venv/bin/deer-reid up "$@"

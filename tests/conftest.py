@@ -4,12 +4,22 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from shared.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+
+# The suite runs on what its fixtures start and in caches of its own: never on servers a shell names
+# (a stack fixture would silently use them), never in the user's model cache or state home.
+for _name in ("DEER_DATABASE_URL", "DEER_KAFKA_BOOTSTRAP", "DEER_API_URL", "DEER_API_KEY", "DEER_HOME",
+              "DEER_BLOB_DIR"):
+    os.environ.pop(_name, None)
+# (eval's feature cache lives beside the model cache: both in this temporary folder)
+os.environ["DEER_MODEL_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="deer-test-cache-"), "models")
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="deer-test-state-")
 
 REPO = Path(__file__).resolve().parent.parent
 NYALA = Path(os.environ.get("DEER_TEST_DATA", REPO.parent / "shared" / "data" / "nyala-train"))
@@ -138,10 +148,8 @@ JOIN_TIMEOUT_S = 5
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, viewpoint_cache):
     """The whole system as `deer-reid up` runs it, supervised (a killed service is restarted)."""
-    import threading
-    import time
-
     from deer_reid.stack import Stack
+    from tests.stack_helpers import supervised
     from shared.config import Settings
 
     settings = Settings(home=tmp_path_factory.mktemp("stack"), api_port=free_port(), body_model="efficientnet_lite0",
@@ -159,18 +167,8 @@ def stack(tmp_path_factory, viewpoint_cache):
                              "DEER_CENSUS_REFIT_EVERY": "1", "DEER_CENSUS_AFTER_DECISIONS": "1000000",
                              "DEER_CENSUS_EVERY_S": "31536000"})
     s.start()
-    stop = threading.Event()
-
-    def supervise():
-        while not stop.is_set():
-            s.supervise_once()
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=supervise, daemon=True)
-    thread.start()
-    yield s
-    stop.set()
-    thread.join()
+    with supervised(s):
+        yield s
     s.stop()
 
 

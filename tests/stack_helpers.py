@@ -109,3 +109,105 @@ async def until(read, ok, timeout: float = 60.0, what: str = "the database"):
             return value
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+
+
+@contextlib.asynccontextmanager
+async def results_from_now(stack):
+    """A reader of the results topic from its end as it is now: what is published after this point and
+    nothing before. No consumer group, so no rebalance to wait for: the partitions are assigned and placed
+    at their end offsets before the block runs."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from shared.topics import RESULTS
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(RESULTS.name, p) for p in range(RESULTS.partitions)]
+        consumer.assign(partitions)
+        for tp, offset in (await consumer.end_offsets(partitions)).items():
+            consumer.seek(tp, offset)
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def results_for(consumer, ids, timeout: float = 120.0) -> set[str]:
+    """The detection ids among `ids` whose result the reader sees within `timeout` seconds."""
+    from shared.schemas import DetectionResult
+
+    wanted, seen = {str(i) for i in ids}, set()
+    deadline = time.monotonic() + timeout
+    while not wanted <= seen and time.monotonic() < deadline:
+        for records in (await consumer.getmany(timeout_ms=500)).values():
+            seen.update(str(DetectionResult.from_bytes(r.value).detection_id) for r in records)
+    return seen & wanted
+
+
+@contextlib.contextmanager
+def supervised(stack):
+    """The supervisor's loop (a crashed service restarted, the broker and PostgreSQL brought back) in a thread,
+    as `deer-reid up` runs it, until the block ends."""
+    import threading
+
+    stop = threading.Event()
+
+    def supervise():
+        while not stop.is_set():
+            stack.supervise_once()
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    try:
+        yield stack
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def api_on_new_database(server_dsn: str, home, owner: str = "tester", **settings):
+    """A deer-reid API served over HTTP on a new, migrated database of the server at `server_dsn` (no broker,
+    no services): an empty stack's front door. Yields {url, dsn, key (an admin key), blobs}."""
+    import threading
+    import urllib.parse
+
+    import asyncpg
+    import uvicorn
+
+    from services.api.app import create_app
+    from services.api.auth import create_key
+    from shared.config import Settings
+    from shared.db import create_pool, migrate
+    from shared.embedded import free_port
+
+    name = f"api_{int(time.time() * 1000)}"
+    dsn = urllib.parse.urlunsplit(urllib.parse.urlsplit(server_dsn)._replace(path=f"/{name}"))
+
+    async def prepare() -> str:
+        conn = await asyncpg.connect(server_dsn)
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+        await migrate(dsn)
+        pool = await create_pool(dsn, max_size=1)
+        try:
+            return (await create_key(pool, owner, "admin"))[1]
+        finally:
+            await pool.close()
+
+    key = asyncio.run(prepare())
+    port = free_port()
+    config = Settings(home=home, database_url=dsn, api_port=port, **settings)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.1)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "dsn": dsn, "key": key, "blobs": config.blobs}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -24,26 +24,41 @@ class ExportError(ValueError):
     pass
 
 
-async def export_labels(dsn: str, out: Path, *, prop: str | None = None, human_only: bool = False) -> dict:
+async def export_labels(dsn: str, out: Path, *, prop: str | None = None, human_only: bool = False,
+                        source_labels: bool = False) -> dict:
+    """`source_labels`: the identities are the labels the photos came with (a Camtrap DP `individualID`),
+    for every detection that has one, whatever fusion or people decided: a labelled set to run `eval` on."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty: export into a new folder")
+    if source_labels and human_only:
+        raise ExportError("--source-labels and --human-only choose two different kinds of label; give one")
     pool = await create_pool(dsn, max_size=2)
     try:
-        rows = await pool.fetch(
-            """SELECT d.id, d.individual_id, d.image_sha256, d.decided_by, d.property, d.site, d.camera, d.captured_at,
-                      d.crop, d.result->'pose'->>'viewpoint' AS viewpoint, i.sex
-               FROM detections d JOIN individuals i ON i.id = d.individual_id
-               WHERE d.state IN ('assigned', 'new') AND ($1::text IS NULL OR d.property = $1)
-                 AND (NOT $2 OR d.decided_by = 'human')
-               ORDER BY d.individual_id, d.captured_at, d.id""", prop, human_only)
+        if source_labels:
+            rows = await pool.fetch(
+                """SELECT d.id, d.source_label AS individual_id, d.image_sha256, 'uploader' AS decided_by, d.property,
+                          d.site, d.camera, d.captured_at, d.crop, d.result->'pose'->>'viewpoint' AS viewpoint,
+                          NULL AS sex
+                   FROM detections d
+                   WHERE d.source_label IS NOT NULL AND ($1::text IS NULL OR d.property = $1)
+                   ORDER BY d.source_label, d.captured_at, d.id""", prop)
+        else:
+            rows = await pool.fetch(
+                """SELECT d.id, d.individual_id, d.image_sha256, d.decided_by, d.property, d.site, d.camera,
+                          d.captured_at, d.crop, d.result->'pose'->>'viewpoint' AS viewpoint, i.sex
+                   FROM detections d JOIN individuals i ON i.id = d.individual_id
+                   WHERE d.state IN ('assigned', 'new') AND ($1::text IS NULL OR d.property = $1)
+                     AND (NOT $2 OR d.decided_by = 'human')
+                   ORDER BY d.individual_id, d.captured_at, d.id""", prop, human_only)
         pairs = await pool.fetch(
             """SELECT a, b, answer, actor, answered_at FROM identity_answers
                WHERE NOT undone AND ($1::text IS NULL OR property = $1) ORDER BY id""", prop)
     finally:
         await pool.close()
     if not rows:
-        raise ExportError("no decided detections to export" + (" by a person" if human_only else "")
+        raise ExportError(("no detections with an uploader's label" if source_labels else "no decided detections")
+                          + " to export" + (" by a person" if human_only else "")
                           + (f" in property {prop!r}" if prop else ""))
     (out / "images").mkdir(parents=True, exist_ok=True)
     sexes: dict[str, str] = {}
@@ -54,7 +69,7 @@ async def export_labels(dsn: str, out: Path, *, prop: str | None = None, human_o
         for r in rows:
             rel = f"images/{r['id']}.jpg"
             (out / rel).write_bytes(bytes(r["crop"]))
-            identity = f"{r['property']}-{r['individual_id']}"
+            identity = r["individual_id"] if source_labels else f"{r['property']}-{r['individual_id']}"
             if r["sex"] in ("male", "female"):
                 sexes[identity] = r["sex"]
             w.writerow([rel, identity, r["image_sha256"][:16], r["viewpoint"] or "", r["decided_by"] or "",

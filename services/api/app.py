@@ -8,6 +8,7 @@ reconciler's relay publishes the detection events from the outbox.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import uuid
@@ -20,12 +21,12 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from services.api import census, people, web
 from services.api.auth import Admin, Reader, Reviewer
-from services.api.guards import BodyDeadline, OriginPolicy, RateLimit
+from services.api.guards import BodyDeadline, OriginPolicy, RateLimit, parse_networks
 from services.api.deps import Config, Pool
 from services.api.uploads import PlannedImage, UploadRejected, expand_archive, parse_detections, parse_time, \
     plan_image, safe_file_name
@@ -33,10 +34,12 @@ from shared import sites
 from shared.archives import Limits, is_archive
 from shared.config import Settings, get_settings
 from shared.db import OUTBOX_CHANNEL, create_pool
-from shared.observability import EVENTS, STAGE_SECONDS, metrics_endpoint
+from shared.broker import is_transient
+from shared.observability import ERRORS, EVENTS, STAGE_SECONDS, metrics_endpoint
 from shared.schemas import DetectionClass, PipelineConfig
 
 router = APIRouter()
+DATABASE_RETRY_AFTER_S = 5  # what a client is told to wait while the database restarts
 JSON_BODY_LIMIT = 2 * 1024 * 1024  # decisions, merges, splits (up to 10,000 detection ids), edits
 SIGHTING_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
@@ -47,7 +50,14 @@ def store_blob(root: Path, sha256: str, data: bytes) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{sha256}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # a partial file never stays behind
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UploadRejected(f"the image store ({root}) is full: nothing was stored; free space or move "
+                                     "DEER_BLOB_DIR, then upload again", status=507) from None
+            raise
         tmp.replace(path)
     return path
 
@@ -81,7 +91,10 @@ async def read_files(files: list[UploadFile], settings: Settings) -> list[tuple[
 async def property_of(conn: asyncpg.Connection, site: str) -> str:
     """The property a site belongs to; a site seen for the first time joins the default property."""
     await conn.execute("INSERT INTO sites (name, property) VALUES ($1, 'default') ON CONFLICT DO NOTHING", site)
-    return await conn.fetchval("SELECT property FROM sites WHERE name = $1", site)
+    # FOR SHARE: a move of the site (sites.put_site, FOR UPDATE) waits for this upload to commit and then
+    # sees its detections, or this upload waits for the move and reads the new property; never one site's
+    # detections in two properties.
+    return await conn.fetchval("SELECT property FROM sites WHERE name = $1 FOR SHARE", site)
 
 
 SIGHTING_NAMESPACE = uuid.UUID("0f5e3c1e-6a51-4f0b-9d8e-5c7a2b1d4e90")
@@ -133,10 +146,10 @@ async def persist(pool: asyncpg.Pool, images: list[PlannedImage], sighting: str 
                 group = await sighting_of(conn, im, prop, sighting, gap_s)
                 await conn.executemany(
                     """INSERT INTO detections (id, image_sha256, ordinal, box, cls, detector_confidence, site,
-                                               camera, captured_at, crop, property, sighting)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
+                                               camera, captured_at, crop, property, sighting, source_label)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
                     [(d.id, im.sha256, d.ordinal, list(d.box), d.cls, d.confidence, im.site, im.camera,
-                      im.captured_at, d.crop, prop, group) for d in im.detections])
+                      im.captured_at, d.crop, prop, group, d.label) for d in im.detections])
                 await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])",
                                    [d.id for d in im.detections])
                 await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")  # delivered at commit: wakes the relay
@@ -306,6 +319,12 @@ async def install_calibration(artifact: dict, pool: Pool, who: Admin):
     return {"id": found}
 
 
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    """The API's own address opens the page."""
+    return RedirectResponse("/ui/", status_code=307)
+
+
 @router.get("/healthz")
 async def healthz(pool: Pool):
     try:
@@ -342,8 +361,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CORSMiddleware, allow_origins=sorted(origins), allow_methods=["*"],
                        allow_headers=["Authorization", "Content-Type", "X-Deer-Page"])
     app.add_middleware(OriginPolicy, allowed=origins)
-    app.add_middleware(RateLimit, per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+    app.add_middleware(RateLimit, per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst,
+                       trusted_proxies=parse_networks(settings.trusted_proxies))
     app.dependency_overrides[get_settings] = lambda: settings
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.InterfaceError)
+    @app.exception_handler(asyncpg.CannotConnectNowError)
+    async def database_away(_: Request, exc: Exception):
+        """The database restarting (or out of reach): 503 with Retry-After, never a 500, and the request's
+        transaction rolled back whole. Anything else that raised is a bug and stays a 500."""
+        if not is_transient(exc):
+            raise exc
+        ERRORS.labels("api", "database-away").inc()
+        return JSONResponse({"error": "the database is not reachable right now; try again shortly"},
+                            status_code=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(asyncpg.DataError)
+    async def out_of_range(_: Request, exc: Exception):
+        """A value the schema lets through but the database cannot hold (an id past 64 bits, a NUL in text):
+        the request is refused, its transaction rolled back."""
+        EVENTS.labels("api", "rejected").inc()
+        return JSONResponse({"error": f"a value of the request is out of range: {str(exc)[:200]}"}, status_code=422)
 
     @app.exception_handler(UploadRejected)
     async def rejected(_: Request, exc: UploadRejected):

@@ -5,7 +5,9 @@ pure functions of it; the API sends them as a zip, which `deer-reid export` unpa
 
 Camtrap DP: a deployment is one camera at one site, a media row one uploaded image (its id is the
 image's SHA-256), an observation one detection at media level with `individualID` = our individual
-id (its name, when people gave one, goes in `observationTags`). Camtrap DP requires coordinates for
+id (its name, when people gave one, goes in `observationTags`) and `eventID` = the sighting (the frames
+of one burst). `deer-reid export --with-media` adds the images themselves at each `filePath`, so the
+package can be ingested elsewhere (`deer-reid ingest DIR --camtrap-dp`). Camtrap DP requires coordinates for
 every deployment: a site without them is refused with its name, not exported with invented ones.
 """
 from __future__ import annotations
@@ -60,9 +62,9 @@ async def load(pool: asyncpg.Pool, prop: str | None) -> dict:
         detections = await conn.fetch(
             """SELECT d.id, d.image_sha256, d.ordinal, d.box, d.cls, d.detector_confidence, d.site, d.camera,
                       d.captured_at, d.state, d.individual_id, d.score, d.decided_by, d.property, d.updated_at,
-                      i.width, i.height, i.format, i.original_name
+                      d.sighting, i.width, i.height, i.format, i.original_name
                FROM detections d JOIN images i ON i.sha256 = d.image_sha256
-               WHERE ($1::text IS NULL OR d.property = $1) ORDER BY d.captured_at, d.id""", prop)
+               WHERE ($1::text IS NULL OR d.property = $1) ORDER BY d.captured_at, d.image_sha256, d.ordinal""", prop)
         sites = await conn.fetch("SELECT name, property, lat, lon FROM sites WHERE ($1::text IS NULL OR property = $1)",
                                  prop)
     return {"property": prop, "individuals": [dict(r) for r in individuals],
@@ -134,6 +136,7 @@ def camtrap_dp(snapshot: dict, *, scientific_name: str = "Cervidae", taxon_rank:
         name = names.get(d["individual_id"]) if placed else None
         observations.append({
             "observationID": str(d["id"]), "deploymentID": dep_id, "mediaID": d["image_sha256"],
+            "eventID": str(d["sighting"]) if d["sighting"] else "",
             "eventStart": _ts(d["captured_at"]), "eventEnd": _ts(d["captured_at"]), "observationLevel": "media",
             "observationType": "animal", "scientificName": scientific_name, "count": 1,
             "lifeStage": LIFE_STAGE.get(d["cls"], ""), "sex": SEX.get(d["cls"], ""),

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 from pydantic import BaseModel, Field, field_validator
 
 from services.api import browse, curation, exports
@@ -115,6 +115,22 @@ def _render(path, box: list[int] | None, max_side: int) -> bytes:
         out = io.BytesIO()
         im.save(out, format="JPEG", quality=85)
         return out.getvalue()
+
+
+@router.get("/images/{sha256}", tags=["photos"], response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def original_image(pool: Pool, settings: Config, _: Reader,
+                         sha256: str = Path(pattern="^[0-9a-f]{64}$")):
+    """The uploaded file itself, byte for byte (what `deer-reid export --with-media` writes)."""
+    fmt = await pool.fetchval("SELECT format FROM images WHERE sha256 = $1", sha256)
+    if fmt is None:
+        raise HTTPException(404, detail={"error": f"no image {sha256}"})
+    path = settings.blobs / sha256[:2] / sha256
+    if not path.exists():
+        raise HTTPException(410, detail={"error": "the original image is no longer stored"})
+    data = await asyncio.to_thread(path.read_bytes)
+    return Response(data, media_type=exports.MEDIA_TYPES.get(fmt, "application/octet-stream"),
+                    headers={"Cache-Control": "private, max-age=86400"})
 
 
 @router.get("/export", tags=["exports"], response_class=Response,

@@ -34,6 +34,9 @@ class DetectionIn(BaseModel):
     box: tuple[int, int, int, int]
     cls: DetectionClass = DetectionClass.unknown
     confidence: float | None = Field(None, ge=0, le=1)
+    # the uploader's own name for this animal (a Camtrap DP individualID): kept for export-labels and eval,
+    # never read by fusion
+    label: str | None = Field(None, min_length=1, max_length=200)
 
     @field_validator("box")
     @classmethod
@@ -55,6 +58,7 @@ class PlannedDetection:
     cls: str
     confidence: float | None
     crop: bytes
+    label: str | None = None
 
 
 @dataclass
@@ -178,7 +182,7 @@ def plan_image(name: str, data: bytes, boxes: list[DetectionIn] | None, *, site:
         planned.append(PlannedDetection(
             id=uuid.uuid5(DETECTION_NAMESPACE, f"{sha}:{ordinal}"), ordinal=ordinal, box=det.box,
             cls=det.cls.value, confidence=det.confidence,
-            crop=crop_jpeg(decoded.image, det.box, crop_max_side)))
+            crop=crop_jpeg(decoded.image, det.box, crop_max_side), label=det.label))
     return PlannedImage(name=name, data=data, sha256=sha, format=decoded.format, width=decoded.width,
                         height=decoded.height, site=site, camera=camera, captured_at=when, time_source=source,
                         detections=planned)

@@ -55,8 +55,11 @@ def to_login(request: Request) -> RedirectResponse:
 
 @router.get("")
 @router.get("/")
-async def home() -> RedirectResponse:
-    return RedirectResponse("/ui/review", status_code=303)
+async def home(request: Request, pool: Pool, who: Viewer):
+    """The review queue; before any photo came in, how to bring them in."""
+    if await pool.fetchval("SELECT EXISTS (SELECT 1 FROM detections)"):
+        return RedirectResponse("/ui/review", status_code=303)
+    return render("start.html", who, api_url=str(request.base_url).rstrip("/"))
 
 
 @router.get("/login")

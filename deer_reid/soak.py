@@ -38,7 +38,7 @@ from deer_reid.stack import read_state
 from shared.archives import IMAGE_SUFFIXES
 from shared.states import TERMINAL
 
-FAULT_ORDER = ("body", "fusion", "coat", "antler", "pose", "reconciler", "api", "broker")
+FAULT_ORDER = ("body", "fusion", "coat", "antler", "pose", "reconciler", "api", "broker", "postgres")
 
 
 def distinct_image(photo: bytes, k: int) -> bytes:
@@ -80,9 +80,10 @@ class CounterTotal:
 
 
 def kill(home: Path, target: str) -> int | None:
-    """SIGKILL the service (or the broker) named, by the pid the supervisor's state file gives now."""
+    """SIGKILL the service (or the broker, or the embedded PostgreSQL) named, by the pid the supervisor's
+    state file gives now."""
     state = read_state(home) or {}
-    entry = state.get("broker") if target == "broker" else state.get("services", {}).get(target)
+    entry = state.get(target) if target in ("broker", "postgres") else state.get("services", {}).get(target)
     pid = (entry or {}).get("pid")
     if pid:
         try:
@@ -193,3 +194,9 @@ async def soak(home: Path, photos_dir: Path, n: int, *, dsn: str | None = None, 
         "rejected": [r for r in results if "error" in r][:10],
         "faults": injected, "site": site, "seed": seed, "mode": "rate" if rate else "backlog", "rate": rate,
     }
+
+
+def exit_status(report: dict) -> int:
+    """`deer-reid soak`'s exit status: a soak that lost, doubled or failed any detection is a failed soak,
+    whatever faults it injected (the faults must cost time, never a decision)."""
+    return 0 if report["lost"] == 0 and report["decided_twice"] == 0 and report["failed"] == 0 else 1

@@ -77,6 +77,7 @@ class Stack:
     bootstrap: str = ""
     admin_key: str = ""
     broker_restarts: int = 0
+    postgres_restarts: int = 0
     _stopping: bool = False
 
     @property
@@ -194,6 +195,19 @@ class Stack:
     def supervise_once(self) -> None:
         """Restart any service that died (with a pause that grows if it keeps dying), and the embedded broker:
         it comes back empty on its port, and the reconciler re-creates the topics and re-publishes what was lost."""
+        postgres = self.postgres
+        if postgres is not None and not self._stopping and not postgres.alive():
+            # The services and the API keep running: they retry the database (not ready meanwhile) and
+            # reconnect when it is back; the supervisor only brings the server back on its data directory.
+            try:
+                postgres.restart()
+            except Exception as exc:  # noqa: BLE001 - its old backends may still be exiting: next round
+                log.warning("the embedded PostgreSQL is down and did not start again yet: %s", exc)
+            else:
+                log.warning("the embedded PostgreSQL exited; restarted it (crash recovery)")
+                renice_tree(postgres.pid, YIELDING_NICE)
+                self.postgres_restarts += 1
+                self._write_state("healthy")
         broker = self.broker
         if broker is not None and not self._stopping and broker.process is not None \
                 and broker.process.poll() is not None:
@@ -261,6 +275,8 @@ class Stack:
                              "restarts": c.restarts} for n, c in self.children.items()},
             "broker": None if self.broker is None or self.broker.process is None else
             {"pid": self.broker.process.pid, "restarts": self.broker_restarts},
+            "postgres": None if self.postgres is None or not self.postgres.alive() else
+            {"pid": self.postgres.pid, "restarts": self.postgres_restarts},
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))

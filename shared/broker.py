@@ -16,6 +16,7 @@ Guarantees (ARCHITECTURE.md, invariants 2, 3 and 7):
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -63,8 +64,26 @@ class PermanentError(Exception):
     """Processing this event can never succeed (bad image, impossible data): dead-letter it."""
 
 
-# Failures that say the infrastructure is down, not that the event is bad.
-TRANSIENT = (KafkaError, OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# Failures that say the infrastructure is down, not that the event is bad: retried for as long as it takes.
+TRANSIENT = (KafkaError, ConnectionError, TimeoutError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+             asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+# errnos of a network or server that is away (not of a file that is missing or an image that is broken)
+NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
+                            errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EAGAIN})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` says the broker or the database is away. Not every OSError does: a missing file, a
+    permission refused or an image PIL cannot read (UnidentifiedImageError is an OSError) is a bug or a
+    bad event, and retrying it forever would stop its partition for good with nothing dead-lettered. A
+    connection to a unix socket that is not there (the embedded PostgreSQL restarting) raises
+    FileNotFoundError with no file name: that one is the database away."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in NETWORK_ERRNOS or (exc.errno == errno.ENOENT and exc.filename is None
+                                                and type(exc) is FileNotFoundError)
+    return False
 
 
 @dataclass(frozen=True)
@@ -375,20 +394,21 @@ class BrokerRunner:
 
     async def _handle_with_retries(self, decoded: list[tuple[ConsumerRecord, Any]]) -> list[Handled]:
         events = [event for _, event in decoded]
-        attempt = 0
+        attempt = waited = 0  # the handler's own failures; rounds waited for the infrastructure
         while True:
             try:
                 results = await self.handler.handle(events)
                 if len(results) != len(events):
                     raise RuntimeError(f"handler returned {len(results)} results for {len(events)} events")
                 return results
-            except TRANSIENT as exc:
-                # The infrastructure is down: wait for it, however long, and lose nothing.
-                ERRORS.labels(self.handler.name, "transient").inc()
-                log.warning("%s: transient failure, retrying: %r", self.handler.name, exc)
-                await asyncio.sleep(min(self.backoff * 2 ** min(attempt, 6), 10.0))
-                attempt += 1
-            except Exception as exc:  # noqa: BLE001 - anything else may be one poisonous event
+            except Exception as exc:  # noqa: BLE001 - transient: wait; anything else may be one poisonous event
+                if is_transient(exc):
+                    # The infrastructure is down: wait for it, however long, and lose nothing.
+                    ERRORS.labels(self.handler.name, "transient").inc()
+                    log.warning("%s: transient failure, retrying: %r", self.handler.name, exc)
+                    await asyncio.sleep(min(self.backoff * 2 ** min(waited, 6), 10.0))
+                    waited += 1
+                    continue
                 ERRORS.labels(self.handler.name, "handler").inc()
                 attempt += 1
                 if attempt <= self.max_retries:

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     # per client address: a burst, then a sustained rate (429 past it); `deer-reid ingest` sends ~4 at once
     rate_limit_per_s: float = Field(100.0, gt=0)
     rate_limit_burst: int = Field(400, ge=1)
+    # proxies in front of the API (an ingress): the rate limit keys on the client they forward for
+    # (X-Forwarded-For), not on their own address; comma-separated addresses or networks
+    trusted_proxies: str = ""
     # a request body that takes longer than this to arrive is answered 408 (a slow sender holds a worker)
     request_body_timeout_s: float = Field(120.0, gt=0)
     # other origins (e.g. "https://dash.example.org") allowed to call the API from a browser; comma-separated

@@ -90,6 +90,22 @@ class EmbeddedPostgres:
         assert self._server is not None
         return self._server.get_pid()
 
+    def alive(self) -> bool:
+        """Whether the postmaster this object started still runs (a kill -9 leaves its pid file behind)."""
+        if self._server is None:
+            return False
+        try:
+            return self._server.get_postmaster_info().process.is_running()
+        except Exception:  # noqa: BLE001 - no process to ask about: not running
+            return False
+
+    def restart(self) -> None:
+        """Start it again on the same data directory after it died: PostgreSQL's crash recovery replays the
+        WAL, and the stale pid file is recognised as stale. Raises while the dead server's backends still
+        hold its shared memory (they exit within moments of the postmaster): the caller tries again."""
+        assert self._server is not None
+        self._server.start()
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()

@@ -67,6 +67,9 @@ class CropExtractorHandler:
     name: str  # the component, as the pipeline names it in `expected`
     input_topics = (DETECTIONS,)
     input_schema = DetectionEvent
+    # An optional component: an event it gives up on (a bug, a crop it cannot handle) is dead-lettered
+    # without failing the detection; fusion decides without it at the join deadline, flagged degraded.
+    dead_letter_fails_detection = False
 
     def __init__(self, workers: int):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.name)

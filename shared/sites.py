@@ -42,7 +42,11 @@ async def put_site(db: asyncpg.Pool, name: str, prop: str, lat: float | None, lo
             raise SiteError(f"site {name!r} has detections in property {current!r}; it cannot move to {prop!r}",
                             status=409)
         await conn.execute("INSERT INTO properties (name) VALUES ($1) ON CONFLICT DO NOTHING", prop)
-        await conn.execute(
+        # Coordinates left out keep the stored ones: moving a site to another property, or naming it again,
+        # must not erase where it is (and with it the travel-speed checks that need it).
+        row = await conn.fetchrow(
             """INSERT INTO sites (name, property, lat, lon) VALUES ($1, $2, $3, $4)
-               ON CONFLICT (name) DO UPDATE SET property = $2, lat = $3, lon = $4""", name, prop, lat, lon)
-    return {"name": name, "property": prop, "lat": lat, "lon": lon}
+               ON CONFLICT (name) DO UPDATE SET property = $2, lat = COALESCE($3, sites.lat),
+                                                lon = COALESCE($4, sites.lon)
+               RETURNING lat, lon""", name, prop, lat, lon)
+    return {"name": name, "property": prop, "lat": row["lat"], "lon": row["lon"]}

@@ -10,11 +10,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.body.extractor import BodyExtractor
 from services.body.service import BodyHandler
-from shared.broker import BrokerRunner, consumer_for, producer_for
+from shared.broker import BrokerRunner, Handled, consumer_for, producer_for
 from shared.config import Settings
 from shared.images import crop_jpeg, decode_upload
 from shared.models import load_model
-from shared.schemas import Features, DeadLetter, DetectionEvent
+from shared.service import CropExtractorHandler
+from shared.schemas import DeadLetter, DetectionClass, DetectionEvent, Features
 from shared.topics import DETECTIONS, FEATURES_BODY, Topic, dead_letter_of, ensure_topics
 
 
@@ -93,6 +94,58 @@ async def test_poison_goes_to_the_dead_letter_topic_and_the_partition_moves_on(b
     finally:
         await check.stop()
     assert sum(c or 0 for c in committed) == 5
+
+
+class _CrashingExtractor(CropExtractorHandler):
+    """An optional extractor with a bug: a lookup file it needs is missing for one kind of event."""
+
+    name = "crash-test"
+    dead_letters = True
+
+    def __init__(self, topic: Topic):
+        super().__init__(1)
+        self.input_topics = (topic,)
+
+    async def handle(self, events):
+        if any(e.cls == DetectionClass.fawn for e in events):
+            raise FileNotFoundError(2, "No such file or directory", "/opt/models/missing-lut.bin")
+        return [Handled() for _ in events]
+
+
+async def test_an_optional_extractors_bug_is_dead_lettered_as_missing_not_retried_forever(broker):
+    """Every OSError was 'the infrastructure is down': a handler bug raising FileNotFoundError stopped
+    its partition for good, dead-lettering nothing; and an optional extractor's crash failed the whole
+    detection, where the design says the component is missing and the decision degraded."""
+    topic = Topic(f"test.crash.{uuid.uuid4().hex[:8]}", 1)
+    await ensure_topics(broker.bootstrap, (topic, dead_letter_of(topic)))
+    buggy, fine = detection(b"x"), detection(b"y")
+    buggy = buggy.model_copy(update={"cls": DetectionClass.fawn})
+    producer = producer_for(broker.bootstrap, "test")
+    await producer.start()
+    for event in (buggy, fine):
+        await producer.send_and_wait(topic.name, event.to_bytes(), key=b"k")
+    await producer.stop()
+    runner = BrokerRunner(_CrashingExtractor(topic), broker.bootstrap, batch_max=1, batch_wait_ms=10, max_retries=1,
+                          retry_backoff_ms=10, group=f"crash-{uuid.uuid4().hex[:8]}")
+    task = asyncio.create_task(runner.run())
+    try:
+        letters = [DeadLetter.from_bytes(r.value) for r in (await read_unique(
+            broker.bootstrap, dead_letter_of(topic).name, 1, lambda r: r.offset, timeout=30)).values()]
+        check = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=runner.group, enable_auto_commit=False)
+        await check.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while (await check.committed(TopicPartition(topic.name, 0)) or 0) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "the partition never moved past the bug"
+                await asyncio.sleep(0.2)
+        finally:
+            await check.stop()
+    finally:
+        runner.stop()
+        await task
+    assert len(letters) == 1 and letters[0].detection_id == buggy.detection_id
+    assert "missing-lut.bin" in letters[0].reason
+    assert letters[0].fails_detection is False  # coat, antler and pose are optional: missing, not failed
 
 
 class _Idle:

@@ -177,6 +177,38 @@ async def test_calibration_artifact_applies_only_to_its_embedding_versions(pg_ds
         await conn.close()
 
 
+def _broken(change) -> dict:
+    artifact = json.loads(json.dumps(_artifact({"m": "m:1"})))
+    change(artifact)
+    return artifact
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a["thresholds"].update(new=0.9, match=0.5), "above match"),
+    (lambda a: a["thresholds"].update(match=float("nan")), "number in"),
+    (lambda a: a["thresholds"].update(match=1.7), "number in"),
+    (lambda a: a["fusion"]["weights"].update({"body:m": float("nan")}), "finite"),
+    (lambda a: a["fusion"]["calibrations"]["body:m"].update(x=[0.9, 0.1, 0.5]), "not sorted"),
+    (lambda a: a["fusion"]["calibrations"]["body:m"].update(y=[0.5]), "equally long"),
+    (lambda a: a["fusion"]["calibrations"]["body:m"].update(prior=0.0), "prior"),
+    (lambda a: a["fusion"].pop("intercept"), "malformed"),
+    (lambda a: a["fusion"]["weights"].update({"coat:pattern": 1.0}), "no calibration for"),
+    (lambda a: a.update(embedding_versions=[]), "embedding_versions"),
+])
+async def test_a_calibration_with_bad_values_is_refused_before_it_can_stall_fusion(pg_dsn, change, message):
+    """Keys alone were checked: an artifact with new > match, NaN weights or unsorted knots was installed,
+    then every decision of its embedding versions raised."""
+    conn = await asyncpg.connect(pg_dsn)
+    await _init_connection(conn)
+    try:
+        active = await conn.fetchval("SELECT count(*) FROM calibrations WHERE active")
+        with pytest.raises(ArtifactError, match=message):
+            await install(conn, _broken(change))
+        assert await conn.fetchval("SELECT count(*) FROM calibrations WHERE active") == active
+    finally:
+        await conn.close()
+
+
 # ---- the labelled folder ----------------------------------------------------------------------
 
 @pytest.fixture
@@ -198,6 +230,25 @@ def tiny_folder(tmp_path, nyala_rows, nyala_paths):
                                 for n, items in enumerate(chosen)]
     (tmp_path / "sex.csv").write_text("\n".join(sexes) + "\n")
     return tmp_path
+
+
+def test_loo_refuses_a_folder_where_no_photo_can_be_a_query(tiny_folder, tmp_path, capsys):
+    """All of an identity's photos in one encounter left every query without a positive: top-1 0.0,
+    `queries: 0`, exit 0, as if measured."""
+    from deer_reid.cli import main
+    from deer_reid.evaluation.dataset import check_queryable
+
+    meta = (tiny_folder / "metadata.csv").read_text().splitlines()
+    one_encounter = [meta[0]] + [",".join(line.split(",")[:3] + [line.split(",")[1]]) for line in meta[1:]]
+    (tiny_folder / "metadata.csv").write_text("\n".join(one_encounter) + "\n")
+    assert main(["eval", str(tiny_folder), "--protocol", "loo", "--report", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "none of the 12 photos can be a query" in capsys.readouterr().err
+    # fewer than half: the run goes on, and says so
+    import dataclasses
+
+    samples = load_dataset(tiny_folder)
+    samples[0] = dataclasses.replace(samples[0], encounter="elsewhere")
+    assert "only 4 of 12 photos can be queries" in check_queryable(samples)
 
 
 def test_loo_protocol_on_a_tiny_real_folder(tiny_folder, tmp_path_factory):

@@ -130,8 +130,12 @@ async def test_two_detections_of_one_image_are_never_one_individual(stack, db, n
     d = await decided(stack, ids)
     placed = [x["individual_id"] for x in d if x["state"] in ("assigned", "new")]
     assert len(placed) == len(set(placed)), f"two boxes of one frame joined one individual: {placed}"
-    assert any(k["individual_id"] in x["result"]["cannot_link"] for x in d if x["result"]["cannot_link"]) or \
-        sum(1 for x in d if x["individual_id"] == k["individual_id"]) <= 1
+    # the box decided second was barred from the individual the first one joined
+    order = list(dict.fromkeys(r["detection_id"] for r in await db.fetch(
+        "SELECT detection_id FROM decisions WHERE detection_id = ANY($1::uuid[]) ORDER BY id", [x["id"] for x in d])))
+    first, second = (next(x for x in d if str(x["id"]) == str(i)) for i in order[:2])
+    assert first["state"] in ("assigned", "new"), f"the first box was not placed, nothing to bar: {first['state']}"
+    assert first["individual_id"] in second["result"]["cannot_link"], (first, second)
 
 
 async def test_a_component_that_never_arrives_is_decided_degraded_after_the_timeout(stack, db, nyala_paths, config):

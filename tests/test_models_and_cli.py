@@ -215,3 +215,19 @@ def test_home_is_accepted_before_or_after_a_nested_action():
     assert str(parser.parse_args(["review", "--home", "/tmp/b", "list"]).home) == "/tmp/b"
     assert str(parser.parse_args(["keys", "create", "--owner", "x", "--home", "/tmp/c"]).home) == "/tmp/c"
     assert parser.parse_args(["sites", "list"]).home is None
+
+
+def test_bench_re_executes_itself_with_its_own_arguments_not_the_callers(tmp_path):
+    """`bench` re-executes itself under jemalloc: it passed on sys.argv, so called as main([...]) from a
+    script (or a test) it ran the caller's arguments instead of its own."""
+    from deer_reid.stack import JEMALLOC
+
+    if not JEMALLOC.exists():
+        pytest.fail(f"{JEMALLOC} is missing: scripts/setup.sh installs it (bench re-executes only under it)")
+    out = tmp_path / "bench.json"
+    script = ("import sys; sys.argv = ['a-caller', '--flag-of-the-caller']; from deer_reid.cli import main; "
+              f"sys.exit(main(['bench', '--census', '60', '--json', {str(out)!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text())["detections"] == 60

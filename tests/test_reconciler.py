@@ -212,3 +212,45 @@ async def test_offsets_are_read_from_a_fresh_broker_round_after_round(broker):
         positions = await ledger.read_positions(broker.bootstrap, pairs)
         assert positions is not None and set(positions) == {(group, t.name) for t in topics}
         assert all(ledger.lag(p) == 0 for p in positions.values())
+
+
+async def test_stuck_work_behind_a_large_queued_backlog_is_found_in_the_same_round(pg_dsn):
+    """The reconciler read the 2,000 oldest overdue rows: with more queued than that, the same queued rows
+    came back every round and a stuck detection behind them waited for DEER_QUEUED_MAX_S."""
+    from shared.topics import DETECTIONS
+
+    queued_n = 2_100
+    conn = await asyncpg.connect(pg_dsn)
+    tag = uuid.uuid4().hex[:8]
+    try:
+        await conn.execute(
+            """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera, captured_at,
+                                   time_source)
+               SELECT encode(sha256(($1 || n)::bytea), 'hex'), 1, 64, 48, 'JPEG', 'q.jpg', 'starve-site', 'c', now(),
+                      'request' FROM generate_series(0, $2) n""", tag, queued_n)
+        await conn.execute(
+            """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, property,
+                                       state, published_partition, published_offset, updated_at)
+               SELECT gen_random_uuid(), encode(sha256(($1 || n)::bytea), 'hex'), 0, '{0,0,64,48}', 'doe',
+                      'starve-site', 'c', now(), '\\x00', 'default', 'extracting',
+                      CASE WHEN n < $2 THEN 0 END, CASE WHEN n < $2 THEN n END,
+                      now() - CASE WHEN n < $2 THEN interval '2 hours' ELSE interval '1 hour' END
+               FROM generate_series(0, $2) n""", tag, queued_n)
+        stuck = await conn.fetchval("SELECT id FROM detections WHERE site = 'starve-site' AND published_partition IS NULL")
+        # every queued one waits in a body partition that flows; the stuck one was never published
+        backlog = ledger.Backlog(ledger.Position({0: 0}, {0: 10 ** 9}), None, frozenset({(DETECTIONS.name, 0)}))
+        pool = await asyncpg.create_pool(pg_dsn, init=_init_connection, min_size=1, max_size=2)
+        try:
+            retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=10 ** 6)
+        finally:
+            await pool.close()
+        assert queued >= queued_n and failed == 0
+        assert await conn.fetchval("SELECT attempts FROM detections WHERE id = $1", stuck) == 1
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE detection_id = $1", stuck) == 1
+        assert await conn.fetchval("SELECT max(attempts) FROM detections WHERE site = 'starve-site' "
+                                   "AND published_partition IS NOT NULL") == 0
+    finally:
+        await conn.execute("DELETE FROM outbox WHERE detection_id IN (SELECT id FROM detections WHERE site = 'starve-site')")
+        await conn.execute("DELETE FROM detections WHERE site = 'starve-site'")
+        await conn.execute("DELETE FROM images WHERE site = 'starve-site'")
+        await conn.close()

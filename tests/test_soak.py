@@ -29,6 +29,13 @@ def test_fault_plan_spreads_every_fault_over_the_middle_of_the_run():
     assert len(soak.fault_plan(12)) == len(soak.FAULT_ORDER)  # tiny runs still get every fault, at distinct points
 
 
+def test_a_soak_with_a_failed_detection_exits_non_zero():
+    clean = {"lost": 0, "decided_twice": 0, "failed": 0}
+    assert soak.exit_status(clean) == 0
+    for key in clean:
+        assert soak.exit_status({**clean, key: 1}) == 1, key
+
+
 def test_counter_total_follows_restarts():
     total = soak.CounterTotal()
     for sample in (5, 9, 12, 2, 7, 7, 0, 4):  # restarted after 12 (from 0 to 2) and after 7 (to 0)

@@ -7,17 +7,15 @@ import signal
 import time
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from deer_reid.ingest import ingest as ingest_path
 from deer_reid.ingest import upload_all, wait_terminal
 from services.reconciler.ledger import event_from_row
 from shared.broker import producer_for
-from shared.schemas import DetectionResult
 from shared.states import TERMINAL
-from shared.topics import DETECTIONS, RESULTS
+from shared.topics import DETECTIONS
 from tests.conftest import tar_of, zip_of
-from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, ingest_through_fault
+from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, ingest_through_fault, results_for, results_from_now
 
 pytestmark = pytest.mark.stack
 
@@ -84,24 +82,14 @@ async def test_the_same_event_twice_has_no_second_effect(stack, db, nyala_paths)
     before = await db.fetch("SELECT id, state, individual_id, score FROM detections WHERE site = 'twice' ORDER BY id")
     individuals = await db.fetchval("SELECT count(*) FROM individuals WHERE site = 'twice'")
 
-    results = AIOKafkaConsumer(RESULTS.name, bootstrap_servers=stack.bootstrap, auto_offset_reset="latest",
-                               group_id="test-twice")
-    await results.start()
-    await asyncio.sleep(2)  # let the group settle at the end of the topic
     rows = await db.fetch("SELECT * FROM detections WHERE id = ANY($1::uuid[])", ids)
-    producer = producer_for(stack.bootstrap, "test")
-    await producer.start()
-    for row in rows:
-        await producer.send_and_wait(DETECTIONS.name, event_from_row(row).to_bytes(), key=str(row["id"]).encode())
-    await producer.stop()
-    seen = set()
-    deadline = time.monotonic() + 120
-    try:
-        while not set(ids) <= seen and time.monotonic() < deadline:
-            for records in (await results.getmany(timeout_ms=500)).values():
-                seen.update(str(DetectionResult.from_bytes(r.value).detection_id) for r in records)
-    finally:
-        await results.stop()
+    async with results_from_now(stack) as results:
+        producer = producer_for(stack.bootstrap, "test")
+        await producer.start()
+        for row in rows:
+            await producer.send_and_wait(DETECTIONS.name, event_from_row(row).to_bytes(), key=str(row["id"]).encode())
+        await producer.stop()
+        seen = await results_for(results, ids)
     assert set(ids) <= seen, "the redelivered events were not processed"
     after = await db.fetch("SELECT id, state, individual_id, score FROM detections WHERE site = 'twice' ORDER BY id")
     assert [dict(r) for r in after] == [dict(r) for r in before]

@@ -96,3 +96,28 @@ def load_dataset(root: Path) -> list[Sample]:
             site=(row.get("site") or "").strip() or None, camera=(row.get("camera") or "").strip() or None,
         ))
     return samples
+
+
+def queries_with_a_positive(samples: list[Sample]) -> int:
+    """How many samples can be a leave-one-encounter-out query: another photo of the same identity in
+    another encounter exists. Pure."""
+    encounters: dict[str, set[str]] = {}
+    for s in samples:
+        encounters.setdefault(s.identity, set()).add(s.encounter)
+    return sum(1 for s in samples if len(encounters[s.identity]) > 1)
+
+
+def check_queryable(samples: list[Sample]) -> str | None:
+    """Refuse a retrieval run that would measure nothing; a warning when fewer than half can be queries.
+    (All of an identity's photos in one encounter is a natural layout for a folder without sightings: it
+    leaves every query without a positive, and top-1 would read 0.0 as if measured.)"""
+    n = queries_with_a_positive(samples)
+    if n == 0:
+        raise DatasetError(
+            f"none of the {len(samples)} photos can be a query: every identity's photos share one encounter, so "
+            "no photo has a match in another encounter. Give each sighting its own `encounter` (or leave the "
+            "column out: each photo is then its own encounter)")
+    if n < len(samples) / 2:
+        return (f"only {n} of {len(samples)} photos can be queries (the others' identities were seen in one "
+                "encounter only); the figures speak for those")
+    return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from datetime import datetime, timezone
@@ -11,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deer_reid.evaluation import calibration as cal
-from deer_reid.evaluation.dataset import Sample, identities_in_seeded_order, load_dataset
+from deer_reid.evaluation.dataset import Sample, check_queryable, identities_in_seeded_order, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
 from deer_reid.evaluation.antler import antler_features, males, notes
 from deer_reid.evaluation.coat import (
@@ -34,6 +35,8 @@ from services.fusion.scoring import FusionModel
 from shared.config import Settings
 from shared.models import read_card
 from shared.schemas import sex_of
+
+log = logging.getLogger(__name__)
 
 TEMPORAL_OFF = ("Temporal priors were switched off for this run: the data has no capture times or places, and "
                 "the fallback time every upload needs would be an invented habit. Their effect on accuracy cannot "
@@ -142,6 +145,9 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         # Antlers are a male feature: the run is restricted to the males, for every component alike.
         male_samples, antler_notes = males(data, samples)
         samples = reindexed(male_samples)
+    few_queries = check_queryable(samples)  # refuses a run with no query at all, before any embedding
+    if few_queries:
+        log.warning("eval: %s", few_queries)
     embeddings, models = embed_samples(samples, names, settings, allow_random=allow_random, progress=progress)
     ids = [s.identity for s in samples]
     enc = [s.encounter for s in samples]
@@ -199,6 +205,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
                                        "(no evidence where either is unknown)")
     unfitted = fused_similarity(per_component, None, spec_weights)
     result = _base("loo", mode, data, samples, seed)
+    if few_queries:
+        result["warnings"] = [few_queries]
     result.update({
         "never_trained_on": fairness,
         "body_models": names,

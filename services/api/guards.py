@@ -17,6 +17,7 @@ Pure ASGI middleware: nothing buffers or re-reads the body.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import math
 import time
@@ -66,15 +67,43 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
+def parse_networks(text: str) -> tuple:
+    """`DEER_TRUSTED_PROXIES`: comma-separated addresses or networks (10.0.0.0/8, ::1)."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+
+
+def client_address(scope, trusted: tuple) -> str:
+    """Who sent the request: the socket's peer, unless that peer is a proxy we trust (an ingress, a load
+    balancer); then the nearest address in X-Forwarded-For that is not one of ours. Without trusted
+    proxies the header is ignored: anyone can write it."""
+    peer = (scope.get("client") or ("unknown", 0))[0]
+    if not trusted or not _in(peer, trusted):
+        return peer
+    forwarded = _header(scope, b"x-forwarded-for") or ""
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if not _in(hop, trusted):
+            return hop if _in(hop, None) else peer  # a hop that is not an address: the proxy itself counts
+    return peer
+
+
+def _in(address: str, networks: tuple | None) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return networks is None or any(ip in n for n in networks)
+
+
 class RateLimit:
-    def __init__(self, app, per_s: float, burst: int, clock=time.monotonic):
+    def __init__(self, app, per_s: float, burst: int, clock=time.monotonic, trusted_proxies: tuple = ()):
         self.app, self.clock = app, clock
         self.buckets = TokenBuckets(per_s, burst)
+        self.trusted = trusted_proxies
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             return await self.app(scope, receive, send)
-        client = (scope.get("client") or ("unknown", 0))[0]
+        client = client_address(scope, self.trusted)
         wait = self.buckets.take(client, self.clock())
         if wait > 0:
             EVENTS.labels("api", "rate-limited").inc()

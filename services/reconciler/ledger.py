@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Awaitable, Callable, Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
-from shared.broker import TRANSIENT, Handled, produce_retry_delay, producer_for
+from shared.broker import Handled, is_transient, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import DETECTIONS_BY_STATE, ERRORS, GROUP_LAG
 from shared.pipeline import expected_components
@@ -28,6 +30,8 @@ from shared.topics import DEAD_LETTERS, DETECTIONS, FEATURES_ANTLER, FEATURES_BO
 log = logging.getLogger(__name__)
 
 _PENDING = sorted(PENDING)
+RECONCILE_PAGE = 2000  # overdue detections read and judged in one transaction
+RECONCILE_MAX_PAGES = 100  # a round looks at up to 200,000 of them: a season's backlog and more
 
 
 async def pipeline_config(conn: asyncpg.Connection) -> PipelineConfig:
@@ -216,40 +220,66 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
     rows are read at two moments, and a detection passing from one queue to the next between them looked
     stuck for one round. Returns (re-enqueued, failed, queued).
     """
-    async with pool.acquire() as conn, conn.transaction():
-        overdue = await conn.fetch(
-            """SELECT id, state, attempts, published_partition, published_offset,
-                      extract(epoch FROM now() - updated_at) AS waited FROM detections d
-               WHERE state = ANY($1::text[])
-                 AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 3)))
-                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.detection_id = d.id)
-               ORDER BY updated_at LIMIT 2000 FOR UPDATE SKIP LOCKED""", _PENDING, stuck_after_s)
-        queued = [r["id"] for r in overdue if backlog is not None and r["waited"] < queued_max_s
-                  and backlog.queued(r["state"], r["published_partition"], r["published_offset"])]
-        waiting = set(queued)
-        stuck = [r for r in overdue if r["id"] not in waiting]
-        if suspects is not None:
-            confirmed = [r for r in stuck if r["id"] in suspects]
-            suspects.clear()
-            suspects.update({r["id"] for r in stuck} - {r["id"] for r in confirmed})
-            stuck = confirmed
-        fail = [r["id"] for r in stuck if r["attempts"] + 1 >= max_attempts]
-        retry = [r["id"] for r in stuck if r["attempts"] + 1 < max_attempts]
-        await conn.execute(
-            """UPDATE detections SET attempts = attempts + 1, updated_at = now(), state = 'failed',
-                   state_reason = format('no progress after %s attempts', attempts + 1)
-               WHERE id = ANY($1::uuid[])""", fail)
-        await conn.execute("UPDATE detections SET attempts = attempts + 1, updated_at = now() "
-                           "WHERE id = ANY($1::uuid[])", retry)
-        if retry:
-            await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])", retry)
-            await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
-        if queued:
-            log.info("reconciler: %d overdue detections are queued behind others, not stuck", len(queued))
-        if stuck:
-            log.warning("reconciler: re-enqueued %d stuck detections, failed %d (%d queued, not stuck)",
-                        len(retry), len(fail), len(queued))
-        return len(retry), len(fail), len(queued)
+    totals = [0, 0, 0]
+    seen_stuck: set = set()
+    after: tuple = (datetime.min.replace(tzinfo=timezone.utc), uuid.UUID(int=0))
+    # Page through every overdue detection, oldest first: rows judged queued are left as they are, and a
+    # single page would bring the same oldest queued rows back every round, starving stuck work behind them.
+    for _ in range(RECONCILE_MAX_PAGES):
+        async with pool.acquire() as conn, conn.transaction():
+            overdue = await conn.fetch(
+                """SELECT id, state, attempts, published_partition, published_offset, updated_at,
+                          extract(epoch FROM now() - updated_at) AS waited FROM detections d
+                   WHERE state = ANY($1::text[])
+                     AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 3)))
+                     AND (updated_at, id) > ($3, $4)
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.detection_id = d.id)
+                   ORDER BY updated_at, id LIMIT $5 FOR UPDATE SKIP LOCKED""",
+                _PENDING, stuck_after_s, after[0], after[1], RECONCILE_PAGE)
+            if not overdue:
+                break
+            after = (overdue[-1]["updated_at"], overdue[-1]["id"])
+            retried, failed, queued = await _reconcile_page(conn, overdue, max_attempts, backlog, queued_max_s,
+                                                            suspects, seen_stuck)
+            totals = [totals[0] + retried, totals[1] + failed, totals[2] + queued]
+        if len(overdue) < RECONCILE_PAGE:
+            break
+    if suspects is not None:
+        suspects.clear()
+        suspects.update(seen_stuck)
+    retried, failed, queued = totals
+    if queued:
+        log.info("reconciler: %d overdue detections are queued behind others, not stuck", queued)
+    if retried or failed:
+        log.warning("reconciler: re-enqueued %d stuck detections, failed %d (%d queued, not stuck)",
+                    retried, failed, queued)
+    return retried, failed, queued
+
+
+async def _reconcile_page(conn: asyncpg.Connection, overdue: list, max_attempts: int, backlog: Backlog | None,
+                          queued_max_s: float, suspects: set | None, seen_stuck: set) -> tuple[int, int, int]:
+    """One page of overdue detections, in the page's transaction: queued ones left be, stuck ones
+    re-published (confirmed by a second round when `suspects` is kept) or failed out of attempts."""
+    queued = [r["id"] for r in overdue if backlog is not None and r["waited"] < queued_max_s
+              and backlog.queued(r["state"], r["published_partition"], r["published_offset"])]
+    waiting = set(queued)
+    stuck = [r for r in overdue if r["id"] not in waiting]
+    if suspects is not None:
+        confirmed = [r for r in stuck if r["id"] in suspects]
+        seen_stuck.update({r["id"] for r in stuck} - {r["id"] for r in confirmed})
+        stuck = confirmed
+    fail = [r["id"] for r in stuck if r["attempts"] + 1 >= max_attempts]
+    retry = [r["id"] for r in stuck if r["attempts"] + 1 < max_attempts]
+    await conn.execute(
+        """UPDATE detections SET attempts = attempts + 1, updated_at = now(), state = 'failed',
+               state_reason = format('no progress after %s attempts', attempts + 1)
+           WHERE id = ANY($1::uuid[])""", fail)
+    await conn.execute("UPDATE detections SET attempts = attempts + 1, updated_at = now() "
+                       "WHERE id = ANY($1::uuid[])", retry)
+    if retry:
+        await conn.execute("INSERT INTO outbox (detection_id) SELECT unnest($1::uuid[])", retry)
+        await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+    return len(retry), len(fail), len(queued)
 
 
 async def announce_due_joins(pool: asyncpg.Pool, producer: AIOKafkaProducer, join_timeout_s: float,
@@ -355,13 +385,11 @@ class Reconciler(DeadLetterRecorder):
                 await round_()
             except asyncio.CancelledError:
                 raise
-            except TRANSIENT as exc:
-                self._failed(name, exc, failures, transient=True)
-                delay = produce_retry_delay(exc, failures, 0.5)  # the broker or database is away: back soon
-                failures += 1
             except Exception as exc:  # noqa: BLE001 - a loop must outlive any bug in one round
-                self._failed(name, exc, failures, transient=False)
-                delay = min(0.5 * 2 ** min(failures, 6), 30.0)
+                transient = is_transient(exc)
+                self._failed(name, exc, failures, transient=transient)
+                # the broker or database away: back soon; a bug: back off up to 30 s
+                delay = produce_retry_delay(exc, failures, 0.5) if transient else min(0.5 * 2 ** min(failures, 6), 30.0)
                 failures += 1
             else:
                 if name in self.down:

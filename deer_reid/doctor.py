@@ -1,13 +1,15 @@
 """`deer-reid doctor`: what a working install needs, checked one item at a time, each with its fix.
 
 An item is `ok`, `missing` (the default run cannot work without it: exit 1) or `optional` (something is
-lost without it, and the item says what). Checks only look: nothing is installed, started or fetched.
+lost without it, and the item says what). Checks only look: nothing is installed, started or downloaded
+(weights shipped inside an installed package are copied into the model cache, as a first run would).
 """
 from __future__ import annotations
 
 import shutil
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,8 +135,10 @@ def keypoint_stack(settings: Settings) -> list[Check]:
 
     out = []
     try:
-        import mmcv.ops  # noqa: F401
-        import mmpose.apis  # noqa: F401
+        with warnings.catch_warnings():  # OpenMMLab's own deprecation notices are not the user's to read
+            warnings.simplefilter("ignore")
+            import mmcv.ops  # noqa: F401
+            import mmpose.apis  # noqa: F401
 
         out.append(_ok("mmcv/mmpose", "installed"))
     except Exception as exc:  # noqa: BLE001 - a half-installed OpenMMLab raises more than ImportError

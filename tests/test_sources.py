@@ -273,3 +273,26 @@ def test_doctor_passes_here_and_names_what_breaks_the_default_run(tmp_path):
     assert status == 1 and "2 item(s) missing" in text
     assert report([Check("x", "optional", "lost: y", "do z")]) == ("[optional] x: lost: y\n           fix: do z\n"
                                                                    "the default run can work", 0)
+
+
+def test_megadetector_items_refuse_a_huge_file_unread_and_take_classes_per_image(tmp_path):
+    from deer_reid.ingest_sources import megadetector_items, read_cls_map
+
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:  # a sparse gigabyte: refused by its size, never read
+        f.truncate(1 << 30)
+    with pytest.raises(megadetector.MegaDetectorError, match="1024 MB"):
+        megadetector_items(tmp_path, huge, min_conf=0.2, cls="unknown")
+    (tmp_path / "cam").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "cam" / name).write_bytes(distinct_jpeg(120, 90, f"cls/{name}"))
+    (tmp_path / "md.json").write_text(md_doc([{"file": "cam/a.jpg", "detections": [box()]},
+                                              {"file": "cam/b.jpg", "detections": [box()]}]))
+    (tmp_path / "cls.csv").write_text("file,cls\ncam\\a.jpg,buck\n")
+    items, report = megadetector_items(tmp_path, tmp_path / "md.json", min_conf=0.2, cls="doe",
+                                       cls_map=read_cls_map(tmp_path / "cls.csv"))
+    classes = {i.label: json.loads(i.fields["detections"])[0]["cls"] for i in items}
+    assert classes == {"cam/a.jpg": "buck", "cam/b.jpg": "doe"} and report["refused_entries"] == []
+    (tmp_path / "bad.csv").write_text("file,cls\ncam/a.jpg,unicorn\n")
+    with pytest.raises(ValueError, match="row 2"):
+        read_cls_map(tmp_path / "bad.csv")

@@ -46,14 +46,13 @@ fi
 
 # The pose service's AP-10K keypoint stack (OpenMMLab): mmcv is compiled once (about 19 minutes on two
 # cores) and cached in the user's cache, so it is installed only where something uses it: the tests
-# (--tests), DEER_POSE_KEYPOINTS=1, or AP-10K weights in the model cache. Without it the pose service runs its viewpoint classifier and says so on /healthz.
-model_cache=${DEER_MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deer-reid/models}
-need_pose=$for_tests
-[ "${DEER_POSE_KEYPOINTS:-0}" = 1 ] && need_pose=1
-compgen -G "$model_cache/*ap10k*/*.pth" >/dev/null && need_pose=1
+# (--tests), DEER_POSE_KEYPOINTS=1, or AP-10K weights in the model cache (scripts/needs_keypoints.sh).
+# Without it the pose service runs its viewpoint classifier and says so on /healthz.
+why_pose=$(bash scripts/needs_keypoints.sh "$@")
 pose_stamp=.venv/.deer-reid-pose-installed
 pose_want=$(cat requirements/pose.txt scripts/build_wheels.sh | sha256sum | cut -d' ' -f1)
-if [ "$need_pose" = 1 ] && { [ ! -f "$pose_stamp" ] || [ "$(cat "$pose_stamp")" != "$pose_want" ]; }; then
+if [ -n "$why_pose" ] && { [ ! -f "$pose_stamp" ] || [ "$(cat "$pose_stamp")" != "$pose_want" ]; }; then
+  echo "setup: installing the pose keypoint stack ($why_pose)" >&2
   # mmcv and xtcocotools come from scripts/build_wheels.sh; the rest is pinned and installed without
   # their own requirements (see requirements/pose.txt).
   mapfile -t wheels < <(bash scripts/build_wheels.sh)

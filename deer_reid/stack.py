@@ -308,6 +308,27 @@ def read_state(home: Path) -> dict | None:
         return None
 
 
+def service_health(state: dict, name: str, metrics_host: str) -> dict | str:
+    """A running stack's service's own /healthz document (a 503 carries it too), or why there is none."""
+    import urllib.error
+    import urllib.request
+
+    port = state.get("services", {}).get(name, {}).get("metrics_port")
+    if not port:
+        return "no health endpoint"
+    url = f"{state['api_url']}/healthz" if name == "api" else f"http://{metrics_host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as answer:
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready, with the same document
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return f"unreachable: {exc}"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

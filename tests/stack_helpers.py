@@ -211,3 +211,14 @@ def api_on_new_database(server_dsn: str, home, owner: str = "tester", **settings
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+async def row_counts(dsn: str, tables: tuple[str, ...]) -> dict[str, int]:
+    """{table: rows} of the database at `dsn` (what a refused request must leave as it was)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in tables}
+    finally:
+        await conn.close()

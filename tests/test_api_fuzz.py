@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.stack_helpers import api_on_new_database
+from tests.stack_helpers import api_on_new_database, row_counts
 
 EXAMPLES = 12  # generated requests per operation (each sent with and without a key where it changes state)
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -30,14 +29,7 @@ def fuzz_api(pg_dsn, tmp_path_factory):
 
 
 def stored(fuzz_api) -> dict:
-    async def count() -> dict:
-        conn = await asyncpg.connect(fuzz_api["dsn"])
-        try:
-            return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in COUNTED}
-        finally:
-            await conn.close()
-
-    out = asyncio.run(count())
+    out = asyncio.run(row_counts(fuzz_api["dsn"], COUNTED))
     blobs = fuzz_api["blobs"]
     out["blobs"] = sum(1 for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else 0
     return out

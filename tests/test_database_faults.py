@@ -11,32 +11,25 @@ import signal
 import subprocess
 import time
 
-import asyncpg
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from deer_reid.ingest import wait_terminal
 from shared.states import TERMINAL
-from tests.stack_helpers import WAIT_S, ingest, until
+from tests.stack_helpers import WAIT_S, ingest, row_counts, until
 from tests.megadetector_tool import reencoded
 
+UPLOADED = ("images", "detections", "outbox")
 FIELDS = {"site": "db-fault", "camera": "c", "captured_at": "2025-11-04T06:00:00Z"}
 
 
 def jpeg(seed: int, side: int = 64) -> bytes:
     out = io.BytesIO()
-    rng = __import__("numpy").random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype="uint8")).save(out, format="JPEG", quality=95)
     return out.getvalue()
-
-
-async def rows(dsn: str) -> dict:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in ("images", "detections", "outbox")}
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -101,7 +94,7 @@ async def test_uploads_while_the_database_is_down_answer_503_and_store_nothing(o
         metrics = (await api.get("/metrics")).text
         assert 'deer_errors_total{kind="database-away",service="api"}' in metrics
     await app.state.pool.close()
-    assert await rows(dsn) == {"images": 2, "detections": 2, "outbox": 2}  # 1 and 4; nothing of 2 and 3
+    assert await row_counts(dsn, UPLOADED) == {"images": 2, "detections": 2, "outbox": 2}  # 1 and 4; nothing of 2 and 3
 
 
 async def test_a_full_image_store_refuses_uploads_507_and_nothing_else(own_database, tmp_path):
@@ -127,7 +120,7 @@ async def test_a_full_image_store_refuses_uploads_507_and_nothing_else(own_datab
             r = await api.post("/v1/uploads", data=FIELDS, files=[("files", ("big.jpg", big, "image/jpeg"))])
             assert r.status_code == 507 and "full" in r.json()["error"], r.text
             assert [p for p in store.rglob("*") if p.is_file()] == []  # no partial file stays behind
-            assert await rows(dsn) == {"images": 0, "detections": 0, "outbox": 0}
+            assert await row_counts(dsn, UPLOADED) == {"images": 0, "detections": 0, "outbox": 0}
             small = await api.post("/v1/uploads", data=FIELDS, files=[("files", ("s.jpg", jpeg(8), "image/jpeg"))])
             assert small.status_code == 201  # the rest of the API is undisturbed
         await app.state.pool.close()

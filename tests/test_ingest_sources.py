@@ -12,18 +12,10 @@ from PIL import Image
 
 from deer_reid.cli import main
 from tests.megadetector_tool import reencoded
-from tests.stack_helpers import api_on_new_database, register
+from tests.stack_helpers import api_on_new_database, register, row_counts
 from tests.test_sources import box, edit_csv, md_doc, write_package
 
 pytestmark = pytest.mark.stack
-
-
-async def counts(dsn: str) -> dict:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in ("images", "detections", "sites")}
-    finally:
-        await conn.close()
 
 
 def cli(monkeypatch, api_url: str, key: str, *argv: str) -> int:
@@ -138,12 +130,12 @@ async def test_camtrap_dp_package_ingests_with_bad_rows_named_and_the_rest_store
     assert label == "buck-3"
     # a package without its media table is refused whole, before anything is sent
     broken = write_package(tmp_path / "broken", drop="media", seed="stack-broken")
-    before = await counts(stack.dsn)
+    before = await row_counts(stack.dsn, ("images", "detections", "sites"))
     capsys.readouterr()
     status = await asyncio.to_thread(cli, monkeypatch, stack.api_url, stack.admin_key, "ingest", str(broken),
                                      "--camtrap-dp", "--property", "ct-broken", "--quiet")
     assert status == 2 and "resource 'media' is missing" in capsys.readouterr().err
-    assert await counts(stack.dsn) == before
+    assert await row_counts(stack.dsn, ("images", "detections", "sites")) == before
 
 
 async def identity_of_media(dsn: str, prop: str) -> dict:

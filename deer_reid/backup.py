@@ -10,9 +10,18 @@ Consistency while the stack runs: the dump is taken first, in one snapshot; an i
 before the upload's transaction commits, so every image row in the snapshot has its blob on disk when
 the blobs are copied after it (blobs of later uploads come along too, and are harmless).
 
+A property's backup (`--property P`) holds the same kinds of things for one property only: `schema.dump`
+(pg_dump's schema, no rows) and `tables/*.copy` (each table's rows of that property, COPY'd in the same
+snapshot, in PostgreSQL's binary format), the blobs of the property's images, and the trained models.
+`PROPERTY_ROWS` says which rows of each table belong to a property; a table it does not name refuses the
+backup, so a migration that adds one cannot be left out unseen. API keys are never in a property's backup
+(they open the whole stack); the stack-wide settings and the calibrations fitted for every property are.
+
 Restore goes into an empty home only (or `--force`), checks every checksum before touching anything,
 restores the dump into a fresh embedded PostgreSQL there, copies the blobs and models, and applies the
-migrations newer than the backup's.
+migrations newer than the backup's. A property's backup restores the same way: schema, then its rows, then
+the indexes and keys (which check that the rows hold together), then the id counters past the restored ids.
+It goes into an empty home only: ids are kept as they were, and another stack's ids would collide.
 """
 from __future__ import annotations
 
@@ -28,7 +37,35 @@ from shared.models import sha256_of
 FORMAT = "deer-reid-backup"
 FORMAT_VERSION = 1
 DUMP = "database.dump"
+SCHEMA = "schema.dump"
 MANIFEST = "manifest.json"
+
+_OF_DETECTIONS = "detection_id IN (SELECT id FROM detections WHERE property = $1)"
+# Which rows of each table a property's backup holds ($1: the property); None: not in it.
+PROPERTY_ROWS: dict[str, str | None] = {
+    "schema_migrations": "true",
+    "runtime_config": "true",  # the stack-wide switches the property's decisions ran under
+    "runtime_config_history": "true",
+    "properties": "name = $1",
+    "sites": "property = $1",
+    "images": "sha256 IN (SELECT image_sha256 FROM detections WHERE property = $1) "
+              "OR site IN (SELECT name FROM sites WHERE property = $1)",
+    "individuals": "property = $1",
+    "detections": "property = $1",
+    "outbox": _OF_DETECTIONS,
+    "embeddings": _OF_DETECTIONS,
+    "detection_features": _OF_DETECTIONS,
+    "coat_patterns": _OF_DETECTIONS,
+    "antler_fingerprints": _OF_DETECTIONS,
+    "decisions": _OF_DETECTIONS,
+    "calibrations": "property IS NULL OR property = $1",  # the stack-wide ones are in force for it too
+    "api_keys": None,
+    "audit_log": "property = $1",
+    "identity_edges": "property = $1",
+    "census_runs": "property = $1",
+    "census_questions": "property = $1",
+    "identity_answers": "property = $1",
+}
 
 
 class BackupError(RuntimeError):
@@ -51,10 +88,13 @@ def _tool(name: str) -> str:
     return path
 
 
-def _copy_tree(source: Path, target: Path, files: dict, prefix: str) -> None:
+def _copy_tree(source: Path, target: Path, files: dict, prefix: str, only: set[str] | None = None) -> None:
+    """Copy every file under `source` (or only those named in `only`: blobs are named by their sha256)."""
     if not source.exists():
         return
     for path in sorted(p for p in source.rglob("*") if p.is_file() and not p.name.endswith(".partial")):
+        if only is not None and path.name not in only:
+            continue
         rel = path.relative_to(source)
         dest = target / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +110,8 @@ def trained_models(model_cache: Path) -> list[Path]:
     return sorted(p.parent for p in Path(model_cache).glob(f"*/{CARD_FILE}"))
 
 
-def backup(dsn: str, out: Path, *, blobs: Path, model_cache: Path) -> dict:
-    """Write a backup of everything the stack at `dsn` holds into the new folder `out`."""
+def backup(dsn: str, out: Path, *, blobs: Path, model_cache: Path, prop: str | None = None) -> dict:
+    """Write a backup of everything the stack at `dsn` holds, or of one property, into the new folder `out`."""
     import asyncio
 
     out = Path(out)
@@ -79,43 +119,70 @@ def backup(dsn: str, out: Path, *, blobs: Path, model_cache: Path) -> dict:
         raise BackupError(f"{out} is not empty: back up into a new folder")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    migrations, counts = asyncio.run(_dump(dsn, out / DUMP))
+    migrations, counts, images = asyncio.run(_dump(dsn, out, prop))
     dump_s = time.monotonic() - started
-    files = {DUMP: {"sha256": sha256_of(out / DUMP), "bytes": (out / DUMP).stat().st_size}}
-    _copy_tree(Path(blobs), out / "blobs", files, "blobs")
+    files = {rel.relative_to(out).as_posix(): {"sha256": sha256_of(rel), "bytes": rel.stat().st_size}
+             for rel in sorted([out / DUMP] if prop is None else [out / SCHEMA, *(out / "tables").glob("*.copy")])}
+    database_bytes = sum(f["bytes"] for f in files.values())
+    _copy_tree(Path(blobs), out / "blobs", files, "blobs", only=images)
     for folder in trained_models(model_cache):
         _copy_tree(folder, out / "models" / folder.name, files, f"models/{folder.name}")
     version = subprocess.run([_tool("pg_dump"), "--version"], capture_output=True, text=True).stdout.strip()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "deer_reid": _version(),
                 "created": datetime.now(timezone.utc).isoformat(), "pg_dump": version, "migrations": migrations,
-                "rows": counts, "files": files}
+                "property": prop, "rows": counts, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return {"folder": str(out), "files": len(files), "bytes": sum(f["bytes"] for f in files.values()),
-            "database_bytes": files[DUMP]["bytes"], "dump_s": round(dump_s, 2),
-            "total_s": round(time.monotonic() - started, 2), "rows": counts}
+    return {"folder": str(out), "property": prop, "files": len(files),
+            "bytes": sum(f["bytes"] for f in files.values()), "database_bytes": database_bytes,
+            "dump_s": round(dump_s, 2), "total_s": round(time.monotonic() - started, 2), "rows": counts}
 
 
-async def _dump(dsn: str, target: Path) -> tuple[list[str], dict[str, int]]:
-    """pg_dump inside a snapshot this connection exports and holds: the rows counted for the manifest are
-    exactly the rows in the dump, whatever the running stack writes meanwhile."""
+async def _pg_dump(dsn: str, snapshot: str, target: Path, *options: str) -> None:
     import asyncio
 
+    proc = await asyncio.create_subprocess_exec(
+        _tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--snapshot={snapshot}", *options,
+        f"--file={target}", "--dbname", dsn, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise BackupError(f"pg_dump failed: {err.decode(errors='replace').strip()[-2000:]}")
+
+
+async def _dump(dsn: str, out: Path, prop: str | None) -> tuple[list[str], dict[str, int], set[str] | None]:
+    """pg_dump inside a snapshot this connection exports and holds: the rows counted for the manifest are
+    exactly the rows in the dump, whatever the running stack writes meanwhile. For a property, its rows are
+    copied out in the same snapshot; returns the sha256 of its images then (None: every image)."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
-            migrations, counts = await _describe(conn)
-            proc = await asyncio.create_subprocess_exec(
-                _tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--snapshot={snapshot}",
-                f"--file={target}", "--dbname", dsn, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            _, err = await proc.communicate()
-            if proc.returncode != 0:
-                raise BackupError(f"pg_dump failed: {err.decode(errors='replace').strip()[-2000:]}")
+            if prop is None:
+                migrations, counts = await _describe(conn)
+                await _pg_dump(dsn, snapshot, out / DUMP)
+                return migrations, counts, None
+            if not await conn.fetchval("SELECT count(*) FROM properties WHERE name = $1", prop):
+                raise BackupError(f"no property {prop!r}")
+            migrations, counts = await _describe(conn, prop)
+            tables = {r["tablename"] for r in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            unknown = sorted(tables - set(PROPERTY_ROWS))
+            if unknown:
+                raise BackupError(f"table(s) {', '.join(unknown)} have no rule for a property's backup "
+                                  "(deer_reid/backup.py PROPERTY_ROWS): nothing written")
+            await _pg_dump(dsn, snapshot, out / SCHEMA, "--schema-only")
+            (out / "tables").mkdir()
+            for table in sorted(tables):
+                if PROPERTY_ROWS[table] is not None:
+                    rule = PROPERTY_ROWS[table]
+                    await conn.copy_from_query(f"SELECT * FROM {table} WHERE {rule}", *([prop] if "$1" in rule else []),
+                                               output=str(out / "tables" / f"{table}.copy"), format="binary")
+            images = {r["sha256"] for r in await conn.fetch(
+                f"SELECT sha256 FROM images WHERE {PROPERTY_ROWS['images']}", prop)}
+            return migrations, counts, images
     finally:
         await conn.close()
-    return migrations, counts
 
 
 def _version() -> str:
@@ -130,19 +197,25 @@ def _version() -> str:
 COUNTED = ("images", "detections", "individuals", "audit_log", "identity_answers", "calibrations", "api_keys")
 
 
-async def _describe(conn) -> tuple[list[str], dict[str, int]]:
+async def _describe(conn, prop: str | None = None) -> tuple[list[str], dict[str, int]]:
+    """The migrations applied and the rows of the counted tables (of one property's backup, or all)."""
     migrations = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations ORDER BY version")]
     tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    counts = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in COUNTED if t in tables}
+    counted = [t for t in COUNTED if t in tables and (prop is None or PROPERTY_ROWS.get(t) is not None)]
+    if prop is None:
+        counts = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in counted}
+    else:
+        counts = {t: await conn.fetchval(f"SELECT count(*) FROM {t} WHERE {PROPERTY_ROWS[t]}",
+                                         *([prop] if "$1" in PROPERTY_ROWS[t] else [])) for t in counted}
     return migrations, counts
 
 
-async def _describe_dsn(dsn: str) -> tuple[list[str], dict[str, int]]:
+async def _describe_dsn(dsn: str, prop: str | None = None) -> tuple[list[str], dict[str, int]]:
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:
-        return await _describe(conn)
+        return await _describe(conn, prop)
     finally:
         await conn.close()
 
@@ -168,6 +241,44 @@ def verify(folder: Path) -> dict:
     if bad:
         raise BackupError(f"{len(bad)} file(s) of the backup are damaged, nothing restored: " + "; ".join(bad[:10]))
     return manifest
+
+
+def _pg_restore(dsn: str, dump: Path, *options: str) -> None:
+    done = subprocess.run([_tool("pg_restore"), "--no-owner", "--no-privileges", "--exit-on-error", *options,
+                           "--dbname", dsn, str(dump)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BackupError(f"pg_restore failed: {done.stderr.strip()[-2000:]}")
+
+
+async def _load_tables(dsn: str, folder: Path, files: list[str]) -> None:
+    """A property's rows into the tables the schema made (before their keys exist: any order), in one
+    transaction."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            for rel in sorted(files):
+                await conn.copy_to_table(Path(rel).stem, source=str(folder / rel), format="binary")
+    finally:
+        await conn.close()
+
+
+async def _advance_sequences(dsn: str) -> None:
+    """Each id counter past the largest restored id (a schema-only dump leaves them at their start)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        owned = await conn.fetch(
+            """SELECT c.table_name, c.column_name, pg_get_serial_sequence(c.table_name, c.column_name) AS seq
+               FROM information_schema.columns c WHERE c.table_schema = 'public'
+               AND pg_get_serial_sequence(c.table_name, c.column_name) IS NOT NULL""")
+        for r in owned:
+            await conn.execute(f"SELECT setval($1, coalesce((SELECT max({r['column_name']}) FROM {r['table_name']}), "
+                               "0) + 1, false)", r["seq"])
+    finally:
+        await conn.close()
 
 
 def home_is_empty(home: Path) -> bool:
@@ -198,12 +309,15 @@ def restore(folder: Path, home: Path, *, blobs: Path, model_cache: Path, force: 
     pg = EmbeddedPostgres(home / "pg")
     dsn = pg.start()
     try:
-        done = subprocess.run([_tool("pg_restore"), "--no-owner", "--no-privileges", "--exit-on-error",
-                               "--dbname", dsn, str(folder / DUMP)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BackupError(f"pg_restore failed: {done.stderr.strip()[-2000:]}")
+        if manifest.get("property") is None:
+            _pg_restore(dsn, folder / DUMP)
+        else:
+            _pg_restore(dsn, folder / SCHEMA, "--section=pre-data")
+            asyncio.run(_load_tables(dsn, folder, [rel for rel in manifest["files"] if rel.startswith("tables/")]))
+            _pg_restore(dsn, folder / SCHEMA, "--section=post-data")
+            asyncio.run(_advance_sequences(dsn))
         applied = asyncio.run(migrate(dsn))
-        _, counts = asyncio.run(_describe_dsn(dsn))
+        _, counts = asyncio.run(_describe_dsn(dsn, manifest.get("property")))
     finally:
         pg.stop()
     copied = 0

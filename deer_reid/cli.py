@@ -133,7 +133,8 @@ def cmd_backup(args) -> int:
 
     settings = _settings(args)
     return _reported("backup", lambda: backup(database_url_for(settings), Path(args.out), blobs=settings.blobs,
-                                              model_cache=settings.model_cache), (BackupError,))
+                                              model_cache=settings.model_cache, prop=args.property),
+                     (BackupError,))
 
 
 def cmd_restore(args) -> int:
@@ -761,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk = sub.add_parser("backup", help="save the whole state (database, images, trained models) into a new "
                         "folder, consistently, while the stack runs")
     bk.add_argument("out")
+    bk.add_argument("--property", help="only this property: its sites, images, detections, individuals, people's "
+                    "decisions, audit log and identity graph (restores into an empty home)")
     bk.set_defaults(func=cmd_backup)
     rs = sub.add_parser("restore", help="bring a backup back into an empty DEER_HOME (checksums first; newer "
                         "migrations applied after)")

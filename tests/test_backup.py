@@ -21,8 +21,18 @@ pytestmark = pytest.mark.stack
 PROP = "backup-prop"
 
 
-async def census_of(dsn: str, prop: str) -> dict:
-    """What a restore must give back, row for row."""
+def copies(folder, photos, tag: str) -> list:
+    """Byte copies of the photos of this test's own (no other test's upload makes them duplicates)."""
+    paths = []
+    for i, photo in enumerate(photos):
+        p = folder / f"{tag}-{i}.jpg"
+        p.write_bytes(reencoded(photo, f"{tag}/{i}"))
+        paths.append(p)
+    return paths
+
+
+async def census_of(dsn: str, prop: str, *, audit_of_prop: bool = False) -> dict:
+    """What a restore must give back, row for row (the audit log whole, or only the property's)."""
     conn = await asyncpg.connect(dsn)
     try:
         def rows(records):
@@ -35,7 +45,10 @@ async def census_of(dsn: str, prop: str) -> dict:
             "decisions": rows(await conn.fetch(
                 "SELECT id, state, individual_id, decided_by, score FROM detections WHERE property = $1", prop)),
             "audit": rows(await conn.fetch("SELECT id, at, actor, action, property, reason, before, after, undone_by "
-                                           "FROM audit_log")),
+                                           "FROM audit_log WHERE NOT $1 OR property = $2", audit_of_prop, prop)),
+            "decided": rows(await conn.fetch(
+                "SELECT c.id, c.detection_id, c.decided_by, c.state, c.individual_id, c.actor, c.audit_id FROM "
+                "decisions c JOIN detections d ON d.id = c.detection_id WHERE d.property = $1", prop)),
             "exemplars": rows(await conn.fetch(
                 "SELECT e.detection_id, e.version, e.exemplar FROM embeddings e JOIN detections d "
                 "ON d.id = e.detection_id WHERE d.property = $1", prop)),
@@ -46,12 +59,7 @@ async def census_of(dsn: str, prop: str) -> dict:
 
 async def test_backup_then_restore_into_an_empty_home_gives_the_same_census_and_it_keeps_deciding(
         stack, db, nyala_paths, tmp_path, monkeypatch, capsys):
-    paths = []
-    for i in range(4):
-        p = tmp_path / f"b{i}.jpg"
-        p.write_bytes(reencoded(nyala_paths[70 + i], f"backup/{i}"))
-        paths.append(p)
-    ids = await ingest(stack, paths, "backup-cam", prop=PROP)
+    ids = await ingest(stack, copies(tmp_path, nyala_paths[70:74], "backup"), "backup-cam", prop=PROP)
     states = await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False)
     assert all(states[i] in TERMINAL for i in ids)
     individual = await db.fetchval("SELECT individual_id FROM detections WHERE id = $1 AND individual_id IS NOT NULL",
@@ -134,3 +142,58 @@ async def test_backup_then_restore_into_an_empty_home_gives_the_same_census_and_
     capsys.readouterr()
     with capsys.disabled():
         print(f"\n{figures}")
+
+
+async def test_a_propertys_backup_holds_that_property_only_and_restores_it_whole(
+        stack, db, nyala_paths, tmp_path, monkeypatch, capsys):
+    part, other = "backup-part", "backup-other"
+    ids = await ingest(stack, copies(tmp_path, nyala_paths[80:83], part), "part-cam", prop=part)
+    other_ids = await ingest(stack, copies(tmp_path, nyala_paths[85:86], other), "other-cam", prop=other)
+    await wait_terminal(stack.api_url, ids + other_ids, timeout=WAIT_S, progress=False)
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.auth) as client:
+        r = await client.post(f"/v1/detections/{ids[1]}/reassign", json={"action": "new", "reason": "my call"})
+        assert r.status_code == 200, r.text
+        founded = r.json()["after"]["founded"]
+        r = await client.patch(f"/v1/individuals/{founded}", json={"name": "Lefty"})
+        assert r.status_code == 200, r.text
+
+    monkeypatch.setenv("DEER_HOME", str(stack.home))
+    monkeypatch.delenv("DEER_DATABASE_URL", raising=False)
+    monkeypatch.setenv("DEER_MODEL_CACHE", str(stack.settings.model_cache))
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["backup", str(tmp_path / "none"), "--property", "no-such-place"]) == 2
+    assert "no property 'no-such-place'" in capsys.readouterr().err
+    out = tmp_path / "part-backup"
+    assert await asyncio.to_thread(main, ["backup", str(out), "--property", part]) == 0
+    report = json.loads(capsys.readouterr().out)
+    before = await census_of(stack.dsn, part, audit_of_prop=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    images = {r["image_sha256"] for r in await db.fetch("SELECT image_sha256 FROM detections WHERE property = $1",
+                                                        part)}
+    assert manifest["property"] == part and report["rows"]["detections"] == len(ids)
+    assert {f.rsplit("/", 1)[-1] for f in manifest["files"] if f.startswith("blobs/")} == images
+    assert "tables/api_keys.copy" not in manifest["files"] and "tables/detections.copy" in manifest["files"]
+
+    home = tmp_path / "part-home"
+    monkeypatch.setenv("DEER_HOME", str(home))
+    monkeypatch.setenv("DEER_MODEL_CACHE", str(tmp_path / "part-models"))
+    assert await asyncio.to_thread(main, ["restore", str(out)]) == 0
+    restored = json.loads(capsys.readouterr().out)
+    assert restored["rows_match_backup"] is True, restored
+    assert sum(1 for p in (home / "blobs").rglob("*") if p.is_file()) == len(images)
+    pg = EmbeddedPostgres(home / "pg")
+    dsn = pg.start()
+    try:
+        assert await census_of(dsn, part, audit_of_prop=True) == before
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM detections WHERE property <> $1", part) == 0
+            assert await conn.fetchval("SELECT count(*) FROM api_keys") == 0
+            assert await conn.fetchval("SELECT name FROM individuals WHERE id = $1", founded) == "Lefty"
+            # the id counters go on past the restored ids: nothing founded later reuses one
+            top = await conn.fetchval("SELECT max(id) FROM individuals")
+            assert await conn.fetchval("SELECT nextval(pg_get_serial_sequence('individuals', 'id'))") > top
+        finally:
+            await conn.close()
+    finally:
+        pg.stop()

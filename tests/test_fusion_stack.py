@@ -371,12 +371,13 @@ def before_time(row) -> datetime:
 
 async def test_frames_of_one_burst_are_one_sighting_and_one_individual(stack, db, nyala_paths, nyala_rows):
     await register(stack, "burst-cam", "burst")
-    # two different animals' photos, as if one deer walked through a burst: the sighting decides
+    # two different animals' photos, as if one deer walked through a burst: the sighting decides (copies of
+    # their own, so that no other test's upload of the same photo makes these duplicates)
     ids = {}
     for n, (path, at) in enumerate([(nyala_paths[800], "2025-06-01T06:00:00Z"),
                                     (nyala_paths[900], "2025-06-01T06:00:04Z"),
                                     (nyala_paths[1000], "2025-06-01T06:05:00Z")]):  # minutes later: not the burst
-        [ids[n]] = await upload(stack, f"b{n}.jpg", path.read_bytes(), "burst-cam", captured_at=at)
+        [ids[n]] = await upload(stack, f"b{n}.jpg", cropped(path, 0.98), "burst-cam", captured_at=at)
     d = await decided(stack, [ids[0], ids[1], ids[2]])
     rows = {str(r["id"]): r["sighting"] for r in await db.fetch(
         "SELECT id, sighting FROM detections WHERE id = ANY($1::uuid[])", list(ids.values()))}
@@ -389,15 +390,15 @@ async def test_frames_of_one_burst_are_one_sighting_and_one_individual(stack, db
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, headers=stack.auth) as client:
         r = await client.post("/v1/uploads", data={"site": "burst-cam", "camera": "cam1", "sighting": "seq-7",
                                                     "captured_at": "2025-06-02T06:00:00Z"},
-                              files=[("files", ("k1.jpg", nyala_paths[810].read_bytes(), "image/jpeg"))])
+                              files=[("files", ("k1.jpg", cropped(nyala_paths[810], 0.98), "image/jpeg"))])
         k1 = r.json()["images"][0]["detections"][0]["id"]
         r = await client.post("/v1/uploads", data={"site": "burst-cam", "camera": "cam1", "sighting": "seq-7",
                                                     "captured_at": "2025-06-02T09:00:00Z"},
-                              files=[("files", ("k2.jpg", nyala_paths[910].read_bytes(), "image/jpeg"))])
+                              files=[("files", ("k2.jpg", cropped(nyala_paths[910], 0.98), "image/jpeg"))])
         k2 = r.json()["images"][0]["detections"][0]["id"]
         bad = await client.post("/v1/uploads", data={"site": "burst-cam", "sighting": "../etc",
                                                       "captured_at": "2025-06-02T09:00:00Z"},
-                                files=[("files", ("k3.jpg", nyala_paths[911].read_bytes(), "image/jpeg"))])
+                                files=[("files", ("k3.jpg", cropped(nyala_paths[911], 0.98), "image/jpeg"))])
     assert bad.status_code == 422 and "sighting" in bad.json()["error"]
     keyed = await decided(stack, [k1, k2])
     assert keyed[0]["individual_id"] == keyed[1]["individual_id"]
@@ -462,3 +463,76 @@ async def test_coat_features_join_and_score_candidates_and_bad_crops_only_lose_c
                                uuid.UUID(a))
     assert "patterns" not in stored["attributes"] and stored["attributes"]["marks"] is not None
     await assert_exactly_once(db, [a, b, g, t], "coat")
+
+
+async def merged_while_fusion_waits(stack, db, prop: str, keep: int, absorb: int, upload_then) -> list[str]:
+    """Hold the property's identity lock, upload through `upload_then()` and wait until fusion has scored the
+    detection and waits for the lock; then merge `absorb` into `keep` as a person does (the API's own
+    change, in the lock holder's transaction) and let fusion decide on what it scored before the merge."""
+    from services.api import curation
+
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", prop)
+        ids = await upload_then()
+        deadline = time.monotonic() + WAIT_S
+        while not await db.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid <> pg_backend_pid()"):
+            assert time.monotonic() < deadline, "fusion never came to the property lock"
+            await asyncio.sleep(0.1)
+        assert await db.fetchval("SELECT count(*) FROM detections WHERE id = ANY($1::uuid[]) AND state IN "
+                                 "('assigned', 'new', 'review')", ids) == 0
+        await curation.merge(db, "race-test", 5, keep, absorb, "merged while fusion was deciding")
+    return ids
+
+
+async def two_individuals(stack, site: str, first: bytes, second: bytes) -> tuple[int, int]:
+    """Two individuals of the site's property, founded from two photos of different animals."""
+    [a] = await decided(stack, await upload(stack, "a.jpg", first, site))
+    [b] = await decided(stack, await upload(stack, "b.jpg", second, site, captured_at="2025-06-03T06:00:00Z"))
+    if b["individual_id"] == a["individual_id"] or b["state"] != "new":  # the body took them for one: a person
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, headers=stack.auth) as client:
+            r = await client.post(f"/v1/detections/{b['id']}/reassign", json={"action": "new"})
+            assert r.status_code == 200, r.text
+        b = await detection(stack, b["id"])
+    assert a["state"] == "new" and b["individual_id"] not in (None, a["individual_id"])
+    return a["individual_id"], b["individual_id"]
+
+
+async def test_a_detection_never_joins_an_individual_merged_away_while_it_was_scored(stack, db, nyala_paths, config):
+    await set_config(stack, mode="fast")
+    await register(stack, "race-cam", "race")
+    photo = nyala_paths[600]
+    absorbed, kept = await two_individuals(stack, "race-cam", cropped(photo, 0.96, 91), cropped(nyala_paths[650]))
+    # the same animal again: before the merge, its best candidate by far is the individual about to be absorbed
+    [late] = await merged_while_fusion_waits(
+        stack, db, "race", kept, absorbed,
+        lambda: upload(stack, "c.jpg", cropped(photo, 0.94, 89), "race-cam", captured_at="2025-06-05T06:00:00Z"))
+    [d] = await decided(stack, [late])
+    assert d["individual_id"] != absorbed, "the detection joined an individual merged away under it"
+    assert d["result"]["candidates"] and absorbed in d["result"]["cannot_link"], d["result"]["candidates"][:2]
+    if d["individual_id"] is not None:
+        assert await db.fetchval("SELECT merged_into FROM individuals WHERE id = $1", d["individual_id"]) is None
+    assert await db.fetchval("SELECT count(*) FROM embeddings e JOIN individuals i ON i.id = e.individual_id "
+                             "WHERE e.exemplar AND i.merged_into IS NOT NULL AND i.property = 'race'") == 0
+
+
+async def test_a_frame_of_a_sighting_follows_its_earlier_frame_into_the_individual_it_was_merged_into(
+        stack, db, nyala_paths, config):
+    await set_config(stack, mode="fast")
+    await register(stack, "race-burst", "race-burst")
+    absorbed, kept = await two_individuals(stack, "race-burst", cropped(nyala_paths[610], 0.96, 91),
+                                           cropped(nyala_paths[660]))
+    [burst] = await decided(stack, await upload(stack, "f1.jpg", cropped(nyala_paths[610], 0.95, 88), "race-burst",
+                                                captured_at="2025-06-07T06:00:00Z"))
+    if burst["individual_id"] != absorbed:  # the first frame belongs to the individual about to be absorbed
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, headers=stack.auth) as client:
+            r = await client.post(f"/v1/detections/{burst['id']}/reassign",
+                                  json={"action": "assign", "individual_id": absorbed})
+            assert r.status_code == 200, r.text
+    [late] = await merged_while_fusion_waits(
+        stack, db, "race-burst", kept, absorbed,
+        lambda: upload(stack, "f2.jpg", cropped(nyala_paths[611], 0.95, 88), "race-burst",
+                       captured_at="2025-06-07T06:00:03Z"))
+    [d] = await decided(stack, [late])
+    assert "sighting" in d["result"]["flags"], d["result"]["flags"]
+    assert (d["state"], d["individual_id"]) == ("assigned", kept)

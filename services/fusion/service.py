@@ -515,7 +515,8 @@ class FusionHandler:
         linked = await store.sighting_individual(conn, det["id"], det["sighting"])
         if linked is None or linked in excluded:
             return None
-        their_sex = await conn.fetchval("SELECT sex FROM individuals WHERE id = $1", linked)
+        # a merge moves the earlier frame's detection too, so a merged-away individual here would be a bug
+        their_sex = await conn.fetchval("SELECT sex FROM individuals WHERE id = $1 AND merged_into IS NULL", linked)
         return linked if their_sex in COMPATIBLE_SEXES[sex] else None
 
     async def _temporal(self, conn: asyncpg.Connection, det: asyncpg.Record,

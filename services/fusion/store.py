@@ -266,11 +266,13 @@ async def apply_decision(conn: asyncpg.Connection, *, detection: asyncpg.Record,
                VALUES ($1, $2, $3, $4, $4, 1, $5) RETURNING id""",
             detection["site"], prop, sex, captured_at, detection_id)
     elif decision.state == ASSIGNED:
-        await conn.execute(
+        live = await conn.fetchval(
             """UPDATE individuals SET sightings = sightings + 1,
                    first_seen = least(first_seen, $2), last_seen = greatest(last_seen, $2),
                    sex = CASE WHEN sex = 'unknown' THEN $3 ELSE sex END
-               WHERE id = $1""", individual, captured_at, sex)
+               WHERE id = $1 AND merged_into IS NULL RETURNING id""", individual, captured_at, sex)
+        if live is None:  # candidates merged away are excluded under the lock: never store a hidden sighting
+            raise RuntimeError(f"individual {individual} was merged away before detection {detection_id} joined it")
     if individual is not None:
         await conn.execute("UPDATE embeddings SET individual_id = $2 WHERE detection_id = $1", detection_id, individual)
         await place_in_gallery(conn, detection_id, individual, exemplars_per_individual)

@@ -502,7 +502,7 @@ def antler_costs(crops: list[bytes], settings: Settings) -> dict:
 def coat_costs(crops: list[bytes], settings: Settings) -> dict:
     """Milliseconds of the coat extractor per crop (one thread) and of one pattern match per matcher, median."""
     from services.coat.extractor import CoatExtractor
-    from services.fusion.components.coat import pattern_similarity
+    from shared.components.coat import pattern_similarity
 
     extractor = CoatExtractor.from_settings(settings)
     extractor.extract(crops[0])  # warm-up: ONNX session

@@ -84,7 +84,8 @@ def _detach(args, settings: Settings) -> int:
     while time.monotonic() < deadline:
         state = read_state(settings.home)
         if state and state.get("supervisor_pid") == proc.pid and state.get("status") == "healthy":
-            print(f"deer-reid is up: API {state['api_url']} (supervisor pid {proc.pid}; `deer-reid down` stops it)")
+            print(f"deer-reid is up: API {state['api_url']} (supervisor pid {proc.pid}; `deer-reid down` stops it)\n"
+                  f"the page: {state['api_url']}/ui (`deer-reid page` prints a link that signs you in)")
             return 0
         if proc.poll() is not None:
             print(f"deer-reid up failed (exit {proc.returncode}); last lines of {log_path}:", file=sys.stderr)
@@ -313,7 +314,7 @@ def cmd_gallery(args) -> int:
 
 
 def cmd_calibration(args) -> int:
-    from services.fusion.calibration import ArtifactError, load_file
+    from shared.calibration_artifact import ArtifactError, load_file
 
     if args.action == "show":
         print(json.dumps(_api(args, "GET", "/v1/calibration"), indent=2, default=str))

@@ -282,13 +282,24 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_has_bf16(device) -> bool:
+    """Whether the CUDA device has native bf16 tensor cores (compute capability 8.0, Ampere, or later);
+    older ones emulate it, slower than fp32."""
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(preference: str, device) -> str:
-    """'bf16' or 'fp32': bf16 autocast where the hardware runs it natively (CUDA, AMX, AVX-512 BF16)."""
+    """'bf16' or 'fp32': bf16 autocast where the hardware runs it natively (a CUDA device from Ampere on,
+    a CPU with AMX or AVX-512 BF16)."""
     if preference in ("fp32", "bf16"):
         return preference
     if preference != "auto":
         raise ValueError(f"precision must be auto, fp32 or bf16, not {preference!r}")
-    return "bf16" if getattr(device, "type", "cpu") == "cuda" or cpu_has_bf16() else "fp32"
+    if getattr(device, "type", "cpu") == "cuda":
+        return "bf16" if cuda_has_bf16(device) else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 @dataclass

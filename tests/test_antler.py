@@ -18,7 +18,7 @@ from services.antler import geometry
 from services.antler.extractor import measure
 from services.antler.fingerprint import projection
 from services.antler.seasons import SeasonCalendar
-from services.fusion.components import antler as rules
+from shared.components import antler as rules
 from services.fusion.decision import REVIEW, Thresholds, decide
 from services.fusion.scoring import Candidate
 

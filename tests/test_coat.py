@@ -8,9 +8,11 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from services.coat import colour, markings, pattern
-from services.coat.extractor import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION, CoatExtractor
+from services.coat.extractor import CoatExtractor
 from services.coat.foreground import foreground
-from services.fusion.components.coat import (
+from shared import coat as coat_features
+from shared.coat import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION
+from shared.components.coat import (
     COLOUR,
     MARKINGS,
     PATTERN,
@@ -59,7 +61,7 @@ def test_colour_histograms_are_192_d_per_region_and_channel_sums_to_one(crops):
     rgb = crops[0]
     fg = foreground(rgb)
     regions = colour.region_boxes(fg.box, colour.facing_left(fg.mask, fg.box))
-    assert set(regions) == set(colour.REGIONS)
+    assert set(regions) == set(coat_features.REGIONS)
     hist = colour.colour_histograms(colour.normalise_illumination(rgb), fg.mask, regions)
     assert hist.shape == (192,)
     per_channel = hist.reshape(4, 3, 16).sum(-1)
@@ -80,17 +82,17 @@ def test_illumination_normalisation_keeps_colour_similar_under_a_light_change(cr
     reddened = rgb.copy()
     reddened[fg.mask > 0] = np.clip(reddened[fg.mask > 0].astype(np.int16) * np.array([1.9, 0.7, 0.5]), 0, 255)
     base = hist(rgb)
-    assert colour.colour_similarity(base, base) == pytest.approx(1.0)
-    assert colour.colour_similarity(base, hist(darker)) > 0.85
-    assert colour.colour_similarity(base, hist(warmer)) > 0.85  # the light's colour, removed by grey-world
+    assert coat_features.colour_similarity(base, base) == pytest.approx(1.0)
+    assert coat_features.colour_similarity(base, hist(darker)) > 0.85
+    assert coat_features.colour_similarity(base, hist(warmer)) > 0.85  # the light's colour, removed by grey-world
     # the animal's own colour changing (a rufous coat against a dark one) is not tolerated
-    assert colour.colour_similarity(base, hist(reddened)) < colour.colour_similarity(base, hist(warmer)) - 0.1
+    assert coat_features.colour_similarity(base, hist(reddened)) < coat_features.colour_similarity(base, hist(warmer)) - 0.1
 
 
 def test_a_grey_infrared_frame_is_flagged_and_never_compared_with_day_colour(crops, extractor):
     rgb = crops[2]
     grey = np.repeat(np.array(Image.fromarray(rgb).convert("L"))[..., None], 3, axis=2)
-    assert colour.is_infrared(grey) and not colour.is_infrared(rgb)
+    assert coat_features.is_infrared(grey) and not coat_features.is_infrared(rgb)
     day, night = extractor.extract(jpeg(rgb)), extractor.extract(jpeg(grey))
     assert "infrared" in night.flags and night.attributes["lighting"] == "infrared"
     assert [e.version for e in night.embeddings if e.model != "coat-markings"] == [GREY_VERSION]
@@ -151,25 +153,25 @@ def test_pattern_packs_compactly_and_matches_the_same_animal_better_than_another
     extract = pattern.PatternExtractor("xfeat", 256)
     rgb = small(nyala_paths[0], 512)
     p = extract(rgb)
-    raw = pattern.pack(p)
+    raw = coat_features.pack(p)
     assert len(raw) == 8 + len(p) * 68 and len(p) == 256
-    back = pattern.unpack(raw)
+    back = coat_features.unpack(raw)
     assert np.abs(back.points - p.points).max() < 1e-4 and (back.descriptors * p.descriptors).sum(1).min() > 0.99
     h, w = rgb.shape[:2]
     shifted = extract(np.ascontiguousarray(rgb[h // 30:, w // 30:]))  # the same photo, re-framed
     other_identity = next(i for i, r in enumerate(nyala_rows) if r["identity"] != nyala_rows[0]["identity"])
     other = extract(small(nyala_paths[other_identity], 512))
-    same, different = pattern.inliers(p, shifted), pattern.inliers(p, other)
+    same, different = coat_features.inliers(p, shifted), coat_features.inliers(p, other)
     assert same > 3 * max(different, 5)
-    assert 0 <= pattern.pattern_score(different) < pattern.pattern_score(same) < 1
-    with pytest.raises(pattern.PatternError):
-        pattern.unpack(raw[:-3])
+    assert 0 <= coat_features.pattern_score(different) < coat_features.pattern_score(same) < 1
+    with pytest.raises(coat_features.PatternError):
+        coat_features.unpack(raw[:-3])
 
 
 def test_rootsift_is_the_measured_alternative(nyala_paths):
     p = pattern.PatternExtractor("rootsift", 128)(small(nyala_paths[0], 384))
     assert p.kind == "rsf1" and 20 <= len(p) <= 128 and p.descriptors.shape[1] == 128
-    assert pattern.unpack(pattern.pack(p)).descriptors.shape == p.descriptors.shape
+    assert coat_features.unpack(coat_features.pack(p)).descriptors.shape == p.descriptors.shape
 
 
 @pytest.mark.parametrize("name, image, flag", [

@@ -18,7 +18,8 @@ from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import DatasetError, load_dataset
 from deer_reid.evaluation.metrics import average_precision, bcubed, clustering_report, merges_and_splits, rank, \
     retrieval
-from services.fusion.calibration import ArtifactError, CalibrationSource, install, load_file
+from services.fusion.calibration import CalibrationSource
+from shared.calibration_artifact import ArtifactError, install, load_file
 from services.fusion.decision import Thresholds
 from shared.config import Settings
 from shared.db import _init_connection

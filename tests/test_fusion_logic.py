@@ -10,7 +10,7 @@ import pytest
 from deer_reid.evaluation import calibration as cal
 from shared import exemplars
 from services.fusion.decision import REVIEW, Thresholds, decide
-from services.fusion.scoring import FusionModel, score_candidates, with_prior
+from services.fusion.scoring import FusionModel, score_candidates, with_temporal_boost
 from services.fusion.service import Refused, validate
 from services.fusion.temporal import Sighting, TemporalRules, conflicts, distance_km, hour_fit, prior, profile
 from shared.pipeline import body_models_for, expected_components, wants_pose
@@ -68,7 +68,7 @@ def test_two_sites_over_a_km_apart_within_five_minutes_conflict():
 def test_a_conflicting_best_match_goes_to_review_not_to_the_individual():
     from services.fusion.scoring import Candidate
 
-    best = with_prior(Candidate(1, 0.95), 0.0, ("temporal-conflict",))
+    best = with_temporal_boost(Candidate(1, 0.95), 0.0, ("temporal-conflict",))
     d = decide([best], Thresholds(match=0.8, new=0.6))
     assert d.state == REVIEW and "temporal-conflict" in d.flags
 
@@ -77,8 +77,8 @@ def test_the_boost_reorders_candidates_and_is_capped_at_one():
     from services.fusion.scoring import Candidate
 
     a, b = Candidate(1, 0.80), Candidate(2, 0.78)
-    assert with_prior(b, 0.05, ()).score > a.score
-    assert with_prior(Candidate(3, 0.98), 0.10, ()).score == 1.0
+    assert with_temporal_boost(b, 0.05, ()).score > a.score
+    assert with_temporal_boost(Candidate(3, 0.98), 0.10, ()).score == 1.0
 
 
 # ---- exemplars -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.body.extractor import embed_in_batches
-from services.fusion.components import aggregate
+from shared.components import aggregate
 from services.fusion.decision import ASSIGNED, NEW, REVIEW, Thresholds, decide
 from services.fusion.scoring import Candidate, score_candidates
 from shared.schemas import Features, DetectionEvent, Embedding, MalformedEvent, sex_of
@@ -223,3 +223,19 @@ def test_database_urls_are_printed_without_their_password():
     assert redact_dsn("postgresql://deer:p%40ss@db/deer?sslmode=require") == "postgresql://deer:***@db/deer?sslmode=require"
     embedded = "postgresql://postgres:@/postgres?host=/tmp/x/pg"  # no password: the state file keeps it usable
     assert redact_dsn(embedded) == embedded
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it_natively(monkeypatch):
+    """Any CUDA device was taken as bf16-native; before Ampere (compute capability 8) it emulates bf16."""
+    import torch
+
+    from shared import models
+
+    cuda = torch.device("cuda", 0)
+    for major, want in ((7, "fp32"), (8, "bf16"), (9, "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert models.resolve_precision("auto", cuda) == want, major
+    for has, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(models, "cpu_has_bf16", lambda h=has: h)
+        assert models.resolve_precision("auto", torch.device("cpu")) == want
+    assert models.resolve_precision("fp32", cuda) == "fp32"

@@ -120,6 +120,7 @@ def test_up_detach_then_down_leaves_no_process_behind(cli_env, tmp_path, nyala_p
     assert up.returncode == 0, up.stdout + up.stderr
     state = json.loads(cli("status", env=cli_env).stdout)
     try:
+        assert f"the page: {state['api_url']}/ui" in up.stdout, up.stdout  # detached, it says where the page is
         assert state["running"] and state["random_weights_allowed"]
         pids = [state["supervisor_pid"]] + [s["pid"] for s in state["services"].values()]
         pg_pid = int((tmp_path / "home" / "pg" / "postmaster.pid").read_text().split()[0])

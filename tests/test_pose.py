@@ -17,7 +17,7 @@ from deer_reid.training.viewpoint import ViewpointConfig, train_viewpoint
 from services.pose.classifier import HEAD_FILE, ViewpointClassifier, read_head
 from services.pose.keypoints import KEYPOINT_MODELS, KeypointModel
 from services.pose.service import FALLBACK, PoseHandler, pose_features
-from services.pose.viewpoint import LEFT, RIGHT, UNKNOWN
+from shared.viewpoints import LEFT, RIGHT, UNKNOWN
 from shared.config import Settings
 from shared.models import MissingWeights, get_spec, read_card
 from shared.schemas import DetectionEvent, Features

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.fusion.components.pose import pose_matrix, pose_similarity, viewpoint_of
+from shared.components.pose import pose_matrix, pose_similarity, viewpoint_of
 from services.pose.service import FALLBACK, conclude, readable
 from services.pose.viewpoint import (
     ANGLED,

@@ -23,8 +23,8 @@ import numpy as np
 
 from deer_reid.evaluation.metrics import clustering_report
 from shared import exemplars as exemplar_choice
-from services.fusion.calibration import ARTIFACT_KIND, ARTIFACT_VERSION
-from services.fusion.components import aggregate
+from shared.calibration_artifact import ARTIFACT_KIND, ARTIFACT_VERSION
+from shared.components import aggregate
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Thresholds, decide
 from services.fusion.scoring import FusionModel, fused_score, score_candidates
 from shared.calibrated import fit_components

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from deer_reid.evaluation.dataset import Sample
 from deer_reid.evaluation.features import pipeline_crop
-from services.coat.extractor import COLOUR_VERSION, MARKINGS_VERSION, CoatExtractor
-from services.coat.pattern import PatternExtractor, pack
-from services.fusion.components.coat import (
+from services.coat.extractor import CoatExtractor
+from services.coat.pattern import PatternExtractor
+from shared.coat import COLOUR_VERSION, MARKINGS_VERSION, pack
+from shared.components.coat import (
     COLOUR,
     MARKINGS,
     PATTERN_OF,

@@ -1,5 +1,5 @@
 """The pose service's viewpoint on labelled photos: its accuracy where the data has viewpoints, and the
-predicted viewpoints the pose-aware component compares on (`services.fusion.components.pose`)."""
+predicted viewpoints the pose-aware component compares on (`shared.components.pose`)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -28,9 +28,9 @@ from deer_reid.evaluation.pose import predicted_viewpoints
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
     retrieval_by_sighting
 from deer_reid.evaluation.report import plot_calibrations, plot_cmc, plot_operating_curve, plot_scores, write_report
-from services.fusion.components import AGGREGATIONS, body_component, body_similarity_matrix
-from services.fusion.components.antler import ANTLER, antler_matrix
-from services.fusion.components.pose import POSE, pose_matrix
+from shared.components import AGGREGATIONS, body_component, body_similarity_matrix
+from shared.components.antler import ANTLER, antler_matrix
+from shared.components.pose import POSE, pose_matrix
 from services.fusion.scoring import FusionModel
 from shared.config import Settings
 from shared.models import read_card

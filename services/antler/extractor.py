@@ -17,7 +17,7 @@ import numpy as np
 from services.antler import geometry
 from services.antler.fingerprint import Fingerprinter
 from services.antler.seasons import SeasonCalendar
-from services.coat.colour import is_infrared
+from shared.coat import is_infrared
 from shared.images import decode_crop
 from shared.schemas import ANTLERED, DetectionClass, Embedding
 

@@ -309,7 +309,7 @@ async def calibration(pool: Pool, _: Reader):
 @router.post("/v1/calibration", status_code=201)
 async def install_calibration(artifact: dict, pool: Pool, who: Admin):
     """Install a calibration artifact (`deer-reid eval --protocol loo` writes one); it becomes the active one."""
-    from services.fusion.calibration import ArtifactError, install
+    from shared.calibration_artifact import ArtifactError, install
 
     try:
         async with pool.acquire() as conn:

@@ -1,4 +1,5 @@
-"""Body service: consumes detections, publishes body-appearance features keyed by site."""
+"""Body service: consumes detections, publishes body-appearance features keyed by property (one
+property's features reach one fusion partition, in order)."""
 from __future__ import annotations
 
 import asyncio

@@ -68,7 +68,7 @@ async def add_neighbour_edges(conn: asyncpg.Connection, prop: str, nodes: list[U
     vecs = np.stack([np.asarray(r["vec"].to_numpy(), dtype=np.float32) for r in rows])
     vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     k = min(k, len(ids) - 1)
-    name = f"body:{version['model']}"  # fusion's body component name (services.fusion.components.body_component)
+    name = f"body:{version['model']}"  # fusion's body component name (shared.components.body_component)
     pairs: dict[tuple[UUID, UUID], float] = {}
     for start in range(0, len(ids), 2048):
         sims = vecs[start:start + 2048] @ vecs.T

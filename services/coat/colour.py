@@ -22,8 +22,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-BINS = 16
-REGIONS = ("chest", "flanks", "face", "legs")
+from shared.coat import BINS, REGIONS
+
 # Our reading of the SPEC's regions, as fractions of the animal's box with its head towards x = 0
 # (mirrored for an animal facing right): (x0, y0, x1, y1).
 REGION_BOXES: dict[str, tuple[float, float, float, float]] = {
@@ -33,19 +33,11 @@ REGION_BOXES: dict[str, tuple[float, float, float, float]] = {
     "legs": (0.0, 0.85, 1.0, 1.0),  # the lower 15%
 }
 MIN_REGION_PIXELS = 40  # fewer animal pixels than this: the region is not seen
-INFRARED_CHROMA = 6.0  # mean max-min over RGB (0-255) below this: a grey (infrared) frame
-SMOOTHING = np.array([0.25, 0.5, 0.25])
 # AP-10K keypoint indices used to place regions from pose
 EYES_NOSE, NECK, SHOULDERS, ELBOWS, HIPS, KNEES, PAWS = (0, 1, 2), 3, (5, 8), (6, 9), (11, 14), (12, 15), (7, 10, 13, 16)
 KEYPOINT_MIN_SCORE = 0.6  # SPEC: pose confidence below 0.6 falls back (to the box fractions)
 
 Box = tuple[int, int, int, int]
-
-
-def is_infrared(rgb: np.ndarray) -> bool:
-    """Whether the frame is grey (an infrared night frame): no pixel carries colour worth comparing."""
-    x = rgb.reshape(-1, 3).astype(np.int16)
-    return float((x.max(1) - x.min(1)).mean()) < INFRARED_CHROMA
 
 
 def normalise_illumination(rgb: np.ndarray) -> np.ndarray:
@@ -130,33 +122,3 @@ def colour_histograms(rgb: np.ndarray, mask: np.ndarray, regions: Mapping[str, B
     return out.ravel()
 
 
-def colour_similarity(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Mean histogram intersection (after neighbouring-bin smoothing) over the regions seen in both,
-    in [0, 1]; None when no region is seen in both or the two are of different kinds (colour / grey)."""
-    if a.shape != b.shape or a.size % (len(REGIONS) * BINS):
-        return None
-    value = colour_similarity_matrix(np.stack([a, b]))[0, 1]
-    return None if np.isnan(value) else float(value)
-
-
-def colour_similarity_matrix(vectors: np.ndarray) -> np.ndarray:
-    """All pairwise `colour_similarity` of equal-length vectors (N, d) -> (N, N), NaN where none."""
-    n = len(vectors)
-    channels = vectors.shape[1] // (len(REGIONS) * BINS)
-    h = _smoothed(vectors.reshape(n, len(REGIONS), channels, BINS))
-    seen = h.sum(axis=(2, 3)) > 0  # (n, regions)
-    total = np.zeros((n, n))
-    for r in range(len(REGIONS)):
-        for c in range(channels):
-            x = h[:, r, c]  # (n, bins)
-            inter = np.minimum(x[:, None, :], x[None, :, :]).sum(-1)
-            total += np.where(seen[:, None, r] & seen[None, :, r], inter, 0) / channels
-    both = seen.astype(np.float64) @ seen.T.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(both > 0, total / both, np.nan)
-
-
-def _smoothed(h: np.ndarray) -> np.ndarray:
-    """Each histogram spread over its neighbouring bins (edges reflect), still summing to 1."""
-    padded = np.concatenate([h[..., :1], h, h[..., -1:]], axis=-1)
-    return SMOOTHING[0] * padded[..., :-2] + SMOOTHING[1] * padded[..., 1:-1] + SMOOTHING[2] * padded[..., 2:]

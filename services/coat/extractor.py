@@ -15,14 +15,12 @@ import numpy as np
 from services.coat import colour, markings
 from services.coat.foreground import VERSION as FOREGROUND_VERSION
 from services.coat.foreground import foreground
-from services.coat.pattern import Pattern, PatternExtractor, pack
+from services.coat.pattern import PatternExtractor
+from shared.coat import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION, Pattern, is_infrared, pack
 from shared.images import decode_crop
 from shared.schemas import Embedding
 
 MIN_SIDE = 32  # px: under this a crop shows no coat worth describing
-COLOUR_VERSION = "coat-colour:v1"
-GREY_VERSION = "coat-grey:v1"  # infrared frames: grey levels only, never compared with day colour
-MARKINGS_VERSION = "coat-markings:v1"
 
 
 @dataclass
@@ -85,7 +83,7 @@ class CoatExtractor:
         if not fg.approximate:  # an ellipse's mass centre says nothing about where the head is
             out.attributes["facing"] = "left" if head_left else "right"
         regions = colour.region_boxes(fg.box, head_left)
-        infrared = colour.is_infrared(rgb)
+        infrared = is_infrared(rgb)
         out.attributes["lighting"] = "infrared" if infrared else "day"
         normalised = colour.normalise_illumination(rgb)
         t = time.perf_counter()

@@ -126,9 +126,3 @@ def marking_map(records: list[Marking] | list[Mapping], frontal: bool = False) -
     return flat / norm if norm > 0 else flat
 
 
-def marking_similarity(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Cosine of two marking maps; None when either animal shows no markings (nothing to compare)."""
-    if a.shape != b.shape:
-        return None
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else None

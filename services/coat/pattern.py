@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from shared.coat import Pattern
 
 XFEAT_DIR = Path(__file__).parent / "xfeat"
 # (height, width) -> file, sha256: the weights are pinned like every model
@@ -34,43 +34,6 @@ XFEAT_MODELS = {
 LANDSCAPE = 1.15  # width/height above which the 320x224 network is used
 HEAT_MIN = 0.05
 NMS = 5
-INLIER_PX = 8.0  # reprojection threshold, in pixels of a 320-px-wide view of the crop
-MIN_MATCHES = 5
-SQUASH = 12.0
-_HEADER = struct.Struct("<4sHH")  # kind, keypoints, descriptor length
-
-
-class PatternError(ValueError):
-    """A stored pattern that cannot be read."""
-
-
-@dataclass(frozen=True)
-class Pattern:
-    kind: str  # "xfe1" (XFeat) or "rsf1" (RootSIFT)
-    points: np.ndarray  # (n, 2) float32, fractions of the crop's width and height
-    descriptors: np.ndarray  # (n, d) float32, unit length
-
-    def __len__(self) -> int:
-        return len(self.points)
-
-
-def pack(p: Pattern) -> bytes:
-    points = np.clip(np.round(p.points * 65535), 0, 65535).astype("<u2")
-    desc = np.clip(np.round(p.descriptors * 127), -127, 127).astype(np.int8)
-    return _HEADER.pack(p.kind.encode(), len(p), desc.shape[1] if len(p) else 0) + points.tobytes() + desc.tobytes()
-
-
-def unpack(raw: bytes) -> Pattern:
-    if len(raw) < _HEADER.size:
-        raise PatternError("pattern shorter than its header")
-    kind, n, dim = _HEADER.unpack_from(raw)
-    if len(raw) != _HEADER.size + n * (4 + dim) or kind not in (b"xfe1", b"rsf1"):
-        raise PatternError(f"pattern of {len(raw)} bytes does not hold {n} keypoints of {dim} values ({kind!r})")
-    body = memoryview(raw)[_HEADER.size:]
-    points = np.frombuffer(body[:4 * n], "<u2").reshape(n, 2).astype(np.float32) / 65535
-    desc = np.frombuffer(body[4 * n:], np.int8).reshape(n, dim).astype(np.float32)
-    norms = np.linalg.norm(desc, axis=1, keepdims=True)
-    return Pattern(kind.decode(), points, desc / np.maximum(norms, 1e-6))
 
 
 def _check(path: Path, sha: str) -> None:
@@ -173,22 +136,3 @@ def _bilinear(grid: np.ndarray, xy: np.ndarray) -> np.ndarray:
             + grid[:, y1, x0] * (1 - ax) * ay + grid[:, y1, x1] * ax * ay).T
 
 
-def inliers(a: Pattern, b: Pattern) -> int:
-    """Geometrically verified matches between two patterns of one kind (0 when too few to verify)."""
-    if a.kind != b.kind or len(a) < MIN_MATCHES or len(b) < MIN_MATCHES:
-        return 0
-    sims = a.descriptors @ b.descriptors.T
-    forward, backward = sims.argmax(1), sims.argmax(0)
-    i = np.nonzero(backward[forward] == np.arange(len(forward)))[0]
-    if len(i) < MIN_MATCHES:
-        return 0
-    j = forward[i]
-    view = np.array([320.0, 224.0], np.float32)  # one scale for both crops: thresholds in comparable pixels
-    _, verified = cv2.findHomography(a.points[i] * view, b.points[j] * view, cv2.USAC_MAGSAC, INLIER_PX,
-                                     maxIters=500, confidence=0.99)
-    return int(verified.sum()) if verified is not None else 0
-
-
-def pattern_score(count: int) -> float:
-    """Inlier count -> [0, 1): monotone, so calibration keeps its order."""
-    return count / (count + SQUASH)

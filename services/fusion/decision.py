@@ -1,4 +1,5 @@
-"""Scoring and the identity decision: pure functions, shared by the service and the evaluation."""
+"""The identity decision from scored candidates and thresholds (assigned, new or review): pure, shared by
+the service and the evaluation. The scoring itself is `services.fusion.scoring`."""
 from __future__ import annotations
 
 from dataclasses import dataclass

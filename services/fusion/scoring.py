@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from services.fusion.components import component_of
+from shared.components import component_of
 from shared.calibrated import ComponentCalibration, FusionModel, logit, sigmoid
 
 __all__ = ["ComponentCalibration", "FusionModel", "logit", "sigmoid"]  # re-exported: their home is shared/
@@ -57,7 +57,7 @@ class Candidate:
     components: Mapping[str, float | None] = field(default_factory=dict)  # raw score per component
     calibrated: Mapping[str, float | None] = field(default_factory=dict)  # P(same) per component
     weights: Mapping[str, float] = field(default_factory=dict)  # the weight each component had
-    prior: float = 0.0  # temporal boost added to the fused score
+    temporal_boost: float = 0.0  # added to the fused score by the temporal priors (not a base rate)
     flags: tuple[str, ...] = ()
 
     @property
@@ -70,7 +70,7 @@ class Candidate:
         return {"individual_id": self.individual_id, "score": r(self.score),
                 "components": {k: {"raw": r(v), "calibrated": r(self.calibrated.get(k)),
                                    "weight": r(self.weights.get(k))} for k, v in self.components.items()},
-                "temporal_boost": r(self.prior), "flags": list(self.flags)}
+                "temporal_boost": r(self.temporal_boost), "flags": list(self.flags)}
 
 
 def default_weight(name: str, spec_weights: Mapping[str, float]) -> float:
@@ -105,7 +105,7 @@ def _or_none(values: Mapping[str, float]) -> dict[str, float | None]:
     return {n: None if np.isnan(v) else float(v) for n, v in values.items()}
 
 
-def with_prior(candidate: Candidate, boost: float, flags: tuple[str, ...]) -> Candidate:
+def with_temporal_boost(candidate: Candidate, boost: float, flags: tuple[str, ...]) -> Candidate:
     """The candidate with a temporal boost added (capped at 1) and its flags."""
     return Candidate(candidate.individual_id, min(1.0, candidate.score + boost), candidate.components,
                      candidate.calibrated, candidate.weights, boost, tuple(candidate.flags) + tuple(flags))

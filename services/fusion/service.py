@@ -25,18 +25,17 @@ from typing import Sequence
 import asyncpg
 import numpy as np
 
-from services.coat.extractor import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION
-from services.coat.pattern import PatternError, unpack
 from services.fusion import store
 from services.fusion.calibration import CalibrationSource
-from services.fusion.components import aggregate, body_component, body_similarity, component_of
-from services.fusion.components import antler as antler_rules
-from services.fusion.components.coat import PATTERN_OF, coat_scores
-from services.fusion.components.pose import POSE, known, pose_similarity
+from shared.components import aggregate, body_component, body_similarity, component_of
+from shared.components import antler as antler_rules
+from shared.components.coat import PATTERN_OF, coat_scores
+from shared.components.pose import POSE, known, pose_similarity
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
-from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_prior
+from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_temporal_boost
 from services.fusion.temporal import TemporalRules, prior
 from shared.broker import Handled, Output
+from shared.coat import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION, PatternError, unpack
 from shared.config import Settings
 from shared.db import create_pool
 from shared.models import REGISTRY
@@ -495,7 +494,7 @@ class FusionHandler:
             photo = photos.get((s.photos or {}).get(c.individual_id))
             if photo is not None and photo != det["id"]:
                 edges.append((photo, {k: v for k, v in c.components.items() if v is not None},
-                              None if model is None else min(1.0, max(0.0, c.score - c.prior))))
+                              None if model is None else min(1.0, max(0.0, c.score - c.temporal_boost))))
         await store.add_edges(conn, det["property"], det["id"], edges)
 
     def _antler_flags(self, antler: dict, candidates: list[Candidate], new_threshold: float) -> list[Candidate]:
@@ -506,7 +505,7 @@ class FusionHandler:
                                        self.settings.antler_conflict_below)
         antler["best_flags"] = flags
         if antler_rules.DUPLICATE in flags and best.score >= new_threshold:
-            return [with_prior(best, 0.0, (antler_rules.DUPLICATE,)), *candidates[1:]]
+            return [with_temporal_boost(best, 0.0, (antler_rules.DUPLICATE,)), *candidates[1:]]
         return candidates
 
     @staticmethod
@@ -527,7 +526,7 @@ class FusionHandler:
         boosted = []
         for c in head:
             p = prior(det["site"], det["captured_at"], seen[c.individual_id], coords, self.rules)
-            boosted.append(with_prior(c, p.boost, p.flags))
+            boosted.append(with_temporal_boost(c, p.boost, p.flags))
         out = boosted + candidates[TEMPORAL_CANDIDATES:]
         out.sort(key=lambda c: (-c.score, c.individual_id))
         return out

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-FRONTAL, LEFT, RIGHT, REAR, ANGLED, UNKNOWN = "frontal", "profile-left", "profile-right", "rear", "angled", "unknown"
-VIEWPOINTS = (FRONTAL, LEFT, RIGHT, REAR, ANGLED, UNKNOWN)
+from shared.viewpoints import ANGLED, FRONTAL, LEFT, REAR, RIGHT, UNKNOWN
+
 # Labels as datasets write them -> ours (nyala-train: left/right flanks).
 LABEL_ALIASES = {"left": LEFT, "right": RIGHT, "front": FRONTAL, "back": REAR, "profile_left": LEFT,
                  "profile_right": RIGHT}

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from services.pose.viewpoint import LEFT, RIGHT, UNKNOWN
 from shared.identity import VIEWPOINT_SQL
+from shared.viewpoints import LEFT, RIGHT, UNKNOWN
 
 __all__ = ["VIEWPOINT_SQL"]  # the rule in SQL lives beside the identity mechanics that read it
 

@@ -1,6 +1,6 @@
 """Coat components: a detection's coat features against an exemplar's, three raw scores.
 
-- `coat:colour`: per-region histogram intersection (`services.coat.colour`); day colour and infrared
+- `coat:colour`: per-region histogram intersection (`shared.coat`); day colour and infrared
   grey levels are different versions and never meet.
 - `coat:markings`: cosine of the two marking maps; only for animals facing the same way (a map is
   laid out head-first, so a left flank would otherwise meet a mirrored right flank).
@@ -15,9 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from services.coat import colour as coat_colour
-from services.coat import markings as coat_markings
-from services.coat import pattern as coat_pattern
+from shared import coat as coat_features
 
 COLOUR, MARKINGS, PATTERN = "coat:colour", "coat:markings", "coat:pattern"
 PATTERN_OF = {"xfeat": PATTERN, "rootsift": "coat:pattern-rootsift"}  # matcher -> its component
@@ -25,23 +23,23 @@ COAT_COMPONENTS = (COLOUR, MARKINGS, *PATTERN_OF.values())
 
 
 def colour_similarity(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
-    return None if a is None or b is None else coat_colour.colour_similarity(a, b)
+    return None if a is None or b is None else coat_features.colour_similarity(a, b)
 
 
 def markings_similarity(a: np.ndarray | None, b: np.ndarray | None, facing_a: str | None,
                         facing_b: str | None) -> float | None:
     if a is None or b is None or facing_a is None or facing_a != facing_b:
         return None
-    return coat_markings.marking_similarity(a, b)
+    return coat_features.marking_similarity(a, b)
 
 
 def pattern_similarity(a: bytes | None, b: bytes | None) -> float | None:
     if a is None or b is None:
         return None
-    pa, pb = coat_pattern.unpack(a), coat_pattern.unpack(b)
+    pa, pb = coat_features.unpack(a), coat_features.unpack(b)
     if pa.kind != pb.kind:
         return None
-    return coat_pattern.pattern_score(coat_pattern.inliers(pa, pb))
+    return coat_features.pattern_score(coat_features.inliers(pa, pb))
 
 
 def coat_scores(query: Mapping, exemplar: Mapping) -> dict[str, float | None]:
@@ -70,7 +68,7 @@ def colour_matrix(vectors: Sequence[np.ndarray | None]) -> np.ndarray:
     out = np.full((n, n), np.nan)
     have = [i for i, v in enumerate(vectors) if v is not None]
     if have:
-        out[np.ix_(have, have)] = coat_colour.colour_similarity_matrix(np.stack([vectors[i] for i in have]))
+        out[np.ix_(have, have)] = coat_features.colour_similarity_matrix(np.stack([vectors[i] for i in have]))
     return out
 
 

@@ -6,8 +6,8 @@ A component is named by what it compares: `body:<model>` for each body network (
 ensemble is calibrated on its own), later `coat:*`, `antler`, `pose`. The evaluation builds its
 similarity matrices with these same functions.
 """
-from services.fusion.components.base import AGGREGATIONS, aggregate, component_of
-from services.fusion.components.body import body_component, body_similarity, body_similarity_matrix
+from shared.components.base import AGGREGATIONS, aggregate, component_of
+from shared.components.body import body_component, body_similarity, body_similarity_matrix
 
 __all__ = ["AGGREGATIONS", "aggregate", "component_of", "body_component", "body_similarity",
            "body_similarity_matrix"]

@@ -82,20 +82,16 @@ def _scrape(port: int) -> dict[tuple[str, str], tuple[float, float]]:
     """(stage, service) -> (sum seconds, count) of deer_stage_seconds on a service's /metrics."""
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
+    from shared.observability import metric_samples
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out: dict[tuple[str, str], list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "deer_stage_seconds":
-            continue
-        for sample in family.samples:
-            key = (sample.labels["service"], sample.labels["stage"])
-            slot = out.setdefault(key, [0.0, 0.0])
-            if sample.name.endswith("_sum"):
-                slot[0] = sample.value
-            elif sample.name.endswith("_count"):
-                slot[1] = sample.value
+    for name, labels, value in metric_samples(text, "deer_stage_seconds"):
+        slot = out.setdefault((labels["service"], labels["stage"]), [0.0, 0.0])
+        if name.endswith("_sum"):
+            slot[0] = value
+        elif name.endswith("_count"):
+            slot[1] = value
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 

@@ -31,11 +31,11 @@ import asyncpg
 import httpx
 import numpy as np
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from deer_reid.ingest import Item, find_files, upload_all, wait_terminal
 from deer_reid.stack import read_state
 from shared.archives import IMAGE_SUFFIXES
+from shared.observability import metric_samples
 from shared.states import TERMINAL
 
 FAULT_ORDER = ("body", "fusion", "coat", "antler", "pose", "reconciler", "api", "broker", "postgres")
@@ -114,11 +114,8 @@ def submissions(photos: list[Path], n: int, *, seed: int, rate: float | None, fa
 def body_events(exposition: str, outcome: str = "embedded") -> float:
     """The body service's deer_events_total{outcome=...} from its /metrics text (0 before its first):
     "embedded" counts crops the models ran on, "cached" events answered from recent embeddings."""
-    for family in text_string_to_metric_families(exposition):
-        if family.name == "deer_events":
-            return sum(s.value for s in family.samples
-                       if s.name == "deer_events_total" and s.labels == {"service": "body", "outcome": outcome})
-    return 0.0
+    return sum(value for name, labels, value in metric_samples(exposition, "deer_events")
+               if name == "deer_events_total" and labels == {"service": "body", "outcome": outcome})
 
 
 async def _poll_body(url: str, total: CounterTotal, stop: asyncio.Event) -> None:

@@ -53,11 +53,16 @@ def past_recreated_end(offset: int, end: int) -> bool:
     return offset > end + RECREATED_SLACK
 
 
+def backoff_s(base: float, attempt: int, cap: float = 10.0) -> float:
+    """Seconds to wait before try `attempt + 1`: doubling from `base` (attempt 0), at most `cap`."""
+    return min(base * 2 ** min(attempt, 6), cap)
+
+
 def produce_retry_delay(exc: BaseException, attempt: int, backoff: float) -> float:
     """Seconds to wait before re-sending after a failed produce."""
     if isinstance(exc, UnknownError) and attempt < CLASH_RETRIES:
         return CLASH_RETRY_S
-    return min(backoff * 2 ** min(attempt, 6), 10.0)
+    return backoff_s(backoff, attempt)
 
 
 class PermanentError(Exception):
@@ -406,14 +411,14 @@ class BrokerRunner:
                     # The infrastructure is down: wait for it, however long, and lose nothing.
                     ERRORS.labels(self.handler.name, "transient").inc()
                     log.warning("%s: transient failure, retrying: %r", self.handler.name, exc)
-                    await asyncio.sleep(min(self.backoff * 2 ** min(waited, 6), 10.0))
+                    await asyncio.sleep(backoff_s(self.backoff, waited))
                     waited += 1
                     continue
                 ERRORS.labels(self.handler.name, "handler").inc()
                 attempt += 1
                 if attempt <= self.max_retries:
                     log.warning("%s: batch failed (attempt %d): %r", self.handler.name, attempt, exc)
-                    await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+                    await asyncio.sleep(backoff_s(self.backoff, attempt - 1))
                     continue
                 if len(events) == 1:
                     log.error("%s: giving up on event: %r", self.handler.name, exc)

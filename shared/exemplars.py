@@ -25,6 +25,20 @@ class ExemplarCandidate:
     quality: float = 0.0
 
 
+JOIN, RECHOOSE, KEEP = "join", "rechoose", "keep"
+
+
+def on_new_sighting(held: int, sightings: int, n: int) -> str:
+    """What a new sighting does to its individual's gallery of at most `n` exemplars (fusion and the
+    evaluation's simulation both follow it): it joins while the gallery holds fewer than `n`; once full,
+    the exemplars are re-chosen for coverage every n/2 sightings (`sightings` counts this one), else kept.
+    Re-choosing at every sighting measured 12 ms of fusion time per detection in `deer-reid bench`;
+    amortized, a season-long individual costs the same as a new one."""
+    if held < n:
+        return JOIN
+    return RECHOOSE if sightings % max(1, n // 2) == 0 else KEEP
+
+
 def choose(items: Sequence[ExemplarCandidate], n: int) -> list[Hashable]:
     """The keys of up to `n` exemplars, in the order they were chosen."""
     if len(items) <= n:

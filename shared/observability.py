@@ -63,3 +63,12 @@ async def serve_ops(port: int, health: Callable[[], dict], host: str = "127.0.0.
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # the service owns SIGTERM
     return asyncio.create_task(server.serve(), name="ops-http")
+
+
+def metric_samples(exposition: str, family: str) -> list[tuple[str, dict[str, str], float]]:
+    """(sample name, labels, value) of one metric family in a `/metrics` text: how the bench and the soak
+    read the services' own counters and histograms (a counter's family drops its `_total`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(exposition) if f.name == family
+            for s in f.samples]

@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
-from shared.schemas import ANTLERED, COMPONENTS, DetectionClass, PipelineConfig
+from typing import Mapping, Sequence
+
+from shared.schemas import ANTLERED, COMPONENTS, Box, DetectionClass, DetectionEvent, PipelineConfig
 from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, Topic
 
 TOPIC_OF: dict[str, Topic] = {"body": FEATURES_BODY, "coat": FEATURES_COAT, "pose": FEATURES_POSE,
@@ -48,3 +50,15 @@ def body_models_for(config: PipelineConfig, fast: list[str], ensemble: list[str]
     if config.mode == "enhanced" and config.ensemble and ensemble:
         return list(ensemble)
     return list(fast)
+
+
+def detection_event(row: Mapping, config: PipelineConfig, expected: Sequence[str], crop: bytes,
+                    attempt: int = 0) -> DetectionEvent:
+    """The event of a stored detection row, under `config` and expecting `expected`: what the reconciler's
+    relay publishes and what fusion sends the pose service."""
+    x0, y0, x1, y1 = row["box"]
+    return DetectionEvent(
+        detection_id=row["id"], site=row["site"], camera=row["camera"], captured_at=row["captured_at"],
+        cls=row["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=row["image_sha256"],
+        crop_jpeg=crop, attempt=attempt, mode=config.mode, property=row["property"],
+        switches=config.switches(), expected=list(expected))

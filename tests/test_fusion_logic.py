@@ -243,3 +243,12 @@ def test_antler_events_without_a_season_or_with_a_wrong_fingerprint_are_refused(
     ]:
         with pytest.raises(Refused, match=message):
             validate(event, detection, {})
+
+
+def test_a_new_sighting_joins_the_gallery_until_full_then_rechooses_every_half_gallery():
+    from shared.exemplars import JOIN, KEEP, RECHOOSE, on_new_sighting
+
+    steps = [on_new_sighting(min(s - 1, 8), s, 8) for s in range(1, 17)]  # 8 slots, one sighting at a time
+    assert steps[:8] == [JOIN] * 8
+    assert steps[8:] == [KEEP, KEEP, KEEP, RECHOOSE, KEEP, KEEP, KEEP, RECHOOSE]  # sightings 12 and 16
+    assert on_new_sighting(1, 7, 1) == RECHOOSE  # a one-slot gallery re-chooses at every sighting

@@ -24,10 +24,10 @@ def cli(monkeypatch, api_url: str, key: str, *argv: str) -> int:
     return main([*argv])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fresh_api(stack, tmp_path_factory):
-    """A second, empty deer-reid API on a database of its own (the stack's server, a new database): the
-    other end of a round trip, and the stack a newcomer starts with."""
+    """A second, empty deer-reid API on a database of its own (the stack's server, a new database), one per
+    test: the other end of a round trip, and the stack a newcomer starts with (empty whatever ran before)."""
     with api_on_new_database(stack.dsn, tmp_path_factory.mktemp("fresh"), owner="newcomer") as api:
         yield api
 

@@ -78,10 +78,11 @@ def simulate(per_component: Mapping[str, np.ndarray], order: Sequence[int], sexe
         members[ind].append(i)
         if key is not None:
             sighting_of[key] = ind
-        # the gallery as fusion keeps it (store.place_in_gallery): fill up, then re-choose every n/2 sightings
-        if len(exemplars[ind]) < exemplars_per_individual:
+        # the gallery as fusion keeps it
+        step = exemplar_choice.on_new_sighting(len(exemplars[ind]), len(members[ind]), exemplars_per_individual)
+        if step == exemplar_choice.JOIN:
             exemplars[ind].append(i)
-        elif exemplar_vectors is not None and len(members[ind]) % max(1, exemplars_per_individual // 2) == 0:
+        elif step == exemplar_choice.RECHOOSE and exemplar_vectors is not None:
             items = [exemplar_choice.ExemplarCandidate(m, exemplar_vectors[m], arrival[m])
                      for m in members[ind][-200:]]
             exemplars[ind] = list(exemplar_choice.choose(items, exemplars_per_individual))

@@ -62,11 +62,3 @@ def embed_samples(samples: Sequence[Sample], model_names: Sequence[str], setting
             np.savez(file, sha=np.array(list(known)), vec=np.stack(list(known.values())))
         out[model.spec.name] = np.stack([known[sha] for sha in shas]).astype(np.float32)
     return out, models
-
-
-def similarity(embeddings: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
-    """Pairwise score: the weighted mean over models of cosine similarity, as fusion's `combine`."""
-    names = list(embeddings)
-    w = {n: (weights or {}).get(n, 1.0) for n in names}
-    total = sum(w.values())
-    return sum(w[n] * (embeddings[n] @ embeddings[n].T) for n in names) / total

@@ -40,10 +40,8 @@ from shared.config import Settings
 from shared.db import create_pool
 from shared.models import REGISTRY
 from shared.observability import STAGE_SECONDS
-from shared.pipeline import wants_pose
+from shared.pipeline import detection_event, wants_pose
 from shared.schemas import (
-    Box,
-    DetectionEvent,
     DetectionResult,
     Embedding,
     Features,
@@ -631,12 +629,7 @@ def result_output(prop: str, result: dict) -> Output:
 
 
 def pose_request(det: asyncpg.Record, crop: bytes, config: PipelineConfig) -> Output:
-    x0, y0, x1, y1 = det["box"]
-    event = DetectionEvent(
-        detection_id=det["id"], site=det["site"], camera=det["camera"], captured_at=det["captured_at"],
-        cls=det["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=det["image_sha256"], crop_jpeg=crop,
-        mode=config.mode, property=det["property"], switches=config.switches(),
-        expected=list(dict.fromkeys(expected_of(det) + ["pose"])))
+    event = detection_event(det, config, list(dict.fromkeys(expected_of(det) + ["pose"])), crop)
     return Output(POSE_REQUESTS, str(det["id"]).encode(), event.to_bytes())
 
 

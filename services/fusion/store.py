@@ -12,6 +12,7 @@ import numpy as np
 
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
 from services.fusion.temporal import Sighting
+from shared import exemplars as exemplar_choice
 from shared.identity import VIEWPOINT_SQL, lock_property, rechoose_exemplars
 from shared.schemas import Embedding
 
@@ -300,18 +301,16 @@ async def add_edges(conn: asyncpg.Connection, prop: str, detection_id: UUID,
 
 
 async def place_in_gallery(conn: asyncpg.Connection, detection_id: UUID, individual: int, n: int) -> None:
-    """A new sighting's embeddings join the individual's gallery while it holds fewer than `n` exemplars;
-    once full, the exemplars are re-chosen for coverage every n/2 sightings (the newest always among
-    them). Re-choosing at every sighting measured 12 ms of fusion time per detection in `deer-reid
-    bench` (it reads up to 200 vectors); amortized, a season-long individual costs the same as a new one."""
-    full = await conn.fetchval(
-        """SELECT count(*) >= $2 FROM embeddings x JOIN embeddings e ON e.version = x.version
-           WHERE e.detection_id = $3 AND x.individual_id = $1 AND x.exemplar""", individual, n, detection_id)
-    if not full:
-        await conn.execute("UPDATE embeddings SET exemplar = true WHERE detection_id = $1", detection_id)
-        return
+    """The gallery after a new sighting, by `shared.exemplars.on_new_sighting` (`held`: the individual's
+    exemplars of the versions this detection has)."""
+    held = await conn.fetchval(
+        """SELECT count(*) FROM embeddings x JOIN embeddings e ON e.version = x.version
+           WHERE e.detection_id = $2 AND x.individual_id = $1 AND x.exemplar""", individual, detection_id)
     sightings = await conn.fetchval("SELECT sightings FROM individuals WHERE id = $1", individual)
-    if sightings % max(1, n // 2) == 0:
+    step = exemplar_choice.on_new_sighting(held or 0, sightings, n)
+    if step == exemplar_choice.JOIN:
+        await conn.execute("UPDATE embeddings SET exemplar = true WHERE detection_id = $1", detection_id)
+    elif step == exemplar_choice.RECHOOSE:
         await rechoose_exemplars(conn, individual, n)
 
 

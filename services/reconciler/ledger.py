@@ -18,11 +18,11 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
-from shared.broker import Handled, is_transient, produce_retry_delay, producer_for
+from shared.broker import Handled, backoff_s, is_transient, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import DETECTIONS_BY_STATE, ERRORS, GROUP_LAG
-from shared.pipeline import expected_components
-from shared.schemas import Box, DeadLetter, DetectionEvent, JoinDeadline, PipelineConfig
+from shared.pipeline import detection_event, expected_components
+from shared.schemas import DeadLetter, DetectionEvent, JoinDeadline, PipelineConfig
 from shared.states import PENDING, STATES
 from shared.topics import DEAD_LETTERS, DETECTIONS, FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, \
     JOIN_DEADLINES, POSE_REQUESTS, Topic, ensure_topics
@@ -41,16 +41,10 @@ async def pipeline_config(conn: asyncpg.Connection) -> PipelineConfig:
 
 def event_from_row(row: asyncpg.Record, config: PipelineConfig | None = None) -> DetectionEvent:
     """The detection event of a row: under the pipeline stamped at its first publication, if it had one."""
-    x0, y0, x1, y1 = row["box"]
     stamped = row.get("pipeline")
     config = PipelineConfig(**stamped) if stamped else (config or PipelineConfig())
-    expected = list(row.get("expected") or [])
-    return DetectionEvent(
-        detection_id=row["id"], site=row["site"], camera=row["camera"], captured_at=row["captured_at"],
-        cls=row["cls"], box=Box(x0=x0, y0=y0, x1=x1, y1=y1), image_sha256=row["image_sha256"],
-        crop_jpeg=bytes(row["crop"]), attempt=row["attempts"], mode=config.mode, property=row["property"],
-        switches=config.switches(), expected=expected or expected_components(config, row["cls"]),
-    )
+    expected = list(row.get("expected") or []) or expected_components(config, row["cls"])
+    return detection_event(row, config, expected, bytes(row["crop"]), attempt=row["attempts"])
 
 
 # A row the broker will never take (too large, malformed): retrying it would block every row behind it.
@@ -389,7 +383,7 @@ class Reconciler(DeadLetterRecorder):
                 transient = is_transient(exc)
                 self._failed(name, exc, failures, transient=transient)
                 # the broker or database away: back soon; a bug: back off up to 30 s
-                delay = produce_retry_delay(exc, failures, 0.5) if transient else min(0.5 * 2 ** min(failures, 6), 30.0)
+                delay = produce_retry_delay(exc, failures, 0.5) if transient else backoff_s(0.5, failures, cap=30.0)
                 failures += 1
             else:
                 if name in self.down:

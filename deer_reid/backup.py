@@ -35,7 +35,8 @@ from pathlib import Path
 from shared.models import sha256_of
 
 FORMAT = "deer-reid-backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a whole state's backup
+PROPERTY_FORMAT_VERSION = 2  # one property's (no database.dump: a deer-reid that knows only 1 refuses it)
 DUMP = "database.dump"
 SCHEMA = "schema.dump"
 MANIFEST = "manifest.json"
@@ -48,8 +49,11 @@ PROPERTY_ROWS: dict[str, str | None] = {
     "runtime_config_history": "true",
     "properties": "name = $1",
     "sites": "property = $1",
+    # its detections' images, and those of its sites with no detection (a site without detections may
+    # move between properties; its images with detections never do)
     "images": "sha256 IN (SELECT image_sha256 FROM detections WHERE property = $1) "
-              "OR site IN (SELECT name FROM sites WHERE property = $1)",
+              "OR site IN (SELECT name FROM sites WHERE property = $1) "
+              "AND NOT EXISTS (SELECT 1 FROM detections d WHERE d.image_sha256 = images.sha256)",
     "individuals": "property = $1",
     "detections": "property = $1",
     "outbox": _OF_DETECTIONS,
@@ -128,7 +132,8 @@ def backup(dsn: str, out: Path, *, blobs: Path, model_cache: Path, prop: str | N
     for folder in trained_models(model_cache):
         _copy_tree(folder, out / "models" / folder.name, files, f"models/{folder.name}")
     version = subprocess.run([_tool("pg_dump"), "--version"], capture_output=True, text=True).stdout.strip()
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "deer_reid": _version(),
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if prop is None else PROPERTY_FORMAT_VERSION,
+                "deer_reid": _version(),
                 "created": datetime.now(timezone.utc).isoformat(), "pg_dump": version, "migrations": migrations,
                 "property": prop, "rows": counts, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -227,8 +232,9 @@ def verify(folder: Path) -> dict:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise BackupError(f"{folder} holds no readable {MANIFEST}: {exc}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise BackupError(f"{folder} is not a {FORMAT} version {FORMAT_VERSION} backup")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in (FORMAT_VERSION,
+                                                                                   PROPERTY_FORMAT_VERSION):
+        raise BackupError(f"{folder} is not a {FORMAT} version {FORMAT_VERSION} or {PROPERTY_FORMAT_VERSION} backup")
     bad = []
     for rel, want in manifest["files"].items():
         path = folder / rel
@@ -264,12 +270,14 @@ async def _load_tables(dsn: str, folder: Path, files: list[str]) -> None:
         await conn.close()
 
 
-async def _advance_sequences(dsn: str) -> None:
-    """Each id counter past the largest restored id (a schema-only dump leaves them at their start)."""
+async def _after_rows(dsn: str) -> None:
+    """What a schema-only dump leaves out and a stack needs: each id counter past the largest restored id,
+    and the `default` property that sites nobody registered join (made by a migration's rows)."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:
+        await conn.execute("INSERT INTO properties (name) VALUES ('default') ON CONFLICT DO NOTHING")
         owned = await conn.fetch(
             """SELECT c.table_name, c.column_name, pg_get_serial_sequence(c.table_name, c.column_name) AS seq
                FROM information_schema.columns c WHERE c.table_schema = 'public'
@@ -315,7 +323,7 @@ def restore(folder: Path, home: Path, *, blobs: Path, model_cache: Path, force: 
             _pg_restore(dsn, folder / SCHEMA, "--section=pre-data")
             asyncio.run(_load_tables(dsn, folder, [rel for rel in manifest["files"] if rel.startswith("tables/")]))
             _pg_restore(dsn, folder / SCHEMA, "--section=post-data")
-            asyncio.run(_advance_sequences(dsn))
+            asyncio.run(_after_rows(dsn))
         applied = asyncio.run(migrate(dsn))
         _, counts = asyncio.run(_describe_dsn(dsn, manifest.get("property")))
     finally:

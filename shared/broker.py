@@ -418,7 +418,7 @@ class BrokerRunner:
                 attempt += 1
                 if attempt <= self.max_retries:
                     log.warning("%s: batch failed (attempt %d): %r", self.handler.name, attempt, exc)
-                    await asyncio.sleep(backoff_s(self.backoff, attempt - 1))
+                    await asyncio.sleep(self.backoff * 2 ** (attempt - 1))  # bounded by max_retries
                     continue
                 if len(events) == 1:
                     log.error("%s: giving up on event: %r", self.handler.name, exc)

@@ -187,8 +187,13 @@ async def test_a_propertys_backup_holds_that_property_only_and_restores_it_whole
         assert await census_of(dsn, part, audit_of_prop=True) == before
         conn = await asyncpg.connect(dsn)
         try:
-            assert await conn.fetchval("SELECT count(*) FROM detections WHERE property <> $1", part) == 0
+            for table in ("detections", "individuals", "sites", "audit_log", "identity_edges"):
+                assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE property <> $1", part) == 0, table
+            assert await conn.fetchval("SELECT count(*) FROM images WHERE site NOT IN "
+                                       "(SELECT name FROM sites WHERE property = $1)", part) == 0
             assert await conn.fetchval("SELECT count(*) FROM api_keys") == 0
+            # a camera nobody registered joins the `default` property, as on any stack
+            await conn.execute("INSERT INTO sites (name, property) VALUES ('unregistered-cam', 'default')")
             assert await conn.fetchval("SELECT name FROM individuals WHERE id = $1", founded) == "Lefty"
             # the id counters go on past the restored ids: nothing founded later reuses one
             top = await conn.fetchval("SELECT max(id) FROM individuals")

@@ -485,7 +485,8 @@ async def merged_while_fusion_waits(stack, db, prop: str, keep: int, absorb: int
             await asyncio.sleep(0.1)
         assert await db.fetchval("SELECT count(*) FROM detections WHERE id = ANY($1::uuid[]) AND state IN "
                                  "('assigned', 'new', 'review')", ids) == 0
-        await curation.merge(db, "race-test", 5, keep, absorb, "merged while fusion was deciding")
+        await curation.merge(db, "race-test", stack.settings.exemplars_per_individual, keep, absorb,
+                             "merged while fusion was deciding")
     return ids
 
 

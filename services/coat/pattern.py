@@ -7,11 +7,11 @@ mask when one is given, the best `keypoints` kept; descriptors sampled bilinearl
 RootSIFT (OpenCV SIFT, Hellinger-normalised) is the second matcher: the service extracts both by default
 (`DEER_COAT_PATTERNS`), and fusion calibrates and weighs each as a component of its own.
 
-Storage (`pack`/`unpack`): positions as uint16 fractions of the crop, descriptors as int8 (x127 of
+Storage (`shared.coat.pack`/`unpack`, beside the matching, which fusion shares): positions as uint16 fractions of the crop, descriptors as int8 (x127 of
 unit vectors): 4 + 64 bytes per XFeat keypoint, 4 + 128 per RootSIFT keypoint. The service keeps up to
 1,024 of each (`DEER_COAT_KEYPOINTS`).
 
-Matching (`match`): mutual nearest neighbours, then a homography fitted with MAGSAC; the score is the
+Matching (`shared.coat.inliers`): mutual nearest neighbours, then a homography fitted with MAGSAC; the score is the
 inlier count squashed to [0, 1) (n / (n + 12)), monotone, so the calibration maps it to P(same).
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -503,7 +504,8 @@ class FusionHandler:
                                        self.settings.antler_conflict_below)
         antler["best_flags"] = flags
         if antler_rules.DUPLICATE in flags and best.score >= new_threshold:
-            return [with_temporal_boost(best, 0.0, (antler_rules.DUPLICATE,)), *candidates[1:]]
+            # a flag only: the score and its temporal boost stay as they were (the graph's edge subtracts it)
+            return [dataclasses.replace(best, flags=(*best.flags, antler_rules.DUPLICATE)), *candidates[1:]]
         return candidates
 
     @staticmethod

@@ -193,6 +193,23 @@ def test_a_possible_duplicate_goes_to_review_never_merged():
     assert decide([weak], Thresholds(match=0.8, new=0.6)).state == "new"  # no body match: nothing to duplicate
 
 
+def test_a_possible_duplicate_flag_keeps_the_candidates_score_and_temporal_boost():
+    """The flag was added by rebuilding the candidate with a boost of 0 while keeping its boosted score, so
+    the identity graph's edge (score minus boost) carried the temporal boost as evidence."""
+    from services.fusion.scoring import with_temporal_boost
+    from services.fusion.service import FusionHandler
+    from shared.config import Settings
+
+    fusion = FusionHandler.__new__(FusionHandler)  # the flag rule needs only the settings
+    fusion.settings = Settings()
+    boosted = with_temporal_boost(Candidate(7, 0.80, {"body:m": 0.80}), 0.05, ())
+    antler = {"query": q(), "archives": {7: [a(fp=(0, 1))]}, "scores": {7: [0.1]}}
+    [flagged] = fusion._antler_flags(antler, [boosted], new_threshold=0.6)
+    assert rules.DUPLICATE in flagged.flags
+    assert (flagged.score, flagged.temporal_boost) == (pytest.approx(0.85), pytest.approx(0.05))
+    assert flagged.score - flagged.temporal_boost == pytest.approx(0.80)  # what the graph's edge records
+
+
 def test_antler_matrix_keeps_seasons_apart():
     m = rules.antler_matrix([np.array([1.0, 0]), np.array([1.0, 0]), None, np.array([0, 1.0])],
                             ["2024-rut", "2025-rut", "2024-rut", "2024-rut"])

@@ -92,6 +92,23 @@ def _tool(name: str) -> str:
     return path
 
 
+def _rows_of(table: str, prop: str) -> tuple[str, list]:
+    """The query (and its arguments) of a table's rows that belong to `prop` (PROPERTY_ROWS)."""
+    rule = PROPERTY_ROWS[table]
+    return f"SELECT * FROM {table} WHERE {rule}", [prop] if "$1" in rule else []
+
+
+async def _connected(dsn: str, work):
+    """`await work(conn)` on a connection of its own, closed afterwards."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
 def _copy_tree(source: Path, target: Path, files: dict, prefix: str, only: set[str] | None = None) -> None:
     """Copy every file under `source` (or only those named in `only`: blobs are named by their sha256)."""
     if not source.exists():
@@ -178,11 +195,10 @@ async def _dump(dsn: str, out: Path, prop: str | None) -> tuple[list[str], dict[
                                   "(deer_reid/backup.py PROPERTY_ROWS): nothing written")
             await _pg_dump(dsn, snapshot, out / SCHEMA, "--schema-only")
             (out / "tables").mkdir()
-            for table in sorted(tables):
-                if PROPERTY_ROWS[table] is not None:
-                    rule = PROPERTY_ROWS[table]
-                    await conn.copy_from_query(f"SELECT * FROM {table} WHERE {rule}", *([prop] if "$1" in rule else []),
-                                               output=str(out / "tables" / f"{table}.copy"), format="binary")
+            for table in sorted(t for t in tables if PROPERTY_ROWS[t] is not None):
+                query, args = _rows_of(table, prop)
+                await conn.copy_from_query(query, *args, output=str(out / "tables" / f"{table}.copy"),
+                                           format="binary")
             images = {r["sha256"] for r in await conn.fetch(
                 f"SELECT sha256 FROM images WHERE {PROPERTY_ROWS['images']}", prop)}
             return migrations, counts, images
@@ -210,19 +226,11 @@ async def _describe(conn, prop: str | None = None) -> tuple[list[str], dict[str,
     if prop is None:
         counts = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in counted}
     else:
-        counts = {t: await conn.fetchval(f"SELECT count(*) FROM {t} WHERE {PROPERTY_ROWS[t]}",
-                                         *([prop] if "$1" in PROPERTY_ROWS[t] else [])) for t in counted}
+        counts = {}
+        for t in counted:
+            query, args = _rows_of(t, prop)
+            counts[t] = await conn.fetchval(f"SELECT count(*) FROM ({query}) rows", *args)
     return migrations, counts
-
-
-async def _describe_dsn(dsn: str, prop: str | None = None) -> tuple[list[str], dict[str, int]]:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await _describe(conn, prop)
-    finally:
-        await conn.close()
 
 
 def verify(folder: Path) -> dict:
@@ -256,37 +264,25 @@ def _pg_restore(dsn: str, dump: Path, *options: str) -> None:
         raise BackupError(f"pg_restore failed: {done.stderr.strip()[-2000:]}")
 
 
-async def _load_tables(dsn: str, folder: Path, files: list[str]) -> None:
+async def _load_tables(conn, folder: Path, files: list[str]) -> None:
     """A property's rows into the tables the schema made (before their keys exist: any order), in one
     transaction."""
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            for rel in sorted(files):
-                await conn.copy_to_table(Path(rel).stem, source=str(folder / rel), format="binary")
-    finally:
-        await conn.close()
+    async with conn.transaction():
+        for rel in sorted(files):
+            await conn.copy_to_table(Path(rel).stem, source=str(folder / rel), format="binary")
 
 
-async def _after_rows(dsn: str) -> None:
+async def _after_rows(conn) -> None:
     """What a schema-only dump leaves out and a stack needs: each id counter past the largest restored id,
     and the `default` property that sites nobody registered join (made by a migration's rows)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("INSERT INTO properties (name) VALUES ('default') ON CONFLICT DO NOTHING")
-        owned = await conn.fetch(
-            """SELECT c.table_name, c.column_name, pg_get_serial_sequence(c.table_name, c.column_name) AS seq
-               FROM information_schema.columns c WHERE c.table_schema = 'public'
-               AND pg_get_serial_sequence(c.table_name, c.column_name) IS NOT NULL""")
-        for r in owned:
-            await conn.execute(f"SELECT setval($1, coalesce((SELECT max({r['column_name']}) FROM {r['table_name']}), "
-                               "0) + 1, false)", r["seq"])
-    finally:
-        await conn.close()
+    await conn.execute("INSERT INTO properties (name) VALUES ('default') ON CONFLICT DO NOTHING")
+    owned = await conn.fetch(
+        """SELECT c.table_name, c.column_name, pg_get_serial_sequence(c.table_name, c.column_name) AS seq
+           FROM information_schema.columns c WHERE c.table_schema = 'public'
+           AND pg_get_serial_sequence(c.table_name, c.column_name) IS NOT NULL""")
+    for r in owned:
+        await conn.execute(f"SELECT setval($1, coalesce((SELECT max({r['column_name']}) FROM {r['table_name']}), "
+                           "0) + 1, false)", r["seq"])
 
 
 def home_is_empty(home: Path) -> bool:
@@ -321,11 +317,12 @@ def restore(folder: Path, home: Path, *, blobs: Path, model_cache: Path, force: 
             _pg_restore(dsn, folder / DUMP)
         else:
             _pg_restore(dsn, folder / SCHEMA, "--section=pre-data")
-            asyncio.run(_load_tables(dsn, folder, [rel for rel in manifest["files"] if rel.startswith("tables/")]))
+            tables = [rel for rel in manifest["files"] if rel.startswith("tables/")]
+            asyncio.run(_connected(dsn, lambda conn: _load_tables(conn, folder, tables)))
             _pg_restore(dsn, folder / SCHEMA, "--section=post-data")
-            asyncio.run(_after_rows(dsn))
+            asyncio.run(_connected(dsn, _after_rows))
         applied = asyncio.run(migrate(dsn))
-        _, counts = asyncio.run(_describe_dsn(dsn, manifest.get("property")))
+        _, counts = asyncio.run(_connected(dsn, lambda conn: _describe(conn, manifest.get("property"))))
     finally:
         pg.stop()
     copied = 0

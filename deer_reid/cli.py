@@ -118,13 +118,14 @@ def cmd_down(args) -> int:
     return 0
 
 
-def _reported(command: str, run, refusals: tuple[type[Exception], ...]) -> int:
-    """Run a command's body: its report printed as JSON (exit 0), or its refusal on stderr (exit 2)."""
+def _reported(command: str, run, refusals: tuple[type[Exception], ...], refused_exit: int = 2) -> int:
+    """Run a command's body: its report printed as JSON (exit 0), or its refusal on stderr (exit 2, or
+    `refused_exit` where the refusal is a failure along the way rather than a refused input)."""
     try:
         report = run()
     except refusals as exc:
         print(f"deer-reid {command}: {exc}", file=sys.stderr)
-        return 2
+        return refused_exit
     print(json.dumps(report, indent=2, default=str))
     return 0
 
@@ -294,13 +295,8 @@ def cmd_census(args) -> int:
         return 0
     settings = _settings(args)
     with httpx.Client(base_url=api_url_for(args, settings), headers=auth_headers(settings), timeout=60) as client:
-        try:
-            run = recluster(client, args.property, timeout=args.timeout)
-        except (RuntimeError, httpx.HTTPError) as exc:
-            print(f"deer-reid: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(run, indent=2, default=str))
-    return 0
+        return _reported("census recluster", lambda: recluster(client, args.property, timeout=args.timeout),
+                         (RuntimeError, httpx.HTTPError), refused_exit=1)
 
 
 def cmd_gallery(args) -> int:

@@ -303,11 +303,11 @@ async def add_edges(conn: asyncpg.Connection, prop: str, detection_id: UUID,
 async def place_in_gallery(conn: asyncpg.Connection, detection_id: UUID, individual: int, n: int) -> None:
     """The gallery after a new sighting, by `shared.exemplars.on_new_sighting` (`held`: the individual's
     exemplars of the versions this detection has)."""
-    held = await conn.fetchval(
-        """SELECT count(*) FROM embeddings x JOIN embeddings e ON e.version = x.version
-           WHERE e.detection_id = $2 AND x.individual_id = $1 AND x.exemplar""", individual, detection_id)
-    sightings = await conn.fetchval("SELECT sightings FROM individuals WHERE id = $1", individual)
-    step = exemplar_choice.on_new_sighting(held or 0, sightings, n)
+    held, sightings = await conn.fetchrow(
+        """SELECT (SELECT count(*) FROM embeddings x JOIN embeddings e ON e.version = x.version
+                   WHERE e.detection_id = $2 AND x.individual_id = $1 AND x.exemplar),
+                  (SELECT sightings FROM individuals WHERE id = $1)""", individual, detection_id)
+    step = exemplar_choice.on_new_sighting(held, sightings, n)
     if step == exemplar_choice.JOIN:
         await conn.execute("UPDATE embeddings SET exemplar = true WHERE detection_id = $1", detection_id)
     elif step == exemplar_choice.RECHOOSE:

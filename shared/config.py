@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     census_questions_kept: int = Field(500, ge=1, le=100_000)  # questions a run leaves open, best first
     # a question counts as "left" while its answer has at least this chance of changing the census
     census_stop_flip: float = Field(0.1, gt=0, lt=1)
+    # the share of people's answers assumed wrong: how likely an uncorroborated `same` was a slip, which decides
+    # how soon the census asks to verify it (shared.census.plan.verifications)
+    census_reviewer_error: float = Field(0.02, gt=0, lt=0.5)
     census_refit_min_answers: int = Field(30, ge=2)  # answered pairs before a property's calibration is refitted
     census_refit_min_each: int = Field(8, ge=1)  # ... with at least this many `same` and `different`
     census_refit_every: int = Field(10, ge=1)  # new answers between refits

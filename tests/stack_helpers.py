@@ -93,7 +93,13 @@ async def ingest_through_fault(stack, db, paths, site: str, fault, recover=None,
     ids = await upload
     assert done_at_fault < len(paths), "the fault came after the ingest, not in the middle of it"
     states = await wait_terminal(stack.api_url, ids, timeout=wait_s, progress=False)
-    assert sum(1 for i in ids if states.get(i) in TERMINAL) == len(ids) == len(paths)
+    waiting = [i for i in ids if states.get(i) not in TERMINAL]
+    if waiting:  # say where the stragglers stand (state, since when, why) before failing
+        rows = await db.fetch("SELECT state, state_reason, updated_at, now() - updated_at AS idle FROM detections "
+                              "WHERE id = ANY($1::uuid[]) ORDER BY updated_at LIMIT 5", waiting)
+        raise AssertionError(f"{len(waiting)} of {len(ids)} not terminal after {wait_s} s: "
+                             f"{[dict(r) for r in rows]}")
+    assert len(ids) == len(paths)
     counts = await assert_exactly_once(db, ids, site)
     print(f"\nFAULT {site}: submitted {len(ids)}, decided before the fault {done_at_fault}, lost 0, states {counts}")
     return counts

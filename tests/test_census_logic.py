@@ -7,8 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from shared.census.graph import IdentityGraph, Infeasible, cluster, objective, violations
-from shared.census.plan import NewIndividual, plan, questions, stopping
+from shared.census.graph import IdentityGraph, Infeasible, bridges, cluster, objective, violations
+from shared.census.plan import NewIndividual, plan, questions, stopping, verifications
+from shared.census.store import build_graph
 from shared.census.refit import refit_from_answers, reliability
 
 STRONG, WEAK = 4.0, 0.5
@@ -216,3 +217,66 @@ def test_contradicting_rules_drop_the_weaker_one_instead_of_stopping_the_census(
 def test_no_question_asks_to_merge_two_individuals_people_placed():
     g = graph_of(2, [(0, 1, 3.0)], anchors={0: "X", 1: "Y"})
     assert [q for q in questions(g, ["X", "Y"], asked=set()) if q.kind == "merge"] == []
+
+
+def test_bridges_are_the_answers_nothing_else_corroborates():
+    # a triangle of answers corroborates itself; the tail hanging off it, and two parallel answers, are told apart
+    assert bridges([(1, 2), (2, 3), (3, 1), (3, 4)]) == {3}
+    assert bridges([("a", "b"), ("a", "b")]) == set()
+    assert bridges([(1, 2), (2, 3), (5, 6)]) == {0, 1, 2}
+    assert bridges([(7, 7)]) == set()  # an answer inside one sighting joins nothing
+
+
+def _snapshot(sightings, answers, edges=()):
+    """A property's rows as `build_graph` reads them: one detection per entry of `sightings` (its sighting key),
+    `answers` as (a, b, answer), `edges` as (a, b, P(same))."""
+    nodes = [{"id": i, "individual_id": None, "state": "new", "decided_by": "fusion", "sighting": s,
+              "image_sha256": f"frame{i}"} for i, s in enumerate(sightings)]
+    return {"nodes": nodes, "answers": [{"id": k, "a": a, "b": b, "answer": x} for k, (a, b, x) in enumerate(answers)],
+            "edges": [{"a": a, "b": b, "components": {}, "probability": p} for a, b, p in edges]}
+
+
+def test_a_same_nothing_corroborates_is_asked_again_on_another_pair_and_a_different_there_undoes_it():
+    # two sightings of two frames each; the machine thinks them unlikely one animal; a person says `same` (a slip)
+    sightings = ["A", "A", "B", "B"]
+    edges = [(0, 2, 0.05), (1, 3, 0.04), (0, 3, 0.02)]
+    graph, *_ = build_graph(_snapshot(sightings, [(0, 2, "same")], edges), None)
+    assert graph.unconfirmed == [(0, 2)]
+    assert len({cluster(graph).labels[i] for i in range(4)}) == 1  # until verified, the answer holds
+    asked = {(0, 2)}
+    verify = verifications(graph, asked, reviewer_error=0.02)
+    assert [(q.kind, {q.a, q.b}) for q in verify] == [("split", {1, 3})]  # the machine's likeliest other pair
+    # a slip is likely where the machine saw little chance of a match: the question ranks high
+    p = float(1 / (1 + math.exp(-sum(math.log(x / (1 - x)) for _, _, x in edges))))
+    assert verify[0].flip == pytest.approx(0.02 * (1 - p) / (0.02 * (1 - p) + 0.98 * p))
+    assert verify[0].flip > 0.5
+    ranked = questions(graph, [7, 7, 7, 7], asked, reviewer_error=0.02)
+    assert ranked and {ranked[0].a, ranked[0].b} == {1, 3}
+    # the second answer says `different`: the uncorroborated `same` gives way, and the two are apart again
+    graph, *_ = build_graph(_snapshot(sightings, [(0, 2, "same"), (1, 3, "different")], edges), None)
+    labels = cluster(graph).labels
+    assert labels[0] == labels[1] != labels[2] == labels[3]
+    assert graph.dropped == ["answer 0 (same)"] and graph.unconfirmed == []
+
+
+def test_a_second_same_corroborates_the_first_and_nothing_is_asked_again():
+    sightings = ["A", "A", "B", "B"]
+    edges = [(0, 2, 0.05), (1, 3, 0.04)]
+    graph, *_ = build_graph(_snapshot(sightings, [(0, 2, "same"), (1, 3, "same")], edges), None)
+    assert graph.unconfirmed == []
+    assert verifications(graph, {(0, 2), (1, 3)}, reviewer_error=0.02) == []
+    assert len(set(cluster(graph).labels)) == 1
+
+
+def test_a_same_the_machine_agrees_with_is_hardly_worth_verifying():
+    # P(same) 0.99 by the machine: a slip is then unlikely, below the questions' floor
+    graph, *_ = build_graph(_snapshot(["A", "A", "B", "B"], [(0, 2, "same")], [(0, 2, 0.99), (1, 3, 0.99)]), None)
+    (q,) = verifications(graph, {(0, 2)}, reviewer_error=0.02)
+    assert q.flip < 0.01
+    assert not [x for x in questions(graph, [1, 1, 1, 1], {(0, 2)}) if {x.a, x.b} == {1, 3}]
+
+
+def test_single_photos_have_no_other_pair_to_verify_on():
+    graph, *_ = build_graph(_snapshot([None, None], [(0, 1, "same")], [(0, 1, 0.1)]), None)
+    assert graph.unconfirmed == [(0, 1)]
+    assert verifications(graph, {(0, 1)}, reviewer_error=0.02) == []

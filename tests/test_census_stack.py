@@ -241,6 +241,66 @@ async def _question(db, prop: str, run_id: int, a, b) -> int:
         prop, run_id, a, b, f"test:{a}", f"test:{b}")
 
 
+async def _upload_sighting(client: httpx.AsyncClient, site: str, key: str, photos: list[Path]) -> list[str]:
+    """Both flanks of one encounter as one sighting (single-animal frames sharing the uploader's key)."""
+    ids = []
+    for path in photos:
+        data = with_comment(path.read_bytes(), b"deer-reid census slip test")
+        r = await client.post("/v1/uploads", data={"site": site, "camera": "cam1", "sighting": key, "cls": "doe",
+                                                   "fallback_captured_at": "2025-11-03T06:00:00Z"},
+                              files=[("files", (path.name, data, "image/jpeg"))])
+        assert r.status_code == 201, r.text
+        ids += [d["id"] for d in r.json()["images"][0]["detections"]]
+    return ids
+
+
+async def test_a_slip_is_verified_on_another_pair_and_undone_by_the_answer_there(stack, db, census_calibration,
+                                                                                 nyala_rows, nyala_paths):
+    """A person's `same` for two animals (people are wrong sometimes) holds until verified: the census asks
+    once more on another pair of the two sightings, and a `different` there (refused before: it contradicted a
+    person's `same`) takes the slip back."""
+    prop = site = "census-slip"
+    await register(stack, site, prop)
+    sightings = []
+    for identity in identities_with(nyala_rows, 4, 33, 2):
+        encounter = next(r["encounter"] for r in nyala_rows if r["identity"] == identity and sum(
+            1 for x in nyala_rows if x["identity"] == identity and x["encounter"] == r["encounter"]) == 2)
+        sightings.append([p for r, p in zip(nyala_rows, nyala_paths)
+                          if r["identity"] == identity and r["encounter"] == encounter])
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.auth, timeout=60) as client:
+        (a1, a2), (b1, b2) = [await _upload_sighting(client, site, f"slip-{k}", photos)
+                              for k, photos in enumerate(sightings)]
+        await wait_terminal(stack.api_url, [a1, a2, b1, b2], timeout=WAIT_S, progress=False, headers=stack.auth)
+        assert len({r["sighting"] for r in await db.fetch(
+            "SELECT sighting FROM detections WHERE id = ANY($1::uuid[])", [a1, a2, b1, b2])}) == 2
+        run = await recluster(client, prop)
+
+        def placed():
+            return db.fetch("SELECT id, individual_id FROM detections WHERE id = ANY($1::uuid[])", [a1, a2, b1, b2])
+        slip = await _question(db, prop, run["id"], a1, b1)
+        r = await client.post(f"/v1/census/questions/{slip}/answer", json={"answer": "same", "reason": "a slip"})
+        assert r.status_code == 200, r.text
+        run = await recluster(client, prop)
+        assert len({r["individual_id"] for r in await placed()}) == 1, run["summary"]  # the answer holds meanwhile
+        # the next question verifies it on another pair of the two sightings, as a split question
+        q = (await client.get(f"/v1/census/{prop}/questions/next")).json()["question"]
+        assert q is not None and q["kind"] == "split", run["summary"]
+        pair = {q["a"]["detection"], q["b"]["detection"]}
+        assert pair != {a1, b1} and len(pair & {a1, a2}) == len(pair & {b1, b2}) == 1, (pair, a1, a2, b1, b2)
+        assert q["why"]["flip"] > 0.5  # the machine saw little chance of a match: likely a slip
+        r = await client.post(f"/v1/census/questions/{q['id']}/answer", json={"answer": "different"})
+        assert r.status_code == 200, r.text
+        run = await recluster(client, prop)
+        now = {str(r["id"]): r["individual_id"] for r in await placed()}
+        assert now[a1] == now[a2] != now[b1] == now[b2], (now, run["summary"])
+        slip_answer = await db.fetchval("SELECT id FROM identity_answers WHERE question_id = $1", slip)
+        assert f"answer {slip_answer} (same)" in run["summary"]["rules_dropped"]
+        # a `different` about a pair a sighting joins is still refused
+        inside = await _question(db, prop, run["id"], a1, a2)
+        r = await client.post(f"/v1/census/questions/{inside}/answer", json={"answer": "different"})
+        assert r.status_code == 409 and "sighting" in r.json()["detail"]["error"], r.text
+
+
 async def test_kill_9_mid_run_applies_nothing_and_the_next_run_finishes(stack, db, census_calibration, nyala_rows,
                                                                        nyala_paths):
     import asyncpg

@@ -1,12 +1,13 @@
 """The census API: where a property's census stands, its re-clustering runs, and question mode.
 
 Question mode asks one pair at a time, best first (the census job ranks them by the chance the answer
-changes the census times the detections it would move), and takes one answer: `same`, `different`,
+changes the census times the detections it would move; a `same` no other answer corroborates is asked once
+more on another pair of the same two sides), and takes one answer: `same`, `different`,
 `cannot-tell` or `skip`. An answer is a hard rule for the next re-clustering, audited under the key's owner
 and undoable (`POST /v1/census/answers/{id}/undo`). Two people answering one question at once: the first
 wins, the second gets 409 with the next question. An answer that contradicts the hard rules (`same` for two
-animals of one frame, `different` for two frames of one sighting or a chain of people's `same`) is 409
-with the reason.
+animals of one frame, `different` for two frames of one sighting or a chain of people's corroborated
+`same`) is 409 with the reason.
 """
 from __future__ import annotations
 
@@ -194,8 +195,12 @@ async def _check_rules(conn: asyncpg.Connection, prop: str, a: UUID, b: UUID, an
         raise HTTPException(409, detail={"error": "a detection of this question is no longer in the census "
                                                   "(failed or removed); take the next question"})
     i, j = index[a], index[b]
-    # the answer after every rule in force: if they leave no room for it, it contradicts them
-    graph.rules.append(("must" if answer == "same" else "cannot", i, j, "this answer"))
+    # the answer after every rule in force but the uncorroborated `same` answers, which a newer answer
+    # outweighs (it is how a slip is undone by the question that verifies it): if the rules leave no room
+    # for it, it contradicts them
+    loose = [r for r in graph.rules if r[0] == "must" and (min(r[1], r[2]), max(r[1], r[2])) in graph.tentative]
+    graph.rules = [r for r in graph.rules if r not in loose] + \
+        [("must" if answer == "same" else "cannot", i, j, "this answer")] + loose
     if "this answer" in graph.resolve():
         if answer == "same" and snap["nodes"][i]["image_sha256"] == snap["nodes"][j]["image_sha256"]:
             why = "two animals of one frame are two deer"

@@ -283,7 +283,7 @@ async def _apply(conn: asyncpg.Connection, prop: str, snapshot: dict, graph: Ide
     labels = [None] * graph.n
     for i, target in enumerate(decided.target):
         labels[i] = founded.get(target.cluster) if isinstance(target, NewIndividual) else target
-    ranked = questions(graph, labels, asked, units=units)
+    ranked = questions(graph, labels, asked, units=units, reviewer_error=settings.census_reviewer_error)
     left = stopping(ranked, settings.census_stop_flip)
     await conn.execute("UPDATE census_questions SET state = 'stale' WHERE property = $1 AND state = 'open'", prop)
     kept = ranked[:settings.census_questions_kept]

@@ -5,7 +5,8 @@ The graph (per property):
 - nodes: detections;
 - machine edges: the log-odds log(p / (1 - p)) of the calibrated P(same individual) of a scored pair
   (positive: evidence for one animal, negative: for two; a pair never scored weighs nothing);
-- must-links (hard): the frames of one sighting, a person's `same`;
+- must-links (hard): the frames of one sighting, a person's `same` (one that no other answer corroborates
+  yet is the weakest rule of all, see `shared.census.store.build_graph`);
 - cannot-links (hard): two animals of one frame, a person's `different`;
 - anchors (hard): detections a person placed keep their individual; two anchored individuals are never
   joined by the machine (a person merges them, with `merge`).
@@ -61,6 +62,11 @@ class IdentityGraph:
     # them into `must` and `cannot`, dropping any that contradicts the anchors or a stronger rule
     rules: list[tuple[str, int, int, str]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # the rules `resolve` dropped, for the run's summary
+    # a person's `same` answers that no other answer corroborates yet (node pairs, i < j; their rules come
+    # last): must-links like the others, but a later `different` about the same two sides outweighs them, and
+    # the census asks to verify each (`shared.census.plan.questions`). `unconfirmed`: those `resolve` kept.
+    tentative: set[tuple[int, int]] = field(default_factory=set)
+    unconfirmed: list[tuple[int, int]] = field(default_factory=list)
 
     def add_edge(self, i: int, j: int, log_odds: float) -> None:
         """A machine edge; a pair scored twice keeps the stronger evidence either way."""
@@ -80,7 +86,7 @@ class IdentityGraph:
         individuals), a cannot-link inside one must-link group. So the census always has a solution, and a
         contradiction (a person moved one frame of a sighting; two answers given at once) costs the weaker
         rule, named in the run's summary, instead of the whole run."""
-        uf = _UnionFind(self.n)
+        uf = UnionFind(self.n)
         anchor: dict[int, Hashable] = {}
         apart: dict[int, set[int]] = {}
         first: dict[Hashable, int] = {}
@@ -105,7 +111,7 @@ class IdentityGraph:
                 apart[x].discard(other)
                 apart[x].add(root)
 
-        self.must, self.cannot, dropped = [], [], []
+        self.must, self.cannot, self.unconfirmed, dropped = [], [], [], []
         for kind, i, j, what in self.rules:
             ri, rj = uf.find(i), uf.find(j)
             if kind == "must":
@@ -116,6 +122,8 @@ class IdentityGraph:
                 if ri != rj:
                     join(i, j)
                 self.must.append((i, j))
+                if (min(i, j), max(i, j)) in self.tentative:
+                    self.unconfirmed.append((min(i, j), max(i, j)))
             else:
                 if ri == rj:
                     dropped.append(what)
@@ -127,7 +135,7 @@ class IdentityGraph:
         return dropped
 
 
-class _UnionFind:
+class UnionFind:
     def __init__(self, n: int):
         self.parent = list(range(n))
 
@@ -157,7 +165,7 @@ class Units:
 
 def units_of(graph: IdentityGraph) -> Units:
     """Contract the must-links (and each anchored individual's nodes) into units; Infeasible on a contradiction."""
-    uf = _UnionFind(graph.n)
+    uf = UnionFind(graph.n)
     for i, j in graph.must:
         uf.union(i, j)
     first_of_anchor: dict[Hashable, int] = {}
@@ -315,4 +323,43 @@ def violations(graph: IdentityGraph, labels: Sequence[Hashable | None]) -> list[
         if labels[node] in seen and seen[labels[node]] != individual:
             out.append(f"anchors {seen[labels[node]]} and {individual} joined")
         seen.setdefault(labels[node], individual)
+    return out
+
+
+def bridges(edges: Sequence[tuple[Hashable, Hashable]]) -> set[int]:
+    """The indexes of the edges of a multigraph whose removal disconnects their two ends (Tarjan's bridges,
+    iterative). Two parallel edges are never bridges: each corroborates the other."""
+    adjacency: dict[Hashable, list[tuple[Hashable, int]]] = {}
+    for k, (a, b) in enumerate(edges):
+        if a == b:
+            continue
+        adjacency.setdefault(a, []).append((b, k))
+        adjacency.setdefault(b, []).append((a, k))
+    order: dict[Hashable, int] = {}
+    low: dict[Hashable, int] = {}
+    out: set[int] = set()
+    for root in adjacency:
+        if root in order:
+            continue
+        order[root] = low[root] = len(order)
+        stack = [(root, -1, iter(adjacency[root]))]
+        while stack:
+            node, via, it = stack[-1]
+            step = next(it, None)
+            if step is None:
+                stack.pop()
+                if stack:
+                    parent = stack[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                    if low[node] > order[parent]:
+                        out.add(via)
+                continue
+            other, k = step
+            if k == via:
+                continue  # the edge we came by (a parallel edge has another index and counts)
+            if other in order:
+                low[node] = min(low[node], order[other])
+            else:
+                order[other] = low[other] = len(order)
+                stack.append((other, k, iter(adjacency[other])))
     return out

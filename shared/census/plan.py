@@ -13,7 +13,10 @@ unit (a unit: detections that must be one animal), which moves the evidence carr
 `questions` ranks what to ask next in the applied census: for each pair of individuals the machine links,
 "are these one animal?" (the chance the answer merges them times the detections that would move), and
 for each unit inside an individual, "does it belong?" (the chance it leaves times its detections):
-uncertainty times effect, as the issue of people's time asks. `stopping` estimates how many questions are
+uncertainty times effect, as the issue of people's time asks. A person's `same` that no other answer
+corroborates is asked once more on another pair of the same two sides (Graph ID's positive redundancy):
+where the machine thinks a match unlikely, as it does for most questions, a `same` is as likely a slip as
+the truth, and one slip merges two animals for good. `stopping` estimates how many questions are
 left before the census stops changing (Graph ID's stopping rule in spirit: stop when what is left is
 unlikely to change anything).
 """
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 from shared.calibrated import sigmoid
-from shared.census.graph import NEG_INF, IdentityGraph, Units, units_of
+from shared.census.graph import NEG_INF, IdentityGraph, Units, UnionFind, units_of
 
 
 @dataclass(frozen=True)
@@ -184,9 +187,10 @@ class Question:
 
 
 def questions(graph: IdentityGraph, labels: Sequence[Hashable | None], asked: set[tuple[int, int]],
-              *, min_flip: float = 0.01, units: Units | None = None) -> list[Question]:
+              *, min_flip: float = 0.01, units: Units | None = None, reviewer_error: float = 0.02) -> list[Question]:
     """Candidate questions in the labelled census, best first (see the module's docstring). `asked`: pairs
-    (i < j) a person already answered or could not tell apart, never asked again."""
+    (i < j) a person already answered or could not tell apart, never asked again. `reviewer_error`: the
+    share of answers assumed wrong, for the chance that an uncorroborated `same` was a slip."""
     units = units or units_of(graph)
     k = len(units.members)
     group = [labels[m[0]] if labels[m[0]] is not None else ("review", u) for u, m in enumerate(units.members)]
@@ -232,6 +236,7 @@ def questions(graph: IdentityGraph, labels: Sequence[Hashable | None], asked: se
         moves = len(units.members[u])
         a, b = (i, j) if units.of[i] == u else (j, i)  # a: the detection whose place is in question
         out.append(Question(a, b, "split", w, flip, moves, flip * moves))
+    out += verifications(graph, asked, reviewer_error)
     seen: set = set()
     ranked = []
     for q in sorted(out, key=lambda q: (-q.priority, -q.flip, q.a, q.b)):
@@ -241,6 +246,57 @@ def questions(graph: IdentityGraph, labels: Sequence[Hashable | None], asked: se
         seen.add(pair)
         ranked.append(q)
     return ranked
+
+
+def verifications(graph: IdentityGraph, asked: set[tuple[int, int]], reviewer_error: float) -> list[Question]:
+    """For each uncorroborated `same` (`graph.unconfirmed`), the question that would verify it: another pair
+    of the two sides it joined (the sightings, or what other answers joined), the machine's likeliest, as a
+    split question. The chance it changes the census is the chance the `same` was a slip: with the
+    machine's P(same) p of the two sides and a reviewer wrong with probability e, e(1-p) / (e(1-p) + (1-e)p)."""
+    if not graph.unconfirmed:
+        return []
+    uf = UnionFind(graph.n)
+    loose = set(graph.unconfirmed)
+    for i, j in graph.must:
+        if (min(i, j), max(i, j)) not in loose:
+            uf.union(i, j)
+    sides = {(uf.find(i), uf.find(j)) for i, j in graph.unconfirmed}
+    sides |= {(b, a) for a, b in sides}
+    total: dict[tuple[int, int], float] = defaultdict(float)
+    best: dict[tuple[int, int], tuple[float, int, int]] = {}
+    for (i, j), w in graph.weights.items():
+        key = (uf.find(i), uf.find(j))
+        if key not in sides or not math.isfinite(w):
+            continue
+        key = tuple(sorted(key))
+        total[key] += w
+        if (i, j) not in asked and (key not in best or w > best[key][0]):
+            best[key] = (w, i, j)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(graph.n):
+        members[uf.find(i)].append(i)
+    out = []
+    for i, j in graph.unconfirmed:
+        key = tuple(sorted((uf.find(i), uf.find(j))))
+        if key[0] == key[1]:
+            continue
+        if key in best:
+            w, a, b = best[key]
+        else:  # the machine never compared another pair of these sides: any pair not asked yet
+            pair = next(((min(x, y), max(x, y)) for x in members[key[0]] for y in members[key[1]]
+                         if (min(x, y), max(x, y)) not in asked), None)
+            if pair is None:
+                continue  # one photo each side, or every pair answered: nothing else to show
+            w, (a, b) = 0.0, pair
+        p = float(sigmoid(total.get(key, 0.0)))
+        slip = reviewer_error * (1 - p)
+        flip = slip / (slip + (1 - reviewer_error) * p) if slip > 0 else 0.0
+        sizes = {uf.find(a): len(members[uf.find(a)]), uf.find(b): len(members[uf.find(b)])}
+        if sizes[uf.find(b)] < sizes[uf.find(a)]:
+            a, b = b, a  # a: the detection whose place is in question (the smaller side's)
+        moves = min(sizes.values())
+        out.append(Question(a, b, "split", w, flip, moves, flip * moves))
+    return out
 
 
 def stopping(ranked: Sequence[Question], stop_flip: float = 0.1) -> dict:

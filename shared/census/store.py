@@ -9,7 +9,7 @@ from uuid import UUID
 import asyncpg
 
 from shared.calibrated import FusionModel, logit
-from shared.census.graph import IdentityGraph
+from shared.census.graph import IdentityGraph, bridges
 from shared.identity import PLACED
 
 IN_CENSUS = ("assigned", "new", "review")  # the detections that are nodes of the graph
@@ -68,6 +68,18 @@ async def snapshot(conn: asyncpg.Connection, prop: str, with_edges: bool = True)
     return {"nodes": nodes, "edges": edges, "answers": answers}
 
 
+def uncorroborated(nodes: list, latest: dict[tuple[int, int], tuple[str, int]]) -> set[tuple[int, int]]:
+    """The pairs whose `same` answer no other answer corroborates: between the two sightings it joins (a
+    detection without one stands alone) no other chain of `same` answers runs, so it is a bridge of the
+    graph of sightings and `same` answers (Graph ID's positive redundancy of one: a second, independent
+    `same` confirms a merge)."""
+    def unit(i: int):
+        return ("sighting", nodes[i]["sighting"]) if nodes[i]["sighting"] is not None else ("node", i)
+    same = [pair for pair, (answer, _) in latest.items() if answer == "same"]
+    alone = bridges([(unit(i), unit(j)) for i, j in same])
+    return {same[k] for k in alone}
+
+
 def build_graph(snapshot: dict, model: FusionModel | None) -> tuple[IdentityGraph, dict[UUID, int], set, list]:
     """(graph, node index, pairs never to ask again, labelled pairs for the refit) of a snapshot."""
     nodes = snapshot["nodes"]
@@ -86,16 +98,22 @@ def build_graph(snapshot: dict, model: FusionModel | None) -> tuple[IdentityGrap
         if r["a"] in index and r["b"] in index:
             i, j = index[r["a"]], index[r["b"]]
             latest[(min(i, j), max(i, j))] = (r["answer"], r["id"])  # the newest answer about a pair counts
+    unconfirmed = uncorroborated(nodes, latest)
     # the rules, strongest first (after the anchors): people's answers, newest first; two animals of one
-    # frame; a sighting's frames
+    # frame; a sighting's frames; last, the `same` answers nothing corroborates yet, so that one wrong answer
+    # (people are wrong sometimes) gives way to a later `different` about the same two sides
+    tail = []
     for (i, j), (answer, answer_id) in sorted(latest.items(), key=lambda kv: -kv[1][1]):
         if answer in ("same", "different"):
-            graph.rules.append(("must" if answer == "same" else "cannot", i, j, f"answer {answer_id} ({answer})"))
+            rule = ("must" if answer == "same" else "cannot", i, j, f"answer {answer_id} ({answer})")
+            (tail if (i, j) in unconfirmed else graph.rules).append(rule)
     for members in by_frame.values():
         graph.rules += [("cannot", a, b, f"one frame ({nodes[a]['image_sha256'][:12]})")
                         for n, a in enumerate(members) for b in members[n + 1:]]
     for key, members in by_sighting.items():
         graph.rules += [("must", members[0], m, f"sighting {key}") for m in members[1:]]
+    graph.rules += tail
+    graph.tentative = unconfirmed
     graph.dropped = graph.resolve()
     asked = set(latest)
     latest = {key: answer for key, (answer, _) in latest.items()}

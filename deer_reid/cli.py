@@ -477,7 +477,15 @@ def cmd_eval(args) -> int:
 
             state = read_state(settings.home) or {}
             stack_models = [m for m in [state.get("body_model"), *(state.get("body_ensemble") or [])] if m]
-        if args.protocol == "census":
+        if args.protocol == "census" and args.offline:
+            from deer_reid.evaluation.census_offline import run_census_offline
+
+            result = run_census_offline(Path(args.data_dir), body_model=args.body_model, limit=args.limit,
+                                        seed=args.seed, budget=args.budget, reviewer_error=args.reviewer_error,
+                                        recluster_every=args.recluster_every, settings=settings,
+                                        report_dir=report_dir, json_path=args.json, progress=not args.quiet,
+                                        allow_random=args.allow_random_weights)
+        elif args.protocol == "census":
             from deer_reid.evaluation.census import run_census
 
             result = run_census(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
@@ -808,6 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recluster-every", type=int, default=10, help="census: answers between re-solves")
     ev.add_argument("--no-baseline", action="store_true", help="census: skip today's way (the review queue) "
                     "on copies of the photos")
+    ev.add_argument("--offline", action="store_true", help="census: the census's own rules without the stack, "
+                    "on the photos' body similarities (seconds: a proxy for designing the rules, no baseline)")
     ev.add_argument("--mode", choices=("fast", "enhanced"), default="fast")
     ev.add_argument("--body-model", help="body model(s), comma-separated for an ensemble")
     ev.add_argument("--json", help="write the full result here")

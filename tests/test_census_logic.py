@@ -247,9 +247,9 @@ def test_a_same_nothing_corroborates_is_asked_again_on_another_pair_and_a_differ
     verify = verifications(graph, asked, reviewer_error=0.02)
     assert [(q.kind, {q.a, q.b}) for q in verify] == [("split", {1, 3})]  # the machine's likeliest other pair
     # a slip is likely where the machine saw little chance of a match: the question ranks high
-    p = float(1 / (1 + math.exp(-sum(math.log(x / (1 - x)) for _, _, x in edges))))
+    p = max(x for _, _, x in edges)  # the two sightings' strongest pair
     assert verify[0].flip == pytest.approx(0.02 * (1 - p) / (0.02 * (1 - p) + 0.98 * p))
-    assert verify[0].flip > 0.5
+    assert verify[0].flip > 0.2  # ten times the reviewer's error rate
     ranked = questions(graph, [7, 7, 7, 7], asked, reviewer_error=0.02)
     assert ranked and {ranked[0].a, ranked[0].b} == {1, 3}
     # the second answer says `different`: the uncorroborated `same` gives way, and the two are apart again

@@ -287,7 +287,8 @@ async def test_a_slip_is_verified_on_another_pair_and_undone_by_the_answer_there
         assert q is not None and q["kind"] == "split", run["summary"]
         pair = {q["a"]["detection"], q["b"]["detection"]}
         assert pair != {a1, b1} and len(pair & {a1, a2}) == len(pair & {b1, b2}) == 1, (pair, a1, a2, b1, b2)
-        assert q["why"]["flip"] > 0.5  # the machine saw little chance of a match: likely a slip
+        # the machine saw less chance of a match than not: a slip is likelier than the reviewer's error rate
+        assert q["why"]["flip"] > 0.02
         r = await client.post(f"/v1/census/questions/{q['id']}/answer", json={"answer": "different"})
         assert r.status_code == 200, r.text
         run = await recluster(client, prop)

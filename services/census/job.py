@@ -24,7 +24,7 @@ import numpy as np
 
 from shared.calibrated import FusionModel, logit
 from shared.census.graph import IdentityGraph, cluster, units_of
-from shared.census.plan import NewIndividual, plan, questions, stopping
+from shared.census.plan import NewIndividual, plan, questions, sides, stopping
 from shared.census.refit import refit_from_answers
 from shared.census.store import build_graph, request_run, run_lock_key, snapshot
 from shared.config import Settings
@@ -216,16 +216,6 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
         raise
 
 
-def _sides(q, ids: list, labels: list) -> tuple[str, str]:
-    """What a question is about, side by side: two individuals (a merge), or one unit and its individual (a
-    split). An answer settles every open question of its run about the same two sides."""
-    def name(i: int) -> str:
-        return f"individual:{labels[i]}" if labels[i] is not None else f"review:{ids[i]}"
-    if q.kind == "split":
-        return f"unit:{ids[q.a]}", name(q.a)
-    return tuple(sorted((name(q.a), name(q.b))))
-
-
 async def _apply(conn: asyncpg.Connection, prop: str, snapshot: dict, graph: IdentityGraph, index: dict, asked: set,
                  solved: list[int], threshold: float, settings: Settings, run_id: int) -> dict:
     """Under the property lock: re-read the nodes, plan against what they are now, move, and ask."""
@@ -292,7 +282,7 @@ async def _apply(conn: asyncpg.Connection, prop: str, snapshot: dict, graph: Ide
                                          side_a, side_b)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
         [(prop, run_id, min(ids[q.a], ids[q.b]), max(ids[q.a], ids[q.b]), q.kind, rank, q.flip, q.moves, q.priority,
-          max(-50.0, min(50.0, q.log_odds)), *_sides(q, ids, labels)) for rank, q in enumerate(kept)])
+          max(-50.0, min(50.0, q.log_odds)), *sides(q, ids, labels)) for rank, q in enumerate(kept)])
     individuals = len({x for x in labels if x is not None})
     return {"moved": moved, "deferred": len(decided.deferred), "merged": len(emptied), "founded": len(founded),
             "individuals_before": len({x for x in current if x is not None}), "individuals_after": individuals,

@@ -4,7 +4,12 @@
 The graph (per property):
 - nodes: detections;
 - machine edges: the log-odds log(p / (1 - p)) of the calibrated P(same individual) of a scored pair
-  (positive: evidence for one animal, negative: for two; a pair never scored weighs nothing);
+  (positive: evidence for one animal, negative: for two; a pair never scored weighs nothing). Two units
+  (see below: a sighting, or what people's answers joined) weigh their strongest pair of nodes, not the
+  sum of all: the calibration maps a photo's best score against an individual's photos (fusion's "best"
+  aggregation), and the frames of one sighting are one look at one animal, not independent evidence;
+  summed, two sightings of two frames each would count each look four times, and a pair of sightings
+  that each pair of photos calls fairly likely the same animal would end up all but certainly two;
 - must-links (hard): the frames of one sighting, a person's `same` (one that no other answer corroborates
   yet is the weakest rule of all, see `shared.census.store.build_graph`);
 - cannot-links (hard): two animals of one frame, a person's `different`;
@@ -191,8 +196,8 @@ def units_of(graph: IdentityGraph) -> Units:
     for (i, j), w in graph.weights.items():
         a, b = of[i], of[j]
         if a != b and math.isfinite(w):
-            adjacency[a][b] = adjacency[a].get(b, 0.0) + w
-            adjacency[b][a] = adjacency[b].get(a, 0.0) + w
+            best = max(w, adjacency[a].get(b, NEG_INF))  # two units weigh their strongest pair (see above)
+            adjacency[a][b] = adjacency[b][a] = best
     for i, j in graph.cannot:
         a, b = of[i], of[j]
         if a == b:
@@ -301,12 +306,15 @@ def cluster(graph: IdentityGraph, *, refine: bool = True) -> Clustering:
     labels_raw = [by_unit[units.of[i]] for i in range(graph.n)]
     renumber: dict[int, int] = {}
     labels = [renumber.setdefault(c, len(renumber)) for c in labels_raw]
-    return Clustering(labels, objective(graph, labels), len(units.members))
+    return Clustering(labels, objective(graph, labels, units), len(units.members))
 
 
-def objective(graph: IdentityGraph, labels: Sequence[int]) -> float:
-    """The summed log-odds of the machine edges inside clusters (what `cluster` maximises)."""
-    return float(sum(w for (i, j), w in graph.weights.items() if labels[i] == labels[j]))
+def objective(graph: IdentityGraph, labels: Sequence[int], units: Units | None = None) -> float:
+    """The summed log-odds inside clusters of each pair of units, by its strongest pair of nodes (what
+    `cluster` maximises)."""
+    units = units or units_of(graph)
+    return float(sum(w for u, adj in enumerate(units.adjacency) for v, w in adj.items()
+                     if u < v and math.isfinite(w) and labels[units.members[u][0]] == labels[units.members[v][0]]))
 
 
 def violations(graph: IdentityGraph, labels: Sequence[Hashable | None]) -> list[str]:

@@ -201,6 +201,11 @@ def questions(graph: IdentityGraph, labels: Sequence[Hashable | None], asked: se
     between: dict[tuple, float] = defaultdict(float)
     best_pair: dict[tuple, tuple[float, int, int]] = {}
     best_inside: dict[int, tuple[float, int, int]] = {}
+    for u in range(k):  # the evidence between two groups: their units' pairs, each by its strongest pair
+        for v, w in units.adjacency[u].items():
+            if u < v and math.isfinite(w) and group[u] != group[v]:
+                key = (group[u], group[v]) if str(group[u]) < str(group[v]) else (group[v], group[u])
+                between[key] += w
     for (i, j), w in graph.weights.items():
         ui, uj = units.of[i], units.of[j]
         if ui == uj or not math.isfinite(w):
@@ -208,7 +213,6 @@ def questions(graph: IdentityGraph, labels: Sequence[Hashable | None], asked: se
         gi, gj = group[ui], group[uj]
         if gi != gj:
             key = (gi, gj) if str(gi) < str(gj) else (gj, gi)
-            between[key] += w
             if (i, j) not in asked and (key not in best_pair or w > best_pair[key][0]):
                 best_pair[key] = (w, i, j)
         elif (i, j) not in asked:
@@ -252,7 +256,8 @@ def verifications(graph: IdentityGraph, asked: set[tuple[int, int]], reviewer_er
     """For each uncorroborated `same` (`graph.unconfirmed`), the question that would verify it: another pair
     of the two sides it joined (the sightings, or what other answers joined), the machine's likeliest, as a
     split question. The chance it changes the census is the chance the `same` was a slip: with the
-    machine's P(same) p of the two sides and a reviewer wrong with probability e, e(1-p) / (e(1-p) + (1-e)p)."""
+    machine's P(same) p of the two sides (their strongest pair; 0.5 where it never compared them) and a
+    reviewer wrong with probability e, e(1-p) / (e(1-p) + (1-e)p)."""
     if not graph.unconfirmed:
         return []
     uf = UnionFind(graph.n)
@@ -262,14 +267,14 @@ def verifications(graph: IdentityGraph, asked: set[tuple[int, int]], reviewer_er
             uf.union(i, j)
     sides = {(uf.find(i), uf.find(j)) for i, j in graph.unconfirmed}
     sides |= {(b, a) for a, b in sides}
-    total: dict[tuple[int, int], float] = defaultdict(float)
+    total: dict[tuple[int, int], float] = {}
     best: dict[tuple[int, int], tuple[float, int, int]] = {}
     for (i, j), w in graph.weights.items():
         key = (uf.find(i), uf.find(j))
         if key not in sides or not math.isfinite(w):
             continue
         key = tuple(sorted(key))
-        total[key] += w
+        total[key] = max(w, total.get(key, NEG_INF))  # the strongest pair, as between units
         if (i, j) not in asked and (key not in best or w > best[key][0]):
             best[key] = (w, i, j)
     members: dict[int, list[int]] = defaultdict(list)
@@ -297,6 +302,16 @@ def verifications(graph: IdentityGraph, asked: set[tuple[int, int]], reviewer_er
         moves = min(sizes.values())
         out.append(Question(a, b, "split", w, flip, moves, flip * moves))
     return out
+
+
+def sides(q: Question, ids: Sequence, labels: Sequence) -> tuple[str, str]:
+    """What a question is about, side by side: two individuals (a merge), or one unit and its individual (a
+    split). An answer settles every open question of its run about the same two sides."""
+    def name(i: int) -> str:
+        return f"individual:{labels[i]}" if labels[i] is not None else f"review:{ids[i]}"
+    if q.kind == "split":
+        return f"unit:{ids[q.a]}", name(q.a)
+    return tuple(sorted((name(q.a), name(q.b))))
 
 
 def stopping(ranked: Sequence[Question], stop_flip: float = 0.1) -> dict:

@@ -1,0 +1,76 @@
+"""`eval --protocol census --offline`: the census's own rules without the stack, on planted animals (pure) and on
+real photos through the command line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from deer_reid.evaluation.census_offline import graph_edges, simulate
+from shared.calibrated import FusionModel
+from tests.conftest import labelled_subset
+
+BODY = "body:test"
+
+
+def planted(animals: int, sightings: int, photos: int, seed: int = 0, same=(0.70, 0.85), other=(0.55, 0.75)):
+    """Body similarities of planted animals in upload order (sightings shuffled): the same animal's photos
+    drawn from `same`, two animals' from `other` (they overlap: weak evidence)."""
+    rng = np.random.default_rng(seed)
+    units = [(a, s) for a in range(animals) for s in range(sightings)]
+    units = [units[i] for i in rng.permutation(len(units))]
+    identities = [str(a) for a, s in units for _ in range(photos)]
+    keys = [f"{a}/{s}" for a, s in units for _ in range(photos)]
+    n = len(identities)
+    sim = np.where(np.equal.outer(identities, identities), rng.uniform(*same, (n, n)), rng.uniform(*other, (n, n)))
+    sim = np.triu(sim, 1) + np.triu(sim, 1).T + np.eye(n)
+    return sim, identities, keys
+
+
+def model(top: float) -> FusionModel:
+    """The body alone, calibrated so that the best pairs reach P(same) `top`."""
+    return FusionModel.from_artifact({"version_id": "test", "fusion": {
+        "calibrations": {BODY: {"x": [0.5, 0.7, 0.9], "y": [0.01, 0.05, top], "prior": 0.05}},
+        "weights": {BODY: 1.0}, "intercept": 0.0}})
+
+
+def test_graph_edges_join_each_photo_to_its_closest_earlier_ones_and_nearest_overall():
+    sim = np.array([[1, .9, .1, .2], [.9, 1, .3, .8], [.1, .3, 1, .4], [.2, .8, .4, 1]])
+    assert graph_edges(sim, neighbours=1, fusion_candidates=1) == [(0, 1), (1, 2), (1, 3), (2, 3)]
+    assert graph_edges(sim, neighbours=0, fusion_candidates=0) == []
+
+
+def test_with_weak_evidence_the_answers_build_the_census_and_with_strong_evidence_the_machine_does():
+    sim, identities, keys = planted(animals=5, sightings=3, photos=2)
+    curve, tally = simulate({BODY: sim}, model(0.3), BODY, identities, keys, budget=300, reviewer_error=0.0,
+                            recluster_every=5, neighbours=6)
+    online = tally["online"]
+    assert online["predicted_individuals"] == 15 and online["bcubed_precision"] == 1.0
+    assert curve[0]["bcubed_f1"] == online["bcubed_f1"]  # no pair reaches P(same) 0.5: nothing moves unasked
+    assert curve[-1]["bcubed_f1"] == 1.0 and curve[-1]["predicted_individuals"] == 5, curve[-1]
+    assert tally["same"] >= 15 - 5  # each `same` joins two sightings at most
+    assert all(p["bcubed_precision"] == 1.0 for p in curve)  # a right reviewer never joins two animals
+    assert [p["answers"] for p in curve] == sorted(p["answers"] for p in curve)
+
+    curve, tally = simulate({BODY: sim}, model(0.99), BODY, identities, keys, budget=300, reviewer_error=0.0,
+                            recluster_every=5, neighbours=6)
+    assert curve[0]["bcubed_f1"] > tally["online"]["bcubed_f1"]  # the re-solve alone merges on strong evidence
+
+
+def test_eval_census_offline_on_real_photos(tmp_path, nyala_rows, nyala_paths, capsys):
+    from deer_reid.cli import main
+
+    data = labelled_subset(tmp_path / "data", nyala_rows, nyala_paths, 8, 6)
+    out = tmp_path / "census.json"
+    assert main(["eval", str(data), "--protocol", "census", "--offline", "--budget", "40", "--recluster-every", "5",
+                 "--json", str(out), "--report", str(tmp_path / "report"), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["offline"] is True and result["baseline"] is None and "stack" in result["baseline_why"]
+    assert result["true_individuals"] == 4  # the half of the 8 identities the calibration was not fitted on
+    assert result["sightings"] <= result["images"] == 24
+    assert result["online"]["predicted_individuals"] == result["sightings"]
+    answers = [p["answers"] for p in result["curve"]]
+    assert answers[0] == 0 and answers == sorted(answers) and answers[-1] <= 40
+    assert {"answers_to_f1_90", "answers_to_f1_95", "tally"} <= set(result)
+    assert (tmp_path / "report" / "census.png").stat().st_size > 1000
+    assert "Census with people in the loop" in (tmp_path / "report" / "report.md").read_text()

@@ -302,6 +302,45 @@ async def test_a_slip_is_verified_on_another_pair_and_undone_by_the_answer_there
         assert r.status_code == 409 and "sighting" in r.json()["detail"]["error"], r.text
 
 
+async def test_a_census_run_a_person_undid_is_not_redone_and_undoing_the_undo_brings_it_back(
+        stack, db, census_calibration, nyala_rows, nyala_paths):
+    prop = "census-undo"
+    photos = herd(nyala_rows, nyala_paths, identities_with(nyala_rows, 4, 35, 2), 1)
+    ids = await ingest(stack, [p for p, _ in photos], "census-undo-cam", prop=prop)
+    await wait_terminal(stack.api_url, ids, timeout=WAIT_S, progress=False, headers=stack.auth)
+    a, b = sorted(ids, key=uuid.UUID)
+    # the machine all but sure the two are one animal (they are not): the census joins them
+    await db.execute(
+        """INSERT INTO identity_edges (property, a, b, components, probability, source)
+           VALUES ($1, $2, $3, $4, 0.999, 'census')
+           ON CONFLICT (a, b) DO UPDATE SET components = EXCLUDED.components, probability = 0.999""",
+        prop, uuid.UUID(a), uuid.UUID(b), {f"body:{census_calibration['model']}": 0.999})
+
+    async def together() -> bool:
+        rows = await db.fetch("SELECT individual_id FROM detections WHERE id = ANY($1::uuid[])", [a, b])
+        return rows[0]["individual_id"] is not None and rows[0]["individual_id"] == rows[1]["individual_id"]
+
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.auth, timeout=60) as client:
+        run = await recluster(client, prop)
+        assert await together() and run["summary"]["audit_id"], run["summary"]
+        # a person takes the machine's change back: remembered as their `different`
+        r = await client.post(f"/v1/audit/{run['summary']['audit_id']}/undo", json={"reason": "two deer"})
+        assert r.status_code == 200 and r.json()["answers"] == 1, r.text
+        undo = r.json()["audit_id"]
+        answer = await db.fetchrow("SELECT a, b, answer, actor, undone, audit_id FROM identity_answers "
+                                   "WHERE property = $1", prop)
+        assert (answer["answer"], answer["undone"], answer["audit_id"]) == ("different", False, undo)
+        assert {str(answer["a"]), str(answer["b"])} == {a, b} and answer["actor"] != "census"
+        run = await recluster(client, prop)
+        assert not await together(), run["summary"]  # the next run does not redo it
+        # undoing the undo: the answer stops counting, and the evidence joins them again
+        r = await client.post(f"/v1/audit/{undo}/undo", json={"reason": "one deer after all"})
+        assert r.status_code == 200, r.text
+        assert await db.fetchval("SELECT undone FROM identity_answers WHERE property = $1", prop) is True
+        await recluster(client, prop)
+        assert await together()
+
+
 async def test_kill_9_mid_run_applies_nothing_and_the_next_run_finishes(stack, db, census_calibration, nyala_rows,
                                                                        nyala_paths):
     import asyncpg

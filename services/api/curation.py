@@ -18,6 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
+from shared.census.store import remember_undone_run
 from shared.identity import DECIDABLE, PLACED, Change, CurationError, individual_snapshot, detection_snapshot
 from shared.schemas import sex_of
 
@@ -155,4 +156,7 @@ async def undo(conn: asyncpg.Connection, actor: str, n_exemplars: int, audit_id:
     await conn.execute("UPDATE audit_log SET undone_by = $2 WHERE id = $1", audit_id, result["audit_id"])
     # an answer's entry undone: the answer stops counting as a hard rule from the next re-clustering on
     await conn.execute("UPDATE identity_answers SET undone = true WHERE audit_id = $1", audit_id)
+    if entry["actor"] == "census" and entry["action"] == "recluster":
+        # what the machine did, a person took back: remembered as their answers, or the next run redoes it
+        result["answers"] = await remember_undone_run(conn, entry, actor, result["audit_id"])
     return result

@@ -130,3 +130,36 @@ def build_graph(snapshot: dict, model: FusionModel | None) -> tuple[IdentityGrap
     return graph, index, asked, list(latest.items())
 
 
+
+
+async def remember_undone_run(conn: asyncpg.Connection, entry: asyncpg.Record, actor: str, undo_audit: int) -> int:
+    """A person undid a census run's changes (`entry`, its audit entry): record what that says as answers, so
+    that the next run does not redo them. For each group of detections the run moved together from B (an
+    individual, or review) to A: `different` between them and A's likeliest other detection (A kept others);
+    `same` with B's likeliest detection when A held nothing else (the run had split them out of B). Each answer
+    is the undoing person's, on the undo's audit entry (undoing the undo takes them back too). Returns how many."""
+    groups: dict[tuple, list[UUID]] = defaultdict(list)
+    for key, after in entry["after"]["detections"].items():
+        before = entry["before"]["detections"][key]
+        groups[(before["individual_id"], after["individual_id"])].append(UUID(key))
+    taken = 0
+    for (old, new), moved in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for individual, answer in ((new, "different"), (old, "same")):
+            if individual is None:
+                continue
+            other = await conn.fetchval(
+                """SELECT d.id FROM detections d
+                   LEFT JOIN identity_edges e ON (e.a = d.id AND e.b = $2) OR (e.b = d.id AND e.a = $2)
+                   WHERE d.individual_id = $1 AND d.state = ANY($3::text[]) AND NOT (d.id = ANY($4::uuid[]))
+                   ORDER BY e.probability DESC NULLS LAST, d.created_at, d.id LIMIT 1""",
+                individual, moved[0], list(PLACED), moved)
+            if other is None:
+                continue  # A was founded by the run (nothing else in it): B's `same` below says it
+            a, b = sorted((moved[0], other))
+            await conn.execute(
+                """INSERT INTO identity_answers (property, a, b, answer, actor, reason, audit_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""", entry["property"], a, b, answer, actor,
+                f"undo of census entry {entry['id']}", undo_audit)
+            taken += 1
+            break
+    return taken

@@ -484,7 +484,7 @@ def cmd_eval(args) -> int:
                                         seed=args.seed, budget=args.budget, reviewer_error=args.reviewer_error,
                                         recluster_every=args.recluster_every, settings=settings,
                                         report_dir=report_dir, json_path=args.json, progress=not args.quiet,
-                                        allow_random=args.allow_random_weights)
+                                        allow_random=args.allow_random_weights, coat=args.coat)
         elif args.protocol == "census":
             from deer_reid.evaluation.census import run_census
 
@@ -834,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--holdout-of", metavar="NAME", help="loo: only the identities trained model NAME held out "
                     "(to compare models on the same animals); trained models' own identities are always left out")
     ev.add_argument("--coat", action="store_true", help="loo: add the coat service's components (colour, "
-                    "markings, pattern matching) and measure each, and all fused")
+                    "markings, pattern matching) and measure each, and all fused; census --offline: with them")
     ev.add_argument("--coat-shortlist", type=int, metavar="K", help="loo --coat: gallery photos each photo's coat "
                     "is compared with, its K closest by body (default: the service's DEER_COAT_SHORTLIST)")
     ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "

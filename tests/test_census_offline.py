@@ -74,3 +74,17 @@ def test_eval_census_offline_on_real_photos(tmp_path, nyala_rows, nyala_paths, c
     assert {"answers_to_f1_90", "answers_to_f1_95", "tally"} <= set(result)
     assert (tmp_path / "report" / "census.png").stat().st_size > 1000
     assert "Census with people in the loop" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_eval_census_offline_with_the_coat_fits_and_carries_its_components(tmp_path, nyala_rows, nyala_paths):
+    from deer_reid.evaluation.census_offline import run_census_offline
+    from shared.config import Settings
+
+    data = labelled_subset(tmp_path / "data", nyala_rows, nyala_paths, 6, 4)
+    result = run_census_offline(data, body_model=None, limit=None, seed=1, budget=10, reviewer_error=0.0,
+                                recluster_every=5, settings=Settings(), report_dir=None, json_path=None,
+                                progress=False, coat=True)
+    assert result["mode"] == "enhanced"
+    weights = result["calibration_fitted_on"]["weights"]
+    assert "body:efficientnet_lite0" in weights and {"coat:colour", "coat:markings"} <= set(weights), weights
+    assert result["curve"][0]["answers"] == 0 and result["true_individuals"] == 3

@@ -15,7 +15,10 @@ proxy agree: F1 0.487 and 0.494 after 1,000 answers on nyala's held-out half, fa
 - fusion's edges: each detection to its `fusion_candidates` closest earlier photos by body (fusion writes an
   edge to each top candidate's closest photo); the census's own: each detection's `neighbours` nearest
   photos by body among all; each edge carries every component's score of the pair, from eval's matrices;
-- the calibration: fitted as `eval --protocol loo` fits it, on the other half of the identities; no refit.
+- the calibration: fitted as `eval --protocol loo` fits it, on the other half of the identities; no refit;
+- with `--coat` (enhanced mode's evidence): the coat service's components, scored as fusion scores them,
+  against each photo's body shortlist; an edge carries them where its pair was shortlisted (on the stack
+  only fusion's edges carry them, so this is a little kinder to the census than the stack).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import numpy as np
 
 from deer_reid.evaluation.calibration import fit_fusion, split_identities
 from deer_reid.evaluation.census import answers_to, point, sighting_order
+from deer_reid.evaluation.coat import coat_features, coat_matrices, service_variants, shortlists
 from deer_reid.evaluation.dataset import load_dataset
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.report import plot_census, write_report
@@ -128,7 +132,7 @@ def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: 
 def run_census_offline(data: Path, *, body_model: str | None, limit: int | None, seed: int, budget: int,
                        reviewer_error: float, recluster_every: int, settings: Settings,
                        report_dir: Path | None, json_path: Path | None, progress: bool = True,
-                       allow_random: bool = False) -> dict:
+                       allow_random: bool = False, coat: bool = False) -> dict:
     from deer_reid.evaluation.run import _base, never_trained_on, select
 
     name = (body_model or settings.body_model).split(",")[0].strip()
@@ -141,20 +145,32 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
     ids = [s.identity for s in samples]
     enc = [f"{s.identity}/{s.encounter}" for s in samples]
     fitted, held = split_identities(ids, seed)
-    fusion = fit_fusion(per_component, [i for i, x in enumerate(ids) if x in fitted], ids, enc)
-    model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
+    fit_rows = [i for i, x in enumerate(ids) if x in fitted]
     positions = [i for i, s in enumerate(samples) if s.identity in held]
+    on_edges = dict(per_component)
+    if coat:
+        # the coat service's components, scored as fusion scores them: against each photo's body shortlist,
+        # drawn within each half (a property's gallery is its own animals)
+        shortlisted = shortlists(per_component[body], enc, settings.coat_shortlist, [fit_rows, positions])
+        scored, _, _ = coat_matrices(coat_features(samples, settings, progress=progress), shortlisted,
+                                     service_variants(settings), variants=())
+        per_component.update(scored)
+        # on the graph's edges a coat score is there only where fusion scored the pair (its shortlist)
+        on_edges.update({name: np.where(shortlisted, m, np.nan) for name, m in scored.items()})
+    fusion = fit_fusion(per_component, fit_rows, ids, enc)
+    model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
     order = [positions[k] for k in sighting_order([samples[i] for i in positions], seed)]
-    nodes = {body: per_component[body][np.ix_(order, order)]}
+    nodes = {name: m[np.ix_(order, order)] for name, m in on_edges.items()}
     curve, tally = simulate(nodes, model, body, [ids[i] for i in order], [enc[i] for i in order], budget=budget,
                             reviewer_error=reviewer_error, recluster_every=recluster_every, seed=seed,
                             neighbours=settings.census_neighbours, assumed_error=settings.census_reviewer_error,
                             kept=settings.census_questions_kept)
-    result = _base("census", "fast", data, [samples[i] for i in order], seed)
+    result = _base("census", "enhanced" if coat else "fast", data, [samples[i] for i in order], seed)
     result.update({
         "offline": True, "body_models": [name], "never_trained_on": fairness,
         "embedding_versions": {name: loaded.version}, "weights_real": not loaded.random_weights,
-        "calibration_fitted_on": {"identities": len(fitted), "pairs": fusion["pairs"]},
+        "calibration_fitted_on": {"identities": len(fitted), "pairs": fusion["pairs"],
+                                  "weights": fusion["weights"]},
         "sightings": len({enc[i] for i in order}), "budget": budget, "reviewer_error": reviewer_error,
         "recluster_every": recluster_every, "online": tally.pop("online"), "curve": curve, "tally": tally,
         "reclustered_before_answers": curve[0], "answers_to_f1_90": answers_to(curve, 0.90),

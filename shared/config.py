@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     census_after_decisions: int = Field(50, ge=1)  # a property is re-clustered after this many new decisions
     census_every_s: float = Field(900.0, gt=0)  # ... or this long after its last run, if anything changed
     census_neighbours: int = Field(10, ge=0, le=100)  # body nearest neighbours per detection added as edges
+    # the k of the body scores' local scaling (shared.census.hubness; 0: raw scores, nearest by raw similarity)
+    census_hubness_k: int = Field(10, ge=0, le=100)
     census_questions_kept: int = Field(500, ge=1, le=100_000)  # questions a run leaves open, best first
     # a question counts as "left" while its answer has at least this chance of changing the census
     census_stop_flip: float = Field(0.1, gt=0, lt=1)

@@ -7,10 +7,13 @@ import random
 import numpy as np
 import pytest
 
+from shared.calibrated import FusionModel
 from shared.census.graph import IdentityGraph, Infeasible, bridges, cluster, objective, violations
+from shared.census.hubness import LocalScale
+from shared.census.hubness import neighbours as hub_neighbours
 from shared.census.plan import NewIndividual, plan, questions, stopping, verifications
 from shared.census.store import build_graph
-from shared.census.refit import refit_from_answers, reliability
+from shared.census.refit import clear_gain, refit_from_answers, reliability
 
 STRONG, WEAK = 4.0, 0.5
 
@@ -280,3 +283,46 @@ def test_single_photos_have_no_other_pair_to_verify_on():
     graph, *_ = build_graph(_snapshot([None, None], [(0, 1, "same")], [(0, 1, 0.1)]), None)
     assert graph.unconfirmed == [(0, 1)]
     assert verifications(graph, {(0, 1)}, reviewer_error=0.02) == []
+
+
+def test_local_scaling_discounts_a_photo_that_looks_like_every_photo():
+    # photos 0 and 1 are one animal (0.60); photo 4 is a hub: 0.65 to them, 0.80 to the others, 2 and 3
+    sim = np.full((5, 5), 0.2)
+    sim[0, 1] = sim[1, 0] = 0.60
+    sim[4, :] = sim[:, 4] = 0.80
+    sim[4, :2] = sim[:2, 4] = 0.65
+    np.fill_diagonal(sim, 1.0)
+    _, raw = hub_neighbours([(0, sim)], 5, keep=1, k=0)
+    assert (0, 4) in raw and (0, 1) not in raw  # by raw similarity the hub is everyone's nearest
+    r, scaled = hub_neighbours([(0, sim[:3]), (3, sim[3:])], 5, keep=1, k=2)  # two blocks: one pass, rows split
+    assert (0, 1) in scaled and scaled[(0, 1)] == pytest.approx(0.60)  # edges keep the raw score
+    assert r[4] == pytest.approx(0.80) and r[0] == pytest.approx((0.65 + 0.60) / 2)
+    scale = LocalScale("body:x", {i: float(v) for i, v in enumerate(r)}, float(r.mean()))
+    assert scale(0.60, 0, 1) > scale(0.65, 0, 4)  # the hub's pair loses what its neighbourhood gives every pair
+    assert scale(0.5, 0, "elsewhere") == 0.5  # no r (another embedding version): the raw score
+    # the graph reads the scaled body score: the hub pair's evidence falls below the true pair's
+    model = FusionModel.from_artifact({"version_id": "t", "fusion": {
+        "calibrations": {"body:x": {"x": [0.0, 1.0], "y": [0.0, 1.0], "prior": 0.1}},
+        "weights": {"body:x": 1.0}, "intercept": 0.0}})
+    snap = _snapshot([None] * 5, [])
+    snap["edges"] = [{"a": 0, "b": 1, "components": {"body:x": 0.60}, "probability": None},
+                     {"a": 0, "b": 4, "components": {"body:x": 0.65}, "probability": None}]
+    plain, *_ = build_graph(snap, model)
+    local, *_ = build_graph(snap, model, scale)
+    assert plain.weights[(0, 4)] > plain.weights[(0, 1)] and local.weights[(0, 4)] < local.weights[(0, 1)]
+
+
+def test_a_refit_must_win_by_more_than_its_noise_and_never_says_never():
+    # a gain of 0.001 a pair with a spread of 0.1 is noise; a gain of 0.05 with the same spread is not
+    rng = np.random.default_rng(0)
+    spread = rng.normal(0, 0.1, 200)
+    gain, noise = clear_gain(1.0 + spread, 1.0 + spread - 0.001 + rng.normal(0, 0.1, 200))
+    assert gain < noise
+    gain, noise = clear_gain(np.full(200, 1.0), np.full(200, 0.95) + rng.normal(0, 0.1, 200))
+    assert gain > noise
+    # the answers held no `same` below 0.6: the refit still leaves every pair some chance (1/(n+2))
+    raw = np.linspace(0.3, 0.9, 100)
+    same = raw > 0.6
+    fitted = refit_from_answers({"body:m": raw}, same, None, min_answers=40, min_each=10)
+    assert min(fitted["fusion"]["calibrations"]["body:m"]["y"]) == pytest.approx(1 / 102, abs=1e-6)
+    assert max(fitted["fusion"]["calibrations"]["body:m"]["y"]) == pytest.approx(101 / 102, abs=1e-6)

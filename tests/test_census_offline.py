@@ -36,8 +36,8 @@ def model(top: float) -> FusionModel:
 
 def test_graph_edges_join_each_photo_to_its_closest_earlier_ones_and_nearest_overall():
     sim = np.array([[1, .9, .1, .2], [.9, 1, .3, .8], [.1, .3, 1, .4], [.2, .8, .4, 1]])
-    assert graph_edges(sim, neighbours=1, fusion_candidates=1) == [(0, 1), (1, 2), (1, 3), (2, 3)]
-    assert graph_edges(sim, neighbours=0, fusion_candidates=0) == []
+    assert graph_edges(sim, neighbours=1, fusion_candidates=1)[0] == [(0, 1), (1, 2), (1, 3), (2, 3)]
+    assert graph_edges(sim, neighbours=0, fusion_candidates=0)[0] == []
 
 
 def test_with_weak_evidence_the_answers_build_the_census_and_with_strong_evidence_the_machine_does():

@@ -13,8 +13,9 @@ proxy agree: F1 0.487 and 0.494 after 1,000 answers on nyala's held-out half, fa
 - fusion's online decisions: each sighting founds an individual of its own, which is what fusion does where
   no candidate reaches the match threshold (the body alone on identities it never saw, measured on the stack);
 - fusion's edges: each detection to its `fusion_candidates` closest earlier photos by body (fusion writes an
-  edge to each top candidate's closest photo); the census's own: each detection's `neighbours` nearest
-  photos by body among all; each edge carries every component's score of the pair, from eval's matrices;
+  edge to each top candidate's closest photo); the census's own, as the job draws them (each detection's
+  `neighbours` nearest among all, by locally scaled body similarity); each edge carries every component's
+  score of the pair, from eval's matrices, and the body's is locally scaled as the job scales it;
 - the calibration: fitted as `eval --protocol loo` fits it, on the other half of the identities; no refit;
 - with `--coat` (enhanced mode's evidence): the coat service's components, scored as fusion scores them,
   against each photo's body shortlist; an edge carries them where its pair was shortlisted (on the stack
@@ -36,24 +37,26 @@ from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.report import plot_census, write_report
 from shared.calibrated import FusionModel, logit
 from shared.census.graph import cluster, units_of
+from shared.census.hubness import LocalScale
+from shared.census.hubness import neighbours as nearest_by_body
 from shared.census.plan import NewIndividual, plan, questions, sides
 from shared.census.store import build_graph
 from shared.components.body import body_component, body_similarity_matrix
 from shared.config import Settings
 
 
-def graph_edges(body: np.ndarray, neighbours: int, fusion_candidates: int) -> list[tuple[int, int]]:
-    """The scored pairs (i < j) of nodes in upload order: fusion's (each node and its closest earlier ones)
-    and the census's (each node and its nearest among all), by the body similarity `body` (nodes x nodes)."""
+def graph_edges(body: np.ndarray, neighbours: int, fusion_candidates: int, hubness_k: int = 0
+                ) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The scored pairs (i < j) of nodes in upload order, and each node's hubness r: fusion's (each node and
+    its closest earlier ones by the body similarity `body`, nodes x nodes) and the census job's (each node's
+    nearest among all, as `shared.census.hubness.neighbours` picks them)."""
     n = len(body)
     pairs: set[tuple[int, int]] = set()
     for i in range(n):
         for j in np.argsort(-body[i, :i], kind="stable")[:fusion_candidates]:
             pairs.add((int(j), i))
-        row = np.where(np.arange(n) == i, -np.inf, body[i])
-        for j in np.argsort(-row, kind="stable")[:min(neighbours, n - 1)]:
-            pairs.add((min(i, int(j)), max(i, int(j))))
-    return sorted(pairs)
+    r, nearest = nearest_by_body([(0, body)], n, neighbours, hubness_k)
+    return sorted(pairs | set(nearest)), r
 
 
 def pair_scores(per_component: Mapping[str, np.ndarray], i: int, j: int) -> dict[str, float]:
@@ -69,7 +72,7 @@ def pair_scores(per_component: Mapping[str, np.ndarray], i: int, j: int) -> dict
 def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: str, identities: Sequence[str],
              sightings: Sequence[str], *, budget: int, reviewer_error: float, recluster_every: int,
              neighbours: int = 10, fusion_candidates: int = 5, seed: int = 0, match: float = 0.5,
-             assumed_error: float = 0.02, kept: int = 500) -> tuple[list[dict], dict]:
+             assumed_error: float = 0.02, kept: int = 500, hubness_k: int = 0) -> tuple[list[dict], dict]:
     """The census of the nodes (the matrices' rows, in upload order) with the labels answering its questions:
     the curve (a point after every re-solve) and the tallies (`online`: the sightings as individuals, before
     any re-solve). `body`: the component neighbours are drawn by; `kept`: questions a run leaves open."""
@@ -78,8 +81,10 @@ def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: 
     truth = dict(zip(ids, identities))
     rows = [{"id": ids[i], "sighting": sightings[i], "image_sha256": f"photo{i}", "decided_by": "fusion",
              "state": "new", "individual_id": None} for i in range(n)]
+    pairs, r = graph_edges(per_component[body], neighbours, fusion_candidates, hubness_k)
     edges = [{"a": ids[i], "b": ids[j], "components": pair_scores(per_component, i, j), "probability": None}
-             for i, j in graph_edges(per_component[body], neighbours, fusion_candidates)]
+             for i, j in pairs]
+    scale = LocalScale(body, dict(zip(ids, r.tolist())), float(r.mean())) if hubness_k > 0 else None
     threshold = float(logit(min(max(match, 0.5), 0.999)))  # the census job's rule
     founders: dict[str, int] = {}
     labels: list = [founders.setdefault(s, len(founders)) for s in sightings]
@@ -90,7 +95,7 @@ def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: 
              "online": point(0, dict(zip(ids, labels)), truth)}
 
     def resolve() -> list:
-        graph, index, asked, _ = build_graph({"nodes": rows, "edges": edges, "answers": answers}, model)
+        graph, index, asked, _ = build_graph({"nodes": rows, "edges": edges, "answers": answers}, model, scale)
         units = units_of(graph)
         decided = plan(graph, labels, cluster(graph).labels, threshold, units)
         founded: dict[int, int] = {}
@@ -164,7 +169,7 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
     curve, tally = simulate(nodes, model, body, [ids[i] for i in order], [enc[i] for i in order], budget=budget,
                             reviewer_error=reviewer_error, recluster_every=recluster_every, seed=seed,
                             neighbours=settings.census_neighbours, assumed_error=settings.census_reviewer_error,
-                            kept=settings.census_questions_kept)
+                            kept=settings.census_questions_kept, hubness_k=settings.census_hubness_k)
     result = _base("census", "enhanced" if coat else "fast", data, [samples[i] for i in order], seed)
     result.update({
         "offline": True, "body_models": [name], "never_trained_on": fairness,

@@ -24,6 +24,7 @@ import numpy as np
 
 from shared.calibrated import FusionModel, logit
 from shared.census.graph import IdentityGraph, cluster, units_of
+from shared.census.hubness import LocalScale, neighbours
 from shared.census.plan import NewIndividual, plan, questions, sides, stopping
 from shared.census.refit import refit_from_answers
 from shared.census.store import build_graph, request_run, run_lock_key, snapshot
@@ -51,44 +52,40 @@ async def calibration_for(conn: asyncpg.Connection, prop: str) -> tuple[int | No
     return (row["id"], row["artifact"], "global") if row else (None, None, "none")
 
 
-async def add_neighbour_edges(conn: asyncpg.Connection, prop: str, nodes: list[UUID], k: int) -> int:
-    """Census edges from each node to its k nearest by the property's most common body embedding version;
-    returns how many were new. Pairs fusion scored keep fusion's edge (more components)."""
+async def add_neighbour_edges(conn: asyncpg.Connection, prop: str, nodes: list[UUID], keep: int,
+                              hubness_k: int) -> tuple[int, LocalScale | None]:
+    """Census edges from each node to its `keep` nearest by the property's most common body embedding version
+    (by locally scaled similarity, `shared.census.hubness`); returns how many were new, and the local scale
+    of that version's body scores (None without vectors, or with `hubness_k` 0). Pairs fusion scored keep
+    fusion's edge (more components)."""
     version = await conn.fetchrow(
         """SELECT version, model FROM embeddings WHERE property = $1 AND detection_id = ANY($2::uuid[])
            GROUP BY version, model ORDER BY count(*) DESC, version LIMIT 1""", prop, nodes)
-    if version is None or k <= 0:
-        return 0
+    if version is None or (keep <= 0 and hubness_k <= 0):
+        return 0, None
     rows = await conn.fetch(
         "SELECT detection_id, vec FROM embeddings WHERE version = $1 AND detection_id = ANY($2::uuid[])",
         version["version"], nodes)
     if len(rows) < 2:
-        return 0
+        return 0, None
     ids = [r["detection_id"] for r in rows]
     vecs = np.stack([np.asarray(r["vec"].to_numpy(), dtype=np.float32) for r in rows])
     vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-    k = min(k, len(ids) - 1)
     name = f"body:{version['model']}"  # fusion's body component name (shared.components.body_component)
-    pairs: dict[tuple[UUID, UUID], float] = {}
-    for start in range(0, len(ids), 2048):
-        sims = vecs[start:start + 2048] @ vecs.T
-        for row in range(sims.shape[0]):
-            sims[row, start + row] = -np.inf
-        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        for row, cols in enumerate(nearest):
-            a = ids[start + row]
-            for c in cols:
-                b = ids[c]
-                key = (a, b) if str(a) < str(b) else (b, a)
-                pairs[key] = float(sims[row, c])
+    blocks = ((start, vecs[start:start + 2048] @ vecs.T) for start in range(0, len(ids), 2048))
+    r, nearest = neighbours(blocks, len(ids), keep, hubness_k)
+    scale = LocalScale(name, dict(zip(ids, r.tolist())), float(r.mean())) if hubness_k > 0 else None
+    if not nearest:
+        return 0, scale
+    pairs = [(min(ids[i], ids[j], key=str), max(ids[i], ids[j], key=str), s) for (i, j), s in nearest.items()]
     async with conn.transaction():  # bulk: a season holds hundreds of thousands of pairs
         await conn.execute("CREATE TEMP TABLE census_pairs (a uuid, b uuid, sim real) ON COMMIT DROP")
-        await conn.copy_records_to_table("census_pairs", records=[(a, b, s) for (a, b), s in pairs.items()])
+        await conn.copy_records_to_table("census_pairs", records=pairs)
         status = await conn.execute(
             """INSERT INTO identity_edges (property, a, b, components, source)
                SELECT $1, a, b, jsonb_build_object($2::text, sim), 'census' FROM census_pairs
                ON CONFLICT (a, b) DO NOTHING""", prop, name)
-    return int(status.split()[-1])
+    return int(status.split()[-1]), scale
 
 
 def labelled_pairs(snapshot: dict, index: dict, latest: list) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -165,7 +162,8 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
         nodes = [r["id"] for r in await conn.fetch(
             "SELECT id FROM detections WHERE property = $1 AND state IN ('assigned', 'new', 'review')", prop)]
         t = time.perf_counter()
-        new_edges = await add_neighbour_edges(conn, prop, nodes, settings.census_neighbours)
+        new_edges, scale = await add_neighbour_edges(conn, prop, nodes, settings.census_neighbours,
+                                                     settings.census_hubness_k)
         timings["neighbours_s"] = time.perf_counter() - t
         t = time.perf_counter()
         snap = await snapshot(conn, prop)
@@ -173,7 +171,7 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
         cal_id, artifact, scope = await calibration_for(conn, prop)
         model = FusionModel.from_artifact({**artifact, "version_id": cal_id}) if artifact else None
         t = time.perf_counter()
-        graph, index, asked, latest = build_graph(snap, model)
+        graph, index, asked, latest = build_graph(snap, model, scale)
         refitted, fitted = None, None
         previous = await conn.fetchval(
             "SELECT (summary->'refit'->>'answers')::int FROM census_runs WHERE property = $1 AND state = 'done' "
@@ -184,7 +182,7 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
             if fitted is not None:  # the refit weighs this run's edges; it is installed with the run's changes
                 artifact, scope = fitted, "property (refitted in this run)"
                 model = FusionModel.from_artifact({**artifact, "version_id": "0"})
-                graph, index, asked, latest = build_graph(snap, model)
+                graph, index, asked, latest = build_graph(snap, model, scale)
         timings["graph_s"] = time.perf_counter() - t
         t = time.perf_counter()
         solved = cluster(graph)

@@ -10,6 +10,7 @@ import asyncpg
 
 from shared.calibrated import FusionModel, logit
 from shared.census.graph import IdentityGraph, bridges
+from shared.census.hubness import LocalScale
 from shared.identity import PLACED
 
 IN_CENSUS = ("assigned", "new", "review")  # the detections that are nodes of the graph
@@ -46,11 +47,15 @@ async def request_run(conn: asyncpg.Connection, prop: str, requested_by: str) ->
            DO UPDATE SET requested_by = census_runs.requested_by RETURNING id""", prop, requested_by[:100])
 
 
-def edge_probability(model: FusionModel | None, components: dict, stored: float | None) -> float | None:
-    """P(same) of an edge's raw component scores by `model` (None: the probability stored with it)."""
+def edge_probability(model: FusionModel | None, components: dict, stored: float | None,
+                     scaled: tuple[LocalScale, object, object] | None = None) -> float | None:
+    """P(same) of an edge's raw component scores by `model` (None: the probability stored with it); with
+    `scaled` (the scale and the edge's two detections), its body score locally scaled first."""
     if model is None:
         return stored
     raw = {n: float(v) for n, v in components.items() if n in model.weights and v is not None}
+    if scaled is not None and scaled[0].component in raw:
+        raw[scaled[0].component] = scaled[0](raw[scaled[0].component], scaled[1], scaled[2])
     if not raw:
         return stored
     return float(model.probability(model.calibrate(raw)))
@@ -80,8 +85,10 @@ def uncorroborated(nodes: list, latest: dict[tuple[int, int], tuple[str, int]]) 
     return {same[k] for k in alone}
 
 
-def build_graph(snapshot: dict, model: FusionModel | None) -> tuple[IdentityGraph, dict[UUID, int], set, list]:
-    """(graph, node index, pairs never to ask again, labelled pairs for the refit) of a snapshot."""
+def build_graph(snapshot: dict, model: FusionModel | None, scale: LocalScale | None = None
+                ) -> tuple[IdentityGraph, dict[UUID, int], set, list]:
+    """(graph, node index, pairs never to ask again, labelled pairs for the refit) of a snapshot; `scale`: the
+    local scaling of the body's scores (`shared.census.hubness`)."""
     nodes = snapshot["nodes"]
     index = {r["id"]: i for i, r in enumerate(nodes)}
     graph = IdentityGraph(len(nodes))
@@ -124,7 +131,8 @@ def build_graph(snapshot: dict, model: FusionModel | None) -> tuple[IdentityGrap
         key = (min(i, j), max(i, j))
         if latest.get(key) == "cannot-tell":
             continue  # a person could not tell: the pair says nothing either way
-        p = edge_probability(model, r["components"], r["probability"])
+        p = edge_probability(model, r["components"], r["probability"],
+                             None if scale is None else (scale, r["a"], r["b"]))
         if p is not None and math.isfinite(p):
             graph.add_edge(i, j, float(logit(p)))
     return graph, index, asked, list(latest.items())

@@ -57,7 +57,8 @@ def neighbours(blocks: Iterable[tuple[int, np.ndarray]], n: int, keep: int, k: i
     cols = np.zeros((n, width), dtype=np.int64)
     sims = np.zeros((n, width))
     for start, block in blocks:
-        block = np.array(block, dtype=np.float64)
+        # a copy (its diagonal is overwritten) in its own precision: float64 would double a season's block
+        block = np.array(block)
         rows = np.arange(block.shape[0])
         block[rows, start + rows] = -np.inf
         top = np.argpartition(-block, width - 1, axis=1)[:, :width]

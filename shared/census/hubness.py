@@ -42,6 +42,12 @@ class LocalScale:
             return raw
         return raw - (self.r[a] + self.r[b]) / 2 + self.mean
 
+    def applied(self, components: dict, a, b) -> dict:
+        """An edge's component scores with its body score scaled (the others as they are)."""
+        if components.get(self.component) is None:
+            return components
+        return {**components, self.component: self(float(components[self.component]), a, b)}
+
 
 def neighbours(blocks: Iterable[tuple[int, np.ndarray]], n: int, keep: int, k: int
                ) -> tuple[np.ndarray, dict[tuple[int, int], float]]:

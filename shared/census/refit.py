@@ -36,7 +36,7 @@ def reliability(p: np.ndarray, same: np.ndarray, bins: int = 10) -> dict:
     which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
     ece = sum(abs(p[which == b].mean() - y[which == b].mean()) * (which == b).mean() for b in range(bins)
               if (which == b).any())
-    return {"pairs": int(y.size), "log_loss": round(float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()), 4),
+    return {"pairs": int(y.size), "log_loss": round(float(log_losses(p, same).mean()), 4),
             "brier": round(float(((p - y) ** 2).mean()), 4), "ece": round(float(ece), 4)}
 
 

@@ -47,15 +47,11 @@ async def request_run(conn: asyncpg.Connection, prop: str, requested_by: str) ->
            DO UPDATE SET requested_by = census_runs.requested_by RETURNING id""", prop, requested_by[:100])
 
 
-def edge_probability(model: FusionModel | None, components: dict, stored: float | None,
-                     scaled: tuple[LocalScale, object, object] | None = None) -> float | None:
-    """P(same) of an edge's raw component scores by `model` (None: the probability stored with it); with
-    `scaled` (the scale and the edge's two detections), its body score locally scaled first."""
+def edge_probability(model: FusionModel | None, components: dict, stored: float | None) -> float | None:
+    """P(same) of an edge's raw component scores by `model` (None: the probability stored with it)."""
     if model is None:
         return stored
     raw = {n: float(v) for n, v in components.items() if n in model.weights and v is not None}
-    if scaled is not None and scaled[0].component in raw:
-        raw[scaled[0].component] = scaled[0](raw[scaled[0].component], scaled[1], scaled[2])
     if not raw:
         return stored
     return float(model.probability(model.calibrate(raw)))
@@ -131,13 +127,11 @@ def build_graph(snapshot: dict, model: FusionModel | None, scale: LocalScale | N
         key = (min(i, j), max(i, j))
         if latest.get(key) == "cannot-tell":
             continue  # a person could not tell: the pair says nothing either way
-        p = edge_probability(model, r["components"], r["probability"],
-                             None if scale is None else (scale, r["a"], r["b"]))
+        components = r["components"] if scale is None else scale.applied(r["components"], r["a"], r["b"])
+        p = edge_probability(model, components, r["probability"])
         if p is not None and math.isfinite(p):
             graph.add_edge(i, j, float(logit(p)))
     return graph, index, asked, list(latest.items())
-
-
 
 
 async def remember_undone_run(conn: asyncpg.Connection, entry: asyncpg.Record, actor: str, undo_audit: int) -> int:

@@ -65,6 +65,24 @@ def produce_retry_delay(exc: BaseException, attempt: int, backoff: float) -> flo
     return backoff_s(backoff, attempt)
 
 
+_ABANDONED: set = set()  # tasks given up on, kept referenced until their clean-up ends
+
+
+async def abandon_after(coro, timeout_s: float):
+    """`await coro`, but for at most `timeout_s`: then asyncio.TimeoutError, and the task is cancelled and
+    left to finish its clean-up in the background. Right after a broker restarted empty, aiokafka's
+    clients were seen to hang for minutes in start, in their requests and in close alike; asyncio.wait_for
+    would wait for the cancelled clean-up too, and the caller's loop with it."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)
+        raise asyncio.TimeoutError(f"no answer within {timeout_s:.0f} s")
+    return task.result()
+
+
 class PermanentError(Exception):
     """Processing this event can never succeed (bad image, impossible data): dead-letter it."""
 

@@ -12,7 +12,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Sequence
 
-from shared.broker import BrokerRunner, Handler
+from shared.broker import BrokerRunner, Handler, abandon_after
 from shared.config import Settings, get_settings
 from shared.observability import serve_ops, setup_logging
 from shared.schemas import DetectionEvent
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 async def run_handler(name: str, make_handler: Callable[[Settings], Awaitable[Handler]],
                       settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    await ensure_topics(settings.kafka_bootstrap)
+    # a hang here (seen right after a broker restarted empty) ends the process for its supervisor to restart
+    await abandon_after(ensure_topics(settings.kafka_bootstrap), 60.0)
     handler = await make_handler(settings)
     runner = BrokerRunner(
         handler,

@@ -214,6 +214,46 @@ async def test_offsets_are_read_from_a_fresh_broker_round_after_round(broker):
         assert all(ledger.lag(p) == 0 for p in positions.values())
 
 
+async def test_a_broker_that_hangs_its_admin_answers_does_not_hold_back_stuck_work(pg_dsn, broker, monkeypatch):
+    """Seen after a broker restarted empty: listing its topics hung for minutes, and with it the reconcile
+    round, so the work the broker had lost was never re-published. The round gives up on the broker's
+    answers after BROKER_CALL_S (even when their clean-up hangs too) and reconciles by time alone."""
+    await ensure_topics(broker.bootstrap)
+    release = asyncio.Event()
+
+    async def hangs(*_args, **_kwargs):
+        try:
+            await asyncio.sleep(3600)
+        finally:  # a clean-up that hangs as well, as aiokafka's close did
+            await release.wait()
+
+    monkeypatch.setattr(ledger, "ensure_topics", hangs)
+    monkeypatch.setattr(ledger, "_read_positions", hangs)
+    monkeypatch.setattr(ledger, "BROKER_CALL_S", 0.2)
+    [det] = await enqueue(pg_dsn, [make_jpeg()])
+    pool = await asyncpg.create_pool(pg_dsn, init=_init_connection, min_size=1, max_size=2)
+    # its event went to a broker that has since lost it: published long ago, never consumed
+    await pool.execute("DELETE FROM outbox WHERE detection_id = $1", det)
+    await pool.execute("UPDATE detections SET state = 'extracting', updated_at = now() - interval '1 hour', "
+                       "published_partition = 0, published_offset = 0 WHERE id = $1", det)
+    settings = Settings(database_url=pg_dsn, kafka_bootstrap=broker.bootstrap, reconcile_every_s=0.05,
+                        stuck_after_s=1.0)
+    reconciler = await ledger.make_handler(settings)
+    try:
+        attempts = 0
+        for _ in range(100):
+            attempts = await pool.fetchval("SELECT attempts FROM detections WHERE id = $1", det)
+            if attempts:
+                break
+            await asyncio.sleep(0.1)
+        assert attempts >= 1, "the stuck detection was not re-published while the broker's answers hung"
+    finally:
+        release.set()
+        await reconciler.close()
+        await pool.execute("DELETE FROM outbox WHERE detection_id = $1", det)
+        await pool.close()
+
+
 async def test_stuck_work_behind_a_large_queued_backlog_is_found_in_the_same_round(pg_dsn):
     """The reconciler read the 2,000 oldest overdue rows: with more queued than that, the same queued rows
     came back every round and a stuck detection behind them waited for DEER_QUEUED_MAX_S."""

@@ -18,7 +18,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
-from shared.broker import Handled, backoff_s, is_transient, produce_retry_delay, producer_for
+from shared.broker import Handled, abandon_after, backoff_s, is_transient, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.observability import DETECTIONS_BY_STATE, ERRORS, GROUP_LAG
 from shared.pipeline import detection_event, expected_components
@@ -417,8 +417,14 @@ class Reconciler(DeadLetterRecorder):
     async def _reconcile_round(self) -> None:
         await asyncio.sleep(self.settings.reconcile_every_s)
         # A broker restarted empty has lost its topics: put them back before anything auto-creates them.
-        await ensure_topics(self.settings.kafka_bootstrap)
-        positions = await read_positions(self.settings.kafka_bootstrap)
+        # Bounded: a round hung here (seen for minutes after a broker restarted empty) re-publishes nothing,
+        # and the work the broker lost waits with it.
+        try:
+            await abandon_after(ensure_topics(self.settings.kafka_bootstrap), BROKER_CALL_S)
+        except asyncio.TimeoutError:
+            log.warning("reconciler: the broker did not list its topics within %.0f s: trying again next round",
+                        BROKER_CALL_S)
+        positions = await read_positions(self.settings.kafka_bootstrap, timeout_s=BROKER_CALL_S)
         backlog = None
         if positions is not None:
             for (group, topic), position in positions.items():
@@ -439,28 +445,29 @@ WATCHED = ((BODY_GROUP, DETECTIONS), ("deer-coat", DETECTIONS), ("deer-antler", 
            (FUSION_GROUP, FEATURES_ANTLER), (FUSION_GROUP, FEATURES_POSE), (FUSION_GROUP, JOIN_DEADLINES))
 
 
+BROKER_CALL_S = 10.0  # the longest a reconcile round waits on one of the broker's admin answers
+
+
 def lag(position: Position) -> int:
     """Messages the group has yet to consume, all partitions together."""
     return sum(max(0, end - position.committed.get(p, 0)) for p, end in position.end.items())
 
 
-async def read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]] = WATCHED, timeout_s: float = 10.0
+async def read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]] = WATCHED, timeout_s: float = BROKER_CALL_S
                          ) -> dict[tuple[str, str], Position] | None:
     """(group, topic name) -> where the group stands on the topic; None when the broker cannot say within
     `timeout_s`. Right after a broker restarted empty these requests were seen to hang for minutes: the
     round must not wait on them."""
-    task = asyncio.create_task(_read_positions(bootstrap, pairs))
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if not done:
-        task.cancel()  # its clean-up finishes in the background
+    try:
+        return await abandon_after(_read_positions(bootstrap, pairs), timeout_s)
+    except asyncio.TimeoutError:
         log.warning("reconciler: the consumer groups' offsets did not come within %.0f s: going by time alone",
                     timeout_s)
         return None
-    return task.result()
 
 
 async def read_backlog(bootstrap: str, body_group: str = BODY_GROUP, fusion_group: str = FUSION_GROUP,
-                       timeout_s: float = 10.0) -> Backlog | None:
+                       timeout_s: float = BROKER_CALL_S) -> Backlog | None:
     """Where the body group stands on the detections topic and the fusion group on the body features
     (`flowing` left for the caller, who remembers earlier rounds); None when the broker cannot say."""
     positions = await read_positions(bootstrap, ((body_group, DETECTIONS), (fusion_group, FEATURES_BODY)), timeout_s)

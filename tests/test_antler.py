@@ -210,9 +210,10 @@ def test_a_possible_duplicate_flag_keeps_the_candidates_score_and_temporal_boost
     assert flagged.score - flagged.temporal_boost == pytest.approx(0.80)  # what the graph's edge records
 
 
-def test_antler_matrix_keeps_seasons_apart():
-    m = rules.antler_matrix([np.array([1.0, 0]), np.array([1.0, 0]), None, np.array([0, 1.0])],
-                            ["2024-rut", "2025-rut", "2024-rut", "2024-rut"])
+def test_antler_similarity_keeps_seasons_apart():
+    sightings = [a(season=season, fp=fp) for season, fp in
+                 (("2024-rut", (1.0, 0)), ("2025-rut", (1.0, 0)), ("2024-rut", None), ("2024-rut", (0, 1.0)))]
+    m = rules.SIMILARITY.similarity(sightings, sightings)
     assert np.isnan(m[0, 1]) and np.isnan(m[0, 2]) and m[0, 3] == pytest.approx(0.0) and m[0, 0] == pytest.approx(1.0)
 
 

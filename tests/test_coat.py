@@ -12,15 +12,15 @@ from services.coat.extractor import CoatExtractor
 from services.coat.foreground import foreground
 from shared import coat as coat_features
 from shared.coat import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION
-from shared.components.coat import (
-    COLOUR,
-    MARKINGS,
-    PATTERN,
-    PATTERN_OF,
-    coat_scores,
-    colour_matrix,
-    markings_matrix,
-)
+from services.fusion.scoring import shortlist_scores
+from shared.components import component, reading
+from shared.components.coat import COAT, COLOUR, MARKINGS, PATTERN, PATTERN_OF
+
+
+def coat_scores(query: dict, exemplar: dict) -> dict:
+    """One pair's raw scores as fusion computes them: every coat component against a one-photo shortlist."""
+    scored = shortlist_scores(reading(COAT), query, [(0, exemplar)])
+    return {name: (by_individual[0][0] if by_individual[0] else None) for name, by_individual in scored.items()}
 
 
 def small(path, side=256) -> np.ndarray:
@@ -101,7 +101,7 @@ def test_a_grey_infrared_frame_is_flagged_and_never_compared_with_day_colour(cro
                for r, x in (("day", day), ("night", night))}
     scores = coat_scores({"colour": (COLOUR_VERSION, vectors["day"])}, {"colour": (GREY_VERSION, vectors["night"])})
     assert scores[COLOUR] is None
-    assert np.isnan(colour_matrix([None, vectors["day"]])[0, 1])
+    assert np.isnan(component(COLOUR).similarity([{"colour": None}], [{"colour": (COLOUR_VERSION, vectors["day"])}])[0, 0])
 
 
 def test_a_painted_white_patch_is_found_where_it_was_painted(crops):
@@ -128,7 +128,8 @@ def test_facial_markings_weigh_double_in_frontal_views():
     assert side.max() == pytest.approx(side[side > 0].min())  # equal weights in a side view
     assert frontal.max() == pytest.approx(2 * frontal[frontal > 0].min())
     # maps of animals facing different ways are never compared
-    m = markings_matrix([side, side], ["left", "right"])
+    views = [{"markings": side, "facing": "left"}, {"markings": side, "facing": "right"}]
+    m = component(MARKINGS).similarity(views, views)
     assert np.isnan(m[0, 1]) and m[0, 0] == pytest.approx(1.0)
 
 
@@ -210,8 +211,8 @@ def test_a_real_crop_gives_every_part_and_scores_itself_highest(crops, extractor
 
     itself, other = coat_scores(view(a), view(a)), coat_scores(view(a), view(b))
     assert itself[COLOUR] == pytest.approx(1.0) and itself[MARKINGS] == pytest.approx(1.0)
-    for matcher, component in PATTERN_OF.items():  # each matcher is a component of its own
-        assert itself[component] > 0.9 and (other[component] or 0.0) < itself[component]
+    for matcher, name in PATTERN_OF.items():  # each matcher is a component of its own
+        assert itself[name] > 0.9 and (other[name] or 0.0) < itself[name]
     # another extractor's keypoints (another version) are never compared: no evidence, not a low score
     renamed = {**view(a), "patterns": {m: ("other-version", raw) for m, (_, raw) in view(a)["patterns"].items()}}
     assert coat_scores(view(a), renamed)[PATTERN] is None

@@ -456,5 +456,6 @@ def test_coat_shortlists_are_drawn_as_fusion_draws_them_within_each_gallery_and_
     # scores already matched are reused: a `known` pair comes back as given, not matched again
     known = np.full((16, 16), np.nan)
     known[halves] = 0.5
-    out = coat_eval.pattern_matrix([None] * 16, halves, known)  # None patterns: nothing new could be scored
+    no_patterns = coat_eval.coat_views([{"embeddings": {}, "attributes": {}, "xfeat-animal": None}] * 16, "xfeat-animal")
+    out = coat_eval.pair_matrix("coat:pattern", no_patterns, halves, known)  # nothing new could be scored
     assert np.array_equal(np.isnan(out), ~halves) and np.all(out[halves] == 0.5)

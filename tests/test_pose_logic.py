@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.components.pose import pose_matrix, pose_similarity, viewpoint_of
+from shared.components import component
+from shared.components.pose import POSE, Seen, viewpoint_of
 from services.pose.service import FALLBACK, conclude, readable
 from services.pose.viewpoint import (
     ANGLED,
@@ -147,12 +148,14 @@ def test_bad_crops_are_answered_not_blocked():
 
 
 def test_pose_component_compares_like_with_like():
-    assert pose_similarity(LEFT, LEFT, 0.7) == 0.7
-    assert pose_similarity(LEFT, RIGHT, 0.7) is None
-    assert pose_similarity(UNKNOWN, UNKNOWN, 0.7) is None and pose_similarity(None, None, 0.7) is None
-    body = np.array([[1.0, 0.5, 0.4], [0.5, 1.0, 0.3], [0.4, 0.3, 1.0]])
-    m = pose_matrix(body, [LEFT, LEFT, None])
-    assert m[0, 1] == 0.5 and np.isnan(m[0, 2]) and np.isnan(m[2, 2])
+    pose = component(POSE)
+    a, b = np.array([1.0, 0.0]), np.array([0.5, np.sqrt(0.75)])  # cosine 0.5
+    assert pose.similarity([Seen(LEFT, a)], [Seen(LEFT, b)])[0, 0] == pytest.approx(0.5)
+    assert np.isnan(pose.similarity([Seen(LEFT, a)], [Seen(RIGHT, b)])[0, 0])
+    assert np.isnan(pose.similarity([Seen(UNKNOWN, a)], [Seen(UNKNOWN, b)])[0, 0])
+    seen = [Seen(LEFT, a), Seen(LEFT, b), Seen(None, a)]
+    m = pose.similarity(seen, seen)
+    assert m[0, 1] == pytest.approx(0.5) and np.isnan(m[0, 2]) and np.isnan(m[2, 2])
     assert viewpoint_of({"pose": {"viewpoint": RIGHT}, "coat": {"facing": "left"}}) == RIGHT
     assert viewpoint_of({"pose": {"viewpoint": UNKNOWN}, "coat": {"facing": "left"}}) == LEFT
     assert viewpoint_of(None) is None

@@ -41,7 +41,7 @@ from shared.census.hubness import LocalScale
 from shared.census.hubness import neighbours as nearest_by_body
 from shared.census.plan import NewIndividual, plan, questions, sides
 from shared.census.store import build_graph
-from shared.components.body import body_component, body_similarity_matrix
+from shared.components import body_component, component
 from shared.config import Settings
 
 
@@ -146,7 +146,7 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
     started = time.monotonic()
     embeddings, (loaded,) = embed_samples(samples, [name], settings, allow_random=allow_random, progress=progress)
     body = body_component(name)
-    per_component = {body: body_similarity_matrix(embeddings[name])}
+    per_component = {body: component(body).similarity(list(embeddings[name]), list(embeddings[name]))}
     ids = [s.identity for s in samples]
     enc = [f"{s.identity}/{s.encounter}" for s in samples]
     fitted, held = split_identities(ids, seed)

@@ -25,15 +25,9 @@ from deer_reid.evaluation.dataset import Sample
 from deer_reid.evaluation.features import pipeline_crop
 from services.coat.extractor import CoatExtractor
 from services.coat.pattern import PatternExtractor
-from shared.coat import COLOUR_VERSION, MARKINGS_VERSION, pack
-from shared.components.coat import (
-    COLOUR,
-    MARKINGS,
-    PATTERN_OF,
-    colour_matrix,
-    markings_matrix,
-    pattern_similarity,
-)
+from shared.coat import pack
+from shared.components import component, reading
+from shared.components.coat import COAT, PATTERN_OF, view_of
 from shared.config import Settings
 
 # The pattern variants measured: XFeat and RootSIFT on the animal (the service's two matchers by default),
@@ -108,10 +102,15 @@ def coat_features(samples: Sequence[Sample], settings: Settings, *, cache: Path 
     return [known[sha] for sha in shas]
 
 
-def _pattern_rows(args: tuple[list[bytes | None], list[tuple[int, list[int]]]]) -> list[tuple[int, int, float]]:
-    patterns, work = args
-    return [(i, j, s) for i, js in work for j in js
-            if (s := pattern_similarity(patterns[i], patterns[j])) is not None]
+def _scored_rows(args: tuple[str, list, list[tuple[int, list[int]]]]) -> list[tuple[int, int, float]]:
+    name, items, work = args
+    scorer = component(name)
+    out = []
+    for i, js in work:
+        if js and scorer.applies(items[i]):
+            row = scorer.similarity([items[i]], [items[j] for j in js])[0]
+            out.extend((i, j, float(x)) for j, x in zip(js, row) if not np.isnan(x))
+    return out
 
 
 def shortlists(body: np.ndarray, encounters: Sequence, shortlist: int,
@@ -134,10 +133,11 @@ def shortlists(body: np.ndarray, encounters: Sequence, shortlist: int,
     return mask
 
 
-def pattern_matrix(patterns: list[bytes | None], mask: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
-    """Pattern scores of the shortlisted pairs (`mask`), NaN elsewhere; pairs already scored in `known`
-    (NaN: not scored) are taken from it, not matched again."""
-    n = len(patterns)
+def pair_matrix(name: str, items: list, mask: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """Component `name`'s scores of the pairs in `mask` (symmetric), NaN elsewhere, as the service scores a
+    query against its shortlist; pairs already scored in `known` (NaN: not scored) are taken from it, not
+    scored again. A component matched pair by pair (`costly`) is spread over the cores."""
+    n = len(items)
     out = np.full((n, n), np.nan)
     todo = mask.copy()
     if known is not None:
@@ -145,12 +145,16 @@ def pattern_matrix(patterns: list[bytes | None], mask: np.ndarray, known: np.nda
         out[done] = known[done]
         todo &= ~done
     work = [(i, [int(j) for j in np.flatnonzero(todo[i]) if j > i]) for i in range(n)]
-    workers = len(os.sched_getaffinity(0))
-    chunks = [(patterns, work[k::workers]) for k in range(workers)]
-    with ProcessPoolExecutor(workers) as pool:
-        for rows in pool.map(_pattern_rows, chunks):
-            for i, j, s in rows:
-                out[i, j] = out[j, i] = s
+    workers = len(os.sched_getaffinity(0)) if component(name).costly else 1
+    chunks = [(name, items, work[k::workers]) for k in range(workers)]
+    if workers == 1:
+        scored = list(map(_scored_rows, chunks))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            scored = list(pool.map(_scored_rows, chunks))
+    for rows in scored:
+        for i, j, x in rows:
+            out[i, j] = out[j, i] = x
     return out
 
 
@@ -165,21 +169,29 @@ def as_fusion_scores(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask | np.isnan(floor)[:, None], scored, floor[:, None])
 
 
+def coat_views(feats: list[dict], variant: str | None = None) -> list[dict]:
+    """Each photo's coat view (`shared.components.coat.coat_view`'s shape) from its cached features; with a
+    pattern `variant`, the view carries that variant's keypoints as its matcher's pattern."""
+    matcher = VARIANTS[variant][0] if variant else None
+    return [view_of(f["embeddings"], f["attributes"].get("facing"),
+                    {matcher: ("eval", f[variant])} if variant and f[variant] is not None else {}) for f in feats]
+
+
 def coat_matrices(feats: list[dict], mask: np.ndarray, service: dict[str, str],
                   matched: dict[str, np.ndarray] | None = None, variants: Sequence[str] = tuple(VARIANTS)
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The coat components as fusion scores them ({name: matrix}) against each photo's shortlist (`mask`,
-    from `shortlists`): colour, markings and the `service`'s pattern variants ({variant: component}); the
-    pattern `variants` measured; and their raw pattern scores (pass them back as `matched` to score other
-    shortlists without matching the pairs again)."""
-    colour = [f["embeddings"].get(COLOUR_VERSION) for f in feats]
-    facing = [f["attributes"].get("facing") for f in feats]
-    maps = [f["embeddings"].get(MARKINGS_VERSION) for f in feats]
+    from `shortlists`): every registered component reading the coat's features, the `service`'s pattern
+    variants ({variant: component}) as the pattern components; the pattern `variants` measured; and their raw
+    pattern scores (pass them back as `matched` to score other shortlists without matching the pairs again)."""
     pairs = mask | mask.T  # a pair's score serves both its photos
-    raw = {name: pattern_matrix([f[name] for f in feats], pairs, (matched or {}).get(name))
+    patterns = set(PATTERN_OF.values())
+    raw = {name: pair_matrix(PATTERN_OF[VARIANTS[name][0]], coat_views(feats, name), pairs,
+                             (matched or {}).get(name))
            for name in dict.fromkeys([*service, *variants])}
-    components = {COLOUR: colour_matrix(colour), MARKINGS: markings_matrix(maps, facing),
-                  **{component: raw[v] for v, component in service.items()}}
+    views = coat_views(feats)
+    components = {c.name: pair_matrix(c.name, views, pairs) for c in reading(COAT) if c.name not in patterns}
+    components.update({component: raw[v] for v, component in service.items()})
     return ({name: as_fusion_scores(m, mask) for name, m in components.items()},
             {name: as_fusion_scores(m, mask) for name, m in raw.items()}, raw)
 

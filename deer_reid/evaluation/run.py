@@ -14,7 +14,7 @@ from tqdm import tqdm
 from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.dataset import Sample, check_queryable, identities_in_seeded_order, load_dataset
 from deer_reid.evaluation.calibration import fused_similarity
-from deer_reid.evaluation.antler import antler_features, males, notes
+from deer_reid.evaluation.antler import WHEN, antler_features, males, notes
 from deer_reid.evaluation.coat import (
     coat_features,
     coat_matrices,
@@ -28,9 +28,9 @@ from deer_reid.evaluation.pose import predicted_viewpoints
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
     retrieval_by_sighting
 from deer_reid.evaluation.report import plot_calibrations, plot_cmc, plot_operating_curve, plot_scores, write_report
-from shared.components import AGGREGATIONS, body_component, body_similarity_matrix
-from shared.components.antler import ANTLER, antler_matrix
-from shared.components.pose import POSE, pose_matrix
+from shared.components import AGGREGATIONS, body_component, component
+from shared.components.antler import ANTLER, Archived
+from shared.components.pose import POSE, Seen
 from services.fusion.scoring import FusionModel
 from shared.config import Settings
 from shared.models import read_card
@@ -108,6 +108,11 @@ def _facing_agreement(feats: list[dict], samples: list[Sample]) -> dict | None:
     return {"photos": len(pairs), "agree": round(sum(a == b for a, b in pairs) / len(pairs), 3)}
 
 
+def all_pairs(name: str, items: list) -> np.ndarray:
+    """Component `name`'s (N, N) scores of every photo against every photo (the service scores one query)."""
+    return component(name).similarity(items, items)
+
+
 def _subset(matrix: np.ndarray, idx: list[int]) -> np.ndarray:
     return matrix[np.ix_(idx, idx)]
 
@@ -154,8 +159,8 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
     sexes = [sex_of(s.cls) for s in samples]
     views = [s.viewpoint for s in samples] if all(s.viewpoint for s in samples) else None
     spec_weights = settings.weights()
-    # The components, built by fusion's own functions: one per body network.
-    per_component = {body_component(n): body_similarity_matrix(embeddings[n]) for n in names}
+    # The components, scored by fusion's own scorers, every photo against every photo: one per body network.
+    per_component = {body_component(n): all_pairs(body_component(n), list(embeddings[n])) for n in names}
     exemplar_vectors = embeddings[names[0]]
     pattern_variants: dict[str, np.ndarray] = {}
     coat_notes: dict = {}
@@ -185,13 +190,13 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         antler_feats, antler_version = antler_features(samples, settings, progress=progress)
         # the service's rule: a rack running into the photo's top edge gives no fingerprint; nyala's photos are
         # crops of the animal, so `--antler-ignore-cut` measures the fingerprint as if boxes lay inside the frame
-        per_component[ANTLER] = antler_matrix([f["fingerprint_uncut" if antler_ignore_cut else "fingerprint"]
-                                               for f in antler_feats])
+        def antler_pairs(key: str) -> np.ndarray:
+            return all_pairs(ANTLER, [Archived(WHEN.isoformat(), None, f[key] is not None, antler_version, f[key], WHEN)
+                                      for f in antler_feats])
+        per_component[ANTLER] = antler_pairs("fingerprint_uncut" if antler_ignore_cut else "fingerprint")
         antler_notes["cut_by_frame_rule"] = "off" if antler_ignore_cut else "on"
-        pattern_variants["antler: full region embedding, no projection"] = antler_matrix(
-            [f["full"] for f in antler_feats])
-        pattern_variants["antler: fingerprint with the cut-by-frame rule off"] = antler_matrix(
-            [f["fingerprint_uncut"] for f in antler_feats])
+        pattern_variants["antler: full region embedding, no projection"] = antler_pairs("full")
+        pattern_variants["antler: fingerprint with the cut-by-frame rule off"] = antler_pairs("fingerprint_uncut")
         antler_notes.update(notes(antler_feats, [s.identity for s in samples], per_component[ANTLER]))
         antler_notes["fingerprint_version"] = antler_version
     pose_notes: dict = {}
@@ -200,7 +205,7 @@ def run_loo(data: Path, *, mode: str, body_model: str | None, limit: int | None,
         predicted, pose_notes = predicted_viewpoints(samples, viewpoint_model, settings, learned, progress=progress)
         if pose:
             # as fusion compares: the fast model's similarity, exemplars of the query's own viewpoint only
-            per_component[POSE] = pose_matrix(per_component[body_component(names[0])], predicted)
+            per_component[POSE] = all_pairs(POSE, [Seen(v, e) for v, e in zip(predicted, embeddings[names[0]])])
             pose_notes["component"] = ("pose: the body similarity to photos of the same predicted viewpoint "
                                        "(no evidence where either is unknown)")
     unfitted = fused_similarity(per_component, None, spec_weights)

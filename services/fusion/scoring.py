@@ -16,11 +16,11 @@ Evidence, three ways:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from shared.components import component_of
+from shared.components import Component, component_of
 from shared.calibrated import ComponentCalibration, FusionModel, logit, sigmoid
 
 __all__ = ["ComponentCalibration", "FusionModel", "logit", "sigmoid"]  # re-exported: their home is shared/
@@ -97,6 +97,26 @@ def score_candidates(per_component: Mapping[str, Mapping[int, float]], model: Fu
         score, calibrated, weights = fused_score(raw, model, spec_weights)
         out.append(Candidate(ind, float(score), _or_none(raw), _or_none(calibrated), weights))
     out.sort(key=lambda c: (-c.score, c.individual_id))
+    return out
+
+
+def shortlist_scores(components: Sequence[Component], query: Any, gallery: Sequence[tuple[int, Any]]
+                     ) -> dict[str, dict[int, list[float]]]:
+    """{component: {individual: its photos' raw scores}} of the query against its shortlisted gallery photos
+    ((individual, item) pairs): one call of each component that `applies` to the query. An individual whose
+    photos give no evidence keeps an empty list (fusion's "no evidence" for it)."""
+    if not gallery:
+        return {}
+    items = [item for _, item in gallery]
+    out: dict[str, dict[int, list[float]]] = {}
+    for scorer in components:
+        if not scorer.applies(query):
+            continue
+        by_individual = out.setdefault(scorer.name, {})
+        for (individual, _), score in zip(gallery, scorer.similarity([query], items)[0]):
+            scores = by_individual.setdefault(individual, [])
+            if not np.isnan(score):
+                scores.append(float(score))
     return out
 
 

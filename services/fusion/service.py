@@ -28,15 +28,15 @@ import numpy as np
 
 from services.fusion import store
 from services.fusion.calibration import CalibrationSource
-from shared.components import aggregate, body_component, body_similarity, component_of
+from shared.components import aggregate, best_over_queries, body_component, component, component_of, reading
 from shared.components import antler as antler_rules
-from shared.components.coat import PATTERN_OF, coat_scores
-from shared.components.pose import POSE, known, pose_similarity
+from shared.components.coat import COAT, PATTERN_OF, coat_view
+from shared.components.pose import POSE, Seen, known
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
-from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_temporal_boost
+from services.fusion.scoring import Candidate, FusionModel, score_candidates, shortlist_scores, with_temporal_boost
 from services.fusion.temporal import TemporalRules, prior
 from shared.broker import Handled, Output
-from shared.coat import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION, PatternError, unpack
+from shared.coat import PatternError, unpack
 from shared.config import Settings
 from shared.db import create_pool
 from shared.models import REGISTRY
@@ -323,8 +323,9 @@ class FusionHandler:
             per_exemplar[body_component(model)] = dict(sims)
             if not first_model:
                 first_model = best
-        pose = await self._pose(conn, det, first_model, per_exemplar) if got.get("pose") in ("ok", "no-evidence") \
-            else None
+        fast_queries = [vectors[0][2]] + [v for _, ver, v in frames if ver == vectors[0][1]] if vectors else []
+        pose = await self._pose(conn, det, first_model, fast_queries, per_exemplar) \
+            if got.get("pose") in ("ok", "no-evidence") else None
         coat = await self._coat(conn, det, sex, vectors, per_exemplar) if got.get("coat") in ("ok", "no-evidence") \
             else None
         antler = await self._antler(conn, det, per_exemplar) if got.get("antler") in ("ok", "no-evidence") else None
@@ -332,7 +333,7 @@ class FusionHandler:
                       pose, closest_photos(first_model))
 
     async def _pose(self, conn: asyncpg.Connection, det: asyncpg.Record, body: dict[tuple[int, int], float],
-                    per_exemplar: dict) -> dict:
+                    query_vectors: list[np.ndarray], per_exemplar: dict) -> dict:
         """Pose's answer, and the pose-aware component (added to `per_exemplar`): each candidate's best
         body similarity among its exemplars seen from the detection's viewpoint."""
         features = await store.joined_features(conn, det["id"], "pose")
@@ -344,11 +345,15 @@ class FusionHandler:
                "same_viewpoint_exemplars": 0}
         if not known(view):
             return out
-        views = await store.exemplar_viewpoints(conn, sorted({ex for _, ex in body}))
+        seen = await store.exemplars_seen(conn, sorted({ex for _, ex in body}))
+        exemplars = [(ind, ex) for ind, ex in body if ex in seen]
+        # the sighting is the query, as for body: each exemplar scores its best similarity to any frame of it
+        queries = [Seen(view, vec) for vec in query_vectors]
+        best = best_over_queries(component(POSE).similarity(queries, [seen[ex] for _, ex in exemplars]))
         sims: dict[int, list[float]] = {ind: [] for ind, _ in body}  # none from its viewpoint: no evidence
-        for (ind, ex), sim in body.items():
-            if (same := pose_similarity(view, views.get(ex), sim)) is not None:
-                sims[ind].append(same)
+        for (ind, _), sim in zip(exemplars, best):
+            if not np.isnan(sim):
+                sims[ind].append(float(sim))
         per_exemplar[POSE] = sims
         out["same_viewpoint_exemplars"] = sum(len(v) for v in sims.values())
         return out
@@ -394,18 +399,10 @@ class FusionHandler:
             return {"shortlist": 0, "exemplars_matched": 0, "matching_ms": 0.0, "flags": flags, "version": version,
                     "facing": facing}
         views = {d: coat_view(v) for d, v in stored.items() if v["status"] == "ok"}
-
-        def match() -> dict[str, dict[int, list[float]]]:  # CPU work (OpenCV releases the GIL): off the loop
-            out: dict[str, dict[int, list[float]]] = defaultdict(dict)
-            for ind, d in shortlist:
-                if d in views and d != det["id"]:
-                    for name, score in coat_scores(views[det["id"]], views[d]).items():
-                        out[name].setdefault(ind, [])
-                        if score is not None:
-                            out[name][ind].append(score)
-            return out
-
-        matched = await asyncio.get_running_loop().run_in_executor(None, match)
+        gallery = [(ind, views[d]) for ind, d in shortlist if d in views and d != det["id"]]
+        # every registered component of the coat's features; CPU work (OpenCV releases the GIL): off the loop
+        matched = await asyncio.get_running_loop().run_in_executor(
+            None, shortlist_scores, reading(COAT), views[det["id"]], gallery)
         per_exemplar.update(matched)
         STAGE_SECONDS.labels(self.name, "coat-match").observe(time.perf_counter() - started)
         return {"version": version, "shortlist": len({ind for ind, _ in shortlist}),
@@ -423,12 +420,13 @@ class FusionHandler:
             found = s.per_component_exemplars.setdefault(body_component(model), {})
             queries = [vec] + [v for _, ver, v in s.frames if ver == version]
             latest: dict[tuple[int, int], float] = {}
-            for ind, ex, exemplar in await store.exemplars_founded_after(conn, version, det["property"], s.sex,
-                                                                         s.searched_up_to):
-                sims = [x for x in (body_similarity(q, ex) for q in queries) if x is not None]
-                if sims:
-                    found.setdefault(ind, []).append(max(sims))
-                    latest[(ind, exemplar)] = max(sims)
+            founded = await store.exemplars_founded_after(conn, version, det["property"], s.sex, s.searched_up_to)
+            if founded:
+                sims = component(body_component(model)).similarity(queries, [ex for _, ex, _ in founded])
+                for (ind, _, exemplar), best in zip(founded, best_over_queries(sims)):
+                    if not np.isnan(best):
+                        found.setdefault(ind, []).append(float(best))
+                        latest[(ind, exemplar)] = float(best)
             if n == 0:  # the fast model's closest photos of the newly founded ones, for the graph's edges
                 s.photos = {**(s.photos or {}), **closest_photos(latest)}
         versions = {model: version for model, version, _, _ in s.vectors}
@@ -608,16 +606,6 @@ def _stored(event: Features) -> dict:
 
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
-
-
-def coat_view(stored: dict) -> dict:
-    """A detection's stored coat features, as `coat_scores` compares them."""
-    features = stored["features"]
-    vectors = {e["version"]: Embedding.model_validate(e).array() for e in features.get("embeddings", [])}
-    colour = next(((v, vec) for v, vec in vectors.items() if v in (COLOUR_VERSION, GREY_VERSION)), None)
-    return {"colour": colour, "markings": vectors.get(MARKINGS_VERSION),
-            "facing": features.get("attributes", {}).get("facing"),
-            "patterns": stored["patterns"]}
 
 
 def result_output(prop: str, result: dict) -> Output:

@@ -13,6 +13,7 @@ import numpy as np
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
 from services.fusion.temporal import Sighting
 from shared import exemplars as exemplar_choice
+from shared.components.pose import Seen
 from shared.identity import VIEWPOINT_SQL, lock_property, rechoose_exemplars
 from shared.schemas import Embedding
 
@@ -126,12 +127,12 @@ async def max_individual(conn: asyncpg.Connection, prop: str) -> int:
     return await conn.fetchval("SELECT coalesce(max(id), 0) FROM individuals WHERE property = $1", prop)
 
 
-async def exemplar_viewpoints(conn: asyncpg.Connection, exemplar_ids: list[int]) -> dict[int, str | None]:
-    """{embedding id: its detection's viewpoint (None: not known)} (the pose component's rule)."""
-    rows = await conn.fetch(f"""SELECT e.id, {VIEWPOINT_SQL} AS viewpoint FROM embeddings e
+async def exemplars_seen(conn: asyncpg.Connection, exemplar_ids: list[int]) -> dict[int, Seen]:
+    """{embedding id: its detection's viewpoint (None: not known, the pose component's rule) and its vector}."""
+    rows = await conn.fetch(f"""SELECT e.id, e.vec, {VIEWPOINT_SQL} AS viewpoint FROM embeddings e
                                 JOIN detections d ON d.id = e.detection_id WHERE e.id = ANY($1::bigint[])""",
                             exemplar_ids)
-    return {r["id"]: r["viewpoint"] for r in rows}
+    return {r["id"]: Seen(r["viewpoint"], np.asarray(r["vec"].to_numpy(), dtype=np.float32)) for r in rows}
 
 
 def nearest_sql(dim: int) -> str:

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Sequence
 
 import numpy as np
+
+from shared.components.base import Component, cosine, grouped, register
 
 ANTLER = "antler"
 TRANSITION = "antler-seasonal-transition"
@@ -46,21 +49,32 @@ class Archived:
     captured_at: datetime
 
 
-def antler_similarity(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
-    if a is None or b is None:
-        return None
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0 or nb == 0:
-        return None
-    return float(np.dot(a, b) / (na * nb))
+class AntlerSimilarity(Component):
+    """Items: `AntlerQuery` on the query side, `Archived` on the gallery side (the same fields). A query in a
+    casting window, or without a readable rack, scores nothing; other seasons and versions never meet."""
+
+    name, reads = ANTLER, ANTLER
+
+    def similarity(self, queries: Sequence[AntlerQuery], gallery: Sequence[Archived]) -> np.ndarray:
+        def scored(query):
+            usable = query.casting_window is None and query.present and query.fingerprint is not None
+            return (query.season, query.version) if usable else None
+
+        def archived(a):
+            return (a.season, a.version) if a.present and a.fingerprint is not None else None
+
+        return grouped(queries, gallery, scored, lambda q, g: cosine(np.stack([x.fingerprint for x in q]),
+                                                                     np.stack([x.fingerprint for x in g])), archived)
+
+
+SIMILARITY = register(AntlerSimilarity())
 
 
 def candidate_scores(query: AntlerQuery, archive: list[Archived]) -> list[float]:
     """The query against each of the candidate's fingerprints of the same season and version."""
-    if query.casting_window is not None or not query.present or query.fingerprint is None:
+    if not archive:
         return []
-    return [s for a in archive if a.present and a.season == query.season and a.version == query.version
-            and (s := antler_similarity(query.fingerprint, a.fingerprint)) is not None]
+    return [float(s) for s in SIMILARITY.similarity([query], archive)[0] if not np.isnan(s)]
 
 
 def transition_conflict(query: AntlerQuery, archive: list[Archived]) -> bool:
@@ -79,17 +93,3 @@ def flags_for(query: AntlerQuery, archive: list[Archived], best_scores: list[flo
     if transition_conflict(query, archive) or (best_scores and max(best_scores) < conflict_below):
         flags.append(DUPLICATE)
     return flags
-
-
-def antler_matrix(fingerprints: list[np.ndarray | None], seasons: list[str] | None = None) -> np.ndarray:
-    """(N, N) cosines of fingerprints (NaN without evidence or across seasons): what `eval` scores."""
-    n = len(fingerprints)
-    out = np.full((n, n), np.nan)
-    have = [i for i, f in enumerate(fingerprints) if f is not None]
-    if have:
-        m = np.stack([fingerprints[i] / np.linalg.norm(fingerprints[i]) for i in have])
-        out[np.ix_(have, have)] = m @ m.T
-    if seasons is not None:
-        s = np.asarray(seasons, dtype=object)
-        out[s[:, None] != s[None, :]] = np.nan
-    return out

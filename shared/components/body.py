@@ -1,24 +1,35 @@
-"""Body appearance: cosine similarity of two embeddings of the same version (L2-normalised vectors).
+"""Body appearance (`body:<model>`, one component per body network): the cosine of two embeddings.
 
-In the service, pgvector computes the same cosine over the gallery's halfvec exemplars; exemplars
-found after the search (individuals founded meanwhile) are scored here.
+An item is an embedding vector. Vectors of different lengths (different versions) never meet: no evidence,
+not a score. In the service the gallery search itself runs in PostgreSQL, where pgvector ranks the
+property's halfvec exemplars by this same cosine (`store.nearest_exemplars`, an index over every photo);
+the photos found after that search (individuals founded meanwhile) are scored here.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from shared.components.base import Component, cosine, grouped, register_family
+
+BODY = "body"
 
 
 def body_component(model: str) -> str:
-    return f"body:{model}"
+    return f"{BODY}:{model}"
 
 
-def body_similarity(query: np.ndarray, exemplar: np.ndarray) -> float | None:
-    if query.shape != exemplar.shape:
-        return None  # different versions never meet; a shape mismatch is no evidence, not a score
-    denom = float(np.linalg.norm(query) * np.linalg.norm(exemplar))
-    return float(query @ exemplar) / denom if denom > 0 else None
+class BodySimilarity(Component):
+    reads = BODY
+
+    def __init__(self, model: str):
+        self.model = model
+        self.name = body_component(model)
+
+    def similarity(self, queries: Sequence[np.ndarray], gallery: Sequence[np.ndarray]) -> np.ndarray:
+        return grouped(queries, gallery, lambda v: None if v is None else np.shape(v),
+                       lambda q, g: cosine(np.stack(q), np.stack(g)))
 
 
-def body_similarity_matrix(embeddings: np.ndarray) -> np.ndarray:
-    """All pairwise cosines of L2-normalised embeddings (N, dim) -> (N, N)."""
-    return embeddings @ embeddings.T
+register_family(BODY, BodySimilarity)

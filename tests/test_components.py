@@ -1,0 +1,84 @@
+"""The component interface: a matcher added in one module and one registration reaches the fusion service's
+scoring and `deer-reid eval` without either changing. The matcher here is a toy written for the test."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from deer_reid.evaluation import calibration as cal
+from deer_reid.evaluation.coat import coat_matrices
+from services.fusion.scoring import FusionModel, score_candidates, shortlist_scores
+from shared.calibrated import fit_components
+from shared.components import Component, aggregate, component, reading, register, unregister
+from shared.components.coat import COAT, view_of
+
+TOY = "coat:same-facing"
+
+
+class SameFacing(Component):
+    """1 when two coats face the same way, 0 when they face opposite ways, no evidence when either is unknown."""
+
+    name, reads = TOY, COAT
+
+    def similarity(self, queries: Sequence[Mapping], gallery: Sequence[Mapping]) -> np.ndarray:
+        def side(view):
+            return {"left": 0.0, "right": 1.0}.get(view.get("facing"), np.nan)
+
+        q = np.array([side(v) for v in queries])[:, None]
+        g = np.array([side(v) for v in gallery])[None, :]
+        return np.where(np.isnan(q) | np.isnan(g), np.nan, (q == g).astype(float))
+
+
+@pytest.fixture
+def toy():
+    register(SameFacing())
+    yield component(TOY)
+    unregister(TOY)
+
+
+def _view(facing):
+    return view_of({}, facing, {})
+
+
+def test_a_registered_component_is_scored_and_recorded_by_fusion_unchanged(toy):
+    assert toy in reading(COAT)
+    gallery = [(7, _view("left")), (7, _view("right")), (8, _view("right")), (9, _view(None))]
+    scores = shortlist_scores(reading(COAT), _view("left"), gallery)
+    assert scores[TOY] == {7: [1.0, 0.0], 8: [0.0], 9: []}
+
+    # a fusion fitted with the toy beside another component weighs it like any other
+    rng = np.random.default_rng(0)
+    same = rng.random(400) < 0.3
+    raw = {TOY: np.where(same, 1.0, (rng.random(400) < 0.5).astype(float)), "body:toy": rng.normal(same * 0.3, 0.2)}
+    calibrations, weights, intercept = fit_components(raw, same)
+    model = FusionModel.from_artifact({"version_id": "t", "fusion": {"calibrations": calibrations, "weights": weights,
+                                                                   "intercept": intercept}})
+    per_individual = {TOY: {ind: v for ind, s in scores[TOY].items() if (v := aggregate(s)) is not None},
+                      "body:toy": {7: 0.3, 8: 0.3}}
+    candidates = score_candidates(per_individual, model)
+    assert [c.individual_id for c in candidates] == [7, 8]  # the same body score; the toy tells them apart
+    recorded = candidates[0].as_dict()["components"][TOY]
+    assert recorded["raw"] == 1.0 and recorded["weight"] == pytest.approx(weights[TOY], abs=1e-5)
+    assert recorded["calibrated"] > candidates[1].as_dict()["components"][TOY]["calibrated"]
+
+
+def test_a_registered_component_is_measured_by_eval_unchanged(toy):
+    facings = ["left", "left", "right", "right", None, "left"]
+    feats = [{"embeddings": {}, "attributes": {"facing": f}} for f in facings]
+    shortlist = ~np.eye(len(facings), dtype=bool)
+    matrices, _, _ = coat_matrices(feats, shortlist, service={}, variants=())
+    expected = toy.similarity([_view(f) for f in facings], [_view(f) for f in facings])
+    np.testing.assert_array_equal(np.where(shortlist, matrices[TOY], np.nan), np.where(shortlist, expected, np.nan))
+
+    # and calibration fits it from the labelled photos like a built-in component
+    identities = ["a", "a", "b", "b", "c", "a"]
+    fusion = cal.fit_fusion({TOY: matrices[TOY]}, range(len(facings)), identities, [str(i) for i in range(6)])
+    assert set(fusion["calibrations"]) == {TOY} and fusion["weights"] == {TOY: 1.0}
+
+
+def test_unregistered_components_are_gone_and_unknown_names_say_what_is_known():
+    assert TOY not in {c.name for c in reading(COAT)}
+    with pytest.raises(KeyError, match="registered"):
+        component(TOY)

@@ -11,13 +11,7 @@ import asyncpg
 import numpy as np
 
 from shared import exemplars as exemplar_choice
-
-# A stored detection's viewpoint in SQL, over `detections d`: the rule of fusion's pose component
-# (`shared.components.pose.viewpoint_of`), read by exemplar choice and the fusion search.
-VIEWPOINT_SQL = ("COALESCE(NULLIF(d.result->'pose'->>'viewpoint', 'unknown'), "
-                 "CASE d.result->'coat'->>'facing' WHEN 'left' THEN 'profile-left' "
-                 "WHEN 'right' THEN 'profile-right' END)")
-
+from shared.viewpoints import VIEWPOINT_SQL
 
 
 async def lock_property(conn: asyncpg.Connection, prop: str) -> None:

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from shared.components import component
-from shared.components.pose import POSE, Seen, viewpoint_of
+from shared.components.pose import POSE, Seen
+from shared.viewpoints import viewpoint_of
 from services.pose.service import FALLBACK, conclude, readable
 from services.pose.viewpoint import (
     ANGLED,

@@ -10,7 +10,7 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 
-from shared.components.pose import viewpoint_of as detection_viewpoint
+from shared.viewpoints import viewpoint_of as detection_viewpoint
 from shared.states import STATES
 
 QUEUE_FLAGS = ("temporal-conflict", "degraded")  # fusion placed these, but a person should look

@@ -31,7 +31,7 @@ from services.fusion.calibration import CalibrationSource
 from shared.components import aggregate, best_over_queries, body_component, component, component_of, reading
 from shared.components import antler as antler_rules
 from shared.components.coat import COAT, PATTERN_OF, coat_view
-from shared.components.pose import POSE, Seen, known
+from shared.components.pose import POSE, Seen
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
 from services.fusion.scoring import Candidate, FusionModel, score_candidates, shortlist_scores, with_temporal_boost
 from services.fusion.temporal import TemporalRules, prior
@@ -52,6 +52,7 @@ from shared.schemas import (
     sex_of,
 )
 from shared.states import FAILED, is_terminal
+from shared.viewpoints import known
 from shared.topics import (
     FEATURES_ANTLER,
     FEATURES_BODY,

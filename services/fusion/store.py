@@ -14,8 +14,9 @@ from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
 from services.fusion.temporal import Sighting
 from shared import exemplars as exemplar_choice
 from shared.components.pose import Seen
-from shared.identity import VIEWPOINT_SQL, lock_property, rechoose_exemplars
+from shared.identity import lock_property, rechoose_exemplars
 from shared.schemas import Embedding
+from shared.viewpoints import VIEWPOINT_SQL
 
 __all__ = ["lock_property", "rechoose_exemplars"]  # the identity mechanics fusion shares: shared/identity.py
 

@@ -6,8 +6,7 @@ exemplars seen from the detection's own viewpoint, and "no evidence" when the de
 unknown or the candidate has no exemplar from it (it is calibrated and fused like any component, so its
 weight is what labelled data says it is worth).
 
-An item is a `Seen`: a photo's viewpoint and its body embedding. A detection's viewpoint: pose's where
-pose ran and knew; else the coat service's facing of a profile.
+An item is a `Seen`: a photo's viewpoint (`shared.viewpoints.viewpoint_of`) and its body embedding.
 """
 from __future__ import annotations
 
@@ -16,31 +15,14 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from shared.components.base import Component, cosine, grouped, register
-from shared.identity import VIEWPOINT_SQL
-from shared.viewpoints import LEFT, RIGHT, UNKNOWN
-
-__all__ = ["VIEWPOINT_SQL"]  # the rule in SQL lives beside the identity mechanics that read it
+from shared.viewpoints import known
 
 POSE = "pose"
-FACING = {"left": LEFT, "right": RIGHT}
 
 
 class Seen(NamedTuple):
     viewpoint: str | None
     body: np.ndarray | None
-
-
-def viewpoint_of(result: dict | None) -> str | None:
-    """A decided detection's viewpoint from its stored result (None: not known)."""
-    result = result or {}
-    pose = (result.get("pose") or {}).get("viewpoint")
-    if pose and pose != UNKNOWN:
-        return str(pose)
-    return FACING.get((result.get("coat") or {}).get("facing"))
-
-
-def known(view: str | None) -> bool:
-    return view is not None and view != UNKNOWN
 
 
 class PoseSimilarity(Component):

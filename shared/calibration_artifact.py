@@ -18,6 +18,10 @@ from shared.calibrated import FusionModel
 
 ARTIFACT_KIND = "deer-reid-calibration"
 ARTIFACT_VERSION = 2  # 2: per-component calibrations and fitted fusion weights
+# Components renamed since artifacts were first written: XFeat's pattern was `coat:pattern` until RootSIFT's
+# joined it. Migration 0015 renamed the stored artifacts and graph edges; a file fitted before is read here
+# with the new names (tests/test_components.py checks each new name is a registered component).
+FORMER_NAMES = {"coat:pattern": "coat:pattern-xfeat"}
 
 
 class ArtifactError(ValueError):
@@ -25,8 +29,10 @@ class ArtifactError(ValueError):
 
 
 def check_artifact(artifact: dict) -> dict:
+    """The artifact, with any former component names renamed, if it can decide; ArtifactError saying why not."""
     if not isinstance(artifact, dict) or artifact.get("kind") != ARTIFACT_KIND:
         raise ArtifactError(f"not a {ARTIFACT_KIND} artifact")
+    artifact = _with_current_names(artifact)
     if artifact.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(f"artifact version {artifact.get('version')} is not {ARTIFACT_VERSION}: "
                             "fit it again with `deer-reid eval --protocol loo`")
@@ -64,6 +70,15 @@ def check_artifact(artifact: dict) -> dict:
     return artifact
 
 
+def _with_current_names(artifact: dict) -> dict:
+    fusion = artifact.get("fusion")
+    if not isinstance(fusion, dict):
+        return artifact
+    renamed = {key: {FORMER_NAMES.get(name, name): value for name, value in fusion[key].items()}
+               for key in ("calibrations", "weights") if isinstance(fusion.get(key), dict)}
+    return {**artifact, "fusion": {**fusion, **renamed}}
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -77,7 +92,7 @@ def load_file(path: Path) -> dict:
 
 async def install(conn: asyncpg.Connection, artifact: dict, created_by: str = "eval") -> int:
     """Make `artifact` the active calibration; earlier ones stay as history."""
-    check_artifact(artifact)
+    artifact = check_artifact(artifact)
     async with conn.transaction():
         await conn.execute("UPDATE calibrations SET active = false WHERE active AND property IS NULL")
         return await conn.fetchval("INSERT INTO calibrations (artifact, created_by) VALUES ($1, $2) RETURNING id",

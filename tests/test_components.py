@@ -82,3 +82,18 @@ def test_unregistered_components_are_gone_and_unknown_names_say_what_is_known():
     assert TOY not in {c.name for c in reading(COAT)}
     with pytest.raises(KeyError, match="registered"):
         component(TOY)
+
+
+def test_an_artifact_fitted_under_a_former_component_name_is_read_with_the_current_one():
+    from shared.calibration_artifact import FORMER_NAMES, check_artifact
+
+    assert all(component(new) for new in FORMER_NAMES.values())  # each new name is a registered component
+    curve = {"x": [0.0, 1.0], "y": [0.1, 0.9], "prior": 0.2}
+    artifact = {"kind": "deer-reid-calibration", "version": 2, "thresholds": {"match": 0.8, "new": 0.3},
+                "embedding_versions": {"m": "m:1"},
+                "fusion": {"calibrations": {"coat:pattern-xfeat": curve, "body:m": curve},
+                           "weights": {"coat:pattern-xfeat": 0.5, "body:m": 1.0}, "intercept": 0.0}}
+    checked = check_artifact(artifact)
+    assert checked["fusion"]["weights"] == {"coat:pattern-xfeat": 0.5, "body:m": 1.0}
+    assert set(checked["fusion"]["calibrations"]) == {"coat:pattern-xfeat", "body:m"}
+    assert "coat:pattern-xfeat" in artifact["fusion"]["weights"]  # the caller's copy is left as it was

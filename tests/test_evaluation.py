@@ -193,7 +193,7 @@ def _broken(change) -> dict:
     (lambda a: a["fusion"]["calibrations"]["body:m"].update(y=[0.5]), "equally long"),
     (lambda a: a["fusion"]["calibrations"]["body:m"].update(prior=0.0), "prior"),
     (lambda a: a["fusion"].pop("intercept"), "malformed"),
-    (lambda a: a["fusion"]["weights"].update({"coat:pattern": 1.0}), "no calibration for"),
+    (lambda a: a["fusion"]["weights"].update({"coat:pattern-xfeat": 1.0}), "no calibration for"),
     (lambda a: a.update(embedding_versions=[]), "embedding_versions"),
 ])
 async def test_a_calibration_with_bad_values_is_refused_before_it_can_stall_fusion(pg_dsn, change, message):
@@ -310,23 +310,23 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     assert candidates == {
         f"all fused + xfeat-crop as a second pattern component (candidate, not in the service; {how})"}
     assert set(result["candidate_weights"]["xfeat-crop"]) == {
-        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift",
+        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern-xfeat", "coat:pattern-rootsift",
         "coat:pattern-xfeat-crop"}
     assert candidates <= set(result["ablation_same_viewpoint"])
     assert result["coat"]["shortlist"] == 4
     # the artifact fusion installs holds only what the services compute: both of the service's matchers
     artifact = load_file(out / "cal.json")["fusion"]
     assert set(artifact["calibrations"]) == {
-        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift"}
+        "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern-xfeat", "coat:pattern-rootsift"}
     assert artifact["coat_version"].endswith("+rootsift-opencv:1024-animal")
 
 
 def test_coat_eval_measures_the_services_matchers_or_says_which_it_cannot():
     from deer_reid.evaluation.coat import service_variants
 
-    assert service_variants(Settings()) == {"xfeat-animal": "coat:pattern", "rootsift-animal": "coat:pattern-rootsift"}
+    assert service_variants(Settings()) == {"xfeat-animal": "coat:pattern-xfeat", "rootsift-animal": "coat:pattern-rootsift"}
     assert service_variants(Settings(coat_patterns="xfeat", coat_restrict_to_animal=False)) == {
-        "xfeat-crop": "coat:pattern"}
+        "xfeat-crop": "coat:pattern-xfeat"}
     with pytest.raises(ValueError, match=r"\['rootsift-crop'\]"):
         service_variants(Settings(coat_patterns="xfeat,rootsift", coat_restrict_to_animal=False))
 
@@ -457,5 +457,5 @@ def test_coat_shortlists_are_drawn_as_fusion_draws_them_within_each_gallery_and_
     known = np.full((16, 16), np.nan)
     known[halves] = 0.5
     no_patterns = coat_eval.coat_views([{"embeddings": {}, "attributes": {}, "xfeat-animal": None}] * 16, "xfeat-animal")
-    out = coat_eval.pair_matrix("coat:pattern", no_patterns, halves, known)  # nothing new could be scored
+    out = coat_eval.pair_matrix("coat:pattern-xfeat", no_patterns, halves, known)  # nothing new could be scored
     assert np.array_equal(np.isnan(out), ~halves) and np.all(out[halves] == 0.5)

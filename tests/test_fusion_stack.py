@@ -446,9 +446,9 @@ async def test_coat_features_join_and_score_candidates_and_bad_crops_only_lose_c
         assert r["expected"] == ["body", "coat"] and "coat" in r["arrived"] and not r["missing"], r
     # the second photo was matched on coat against the first's individual (its exemplar), all three parts
     cand = next(c for c in db_["result"]["candidates"] if c["individual_id"] == da["individual_id"])
-    for part in ("coat:colour", "coat:markings", "coat:pattern", "coat:pattern-rootsift"):
+    for part in ("coat:colour", "coat:markings", "coat:pattern-xfeat", "coat:pattern-rootsift"):
         assert part in cand["components"], cand
-    assert cand["components"]["coat:pattern"]["raw"] is not None and cand["components"]["coat:colour"]["raw"] > 0
+    assert cand["components"]["coat:pattern-xfeat"]["raw"] is not None and cand["components"]["coat:colour"]["raw"] > 0
     assert cand["components"]["coat:pattern-rootsift"]["raw"] is not None
     assert db_["result"]["coat"]["exemplars_matched"] >= 1 and db_["result"]["coat"]["matching_ms"] > 0
     # infrared: flagged, and its grey levels never compared with the day photos' colour

@@ -1,6 +1,7 @@
 """Migrations carry existing data over: a database of the old shape gains properties without losing anything."""
 from __future__ import annotations
 
+import json
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,5 +44,44 @@ async def test_properties_migration_keeps_existing_individuals_and_detections(pg
         assert await conn.fetchval("SELECT property FROM embeddings WHERE detection_id = $1", det) == "default"
         switches = await conn.fetchval("SELECT value::text FROM runtime_config WHERE key = 'pipeline'")
         assert '"temporal": true' in switches and '"mode": "fast"' in switches
+    finally:
+        await conn.close()
+
+
+async def test_the_xfeat_pattern_component_is_renamed_where_later_decisions_read_it(pg_dsn, monkeypatch):
+    admin = await asyncpg.connect(pg_dsn)
+    name = f"mig_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    dsn = urlunsplit(urlsplit(pg_dsn)._replace(path=f"/{name}"))
+    every = shared_db.migrations()
+    monkeypatch.setattr(shared_db, "migrations", lambda: [m for m in every if m[0] < 15])
+    await shared_db.migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        sha = "cd" * 32
+        await conn.execute("""INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
+                                                  captured_at, time_source)
+                              VALUES ($1, 1, 8, 8, 'JPEG', 'a.jpg', 'cam', 'c', now(), 'request')""", sha)
+        a, b = sorted([uuid.uuid4(), uuid.uuid4()])
+        for ordinal, det in enumerate((a, b)):
+            await conn.execute("""INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at,
+                                                          crop, state, property)
+                                  VALUES ($1, $2, $3, '{0,0,8,8}', 'doe', 'cam', 'c', now(), '\\x00', 'new', 'default')""",
+                               det, sha, ordinal)
+        await conn.execute("""INSERT INTO identity_edges (property, a, b, components, source)
+                              VALUES ('default', $1, $2, '{"coat:pattern-xfeat": 0.4, "body:m": 0.8}', 'fusion')""", a, b)
+        old = {"fusion": {"calibrations": {"coat:pattern-xfeat": {"x": [0, 1], "y": [0.1, 0.9], "prior": 0.2},
+                                           "body:m": {"x": [0, 1], "y": [0.1, 0.9], "prior": 0.2}},
+                          "weights": {"coat:pattern-xfeat": 0.5, "body:m": 1.0}, "intercept": 0.0}}
+        cal = await conn.fetchval("INSERT INTO calibrations (artifact) VALUES ($1::jsonb) RETURNING id", json.dumps(old))
+        monkeypatch.setattr(shared_db, "migrations", lambda: every)
+        await shared_db.migrate(dsn)
+        edge = json.loads(await conn.fetchval("SELECT components::text FROM identity_edges WHERE a = $1", a))
+        assert edge == {"coat:pattern-xfeat": 0.4, "body:m": 0.8}
+        fusion = json.loads(await conn.fetchval("SELECT artifact::text FROM calibrations WHERE id = $1", cal))["fusion"]
+        assert fusion["calibrations"] == {"coat:pattern-xfeat": old["fusion"]["calibrations"]["coat:pattern-xfeat"],
+                                          "body:m": old["fusion"]["calibrations"]["body:m"]}
+        assert fusion["weights"] == {"coat:pattern-xfeat": 0.5, "body:m": 1.0}
     finally:
         await conn.close()

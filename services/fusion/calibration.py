@@ -48,7 +48,7 @@ class CalibrationSource:
     def _load(found: int, artifact: dict) -> tuple[dict | None, FusionModel | None]:
         try:
             checked = check_artifact(artifact)
-            model = FusionModel.from_artifact({**artifact, "version_id": found})
+            model = FusionModel.from_artifact({**checked, "version_id": found})
         except ArtifactError as exc:
             log.error("calibration %s ignored: %s", found, exc)
             return None, None

@@ -3,7 +3,7 @@ features in, a (Q, G) matrix of raw similarities out, NaN where a pair gives no 
 maps each raw score to P(same individual) (`shared.calibrated`), and a fitted combination fuses them.
 
 A component is named by what it compares: `body:<model>` for each body network (each model of the
-ensemble is calibrated on its own), `coat:colour`, `coat:markings`, `coat:pattern`, `coat:pattern-rootsift`,
+ensemble is calibrated on its own), `coat:colour`, `coat:markings`, `coat:pattern-xfeat`, `coat:pattern-rootsift`,
 `pose`, `antler`. Importing this package registers them all; the fusion service and `deer-reid eval` both
 score through `component(name)`.
 """

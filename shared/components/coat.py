@@ -6,7 +6,7 @@ An item is a coat view (`coat_view`): `colour` (version, vector), `markings` (ve
   grey levels are different versions and never meet.
 - `coat:markings`: cosine of the two marking maps; only for animals facing the same way (a map is
   laid out head-first, so a left flank would otherwise meet a mirrored right flank).
-- `coat:pattern` (XFeat) and `coat:pattern-rootsift` (RootSIFT): geometrically verified keypoint matches,
+- `coat:pattern-xfeat` (XFeat) and `coat:pattern-rootsift` (RootSIFT): geometrically verified keypoint matches,
   squashed to [0, 1). Two matchers, two components: they find different animals (on nyala-train's fit half
   the fitted fusion weighs both), and each is calibrated on its own. A matcher's component scores only the
   queries that carry its pattern.
@@ -23,7 +23,7 @@ from shared.components.base import Component, cosine, grouped, register
 from shared.schemas import Embedding
 
 COAT = "coat"
-COLOUR, MARKINGS, PATTERN = "coat:colour", "coat:markings", "coat:pattern"
+COLOUR, MARKINGS, PATTERN = "coat:colour", "coat:markings", "coat:pattern-xfeat"
 PATTERN_OF = {"xfeat": PATTERN, "rootsift": "coat:pattern-rootsift"}  # matcher -> its component
 COAT_COMPONENTS = (COLOUR, MARKINGS, *PATTERN_OF.values())
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from deer_reid.client import api_key, auth_headers
+from deer_reid.client import api_key, api_url, auth_headers, call_api
 from shared.config import Settings
 from shared.schemas import DetectionClass
 
@@ -227,17 +227,6 @@ def cmd_migrate(args) -> int:
     return 0
 
 
-def api_url_for(args, settings: Settings) -> str:
-    from deer_reid.stack import read_state
-
-    if args.api_url:
-        return args.api_url
-    if os.environ.get("DEER_API_URL"):
-        return os.environ["DEER_API_URL"]
-    state = read_state(settings.home)
-    return state["api_url"] if state else settings.api_url
-
-
 def database_url_for(settings: Settings) -> str:
     from deer_reid.stack import read_state
 
@@ -250,25 +239,9 @@ def database_url_for(settings: Settings) -> str:
 
 
 def _api(args, method: str, path: str, **kw):
-    import httpx
-
+    """A call to the API the arguments point at."""
     settings = _settings(args)
-    url = api_url_for(args, settings)
-    try:
-        resp = httpx.request(method, url + path, timeout=60, headers=auth_headers(settings), **kw)
-    except httpx.HTTPError as exc:
-        raise SystemExit(f"deer-reid: the API at {url} did not answer ({exc}); is the stack up?") from None
-    if resp.status_code >= 400:
-        raise SystemExit(f"deer-reid: {method} {path}: {resp.status_code} {_error_text(resp)}")
-    return resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.content
-
-
-def _error_text(resp) -> str:
-    try:
-        detail = resp.json().get("detail", resp.json())
-        return detail.get("error", str(detail)) if isinstance(detail, dict) else str(detail)
-    except ValueError:
-        return resp.text[:500]
+    return call_api(settings, api_url(settings, args.api_url), method, path, **kw)
 
 
 def cmd_sites(args) -> int:
@@ -294,7 +267,7 @@ def cmd_census(args) -> int:
         print(json.dumps(_api(args, "GET", f"/v1/census/{args.property}"), indent=2, default=str))
         return 0
     settings = _settings(args)
-    with httpx.Client(base_url=api_url_for(args, settings), headers=auth_headers(settings), timeout=60) as client:
+    with httpx.Client(base_url=api_url(settings, args.api_url), headers=auth_headers(settings), timeout=60) as client:
         return _reported("census recluster", lambda: recluster(client, args.property, timeout=args.timeout),
                          (RuntimeError, httpx.HTTPError), refused_exit=1)
 
@@ -424,7 +397,7 @@ def cmd_ingest(args) -> int:
         return 2
     try:
         report = asyncio.run(ingest(
-            api_url_for(args, settings), Path(args.path), site=args.site, fallback_site="default",
+            api_url(settings, args.api_url), Path(args.path), site=args.site, fallback_site="default",
             camera=args.camera, captured_at=args.captured_at, wait=args.wait, timeout=args.timeout,
             concurrency=args.concurrency, progress=not args.quiet, headers=auth_headers(settings),
             max_image_bytes=settings.max_upload_bytes, detections=args.detections, min_conf=args.min_conf,
@@ -489,13 +462,13 @@ def cmd_eval(args) -> int:
             from deer_reid.evaluation.census import run_census
 
             result = run_census(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
-                                seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
+                                seed=args.seed, api_url=api_url(settings, args.api_url), report_dir=report_dir,
                                 json_path=args.json, budget=args.budget, reviewer_error=args.reviewer_error,
                                 recluster_every=args.recluster_every, baseline=not args.no_baseline,
                                 progress=not args.quiet, settings=settings, stack_models=stack_models)
         elif args.protocol == "open-set":
             result = run_open_set(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
-                                  seed=args.seed, api_url=api_url_for(args, settings), report_dir=report_dir,
+                                  seed=args.seed, api_url=api_url(settings, args.api_url), report_dir=report_dir,
                                   json_path=args.json, progress=not args.quiet, settings=settings,
                                   stack_models=stack_models, sightings=args.sightings, review=args.review)
     except (DatasetError, ValueError, KeyError, RuntimeError) as exc:
@@ -614,7 +587,7 @@ def cmd_page(args) -> int:
     from urllib.parse import quote
 
     settings = _settings(args)
-    url = api_url_for(args, settings) + "/ui/login"
+    url = api_url(settings, args.api_url) + "/ui/login"
     key = api_key(settings)
     print(f"{url}#key={quote(key)}" if key else url)
     return 0

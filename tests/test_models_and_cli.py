@@ -218,6 +218,22 @@ def test_home_is_accepted_before_or_after_a_nested_action():
     assert parser.parse_args(["sites", "list"]).home is None
 
 
+def test_train_without_a_kind_trains_a_body_network():
+    """The README's `deer-reid train DATA_DIR --name NAME` is `train body`; a kind named is that kind."""
+    from deer_reid.cli import build_parser, train
+
+    parser = build_parser()
+
+    def parsed(*argv):
+        return parser.parse_args(train.default_to_body(list(argv)))
+
+    assert parsed("train", "labels", "--name", "ranch").func is train.cmd_train_body
+    plain = parsed("train", "--home", "/tmp/h", "labels", "--name", "ranch")
+    assert plain.func is train.cmd_train_body and plain.data_dir == "labels" and str(plain.home) == "/tmp/h"
+    assert parsed("train", "viewpoint", "labels").func is train.cmd_train_viewpoint
+    assert parsed("train", "soup", "s", "--from", "a", "b").ingredients == ["a", "b"]
+
+
 def test_bench_re_executes_itself_with_its_own_arguments_not_the_callers(tmp_path):
     """`bench` re-executes itself under jemalloc: it passed on sys.argv, so called as main([...]) from a
     script (or a test) it ran the caller's arguments instead of its own."""

@@ -22,12 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["train", "viewpoint"]:
-        # `train DATA_DIR` fine-tunes a body network; `train viewpoint DATA_DIR` fits the viewpoint classifier
-        argv[:2] = ["train-viewpoint"]
-    elif argv[:2] == ["train", "soup"]:
-        argv[:2] = ["train-soup"]
+    argv = train.default_to_body(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a command that re-executes itself (bench) passes on
     return args.func(args)

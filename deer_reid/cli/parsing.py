@@ -16,12 +16,11 @@ _HOME_AFTER_ACTION.add_argument("--home", type=Path, default=argparse.SUPPRESS, 
 Command = Callable[[argparse.Namespace], int]
 
 
-def add_command(commands: argparse._SubParsersAction, name: str, run: Command | None = None,
+def add_command(commands: argparse._SubParsersAction, name: str, run: Command,
                 **kwargs) -> argparse.ArgumentParser:
-    """A `deer-reid NAME` command; `run` is what it does (left out where each of its actions names its own)."""
+    """A command, `deer-reid NAME` (or one of train's kinds, `deer-reid train NAME`); `run` is what it does."""
     parser = commands.add_parser(name, parents=[_HOME], **kwargs)
-    if run is not None:
-        parser.set_defaults(func=run)
+    parser.set_defaults(func=run)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""train: fine-tune a body network; train-viewpoint: the pose service's viewpoint classifier; train-soup:
+"""train body: fine-tune a body network; train viewpoint: the pose service's viewpoint classifier; train soup:
 one network from several fine-tunes."""
 from __future__ import annotations
 
@@ -7,11 +7,20 @@ from pathlib import Path
 
 from deer_reid.cli.context import settings_for
 from deer_reid.cli.output import keep_json, print_json
-from deer_reid.cli.parsing import add_command
+from deer_reid.cli.parsing import add_actions, add_command
+
+KINDS = ("body", "viewpoint", "soup")
 
 
 def register(commands) -> None:
-    tr = add_command(commands, "train", cmd_train,
+    # no options of its own (its kinds have them, --home too): whatever follows `train` without naming a kind
+    # goes to `train body` (default_to_body)
+    train = commands.add_parser("train", help="fine-tune a body network, fit the viewpoint classifier, or average "
+                                "fine-tunes into one network",
+                                description="`deer-reid train DATA_DIR ...` is short for "
+                                "`deer-reid train body DATA_DIR ...`")
+    kinds = add_actions(train)
+    tr = add_command(kinds, "body", cmd_train_body,
                      help="fine-tune a body network on labelled photos (metric learning)")
     tr.add_argument("data_dir", help="folder with metadata.csv (path, identity[, viewpoint, encounter])")
     tr.add_argument("--name", required=True, help="the new model's name (then --body-model NAME)")
@@ -43,8 +52,8 @@ def register(commands) -> None:
     tr.add_argument("--json", help="write the model card here too")
     tr.add_argument("--quiet", action="store_true")
 
-    tv = add_command(commands, "train-viewpoint", cmd_train_viewpoint, help="(deer-reid train viewpoint DATA_DIR) "
-                     "the pose service's viewpoint classifier, from labelled viewpoints")
+    tv = add_command(kinds, "viewpoint", cmd_train_viewpoint,
+                     help="the pose service's viewpoint classifier, from labelled viewpoints")
     tv.add_argument("data_dir", help="folder with metadata.csv (path, identity, viewpoint[, encounter])")
     tv.add_argument("--name", default="viewpoint", help="the classifier's name in the model cache "
                     "(the pose service's DEER_POSE_VIEWPOINT_MODEL)")
@@ -59,8 +68,8 @@ def register(commands) -> None:
     tv.add_argument("--json", help="write the card here too")
     tv.add_argument("--quiet", action="store_true")
 
-    ts = add_command(commands, "train-soup", cmd_train_soup, help="(deer-reid train soup NAME --from A B ...) one "
-                     "network averaging the weights of fine-tunes of one split, chosen greedily on validation")
+    ts = add_command(kinds, "soup", cmd_train_soup, help="one network averaging the weights of fine-tunes of one "
+                     "split, chosen greedily on validation")
     ts.add_argument("name", help="the soup's name in the model cache (then --body-model NAME)")
     ts.add_argument("--from", dest="ingredients", nargs="+", required=True, metavar="MODEL",
                     help="models trained by `deer-reid train` with the same base, input size, data and split")
@@ -69,7 +78,15 @@ def register(commands) -> None:
     ts.add_argument("--quiet", action="store_true")
 
 
-def cmd_train(args) -> int:
+def default_to_body(argv: list[str]) -> list[str]:
+    """`deer-reid train DATA_DIR ...` (the README's form) means `deer-reid train body DATA_DIR ...`: argparse has
+    no default subcommand, so the word is put in wherever the one after `train` names none."""
+    if argv[:1] == ["train"] and len(argv) > 1 and argv[1] not in (*KINDS, "-h", "--help"):
+        return ["train", "body", *argv[1:]]
+    return argv
+
+
+def cmd_train_body(args) -> int:
     from deer_reid.evaluation.dataset import DatasetError
     from deer_reid.training.train import TrainConfig, TrainError, train
 

@@ -17,7 +17,7 @@ def register(commands) -> None:
     ke_new.add_argument("--owner", required=True, help="who uses it: the audit log records this name")
     ke_new.add_argument("--scope", choices=["read", "review", "admin"], default="review")
     add_action(ke_sub, "list", help="every key (hashes only are stored)")
-    ke_rev = add_action(ke_sub, "revoke")
+    ke_rev = add_action(ke_sub, "revoke", help="revoke a key by its id (`keys list` shows them)")
     ke_rev.add_argument("id", type=int)
 
     pg = add_command(commands, "page", cmd_page,

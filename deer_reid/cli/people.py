@@ -10,13 +10,14 @@ from deer_reid.cli.parsing import add_action, add_actions, add_command
 def register(commands) -> None:
     iv = add_command(commands, "individuals", cmd_individuals, help="browse, name, merge and split individuals")
     iv_sub = add_actions(iv)
-    iv_list = add_action(iv_sub, "list")
+    iv_list = add_action(iv_sub, "list",
+                         help="individuals with their sightings, sex, first and last seen, sites and tags")
     iv_list.add_argument("--q", help="name, tag, note or id")
     iv_list.add_argument("--property")
     iv_list.add_argument("--site")
     iv_list.add_argument("--min-sightings", type=int)
     iv_list.add_argument("--limit", type=int, default=50)
-    iv_show = add_action(iv_sub, "show")
+    iv_show = add_action(iv_sub, "show", help="one individual: its sites, hours, similar individuals and sightings")
     iv_show.add_argument("id", type=int)
     iv_show.add_argument("--limit", type=int, default=20, help="sightings to print")
     iv_show.add_argument("--json", action="store_true")
@@ -39,7 +40,7 @@ def register(commands) -> None:
 
     rv = add_command(commands, "review", cmd_review, help="work the review queue; undo changes")
     rv_sub = add_actions(rv)
-    rv_list = add_action(rv_sub, "list")
+    rv_list = add_action(rv_sub, "list", help="the detections waiting, each with its candidates")
     rv_list.add_argument("--limit", type=int, default=20)
     rv_next = add_action(rv_sub, "next", help="the first detection waiting, with its candidates")
     for p in (rv_list, rv_next):
@@ -54,7 +55,7 @@ def register(commands) -> None:
         p.set_defaults(individual=None)
     rv_confirm.add_argument("--individual", type=int)
     rv_assign.add_argument("individual", type=int)
-    rv_undo = add_action(rv_sub, "undo")
+    rv_undo = add_action(rv_sub, "undo", help="undo a change by its audit id (`review log` lists them)")
     rv_undo.add_argument("audit_id", type=int)
     rv_undo.add_argument("--reason", default="")
     rv_log = add_action(rv_sub, "log", help="the newest changes by people")

@@ -1,4 +1,4 @@
-"""How the command line finds the API and authenticates to it."""
+"""How the command line finds the API, authenticates to it and calls it."""
 from __future__ import annotations
 
 import os
@@ -15,3 +15,39 @@ def api_key(settings: Settings) -> str | None:
 def auth_headers(settings: Settings) -> dict[str, str]:
     key = api_key(settings)
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def api_url(settings: Settings, explicit: str | None = None) -> str:
+    """The API's address: `explicit` (a command's --api-url), else DEER_API_URL, else the running embedded
+    stack's, else the configured one."""
+    from deer_reid.stack import read_state
+
+    if explicit:
+        return explicit
+    if os.environ.get("DEER_API_URL"):
+        return os.environ["DEER_API_URL"]
+    state = read_state(settings.home)
+    return state["api_url"] if state else settings.api_url
+
+
+def call_api(settings: Settings, url: str, method: str, path: str, **kw):
+    """One authenticated request to the API at `url`: its JSON, or its bytes when it answers something else.
+    No answer, or an error answer, ends the command (SystemExit) with the API's own reason."""
+    import httpx
+
+    try:
+        resp = httpx.request(method, url + path, timeout=60, headers=auth_headers(settings), **kw)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"deer-reid: the API at {url} did not answer ({exc}); is the stack up?") from None
+    if resp.status_code >= 400:
+        raise SystemExit(f"deer-reid: {method} {path}: {resp.status_code} {_error_text(resp)}")
+    return resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.content
+
+
+def _error_text(resp) -> str:
+    """The API's reason for an error answer: its `detail` (or the detail's `error`), else the body's start."""
+    try:
+        detail = resp.json().get("detail", resp.json())
+        return detail.get("error", str(detail)) if isinstance(detail, dict) else str(detail)
+    except ValueError:
+        return resp.text[:500]

@@ -1,8 +1,10 @@
 """The model registry and weights cache, and the `deer-reid` command line on a real stack."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -216,6 +218,47 @@ def test_home_is_accepted_before_or_after_a_nested_action():
     assert str(parser.parse_args(["review", "--home", "/tmp/b", "list"]).home) == "/tmp/b"
     assert str(parser.parse_args(["keys", "create", "--owner", "x", "--home", "/tmp/c"]).home) == "/tmp/c"
     assert parser.parse_args(["sites", "list"]).home is None
+
+
+def command_paths(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(path, its subcommands' names) for the parser and every parser under it."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    yield list(path), [name for group in groups for name in group.choices]
+    for group in groups:
+        for name, sub in group.choices.items():
+            yield from command_paths(sub, (*path, name))
+
+
+def test_every_level_has_a_help_that_lists_its_subcommands(capsys):
+    """`--help` exits 0 on every command and action, and describes each subcommand on a line of its own
+    (`train viewpoint` and `train soup` were once reached by rewriting argv, so `train --help` never named them)."""
+    from deer_reid.cli import build_parser, main
+
+    paths = list(command_paths(build_parser()))
+    assert (["train"], ["body", "viewpoint", "soup"]) in paths
+    for path, subcommands in paths:
+        with pytest.raises(SystemExit) as done:
+            main([*path, "--help"])
+        assert done.value.code == 0, path
+        text = capsys.readouterr().out
+        undescribed = [name for name in subcommands if not re.search(rf"^ +{re.escape(name)}( |$)", text, re.M)]
+        assert undescribed == [], f"deer-reid {' '.join(path)} --help"
+
+
+def test_train_without_a_kind_trains_a_body_network():
+    """The README's `deer-reid train DATA_DIR --name NAME` is `train body`; a kind named is that kind."""
+    from deer_reid.cli import build_parser, train
+
+    parser = build_parser()
+
+    def parsed(*argv):
+        return parser.parse_args(train.default_to_body(list(argv)))
+
+    assert parsed("train", "labels", "--name", "ranch").func is train.cmd_train_body
+    plain = parsed("train", "--home", "/tmp/h", "labels", "--name", "ranch")
+    assert plain.func is train.cmd_train_body and plain.data_dir == "labels" and str(plain.home) == "/tmp/h"
+    assert parsed("train", "viewpoint", "labels").func is train.cmd_train_viewpoint
+    assert parsed("train", "soup", "s", "--from", "a", "b").ingredients == ["a", "b"]
 
 
 def test_bench_re_executes_itself_with_its_own_arguments_not_the_callers(tmp_path):

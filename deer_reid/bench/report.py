@@ -48,10 +48,10 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
         burst = asyncio.run(run_detections(stack, crops, BURST_SITE, None, mode))
         cpu_after = cpu_seconds(stack)
         stages_after = stage_totals(stack)
-        paced_n = max(64, detections // 2)
+        paced_crops = crops[: max(64, detections // 2)]
         rate = burst["det_per_s"] / 2
-        progress(f"end to end: {paced_n} detections paced at {rate:.1f}/s for latency ...")
-        paced = asyncio.run(run_detections(stack, crops[:paced_n], PACED_SITE, rate, mode))
+        progress(f"end to end: {len(paced_crops)} detections paced at {rate:.1f}/s for latency ...")
+        paced = asyncio.run(run_detections(stack, paced_crops, PACED_SITE, rate, mode))
         progress(f"the system we replace on the same {detections} crops: eager fp32 ResNet50 at batch 1, "
                  "a query per detection ...")
         result["peer"] = asyncio.run(peer_throughput(crops, stack.dsn))

@@ -72,8 +72,8 @@ def measure_bare(names: list[str], crops: list[bytes], settings: Settings, allow
     figures["gflop_per_det"] = round(gflop, 2)
     per_model_crops = crops[: max(64, len(crops) // 4)]
     bare_crops = crops[: min(len(crops), 256)]
-    progress(f"bare models: each alone on {len(per_model_crops)} crops, then the extractor with all "
-             f"{len(models)} on {len(bare_crops)} crops, three times ...")
+    progress(f"bare models: each alone on {len(per_model_crops)} crops, then the extractor of "
+             f"{'+'.join(names)} on {len(bare_crops)} crops, three times ...")
     figures["bare_per_model_det_per_s"] = {
         m.spec.name: round(bare_throughput(BodyExtractor([m], batch=settings.batch_max), per_model_crops,
                                            settings.batch_max), 1)

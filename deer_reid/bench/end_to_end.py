@@ -1,0 +1,196 @@
+"""The end-to-end run: a fresh embedded stack (broker, database, services) fed detection events directly, each
+timed from its event to its answer; and what the enhanced pipeline stored while it ran."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from datetime import datetime, timezone
+
+import asyncpg
+import numpy as np
+
+from shared.config import Settings
+
+# the sites of the timed runs: the pose share is read back by them
+BURST_SITE = "bench-burst"
+PACED_SITE = "bench-paced"
+
+
+def fresh_stack(settings: Settings, names: list[str], mode: str, allow_random: bool):
+    """A stack of its own in a new home, running the bench's body models, not yet started."""
+    import tempfile
+    from pathlib import Path
+
+    from deer_reid.stack import Stack
+    from shared.embedded import free_port
+
+    home = Path(tempfile.mkdtemp(prefix="deer-bench-"))
+    stack_settings = settings.model_copy(update={
+        "home": home, "body_model": names[0], "body_ensemble": ",".join(names) if mode == "enhanced" else "",
+        # enhanced: the pose service runs the AP-10K keypoint model even without its weights (speed and plumbing
+        # only: its keypoints are flagged random-weights and never trusted); body models keep their own rule
+        "allow_random_weights": allow_random or mode == "enhanced", "api_port": free_port(),
+        "database_url": "", "calibration": home / "none.json"})
+    return Stack(stack_settings, env={"DEER_PRECISION": settings.precision, "DEER_STUCK_AFTER_S": "600"})
+
+
+async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: dict,
+                             expected: list[str]) -> list[tuple[uuid.UUID, bytes]]:
+    from shared.db import _init_connection
+
+    conn = await asyncpg.connect(dsn)
+    await _init_connection(conn)
+    rows = []
+    now = datetime.now(timezone.utc)
+    try:
+        async with conn.transaction():
+            for n, crop in enumerate(crops):
+                sha = hashlib.sha256(crop + site.encode() + str(n).encode()).hexdigest()
+                det = uuid.uuid4()
+                await conn.execute(
+                    """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
+                                           captured_at, time_source) VALUES ($1,$2,480,360,'JPEG',$3,$4,'bench',$5,'bench')""",
+                    sha, len(crop), f"bench-{n}.jpg", site, now)
+                await conn.execute(
+                    """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, state,
+                                               property, pipeline, expected)
+                       VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting','default',$6,$7)""",
+                    det, sha, site, now, crop, pipeline, expected)
+                rows.append((det, sha))
+    finally:
+        await conn.close()
+    return rows
+
+
+async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: str, config, expected: list[str],
+                      send_to, answers_on, answer_id, rate: float | None = None) -> dict:
+    """One detection event per (row, crop) onto `send_to` (paced at `rate`/s, or all at once), timed until
+    each detection's answer appears on `answers_on` (`answer_id` decodes an answer to its detection id)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from shared.broker import MAX_MESSAGE_BYTES, producer_for
+    from shared.schemas import Box, DetectionEvent
+
+    consumer = AIOKafkaConsumer(answers_on.name, bootstrap_servers=stack.bootstrap,
+                                group_id=f"bench-{uuid.uuid4()}", auto_offset_reset="latest",
+                                max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+    await consumer.start()
+    while not consumer.assignment():
+        await asyncio.sleep(0.05)
+    await consumer.seek_to_end()
+    producer = producer_for(stack.bootstrap, "bench")
+    await producer.start()
+    sent: dict[str, float] = {}
+    done: dict[str, float] = {}
+    answers: list[bytes] = []
+
+    async def collect():
+        while len(done) < len(rows):
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                now = time.perf_counter()
+                for r in records:
+                    did = answer_id(r.value)
+                    if did in sent and did not in done:
+                        done[did] = now
+                        answers.append(r.value)
+
+    collector = asyncio.create_task(collect())
+    now = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    for n, ((det, sha), crop) in enumerate(zip(rows, crops)):
+        if rate:
+            await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
+        event = DetectionEvent(detection_id=det, site=site, camera="bench", captured_at=now, cls=cls,
+                               box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop,
+                               mode=config.mode, switches=config.switches(), expected=expected)
+        sent[str(det)] = time.perf_counter()
+        await producer.send(send_to.name, event.to_bytes(), key=str(det).encode())
+    await producer.flush()
+    await asyncio.wait_for(collector, timeout=600)
+    elapsed = max(done.values()) - start
+    await producer.stop()
+    await consumer.stop()
+    latencies = np.array([1000 * (done[k] - sent[k]) for k in sent])
+    return {"det_per_s": len(rows) / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)), "seconds": elapsed, "answers": answers}
+
+
+async def run_detections(stack, crops: list[bytes], site: str, rate: float | None, mode: str = "fast") -> dict:
+    """Produce one detection event per crop (paced at `rate`/s, or all at once) and wait for every result."""
+    from shared.pipeline import expected_components
+    from shared.schemas import DetectionResult, PipelineConfig
+    from shared.topics import DETECTIONS, RESULTS
+
+    # the enhanced bench includes the coat, antler and (selective) pose services (its detections are bucks)
+    enhanced = mode == "enhanced"
+    config = PipelineConfig(mode=mode, coat=enhanced, antler=enhanced, pose=enhanced)
+    cls = "buck" if enhanced else "doe"
+    expected = expected_components(config, cls)
+    rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()}, expected)
+    timed = await _round_trip(stack, rows, crops, site, cls=cls, config=config, expected=expected,
+                              send_to=DETECTIONS, answers_on=RESULTS, rate=rate,
+                              answer_id=lambda raw: str(DetectionResult.from_bytes(raw).detection_id))
+    timed.pop("answers")
+    return timed
+
+
+async def run_pose_requests(stack, crops: list[bytes], site: str) -> dict:
+    """Pose requests straight to the pose service (the bench's look-alike crops never leave fusion uncertain,
+    so fusion itself asks for none): its throughput and latency, request to published features."""
+    from shared.schemas import Features, PipelineConfig
+    from shared.topics import FEATURES_POSE, POSE_REQUESTS
+
+    config = PipelineConfig(mode="enhanced", pose=True)
+    expected = ["body", "pose"]
+    rows = await _insert_detections(stack.dsn, crops, site, {"mode": "enhanced", **config.switches()}, expected)
+    timed = await _round_trip(stack, rows, crops, site, cls="doe", config=config, expected=expected,
+                              send_to=POSE_REQUESTS, answers_on=FEATURES_POSE,
+                              answer_id=lambda raw: str(Features.from_bytes(raw).detection_id))
+    answers = [Features.from_bytes(raw) for raw in timed["answers"]]
+    return {"requests": len(rows), "answers_per_s": round(timed["det_per_s"], 2),
+            "p50_ms": round(timed["p50_ms"], 1), "p99_ms": round(timed["p99_ms"], 1),
+            "keypoints_in_answers": sum(a.attributes.get("keypoints") is not None for a in answers),
+            "viewpoints": {v: sum(a.attributes.get("viewpoint") == v for a in answers)
+                           for v in sorted({a.attributes.get("viewpoint") for a in answers})},
+            "flags": sorted({f for a in answers for f in a.flags}),
+            "versions": answers[0].attributes.get("versions") if answers else None,
+            "service_ms_per_crop": {k: round(float(np.median([a.timings_ms[k] for a in answers if k in a.timings_ms])), 1)
+                                    for k in sorted({k for a in answers for k in a.timings_ms})}}
+
+
+async def coat_stored_bytes(dsn: str) -> dict:
+    """Mean stored bytes per detection of the coat: the packed pattern, and the join row's jsonb."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            """SELECT (SELECT sum(octet_length(pattern)) FROM coat_patterns) / count(*) AS pattern,
+                      avg(pg_column_size(f.features)) AS features, count(*) AS detections
+               FROM detection_features f WHERE f.component = 'coat'""")
+    finally:
+        await conn.close()
+    return {k: (round(float(v), 1) if v is not None else None) for k, v in row.items()}
+
+
+async def pose_requested_share(dsn: str) -> dict:
+    """How many detections of the burst and the paced run asked for pose (the selective rule), and why not."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT site, coalesce(result->'pose'->>'ran', 'null') AS ran, count(*) AS n,
+                      min(result->'pose'->>'why') AS why
+               FROM detections WHERE site IN ($1, $2) GROUP BY 1, 2""", BURST_SITE, PACED_SITE)
+    finally:
+        await conn.close()
+    out: dict = {}
+    for r in rows:
+        site = out.setdefault(r["site"], {"detections": 0, "pose_ran": 0})
+        site["detections"] += r["n"]
+        if r["ran"] == "true":
+            site["pose_ran"] += r["n"]
+        else:
+            site["example_reason_not"] = r["why"]
+    for site in out.values():
+        site["share"] = round(site["pose_ran"] / max(1, site["detections"]), 3)
+    return out

@@ -25,7 +25,8 @@ def component_costs(crops: list[bytes], settings: Settings, progress: Callable[[
 def coat_costs(crops: list[bytes], settings: Settings) -> dict:
     """Milliseconds of the coat extractor per crop (one thread) and of one pattern match per matcher, median."""
     from services.coat.extractor import CoatExtractor
-    from shared.components.coat import pattern_similarity
+    from shared.components import component
+    from shared.components.coat import PATTERN_OF
 
     extractor = CoatExtractor.from_settings(settings)
     extractor.extract(crops[0])  # warm-up: ONNX session
@@ -37,10 +38,11 @@ def coat_costs(crops: list[bytes], settings: Settings) -> dict:
     match, patterns = {}, {}
     for method in extractor.patterns:
         patterns[method] = [f.patterns[method] for f in features if method in f.patterns]
-        times_of = []
-        for a, b in zip(patterns[method], patterns[method][1:] + patterns[method][:1]):
+        scorer, times_of = component(PATTERN_OF[method]), []
+        views = [{"patterns": {method: ("bench", p)}} for p in patterns[method]]
+        for a, b in zip(views, views[1:] + views[:1]):  # one pair a call, as fusion's cost per shortlisted photo
             started = time.perf_counter()
-            pattern_similarity(a, b)
+            scorer.similarity([a], [b])
             times_of.append(1000 * (time.perf_counter() - started))
         match[method] = round(float(np.median(times_of)), 2) if times_of else None
     steps = sorted({k for f in features for k in f.timings_ms if k != "total"})

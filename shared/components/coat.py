@@ -93,18 +93,10 @@ class PatternSimilarity(Component):
             for i, view in enumerate(q):
                 mine = coat_features.unpack(view["patterns"][self.matcher][1])
                 for j, other in enumerate(theirs):
-                    if mine.kind == other.kind:  # the pair form below, with each pattern unpacked once
+                    if mine.kind == other.kind:  # each pattern unpacked once, every pair verified
                         out[i, j] = coat_features.pattern_score(coat_features.inliers(mine, other))
             return out
         return grouped(queries, gallery, version, block)
-
-
-def pattern_similarity(a: bytes | None, b: bytes | None) -> float | None:
-    """One pair's pattern score (None: no evidence), as `PatternSimilarity` scores each pair of its matrix."""
-    if a is None or b is None:
-        return None
-    pa, pb = coat_features.unpack(a), coat_features.unpack(b)
-    return None if pa.kind != pb.kind else coat_features.pattern_score(coat_features.inliers(pa, pb))
 
 
 for _component in (ColourSimilarity(), MarkingsSimilarity(),

@@ -27,6 +27,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, UnknownError
 
+from shared.log_end import past_recreated_end
 from shared.observability import BATCH_SIZE, CONSUMER_LAG, ERRORS, EVENTS, STAGE_SECONDS
 from shared.schemas import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, MalformedEvent
 from shared.topics import Topic, dead_letter_of
@@ -37,20 +38,11 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 STALL_AFTER_S = 20.0  # no records for this long while the partitions have some: check the consumer
 STALL_CHECK_S = 10.0
 PRODUCE_TIMEOUT_S = 45.0  # acks=all for one batch; past this the producer is presumed wedged
-# An offset this far past a partition's reported end means the partition was re-created (the broker
-# restarted empty). Tansu's reported end can trail the records it already serves by a batch or so
-# after a restart (seen: 1), so a smaller overshoot is left to heal as the log grows.
-RECREATED_SLACK = 16
 # Tansu answers a produce whose offset clashes with a batch it already stored with UnknownError,
 # and moves that partition's next offset on by one per clash. Clashes come in runs right after a
 # topic is (re)created while producers are retrying, so they are retried at once, not backed off.
 CLASH_RETRIES = 50
 CLASH_RETRY_S = 0.05
-
-
-def past_recreated_end(offset: int, end: int) -> bool:
-    """Whether an offset lies so far past its partition's end that the partition must have been re-created."""
-    return offset > end + RECREATED_SLACK
 
 
 def backoff_s(base: float, attempt: int, cap: float = 10.0) -> float:
@@ -322,6 +314,7 @@ class BrokerRunner:
           committed offset of some partition is behind its end. (A replica beyond the partition
           count also holds nothing; it is only recreated while the group lags, which hands it
           partitions.)
+        The ends are those Tansu reports, short of the records it serves (see shared.log_end).
         """
         assert self.consumer is not None
         try:

@@ -20,6 +20,7 @@ from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
 from shared.broker import Handled, abandon_after, backoff_s, is_transient, produce_retry_delay, producer_for
 from shared.db import OUTBOX_CHANNEL, create_pool
+from shared.log_end import true_end_offsets
 from shared.observability import DETECTIONS_BY_STATE, ERRORS, GROUP_LAG
 from shared.pipeline import detection_event, expected_components
 from shared.schemas import DeadLetter, DetectionEvent, JoinDeadline, PipelineConfig
@@ -520,25 +521,13 @@ async def _committed(admin, group: str, topics: list[Topic]) -> dict[str, dict[i
 
 
 async def _ends(consumer, topics: list[Topic]) -> dict[str, dict[int, int]]:
-    """topic name -> partition -> the log's end, for all the topics in one round trip of each kind."""
+    """topic name -> partition -> the log's true end, for all the topics in one round trip of each kind."""
     from aiokafka import TopicPartition
 
     partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
-    end = await consumer.end_offsets(partitions)
-    # Tansu reports a partition's end as the first offset of its last batch + 1: the rest of that batch
-    # would look lost. Reading the last batch gives the true end (one small fetch for all partitions).
-    # The consumer is this round's own and is stopped right after: it is never unsubscribed (aiokafka's
-    # fetcher, woken after an unsubscribe, fails the consumer; seen with topics still empty).
-    with_data = [tp for tp, off in end.items() if off > 0]
-    if with_data:
-        consumer.assign(with_data)
-        for tp in with_data:
-            consumer.seek(tp, end[tp] - 1)
-        for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
-            end[tp] = max(end[tp], max(r.offset for r in records) + 1)
     out: dict[str, dict[int, int]] = {t.name: {} for t in topics}
-    for tp, off in end.items():
-        out[tp.topic][tp.partition] = off
+    for tp, end in (await true_end_offsets(consumer, partitions)).items():
+        out[tp.topic][tp.partition] = end
     return out
 
 

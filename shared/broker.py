@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol, Sequence
 
+import aiokafka.client
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, UnknownError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from shared.log_end import past_recreated_end
 from shared.observability import BATCH_SIZE, CONSUMER_LAG, ERRORS, EVENTS, STAGE_SECONDS
@@ -131,7 +134,25 @@ class Handler(Protocol):
         """Process decoded events; one `Handled` per event, same order."""
 
 
+def refuse_topic_auto_creation() -> None:
+    """Make aiokafka's producers and consumers ask the broker not to auto-create the topics they name in
+    their metadata requests. Tansu would create them with 4 partitions each, and after a broker restarted
+    empty every client asks for its topics before the reconciler has re-created them (see shared.topics).
+
+    Called where our clients are built, before each is. aiokafka (0.14) has no setting for it, per client
+    or at all: a client builds its metadata requests, for as long as it lives, from the module global
+    `aiokafka.client.MetadataRequest`, which asks for auto-creation unless told otherwise. Replacing that
+    global is the only way in, so it holds for the whole process once done; admin clients, which ask for
+    all topics or none, never trigger a creation anyway. Kafka's own clients have a setting for it
+    (allow.auto.create.topics, KIP-361); no aiokafka issue asking for one was found."""
+    aiokafka.client.MetadataRequest = _METADATA_REQUEST_WITHOUT_AUTO_CREATION
+
+
+_METADATA_REQUEST_WITHOUT_AUTO_CREATION = functools.partial(MetadataRequest, allow_auto_topic_creation=False)
+
+
 def producer_for(bootstrap: str, client_id: str) -> AIOKafkaProducer:
+    refuse_topic_auto_creation()
     # Tansu has no InitProducerId, so no idempotent producer; idempotence comes from the consumers.
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
@@ -183,6 +204,7 @@ class _PositionFromCommitted(ConsumerRebalanceListener):
 
 
 def consumer_for(bootstrap: str, group: str, topics: tuple[Topic, ...], client_id: str) -> AIOKafkaConsumer:
+    refuse_topic_auto_creation()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group,

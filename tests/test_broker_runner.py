@@ -248,6 +248,30 @@ async def test_a_committed_offset_past_the_end_of_a_recreated_partition_is_read_
     assert got == [b"0", b"1", b"2"]
 
 
+async def test_a_client_of_ours_never_asks_the_broker_to_auto_create_a_topic(broker, monkeypatch):
+    """Tansu creates a topic that a metadata request names, with 4 partitions: after a broker restarted
+    empty, producers asking for their topics raced the reconciler re-creating them with their own counts."""
+    import aiokafka.client
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    monkeypatch.setattr(aiokafka.client, "MetadataRequest", MetadataRequest)  # as aiokafka comes
+    missing = f"test.missing.{uuid.uuid4().hex[:8]}"
+    producer = producer_for(broker.bootstrap, "test")
+    await producer.start()
+    try:
+        with pytest.raises(asyncio.TimeoutError):  # it waits for the topic to be made
+            await asyncio.wait_for(producer.send_and_wait(missing, b"x"), 3)
+    finally:
+        await producer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        assert missing not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
 async def test_an_event_seen_again_is_answered_from_recent_embeddings_not_the_models(lite0, jpeg_bytes):
     from shared.observability import EVENTS
 

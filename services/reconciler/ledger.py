@@ -18,7 +18,8 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
-from shared.broker import Handled, abandon_after, backoff_s, is_transient, produce_retry_delay, producer_for
+from shared.broker import Handled, abandon_after, backoff_s, is_transient, produce_retry_delay, producer_for, \
+    refuse_topic_auto_creation
 from shared.db import OUTBOX_CHANNEL, create_pool
 from shared.log_end import true_end_offsets
 from shared.observability import DETECTIONS_BY_STATE, ERRORS, GROUP_LAG
@@ -484,6 +485,7 @@ async def _read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]]) ->
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
+    refuse_topic_auto_creation()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000)
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from deer_reid.ingest import ingest as ingest_path
 from deer_reid.ingest import upload_all, wait_terminal
-from services.reconciler.ledger import event_from_row
+from services.reconciler.relay import event_from_row
 from shared.broker import producer_for
 from shared.states import TERMINAL
 from shared.topics import DETECTIONS

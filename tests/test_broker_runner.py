@@ -17,6 +17,7 @@ from shared.models import load_model
 from shared.service import CropExtractorHandler
 from shared.schemas import DeadLetter, DetectionClass, DetectionEvent, Features
 from shared.topics import DETECTIONS, FEATURES_BODY, Topic, dead_letter_of, ensure_topics
+from tests.stack_helpers import until
 
 
 
@@ -147,10 +148,8 @@ async def test_an_optional_extractors_bug_is_dead_lettered_as_missing_not_retrie
         check = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=runner.group, enable_auto_commit=False)
         await check.start()
         try:
-            deadline = asyncio.get_running_loop().time() + 30
-            while (await check.committed(TopicPartition(topic.name, 0)) or 0) < 2:
-                assert asyncio.get_running_loop().time() < deadline, "the partition never moved past the bug"
-                await asyncio.sleep(0.2)
+            await until(lambda: check.committed(TopicPartition(topic.name, 0)), lambda offset: (offset or 0) >= 2,
+                        timeout=30, what="the partition to move past the bug")
         finally:
             await check.stop()
     finally:

@@ -21,6 +21,7 @@ from shared.config import Settings
 from shared.db import _init_connection
 from shared.topics import ensure_topics
 from tests.conftest import make_jpeg
+from tests.stack_helpers import until
 
 
 async def enqueue(dsn: str, crops: list[bytes]) -> list[uuid.UUID]:
@@ -93,24 +94,22 @@ async def test_a_failing_loop_is_restarted_counted_and_reported_not_ready(pg_dsn
     before = errors._value.get()
     reconciler = await make_handler(settings)
     try:
-        seen_down = None
-        for _ in range(200):
-            health = reconciler.health()
-            if not health["ready"]:
-                seen_down = health
-            if calls["n"] >= 3 and health["ready"]:
-                break
-            await asyncio.sleep(0.05)
+        seen = []  # every health the loop below looked at
+
+        def health() -> dict:
+            seen.append(reconciler.health())
+            return seen[-1]
+
+        await until(health, lambda h: calls["n"] >= 3 and h["ready"], timeout=10, every=0.05,
+                    what="the reconcile loop to fail twice, then run again")
+        seen_down = next((h for h in seen if not h["ready"]), None)
         assert seen_down is not None and "a bug in one round" in seen_down["loops_down"]["reconcile"]
-        health = reconciler.health()
-        assert health["ready"] and health["loops_down"] == {}
+        assert reconciler.health()["loops_down"] == {}
         assert errors._value.get() - before == 2
         # the relay went on meanwhile: an enqueued detection is published
         [det] = await enqueue(pg_dsn, [make_jpeg()])
-        for _ in range(100):
-            if not await reconciler.pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = $1", det):
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: reconciler.pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = $1", det),
+                    lambda n: n == 0, timeout=5, every=0.05, what="the relay to publish the enqueued detection")
         assert await reconciler.pool.fetchval("SELECT state FROM detections WHERE id = $1", det) == "extracting"
     finally:
         await reconciler.close()
@@ -246,13 +245,8 @@ async def test_a_broker_that_hangs_its_admin_answers_does_not_hold_back_stuck_wo
                         stuck_after_s=1.0)
     reconciler = await make_handler(settings)
     try:
-        attempts = 0
-        for _ in range(100):
-            attempts = await pool.fetchval("SELECT attempts FROM detections WHERE id = $1", det)
-            if attempts:
-                break
-            await asyncio.sleep(0.1)
-        assert attempts >= 1, "the stuck detection was not re-published while the broker's answers hung"
+        await until(lambda: pool.fetchval("SELECT attempts FROM detections WHERE id = $1", det), timeout=10,
+                    every=0.1, what="the stuck detection to be re-published while the broker's answers hang")
     finally:
         release.set()
         await reconciler.close()

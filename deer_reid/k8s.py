@@ -63,7 +63,7 @@ WORKLOADS = (
     Workload("api", "cpu", 2, "500m", "1Gi", volumes=("blobs",),
              env=(("DEER_API_HOST", "0.0.0.0"), ("DEER_API_PORT", str(API_PORT)), ("DEER_METRICS_PORT", "0")),
              why="uploads, results and the page; /metrics on its own port"),
-    Workload("reconciler", "cpu", 1, "250m", "512Mi", why="the outbox relay and the ledger: one is enough"),
+    Workload("reconciler", "cpu", 1, "250m", "512Mi", why="the outbox relay and the stuck-work rounds: one is enough"),
     Workload("fusion", "cpu", 1, "1", "2Gi", why="one fusion: it serialises decisions per property"),
     Workload("census", "cpu", 1, "1", "4Gi",
              why="re-clusters each property's identity graph; a season's graph and its neighbour search fit in 4 GiB"),

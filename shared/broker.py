@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol, Sequence
 
+import aiokafka.client
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, UnknownError
+from aiokafka.protocol.metadata import MetadataRequest
 
+from shared.log_end import past_recreated_end
 from shared.observability import BATCH_SIZE, CONSUMER_LAG, ERRORS, EVENTS, STAGE_SECONDS
 from shared.schemas import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, MalformedEvent
 from shared.topics import Topic, dead_letter_of
@@ -37,20 +41,11 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 STALL_AFTER_S = 20.0  # no records for this long while the partitions have some: check the consumer
 STALL_CHECK_S = 10.0
 PRODUCE_TIMEOUT_S = 45.0  # acks=all for one batch; past this the producer is presumed wedged
-# An offset this far past a partition's reported end means the partition was re-created (the broker
-# restarted empty). Tansu's reported end can trail the records it already serves by a batch or so
-# after a restart (seen: 1), so a smaller overshoot is left to heal as the log grows.
-RECREATED_SLACK = 16
 # Tansu answers a produce whose offset clashes with a batch it already stored with UnknownError,
 # and moves that partition's next offset on by one per clash. Clashes come in runs right after a
 # topic is (re)created while producers are retrying, so they are retried at once, not backed off.
 CLASH_RETRIES = 50
 CLASH_RETRY_S = 0.05
-
-
-def past_recreated_end(offset: int, end: int) -> bool:
-    """Whether an offset lies so far past its partition's end that the partition must have been re-created."""
-    return offset > end + RECREATED_SLACK
 
 
 def backoff_s(base: float, attempt: int, cap: float = 10.0) -> float:
@@ -139,7 +134,25 @@ class Handler(Protocol):
         """Process decoded events; one `Handled` per event, same order."""
 
 
+def refuse_topic_auto_creation() -> None:
+    """Make aiokafka's producers and consumers ask the broker not to auto-create the topics they name in
+    their metadata requests. Tansu would create them with 4 partitions each, and after a broker restarted
+    empty every client asks for its topics before the reconciler has re-created them (see shared.topics).
+
+    Called where our clients are built, before each is. aiokafka (0.14) has no setting for it, per client
+    or at all: a client builds its metadata requests, for as long as it lives, from the module global
+    `aiokafka.client.MetadataRequest`, which asks for auto-creation unless told otherwise. Replacing that
+    global is the only way in, so it holds for the whole process once done; admin clients, which ask for
+    all topics or none, never trigger a creation anyway. Kafka's own clients have a setting for it
+    (allow.auto.create.topics, KIP-361); no aiokafka issue asking for one was found."""
+    aiokafka.client.MetadataRequest = _METADATA_REQUEST_WITHOUT_AUTO_CREATION
+
+
+_METADATA_REQUEST_WITHOUT_AUTO_CREATION = functools.partial(MetadataRequest, allow_auto_topic_creation=False)
+
+
 def producer_for(bootstrap: str, client_id: str) -> AIOKafkaProducer:
+    refuse_topic_auto_creation()
     # Tansu has no InitProducerId, so no idempotent producer; idempotence comes from the consumers.
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
@@ -191,6 +204,7 @@ class _PositionFromCommitted(ConsumerRebalanceListener):
 
 
 def consumer_for(bootstrap: str, group: str, topics: tuple[Topic, ...], client_id: str) -> AIOKafkaConsumer:
+    refuse_topic_auto_creation()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group,
@@ -322,6 +336,7 @@ class BrokerRunner:
           committed offset of some partition is behind its end. (A replica beyond the partition
           count also holds nothing; it is only recreated while the group lags, which hands it
           partitions.)
+        The ends are those Tansu reports, short of the records it serves (see shared.log_end).
         """
         assert self.consumer is not None
         try:

@@ -5,28 +5,22 @@ restart, so each process calls `ensure_topics` before it produces or consumes,
 and the reconciler calls it again on every pass.
 
 No client of ours ever asks the broker to auto-create a topic (production Kafka
-runs with auto.create.topics.enable=false for the same reason): topics exist only
-as `ensure_topics` makes them, with their fixed partition counts, and until then a
-client waits (UnknownTopicOrPartition, retried). Producers that retry while Tansu
+runs with auto.create.topics.enable=false for the same reason; see
+`shared.broker.refuse_topic_auto_creation`): topics exist only as `ensure_topics`
+makes them, with their fixed partition counts, and until then a client waits
+(UnknownTopicOrPartition, retried). Producers that retry while Tansu
 creates a topic can still leave its partitions' next offsets behind batches it has
 stored; `shared.broker` retries the resulting clashes at once.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
-import aiokafka.client
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
-from aiokafka.protocol.metadata import MetadataRequest
 
 log = logging.getLogger(__name__)
-
-# aiokafka has no setting for this: every client it builds sends its metadata requests through
-# `aiokafka.client.MetadataRequest`, which asks for auto-creation unless told otherwise.
-aiokafka.client.MetadataRequest = functools.partial(MetadataRequest, allow_auto_topic_creation=False)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import time
@@ -72,16 +73,11 @@ async def assert_exactly_once(db, ids: list[str], prop: str) -> dict[str, int]:
 
 async def fault_when_started(db, site: str, fault) -> int:
     """Inject `fault` once the site's first detection is decided; returns how many were terminal then."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = await db.fetchval(
-            "SELECT count(*) FROM detections WHERE site = $1 AND state IN ('assigned', 'new', 'review', 'failed')",
-            site)
-        if done:
-            fault()
-            return done
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"nothing of {site} was processed within 120 s")
+    done = await until(lambda: db.fetchval(
+        "SELECT count(*) FROM detections WHERE site = $1 AND state IN ('assigned', 'new', 'review', 'failed')", site),
+        timeout=120, what=f"anything of {site} to be processed", every=0.02)  # soon: the fault must come mid-ingest
+    fault()
+    return done
 
 
 async def ingest_through_fault(stack, db, paths, site: str, fault, recover=None, wait_s: float = WAIT_S) -> dict:
@@ -105,15 +101,18 @@ async def ingest_through_fault(stack, db, paths, site: str, fault, recover=None,
     return counts
 
 
-async def until(read, ok, timeout: float = 60.0, what: str = "the database"):
-    """Poll `await read()` until `ok(value)`; the value, or AssertionError naming `what` at the timeout."""
+async def until(read, ok=bool, timeout: float = 60.0, what: str = "the database", every: float = 0.2):
+    """Poll `read()` (awaited when it returns an awaitable) every `every` seconds until `ok(value)`; the
+    value, or AssertionError naming `what` and the last value at the timeout."""
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
-        value = await read()
+        value = read()
+        if inspect.isawaitable(value):
+            value = await value
         if ok(value):
             return value
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(every)
     raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
 
 

@@ -17,6 +17,7 @@ from shared.models import load_model
 from shared.service import CropExtractorHandler
 from shared.schemas import DeadLetter, DetectionClass, DetectionEvent, Features
 from shared.topics import DETECTIONS, FEATURES_BODY, Topic, dead_letter_of, ensure_topics
+from tests.stack_helpers import until
 
 
 
@@ -147,10 +148,8 @@ async def test_an_optional_extractors_bug_is_dead_lettered_as_missing_not_retrie
         check = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=runner.group, enable_auto_commit=False)
         await check.start()
         try:
-            deadline = asyncio.get_running_loop().time() + 30
-            while (await check.committed(TopicPartition(topic.name, 0)) or 0) < 2:
-                assert asyncio.get_running_loop().time() < deadline, "the partition never moved past the bug"
-                await asyncio.sleep(0.2)
+            await until(lambda: check.committed(TopicPartition(topic.name, 0)), lambda offset: (offset or 0) >= 2,
+                        timeout=30, what="the partition to move past the bug")
         finally:
             await check.stop()
     finally:
@@ -246,6 +245,30 @@ async def test_a_committed_offset_past_the_end_of_a_recreated_partition_is_read_
     finally:
         await fresh.stop()
     assert got == [b"0", b"1", b"2"]
+
+
+async def test_a_client_of_ours_never_asks_the_broker_to_auto_create_a_topic(broker, monkeypatch):
+    """Tansu creates a topic that a metadata request names, with 4 partitions: after a broker restarted
+    empty, producers asking for their topics raced the reconciler re-creating them with their own counts."""
+    import aiokafka.client
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    monkeypatch.setattr(aiokafka.client, "MetadataRequest", MetadataRequest)  # as aiokafka comes
+    missing = f"test.missing.{uuid.uuid4().hex[:8]}"
+    producer = producer_for(broker.bootstrap, "test")
+    await producer.start()
+    try:
+        with pytest.raises(asyncio.TimeoutError):  # it waits for the topic to be made
+            await asyncio.wait_for(producer.send_and_wait(missing, b"x"), 3)
+    finally:
+        await producer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        assert missing not in await admin.list_topics()
+    finally:
+        await admin.close()
 
 
 async def test_an_event_seen_again_is_answered_from_recent_embeddings_not_the_models(lite0, jpeg_bytes):

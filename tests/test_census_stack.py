@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -87,14 +86,14 @@ async def recluster(client: httpx.AsyncClient, prop: str, timeout: float = 120.0
     r = await client.post(f"/v1/census/{prop}/recluster")
     assert r.status_code == 202, r.text
     run_id = r.json()["run_id"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = (await client.get(f"/v1/census/runs/{run_id}")).json()
-        if run["state"] in ("done", "failed", "abandoned"):
-            assert run["state"] == "done", run
-            return run
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"census run {run_id} did not finish")
+
+    async def the_run() -> dict:
+        return (await client.get(f"/v1/census/runs/{run_id}")).json()
+
+    run = await until(the_run, lambda run: run["state"] in ("done", "failed", "abandoned"), timeout=timeout,
+                      what=f"census run {run_id} to finish")
+    assert run["state"] == "done", run
+    return run
 
 
 async def test_recluster_questions_answers_and_their_rules_on_the_real_stack(stack, db, census_calibration,

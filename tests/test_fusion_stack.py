@@ -22,7 +22,7 @@ from shared.schemas import DeadLetter, Embedding, Features
 from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, POSE_REQUESTS, \
     dead_letter_of
 from tests.conftest import JOIN_TIMEOUT_S
-from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, paused, register
+from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, paused, register, until
 
 pytestmark = pytest.mark.stack
 
@@ -152,13 +152,9 @@ async def test_a_component_that_never_arrives_is_decided_degraded_after_the_time
         before = {i: await db.fetchrow("SELECT state, result FROM detections WHERE id = $1", uuid.UUID(i))
                   for i in ids}
     # resumed, the service answers after the decisions: the features are stored as late and reopen nothing
-    deadline = time.monotonic() + 60
-    late = 0
-    while time.monotonic() < deadline and late < len(ids):
-        late = await db.fetchval("SELECT count(*) FROM detection_features WHERE detection_id = ANY($1::uuid[]) "
-                                 "AND component = 'antler' AND late", ids)
-        await asyncio.sleep(0.2)
-    assert late == len(ids)
+    await until(lambda: db.fetchval("SELECT count(*) FROM detection_features WHERE detection_id = ANY($1::uuid[]) "
+                                    "AND component = 'antler' AND late", ids),
+                lambda late: late == len(ids), timeout=60, what="the resumed antler service's features, stored as late")
     for i in ids:
         after = await detection(stack, i)
         assert (after["state"], after["result"]) == tuple(before[i])
@@ -478,11 +474,9 @@ async def merged_while_fusion_waits(stack, db, prop: str, keep: int, absorb: int
     async with db.transaction():
         await db.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", prop)
         ids = await upload_then()
-        deadline = time.monotonic() + WAIT_S
-        while not await db.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid <> pg_backend_pid()"):
-            assert time.monotonic() < deadline, "fusion never came to the property lock"
-            await asyncio.sleep(0.1)
+        await until(lambda: db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                        "AND pid <> pg_backend_pid()"),
+                    timeout=WAIT_S, every=0.1, what="fusion to come to the property lock")
         assert await db.fetchval("SELECT count(*) FROM detections WHERE id = ANY($1::uuid[]) AND state IN "
                                  "('assigned', 'new', 'review')", ids) == 0
         await curation.merge(db, "race-test", stack.settings.exemplars_per_individual, keep, absorb,

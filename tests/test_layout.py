@@ -93,7 +93,7 @@ def test_the_readmes_architecture_picture_matches_the_code():
     from services.coat.service import CoatHandler
     from services.fusion.service import FusionHandler
     from services.pose.service import PoseHandler
-    from services.reconciler.ledger import Reconciler
+    from services.reconciler.service import Reconciler
     from shared import topics
 
     nodes, edges = diagram()

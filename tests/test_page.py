@@ -6,8 +6,8 @@ Screenshots are kept in reports/screenshots/ (DEER_TEST_ARTIFACTS overrides) as 
 """
 from __future__ import annotations
 
+import functools
 import os
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -36,14 +36,8 @@ async def page_herd(stack, nyala_rows, nyala_paths):
     return ids
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "the page"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+# What the page shows: a page answers fast, so it is looked at often and waited for 20 s at most.
+shown = functools.partial(until, timeout=20.0, every=0.1)
 
 
 def shot(driver, name: str) -> Path:
@@ -65,8 +59,8 @@ async def test_review_confirm_merge_and_undo_in_a_real_browser(stack, page_herd,
 
     # sign in with the link `deer-reid page` prints: the key travels in the fragment
     browser.get(f"{stack.api_url}/ui/login?next={quote(f'/ui/review?property={PROP}')}#key={quote(stack.admin_key)}")
-    wait_for(lambda: "/ui/review" in browser.current_url, what="the sign-in to land on the review queue")
-    review = wait_for(lambda: browser.find_elements(By.ID, "review"), what="a detection to review")[0]
+    await shown(lambda: "/ui/review" in browser.current_url, what="the sign-in to land on the review queue")
+    review = (await shown(lambda: browser.find_elements(By.ID, "review"), what="a detection to review"))[0]
     detection = review.get_attribute("data-detection")
     first = browser.find_element(By.ID, "candidate-1").get_attribute("data-individual")
     assert browser.find_element(By.ID, "queue-total").text == str(waiting)
@@ -77,7 +71,7 @@ async def test_review_confirm_merge_and_undo_in_a_real_browser(stack, page_herd,
     await until(lambda: row(detection), lambda r: r["decided_by"] == "human")
     r = await row(detection)
     assert (r["state"], r["individual_id"]) == ("assigned", int(first))
-    wait_for(lambda: browser.find_elements(By.ID, "queue-empty") or (
+    await shown(lambda: browser.find_elements(By.ID, "queue-empty") or (
         browser.find_elements(By.ID, "review") and
         browser.find_element(By.ID, "review").get_attribute("data-detection") != detection),
         what="the next detection")
@@ -100,13 +94,14 @@ async def test_review_confirm_merge_and_undo_in_a_real_browser(stack, page_herd,
     merge_id = await db.fetchval("SELECT max(id) FROM audit_log WHERE action = 'merge'")
 
     # undo the merge from the profile's list of changes
-    button = wait_for(lambda: browser.find_elements(By.ID, f"undo-{merge_id}"), what="the merge's undo button")[0]
+    button = (await shown(lambda: browser.find_elements(By.ID, f"undo-{merge_id}"),
+                          what="the merge's undo button"))[0]
     shot(browser, "profile-after-merge")
     button.click()
     await until(lambda: db.fetchval("SELECT merged_into FROM individuals WHERE id = $1", absorb), lambda v: v is None)
     assert {x["id"] for x in await db.fetch("SELECT id FROM detections WHERE individual_id = $1", absorb)} == moved
     assert await db.fetchval("SELECT undone_by FROM audit_log WHERE id = $1", merge_id) is not None
-    wait_for(lambda: "undone by" in browser.page_source, what="the page to show the undo")
+    await shown(lambda: "undone by" in browser.page_source, what="the page to show the undo")
     shot(browser, "profile-after-undo")
 
     # the other pages render for a signed-in person

@@ -279,7 +279,7 @@ async def test_human_decisions_survive_reprocessing(stack, herd, client, db):
     # re-process: publish the detection's event again, and rebuild the whole gallery
     from deer_reid.gallery import rebuild
 
-    from services.reconciler.ledger import event_from_row
+    from services.reconciler.relay import event_from_row
     from shared.broker import producer_for
     from shared.topics import DETECTIONS
 

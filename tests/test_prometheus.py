@@ -18,7 +18,7 @@ import yaml
 from deer_reid import dashboard
 from deer_reid.ingest import wait_terminal
 from shared.embedded import free_port
-from tests.stack_helpers import WAIT_S, ingest, paused
+from tests.stack_helpers import WAIT_S, ingest, paused, until
 
 pytestmark = pytest.mark.stack
 PROMETHEUS = "/usr/bin/prometheus"  # Debian's package; scripts/setup.sh installs it
@@ -64,12 +64,9 @@ async def query(url: str, expr: str) -> list[dict]:
 
 
 async def eventually(url: str, expr: str, accept, timeout: float = 60.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await query(url, expr)
-        if accept(result) or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(1)
+    """The result of `expr` once `accept(result)`; AssertionError with the last result at the timeout."""
+    return await until(lambda: query(url, expr), accept, timeout=timeout, every=1.0,
+                       what=f"Prometheus to answer {expr!r} as expected")
 
 
 def value(series: list[dict], **labels) -> float | None:
@@ -82,14 +79,11 @@ def value(series: list[dict], **labels) -> float | None:
 async def test_prometheus_scrapes_every_service_and_sees_throughput_latency_lag_and_errors(
         prometheus, stack, nyala_paths):
     async with httpx.AsyncClient(timeout=10) as client:
-        deadline = time.monotonic() + 30
-        while True:
-            active = (await client.get(f"{prometheus}/api/v1/targets")).json()["data"]["activeTargets"]
-            up = {t["labels"]["job_service"] for t in active if t["health"] == "up"}
-            if up == set(stack.children) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
-    assert up == set(stack.children), active
+        async def targets() -> list[dict]:
+            return (await client.get(f"{prometheus}/api/v1/targets")).json()["data"]["activeTargets"]
+
+        await until(targets, lambda active: {t["labels"]["job_service"] for t in active if t["health"] == "up"}
+                    == set(stack.children), timeout=30, every=0.5, what="every service's target to be up")
 
     # two rounds: in a fresh stack the first creates the series (a rate needs two samples of each)
     for part in (nyala_paths[1000:1002], nyala_paths[1002:1006]):
@@ -102,9 +96,8 @@ async def test_prometheus_scrapes_every_service_and_sees_throughput_latency_lag_
         assert r.status_code == 422
 
     # counters, not increase(): in a fresh stack a series is born with its first event, which increase() misses
-    handled = await eventually(prometheus, "sum by (service) (deer_events_total)",
-                               lambda r: all((value(r, service=s) or 0) >= 4 for s in ("body", "fusion", "api")))
-    assert all((value(handled, service=s) or 0) >= 4 for s in ("body", "fusion", "api")), handled
+    await eventually(prometheus, "sum by (service) (deer_events_total)",
+                     lambda r: all((value(r, service=s) or 0) >= 4 for s in ("body", "fusion", "api")))
     assert await query(prometheus, "sum by (service) (rate(deer_events_total[1m]))")  # the dashboard's throughput
     p99 = await eventually(
         prometheus, "histogram_quantile(0.99, sum by (le, service, stage) (rate(deer_stage_seconds_bucket[5m])))",
@@ -113,9 +106,8 @@ async def test_prometheus_scrapes_every_service_and_sees_throughput_latency_lag_
     assert ("api", "upload") in stages and any(svc == "body" for svc, _ in stages) \
         and any(svc == "fusion" for svc, _ in stages), stages
     # the counter itself: a series born with this rejection has no earlier sample for increase() to use
-    rejected = await eventually(prometheus, 'deer_events_total{service="api", outcome="rejected"}',
-                                lambda r: bool(r) and float(r[0]["value"][1]) > 0)
-    assert rejected and float(rejected[0]["value"][1]) > 0
+    await eventually(prometheus, 'deer_events_total{service="api", outcome="rejected"}',
+                     lambda r: bool(r) and float(r[0]["value"][1]) > 0)
     async with httpx.AsyncClient(timeout=10) as client:
         meta = (await client.get(f"{prometheus}/api/v1/metadata", params={"metric": "deer_errors_total"})).json()
     assert meta["data"]["deer_errors_total"][0]["type"] == "counter"  # errors are exported (none happened yet)
@@ -124,13 +116,11 @@ async def test_prometheus_scrapes_every_service_and_sees_throughput_latency_lag_
     # falls back to nothing once it runs again: the reconciler measures it from the broker's offsets
     with paused(stack, "body"):
         stuck = await ingest(stack, nyala_paths[1006:1009], "prom-stuck-cam")
-        lag = await eventually(prometheus, 'sum(deer_group_lag{group="deer-body"})',
-                               lambda r: bool(r) and float(r[0]["value"][1]) >= 3, timeout=40)
-        assert lag and float(lag[0]["value"][1]) >= 3, lag
+        await eventually(prometheus, 'sum(deer_group_lag{group="deer-body"})',
+                         lambda r: bool(r) and float(r[0]["value"][1]) >= 3, timeout=40)
     await wait_terminal(stack.api_url, stuck, timeout=WAIT_S, progress=False, headers=stack.auth)
-    lag = await eventually(prometheus, 'sum(deer_group_lag{group="deer-body"})',
-                           lambda r: bool(r) and float(r[0]["value"][1]) == 0, timeout=40)
-    assert float(lag[0]["value"][1]) == 0
+    await eventually(prometheus, 'sum(deer_group_lag{group="deer-body"})',
+                     lambda r: bool(r) and float(r[0]["value"][1]) == 0, timeout=40)
     every_group = await query(prometheus, "deer_group_lag")
     assert {s["metric"]["group"] for s in every_group} >= {"deer-body", "deer-coat", "deer-antler", "deer-pose",
                                                           "deer-fusion"}

@@ -10,12 +10,18 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from services.reconciler import ledger
+from services.reconciler import offsets, reconcile
+from services.reconciler.backlog import Backlog, Position, QueueWatch, lag
+from services.reconciler.offsets import read_backlog, read_positions
+from services.reconciler.reconcile import reconcile_once
+from services.reconciler.relay import relay_once
+from services.reconciler.service import make_handler
 from shared.broker import MAX_MESSAGE_BYTES, producer_for
 from shared.config import Settings
 from shared.db import _init_connection
 from shared.topics import ensure_topics
 from tests.conftest import make_jpeg
+from tests.stack_helpers import until
 
 
 async def enqueue(dsn: str, crops: list[bytes]) -> list[uuid.UUID]:
@@ -53,7 +59,7 @@ async def test_a_row_the_broker_refuses_is_dead_lettered_and_the_rest_flow(pg_ds
     producer = producer_for(broker.bootstrap, "test-relay")
     await producer.start()
     try:
-        while await ledger.relay_once(pool, producer, 256):
+        while await relay_once(pool, producer, 256):
             pass
         states = {r["id"]: (r["state"], r["state_reason"]) for r in await pool.fetch(
             "SELECT id, state, state_reason FROM detections WHERE id = ANY($1::uuid[])",
@@ -74,7 +80,7 @@ async def test_a_failing_loop_is_restarted_counted_and_reported_not_ready(pg_dsn
 
     await ensure_topics(broker.bootstrap)
     settings = Settings(database_url=pg_dsn, kafka_bootstrap=broker.bootstrap, reconcile_every_s=0.05)
-    real = ledger.reconcile_once
+    real = reconcile.reconcile_once
     calls = {"n": 0}
 
     async def flaky(*args, **kwargs):
@@ -83,29 +89,27 @@ async def test_a_failing_loop_is_restarted_counted_and_reported_not_ready(pg_dsn
             raise RuntimeError("a bug in one round")
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(ledger, "reconcile_once", flaky)
+    monkeypatch.setattr(reconcile, "reconcile_once", flaky)
     errors = ERRORS.labels("reconciler", "loop-reconcile")
     before = errors._value.get()
-    reconciler = await ledger.make_handler(settings)
+    reconciler = await make_handler(settings)
     try:
-        seen_down = None
-        for _ in range(200):
-            health = reconciler.health()
-            if not health["ready"]:
-                seen_down = health
-            if calls["n"] >= 3 and health["ready"]:
-                break
-            await asyncio.sleep(0.05)
+        seen = []  # every health the loop below looked at
+
+        def health() -> dict:
+            seen.append(reconciler.health())
+            return seen[-1]
+
+        await until(health, lambda h: calls["n"] >= 3 and h["ready"], timeout=10, every=0.05,
+                    what="the reconcile loop to fail twice, then run again")
+        seen_down = next((h for h in seen if not h["ready"]), None)
         assert seen_down is not None and "a bug in one round" in seen_down["loops_down"]["reconcile"]
-        health = reconciler.health()
-        assert health["ready"] and health["loops_down"] == {}
+        assert reconciler.health()["loops_down"] == {}
         assert errors._value.get() - before == 2
         # the relay went on meanwhile: an enqueued detection is published
         [det] = await enqueue(pg_dsn, [make_jpeg()])
-        for _ in range(100):
-            if not await reconciler.pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = $1", det):
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: reconciler.pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = $1", det),
+                    lambda n: n == 0, timeout=5, every=0.05, what="the relay to publish the enqueued detection")
         assert await reconciler.pool.fetchval("SELECT state FROM detections WHERE id = $1", det) == "extracting"
     finally:
         await reconciler.close()
@@ -115,8 +119,9 @@ def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
     from shared.topics import DETECTIONS, FEATURES_BODY
 
     d, f = DETECTIONS.name, FEATURES_BODY.name
-    body = ledger.Position(committed={0: 10}, end={0: 50, 1: 5, 3: 9})
-    backlog = ledger.Backlog(body, ledger.Position({0: 4}, {0: 4}), frozenset({(d, 0), (d, 1), (f, 0)}))
+    body = Position(committed={0: 10}, end={0: 50, 1: 5, 3: 9})
+    assert lag(body) == 40 + 5 + 9 and lag(Position({0: 60}, {0: 50})) == 0  # a log re-created behind the group
+    backlog = Backlog(body, Position({0: 4}, {0: 4}), frozenset({(d, 0), (d, 1), (f, 0)}))
     assert backlog.queued("extracting", 0, 10) and backlog.queued("extracting", 0, 49)  # not consumed yet
     assert not backlog.queued("extracting", 0, 9)  # consumed, and fusion has nothing waiting: stuck
     assert not backlog.queued("extracting", 0, 50)  # beyond the log's end: a broker restarted empty lost it
@@ -124,17 +129,17 @@ def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
     assert not backlog.queued("extracting", 3, 5)  # waiting, but the partition does not move: stuck
     assert not backlog.queued("extracting", 2, 0) and not backlog.queued("extracting", None, None)
     # consumed by the body, waiting in fusion's queue, which flows: queued; which stands still: stuck
-    busy = ledger.Backlog(body, ledger.Position({0: 4}, {0: 90}), frozenset({(f, 0)}))
+    busy = Backlog(body, Position({0: 4}, {0: 90}), frozenset({(f, 0)}))
     assert busy.queued("extracting", 0, 9) and busy.queued("fusing", None, None)
-    still = ledger.Backlog(body, ledger.Position({0: 4}, {0: 90}), frozenset())
+    still = Backlog(body, Position({0: 4}, {0: 90}), frozenset())
     assert not still.queued("extracting", 0, 9) and not still.queued("fusing", None, None)
 
-    watch = ledger.QueueWatch()
-    pos = {d: ledger.Position({0: 5}, {0: 9, 1: 3})}
+    watch = QueueWatch()
+    pos = {d: Position({0: 5}, {0: 9, 1: 3})}
     assert watch.flowing(pos, 10, now=0.0) == {(d, 0), (d, 1)}  # first sight
     assert watch.flowing(pos, 10, now=8.0) == {(d, 0), (d, 1)}
-    assert watch.flowing({d: ledger.Position({0: 7}, {0: 9, 1: 3})}, 10, now=15.0) == {(d, 0)}  # 1 stood still
-    assert watch.flowing({d: ledger.Position({0: 7}, {0: 9, 1: 3})}, 10, now=30.0) == frozenset()
+    assert watch.flowing({d: Position({0: 7}, {0: 9, 1: 3})}, 10, now=15.0) == {(d, 0)}  # 1 stood still
+    assert watch.flowing({d: Position({0: 7}, {0: 9, 1: 3})}, 10, now=30.0) == frozenset()
 
 
 async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg_dsn, broker):
@@ -149,7 +154,7 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
     await producer.start()
     group = f"test-body-{uuid.uuid4()}"
     try:
-        while await ledger.relay_once(pool, producer, 256):
+        while await relay_once(pool, producer, 256):
             pass
         landed = await pool.fetch("SELECT id, published_partition, published_offset FROM detections "
                                   "WHERE id = ANY($1::uuid[])", ids)
@@ -157,10 +162,10 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
         # all overdue; the (test's own) body group has consumed nothing: queued, none re-published
         await pool.execute("UPDATE detections SET updated_at = now() - interval '1 hour' WHERE id = ANY($1::uuid[])",
                            ids)
-        found = await ledger.read_backlog(broker.bootstrap, group, f"{group}-fusion")
+        found = await read_backlog(broker.bootstrap, group, f"{group}-fusion")
         # as if the body group moved lately on every partition
-        backlog = ledger.Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
-        retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200)
+        backlog = Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
+        retried, failed, queued = await reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200)
         assert queued >= len(ids) and not failed
         mine = await pool.fetch("SELECT attempts, state FROM detections WHERE id = ANY($1::uuid[])", ids)
         assert {(r["attempts"], r["state"]) for r in mine} == {(0, "extracting")}
@@ -177,13 +182,13 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
             await consumer.commit(past)
         finally:
             await consumer.stop()
-        found = await ledger.read_backlog(broker.bootstrap, group, f"{group}-fusion")
-        backlog = ledger.Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
+        found = await read_backlog(broker.bootstrap, group, f"{group}-fusion")
+        backlog = Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
         suspects: set = set()
-        await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200, suspects=suspects)
+        await reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200, suspects=suspects)
         assert set(ids) <= suspects  # one round finding them stuck is not enough
         assert not await pool.fetchval("SELECT max(attempts) FROM detections WHERE id = ANY($1::uuid[])", ids)
-        await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200, suspects=suspects)
+        await reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200, suspects=suspects)
         mine = await pool.fetch("SELECT attempts FROM detections WHERE id = ANY($1::uuid[])", ids)
         assert {r["attempts"] for r in mine} == {1}
         assert await pool.fetchval("SELECT count(*) FROM outbox WHERE detection_id = ANY($1::uuid[])", ids) == len(ids)
@@ -209,9 +214,9 @@ async def test_offsets_are_read_from_a_fresh_broker_round_after_round(broker):
     group = f"fresh-{uuid.uuid4()}"
     pairs = [(group, t) for t in topics]
     for _ in range(3):
-        positions = await ledger.read_positions(broker.bootstrap, pairs)
+        positions = await read_positions(broker.bootstrap, pairs)
         assert positions is not None and set(positions) == {(group, t.name) for t in topics}
-        assert all(ledger.lag(p) == 0 for p in positions.values())
+        assert all(lag(p) == 0 for p in positions.values())
 
 
 async def test_a_broker_that_hangs_its_admin_answers_does_not_hold_back_stuck_work(pg_dsn, broker, monkeypatch):
@@ -227,9 +232,9 @@ async def test_a_broker_that_hangs_its_admin_answers_does_not_hold_back_stuck_wo
         finally:  # a clean-up that hangs as well, as aiokafka's close did
             await release.wait()
 
-    monkeypatch.setattr(ledger, "ensure_topics", hangs)
-    monkeypatch.setattr(ledger, "_read_positions", hangs)
-    monkeypatch.setattr(ledger, "BROKER_CALL_S", 0.2)
+    monkeypatch.setattr(reconcile, "ensure_topics", hangs)
+    monkeypatch.setattr(offsets, "_read_positions", hangs)
+    monkeypatch.setattr(reconcile, "BROKER_CALL_S", 0.2)
     [det] = await enqueue(pg_dsn, [make_jpeg()])
     pool = await asyncpg.create_pool(pg_dsn, init=_init_connection, min_size=1, max_size=2)
     # its event went to a broker that has since lost it: published long ago, never consumed
@@ -238,15 +243,10 @@ async def test_a_broker_that_hangs_its_admin_answers_does_not_hold_back_stuck_wo
                        "published_partition = 0, published_offset = 0 WHERE id = $1", det)
     settings = Settings(database_url=pg_dsn, kafka_bootstrap=broker.bootstrap, reconcile_every_s=0.05,
                         stuck_after_s=1.0)
-    reconciler = await ledger.make_handler(settings)
+    reconciler = await make_handler(settings)
     try:
-        attempts = 0
-        for _ in range(100):
-            attempts = await pool.fetchval("SELECT attempts FROM detections WHERE id = $1", det)
-            if attempts:
-                break
-            await asyncio.sleep(0.1)
-        assert attempts >= 1, "the stuck detection was not re-published while the broker's answers hung"
+        await until(lambda: pool.fetchval("SELECT attempts FROM detections WHERE id = $1", det), timeout=10,
+                    every=0.1, what="the stuck detection to be re-published while the broker's answers hang")
     finally:
         release.set()
         await reconciler.close()
@@ -278,10 +278,10 @@ async def test_stuck_work_behind_a_large_queued_backlog_is_found_in_the_same_rou
                FROM generate_series(0, $2) n""", tag, queued_n)
         stuck = await conn.fetchval("SELECT id FROM detections WHERE site = 'starve-site' AND published_partition IS NULL")
         # every queued one waits in a body partition that flows; the stuck one was never published
-        backlog = ledger.Backlog(ledger.Position({0: 0}, {0: 10 ** 9}), None, frozenset({(DETECTIONS.name, 0)}))
+        backlog = Backlog(Position({0: 0}, {0: 10 ** 9}), None, frozenset({(DETECTIONS.name, 0)}))
         pool = await asyncpg.create_pool(pg_dsn, init=_init_connection, min_size=1, max_size=2)
         try:
-            retried, failed, queued = await ledger.reconcile_once(pool, 1.0, 10, backlog, queued_max_s=10 ** 6)
+            retried, failed, queued = await reconcile_once(pool, 1.0, 10, backlog, queued_max_s=10 ** 6)
         finally:
             await pool.close()
         assert queued >= queued_n and failed == 0

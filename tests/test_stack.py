@@ -1,21 +1,20 @@
 """The whole system as `deer-reid up` runs it, with faults injected: nothing is lost, nothing done twice."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
 
 import pytest
 
 from deer_reid.ingest import ingest as ingest_path
 from deer_reid.ingest import upload_all, wait_terminal
-from services.reconciler.ledger import event_from_row
+from services.reconciler.relay import event_from_row
 from shared.broker import producer_for
 from shared.states import TERMINAL
 from shared.topics import DETECTIONS
 from tests.conftest import tar_of, zip_of
-from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, ingest_through_fault, results_for, results_from_now
+from tests.stack_helpers import WAIT_S, assert_exactly_once, ingest, ingest_through_fault, results_for, results_from_now, \
+    until
 
 pytestmark = pytest.mark.stack
 
@@ -125,10 +124,9 @@ async def test_kill_9_of_a_service_mid_ingest_loses_nothing(stack, db, nyala_pat
     restarts = child.restarts
     await ingest_through_fault(stack, db, nyala_paths[offset:offset + FAULT_BATCH], f"kill-{service}",
                                lambda: os.kill(child.process.pid, signal.SIGKILL))
-    deadline = time.monotonic() + 10
-    while child.restarts == restarts and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert child.restarts == restarts + 1, "the supervisor did not restart the killed service"
+    await until(lambda: child.restarts != restarts, timeout=10, every=0.1,
+                what="the supervisor to restart the killed service")
+    assert child.restarts == restarts + 1, "the supervisor restarted the killed service more than once"
 
 
 async def test_broker_restarted_empty_mid_ingest_loses_nothing(stack, db, nyala_paths):
@@ -136,11 +134,9 @@ async def test_broker_restarted_empty_mid_ingest_loses_nothing(stack, db, nyala_
     restarts = stack.broker_restarts
 
     async def restarted_empty():  # by the supervisor, as under `deer-reid up`
-        deadline = time.monotonic() + 30
-        while (stack.broker_restarts == restarts or stack.broker.process.poll() is not None) \
-                and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert stack.broker_restarts == restarts + 1 and stack.broker.process.poll() is None
+        await until(lambda: stack.broker_restarts != restarts and stack.broker.process.poll() is None, timeout=30,
+                    every=0.1, what="the supervisor to restart the broker")
+        assert stack.broker_restarts == restarts + 1
 
     await ingest_through_fault(stack, db, nyala_paths[400:400 + FAULT_BATCH], "broker-restart", stack.broker.kill,
                                restarted_empty, wait_s=180)

@@ -70,9 +70,10 @@ async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: 
     each detection's answer appears on `answers_on` (`answer_id` decodes an answer to its detection id)."""
     from aiokafka import AIOKafkaConsumer
 
-    from shared.broker import MAX_MESSAGE_BYTES, producer_for
+    from shared.broker import MAX_MESSAGE_BYTES, producer_for, refuse_topic_auto_creation
     from shared.schemas import Box, DetectionEvent
 
+    refuse_topic_auto_creation()
     consumer = AIOKafkaConsumer(answers_on.name, bootstrap_servers=stack.bootstrap,
                                 group_id=f"bench-{uuid.uuid4()}", auto_offset_reset="latest",
                                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES)

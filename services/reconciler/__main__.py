@@ -1,5 +1,5 @@
 """`python -m services.reconciler`: outbox relay, stuck-work reconciler and dead-letter recorder."""
-from services.reconciler.ledger import make_handler
+from services.reconciler.service import make_handler
 from shared.service import main
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncp
            FROM detections WHERE id = $1 FOR UPDATE""", detection_id)
 
 
+def expected_of(detection: asyncpg.Record) -> list[str]:
+    """The components a detection waits for (stamped at its first publication; body alone before that)."""
+    return list(detection["expected"] or ["body"])
+
+
 async def joined_features(conn: asyncpg.Connection, detection_id: UUID, component: str) -> dict:
     """The features a component's event brought to the join (as `_stored` kept them)."""
     return await conn.fetchval("SELECT features FROM detection_features WHERE detection_id = $1 AND component = $2",

@@ -13,26 +13,21 @@ Idempotent: a detection already decided is not decided again; its stored result 
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Sequence
 
 import asyncpg
-import numpy as np
 
 from services.fusion import store
 from services.fusion.store import expected_of
 from services.fusion.calibration import CalibrationSource
-from shared.components import aggregate, best_over_queries, body_component, component, component_of, reading
+from shared.components import aggregate, component_of
 from shared.components import antler as antler_rules
-from shared.components.coat import COAT, coat_view
-from shared.components.pose import POSE, Seen, known
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
-from services.fusion.scoring import Candidate, FusionModel, score_candidates, shortlist_scores, with_temporal_boost
+from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_temporal_boost
+from services.fusion.search import GallerySearch, Scored, add_founded_meanwhile
 from services.fusion.temporal import TemporalRules, prior
 from services.fusion.validation import Refused, validate
 from shared.broker import Handled, Output
@@ -42,12 +37,10 @@ from shared.observability import STAGE_SECONDS
 from shared.pipeline import detection_event, wants_pose
 from shared.schemas import (
     DetectionResult,
-    Embedding,
     Features,
     FusionInput,
     JoinDeadline,
     PipelineConfig,
-    sex_of,
 )
 from shared.states import FAILED, is_terminal
 from shared.topics import (
@@ -62,25 +55,6 @@ from shared.topics import (
 
 log = logging.getLogger(__name__)
 TEMPORAL_CANDIDATES = 10  # temporal priors are looked up for the best few candidates only
-
-
-@dataclass
-class Scored:
-    """A due detection, scored before the property lock."""
-
-    detection: asyncpg.Record
-    sex: str
-    config: PipelineConfig
-    vectors: list[tuple]  # (model, version, vector, random_weights) of its body embeddings
-    frames: list[tuple]  # (model, version, vector) of the other frames of its sighting
-    per_component_exemplars: dict[str, dict[int, list[float]]]  # component -> individual -> exemplar sims
-    searched_up_to: int  # the largest individual id the search could have seen
-    missing: list[str]
-    arrived: dict[str, str]
-    coat: dict | None = None  # what coat matching did: shortlist, exemplars matched, milliseconds, flags
-    antler: dict | None = None  # the antler query, the shortlisted candidates' season archives, its flags
-    pose: dict | None = None  # what pose said (viewpoint, flags) and how many exemplars shared its viewpoint
-    photos: dict[int, int] | None = None  # individual -> its exemplar closest by the fast model (the graph's edge)
 
 
 POSE_RESENDS = 1  # a pose request with no answer by its deadline is sent again this many times
@@ -98,6 +72,7 @@ class FusionHandler:
         self.calibration = CalibrationSource(Thresholds(match=settings.match_threshold, new=settings.new_threshold))
         self.spec_weights = settings.weights()
         self.rules = TemporalRules(rut_months=tuple(settings.rut_months))
+        self.gallery = GallerySearch(settings, self.name)
         self._dims: dict[str, int] = {}
 
     async def close(self) -> None:
@@ -204,9 +179,8 @@ class FusionHandler:
         async with conn.transaction():
             await store.prepare_search(conn, self.settings.candidates_k)
             for det in detections:
-                scored = await self._score(conn, det)
-                if scored is not None:
-                    by_property[scored.detection["property"]].append(scored)
+                scored = await self.gallery.search(conn, det)
+                by_property[scored.detection["property"]].append(scored)
         for prop in sorted(by_property):  # sorted: two workers never wait on each other in a cycle
             async with conn.transaction():
                 await store.lock_property(conn, prop)
@@ -214,149 +188,21 @@ class FusionHandler:
                     outputs[scored.detection["id"]] = await self._decide_one(conn, scored)
         return outputs
 
-    async def _score(self, conn: asyncpg.Connection, det: asyncpg.Record) -> Scored | None:
-        """The gallery search for a due detection (its row as the join locked it), before the property lock.
-        Whether it is still undecided is checked again under the lock."""
-        det_id = det["id"]
-        sex = sex_of(det["cls"])
-        config = PipelineConfig(**(det["pipeline"] or {}))
-        got = await store.arrived(conn, det_id)
-        missing = [c for c in expected_of(det) if got.get(c) not in ("ok", "no-evidence")]
-        searched_up_to = await store.max_individual(conn, det["property"])
-        vectors = await store.body_embeddings(conn, det_id)
-        frames = await store.sighting_vectors(conn, det_id, det["sighting"])
-        per_exemplar: dict[str, dict[int, list[float]]] = {}
-        first_model: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> similarity, the fast model's
-        for model, version, vec, _ in vectors:
-            # The sighting is the query: each exemplar scores its best similarity to any frame of it.
-            best: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> best similarity to a frame
-            queries = [vec] + [v for _, ver, v in frames if ver == version]
-            for q in queries:
-                for ind, sim, exemplar in await store.nearest_exemplars(
-                        conn, q, version, det["property"], sex, self.settings.candidates_k):
-                    best[(ind, exemplar)] = max(best.get((ind, exemplar), -1.0), sim)
-            sims: dict[int, list[float]] = defaultdict(list)
-            for (ind, _), sim in best.items():
-                sims[ind].append(sim)
-            per_exemplar[body_component(model)] = dict(sims)
-            if not first_model:
-                first_model = best
-        fast_queries = [vectors[0][2]] + [v for _, ver, v in frames if ver == vectors[0][1]] if vectors else []
-        pose = await self._pose(conn, det, first_model, fast_queries, per_exemplar) \
-            if got.get("pose") in ("ok", "no-evidence") else None
-        coat = await self._coat(conn, det, sex, vectors, per_exemplar) if got.get("coat") in ("ok", "no-evidence") \
-            else None
-        antler = await self._antler(conn, det, per_exemplar) if got.get("antler") in ("ok", "no-evidence") else None
-        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat, antler,
-                      pose, closest_photos(first_model))
-
-    async def _pose(self, conn: asyncpg.Connection, det: asyncpg.Record, body: dict[tuple[int, int], float],
-                    query_vectors: list[np.ndarray], per_exemplar: dict) -> dict:
-        """Pose's answer, and the pose-aware component (added to `per_exemplar`): each candidate's best
-        body similarity among its exemplars seen from the detection's viewpoint."""
-        features = await store.joined_features(conn, det["id"], "pose")
-        a = features.get("attributes", {})
-        view = a.get("viewpoint")
-        out = {"ran": True, "viewpoint": view, "angle": a.get("angle"), "confidence": a.get("confidence"),
-               "source": a.get("source"), "why_unknown": a.get("why"), "flags": features.get("flags", []),
-               "keypoint_confidence": a.get("keypoint_confidence"), "versions": a.get("versions"),
-               "same_viewpoint_exemplars": 0}
-        if not known(view):
-            return out
-        seen = await store.exemplars_seen(conn, sorted({ex for _, ex in body}))
-        exemplars = [(ind, ex) for ind, ex in body if ex in seen]
-        # the sighting is the query, as for body: each exemplar scores its best similarity to any frame of it
-        queries = [Seen(view, vec) for vec in query_vectors]
-        best = best_over_queries(component(POSE).similarity(queries, [seen[ex] for _, ex in exemplars]))
-        sims: dict[int, list[float]] = {ind: [] for ind, _ in body}  # none from its viewpoint: no evidence
-        for (ind, _), sim in zip(exemplars, best):
-            if not np.isnan(sim):
-                sims[ind].append(float(sim))
-        per_exemplar[POSE] = sims
-        out["same_viewpoint_exemplars"] = sum(len(v) for v in sims.values())
-        return out
-
-    async def _antler(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
-        """Antler scores of the best candidates by body, within the query's season (added to `per_exemplar`)."""
-        features = await store.joined_features(conn, det["id"], "antler")
-        a = features.get("attributes", {})
-        emb = (features.get("embeddings") or [None])[0]
-        fp = None
-        if emb is not None:
-            fp = Embedding.model_validate(emb).array()
-        query = antler_rules.AntlerQuery(a["season"], a.get("casting_window"), a.get("present"),
-                                         a.get("fingerprint_version"), fp, det["captured_at"])
-        shortlist = _best_by_body(per_exemplar, self.settings.antler_shortlist)
-        stored = await store.antler_archive(conn, shortlist, query.season, query.casting_window)
-        archives = {ind: [antler_rules.Archived(*r) for r in rows] for ind, rows in stored.items()}
-        scores = {ind: antler_rules.candidate_scores(query, archives.get(ind, [])) for ind in shortlist}
-        per_exemplar[antler_rules.ANTLER] = {ind: sims for ind, sims in scores.items() if sims}
-        return {"query": query, "archives": archives, "scores": scores, "flags": features.get("flags", []),
-                "geometry": a.get("geometry"), "version": query.version}
-
-    async def _coat(self, conn: asyncpg.Connection, det: asyncpg.Record, sex: str, vectors: list,
-                    per_exemplar: dict) -> dict:
-        """Coat scores against the `coat_shortlist` gallery photos closest to the detection by the fast body
-        model (its nearest exemplars), each individual scored by its photos on that shortlist (added to
-        `per_exemplar`). The closest photos, not an individual's newest: the photo that ranks an animal first
-        by body is the one whose coat must confirm it (`eval --coat` measures the shortlist's size)."""
-        started = time.perf_counter()
-        nearest = []
-        if vectors:
-            _, body_version, vec, _ = vectors[0]  # the fast model's, as for pose
-            nearest = await store.nearest_exemplars(conn, vec, body_version, det["property"], sex,
-                                                    self.settings.coat_shortlist)
-        photos = await store.exemplar_photos(conn, [exemplar for _, _, exemplar in nearest])
-        shortlist = [(ind, photos[exemplar]) for ind, _, exemplar in nearest if exemplar in photos]
-        stored = await store.coat_of(conn, [det["id"], *(d for _, d in shortlist)])
-        query = stored[det["id"]]
-        flags = query["features"].get("flags", [])
-        version = query["features"].get("attributes", {}).get("version")
-        facing = query["features"].get("attributes", {}).get("facing")  # the profile's viewpoint without pose
-        if query["status"] != "ok":  # no coat evidence: nothing to compare, the reason is flagged
-            return {"shortlist": 0, "exemplars_matched": 0, "matching_ms": 0.0, "flags": flags, "version": version,
-                    "facing": facing}
-        views = {d: coat_view(v) for d, v in stored.items() if v["status"] == "ok"}
-        gallery = [(ind, views[d]) for ind, d in shortlist if d in views and d != det["id"]]
-        # every registered component of the coat's features; CPU work (OpenCV releases the GIL): off the loop
-        matched = await asyncio.get_running_loop().run_in_executor(
-            None, shortlist_scores, reading(COAT), views[det["id"]], gallery)
-        per_exemplar.update(matched)
-        STAGE_SECONDS.labels(self.name, "coat-match").observe(time.perf_counter() - started)
-        return {"version": version, "shortlist": len({ind for ind, _ in shortlist}),
-                "exemplars_matched": len(shortlist),
-                "matching_ms": round(1000 * (time.perf_counter() - started), 2),
-                "flags": flags, "facing": facing,
-                "marks": query["features"].get("attributes", {}).get("marks", [])[:16]}
-
     async def _decide_one(self, conn: asyncpg.Connection, s: Scored) -> list[Output]:
         det = await store.lock_detection(conn, s.detection["id"])
         if det is None or is_terminal(det["state"]):
             return [result_output(det["property"], det["result"])] if det is not None and det["result"] else []
-        # Re-check under the lock: individuals founded since the search are candidates too.
-        for n, (model, version, vec, _) in enumerate(s.vectors):
-            found = s.per_component_exemplars.setdefault(body_component(model), {})
-            queries = [vec] + [v for _, ver, v in s.frames if ver == version]
-            latest: dict[tuple[int, int], float] = {}
-            founded = await store.exemplars_founded_after(conn, version, det["property"], s.sex, s.searched_up_to)
-            if founded:
-                sims = component(body_component(model)).similarity(queries, [ex for _, ex, _ in founded])
-                for (ind, _, exemplar), best in zip(founded, best_over_queries(sims)):
-                    if not np.isnan(best):
-                        found.setdefault(ind, []).append(float(best))
-                        latest[(ind, exemplar)] = float(best)
-            if n == 0:  # the fast model's closest photos of the newly founded ones, for the graph's edges
-                s.photos = {**(s.photos or {}), **closest_photos(latest)}
-        versions = {model: version for model, version, _, _ in s.vectors}
+        await add_founded_meanwhile(conn, det, s)
+        versions = {model: version for model, version, _, _ in s.body_vectors}
         thresholds, model = self.calibration.for_versions(versions, det["property"])
         how = model.aggregation if model else self.settings.identity_aggregation
         excluded = await store.cannot_link(conn, det["id"], det["image_sha256"])
         # an individual merged away since the search (by a person or the census) takes no detection
-        excluded |= await store.merged_away(conn, sorted({ind for by_ind in s.per_component_exemplars.values()
+        excluded |= await store.merged_away(conn, sorted({ind for by_ind in s.exemplar_scores.values()
                                                           for ind in by_ind}))
         per_component = {name: {ind: _or_nan(aggregate(sims, how)) for ind, sims in by_ind.items()
                                 if ind not in excluded}
-                         for name, by_ind in s.per_component_exemplars.items()}
+                         for name, by_ind in s.exemplar_scores.items()}
         if model is not None and (s.coat or {}).get("version") != model.coat_version:
             # coat calibrations apply only to the coat extractor they were fitted on
             per_component = {k: v for k, v in per_component.items() if component_of(k) != "coat"}
@@ -402,11 +248,11 @@ class FusionHandler:
         """The identity graph's machine edges of this decision: the detection and each top candidate's closest
         photo, with every component's raw score (the census job re-weighs them as calibrations change) and the
         fused calibrated probability without the temporal boost (None without a fitted model)."""
-        photos = await store.exemplar_photos(conn, [ex for ind, ex in (s.photos or {}).items()
+        photos = await store.exemplar_photos(conn, [ex for ind, ex in s.closest_exemplars.items()
                                                     if any(c.individual_id == ind for c in decision.candidates)])
         edges = []
         for c in decision.candidates:
-            photo = photos.get((s.photos or {}).get(c.individual_id))
+            photo = photos.get(s.closest_exemplars.get(c.individual_id))
             if photo is not None and photo != det["id"]:
                 edges.append((photo, {k: v for k, v in c.components.items() if v is not None},
                               None if model is None else min(1.0, max(0.0, c.score - c.temporal_boost))))
@@ -452,14 +298,14 @@ class FusionHandler:
         flags = list(decision.flags)
         if s.missing:
             flags.append("degraded")
-        if any(random for *_, random in s.vectors):
+        if any(random for *_, random in s.body_vectors):
             flags.append("random-weights")
         flags += [f"coat:{f}" for f in (s.coat or {}).get("flags", [])]
         flags += [f for f in (s.pose or {}).get("flags", []) if f == "pose-fallback"]
         if s.antler is not None:
             flags += [f"antler:{f}" for f in s.antler["flags"]]
             flags += [f for f in s.antler.get("best_flags", []) if f not in flags]
-        random_weights = any(random for *_, random in s.vectors)
+        random_weights = any(random for *_, random in s.body_vectors)
         return {
             "detection_id": str(det["id"]), "site": det["site"], "property": det["property"],
             "state": decision.state, "score": decision.score, "flags": flags,
@@ -475,33 +321,11 @@ class FusionHandler:
                            "source": "calibrated" if model else "default"},
             "cannot_link": sorted(excluded),
             "sighting": str(det["sighting"]) if det["sighting"] else None,
-            "sighting_vectors_in_query": len(s.frames),  # other frames' embeddings the sighting query used
+            "sighting_vectors_in_query": len(s.sighting_vectors),  # other frames' embeddings the sighting query used
             "coat": s.coat,
             "antler": _antler_result(s.antler),
             "pose": s.pose,
         }
-
-
-def closest_photos(best: dict[tuple[int, int], float]) -> dict[int, int]:
-    """{individual: its exemplar (embedding id) most similar to the query} of a search's (individual, exemplar)
-    similarities."""
-    out: dict[int, tuple[float, int]] = {}
-    for (ind, exemplar), sim in best.items():
-        if ind not in out or sim > out[ind][0]:
-            out[ind] = (sim, exemplar)
-    return {ind: exemplar for ind, (_, exemplar) in out.items()}
-
-
-def _best_by_body(per_exemplar: dict, k: int) -> list[int]:
-    """The k candidates with the best body similarity (the shortlist the costlier components compare)."""
-    best: dict[int, float] = {}
-    for name, by_ind in per_exemplar.items():
-        if component_of(name) != "body":
-            continue  # coat and antler scores are added for the shortlist itself
-        for ind, sims in by_ind.items():
-            if sims:
-                best[ind] = max(best.get(ind, -1.0), max(sims))
-    return sorted(best, key=lambda i: (-best[i], i))[:k]
 
 
 def _antler_result(antler: dict | None) -> dict | None:

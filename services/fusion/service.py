@@ -27,6 +27,7 @@ from shared.components import aggregate, component_of
 from shared.components import antler as antler_rules
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
 from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_temporal_boost
+from services.fusion.result import graph_edges, result_document, result_output
 from services.fusion.search import GallerySearch, Scored, add_founded_meanwhile
 from services.fusion.temporal import TemporalRules, prior
 from services.fusion.validation import Refused, validate
@@ -36,7 +37,6 @@ from shared.db import create_pool
 from shared.observability import STAGE_SECONDS
 from shared.pipeline import detection_event, wants_pose
 from shared.schemas import (
-    DetectionResult,
     Features,
     FusionInput,
     JoinDeadline,
@@ -50,7 +50,6 @@ from shared.topics import (
     FEATURES_POSE,
     JOIN_DEADLINES,
     POSE_REQUESTS,
-    RESULTS,
 )
 
 log = logging.getLogger(__name__)
@@ -234,28 +233,20 @@ class FusionHandler:
             decision = Decision(ASSIGNED, linked, score, ("sighting",), tuple(candidates[:5]))
         else:
             decision = decide(candidates, thresholds, calibrated=model is not None)
-        result = self._result(det, s, decision, thresholds, model, versions, excluded)
+        result = result_document(det, s, decision, thresholds, model, versions, excluded, how)
         individual = await store.apply_decision(
             conn, detection=det, sex=s.sex, decision=decision, result=result,
             exemplars_per_individual=self.settings.exemplars_per_individual)
-        await self._graph_edges(conn, det, s, decision, model)
+        await self._record_graph_edges(conn, det, s, decision, model)
         result["individual_id"] = individual
         return [result_output(det["property"], result)]
 
     @staticmethod
-    async def _graph_edges(conn: asyncpg.Connection, det: asyncpg.Record, s: Scored, decision: Decision,
-                           model: FusionModel | None) -> None:
-        """The identity graph's machine edges of this decision: the detection and each top candidate's closest
-        photo, with every component's raw score (the census job re-weighs them as calibrations change) and the
-        fused calibrated probability without the temporal boost (None without a fitted model)."""
+    async def _record_graph_edges(conn: asyncpg.Connection, det: asyncpg.Record, s: Scored, decision: Decision,
+                                  model: FusionModel | None) -> None:
         photos = await store.exemplar_photos(conn, [ex for ind, ex in s.closest_exemplars.items()
                                                     if any(c.individual_id == ind for c in decision.candidates)])
-        edges = []
-        for c in decision.candidates:
-            photo = photos.get(s.closest_exemplars.get(c.individual_id))
-            if photo is not None and photo != det["id"]:
-                edges.append((photo, {k: v for k, v in c.components.items() if v is not None},
-                              None if model is None else min(1.0, max(0.0, c.score - c.temporal_boost))))
+        edges = graph_edges(det["id"], decision.candidates, s.closest_exemplars, photos, model)
         await store.add_edges(conn, det["property"], det["id"], edges)
 
     def _antler_flags(self, antler: dict, candidates: list[Candidate], new_threshold: float) -> list[Candidate]:
@@ -293,50 +284,6 @@ class FusionHandler:
         out.sort(key=lambda c: (-c.score, c.individual_id))
         return out
 
-    def _result(self, det, s: Scored, decision: Decision, thresholds: Thresholds, model: FusionModel | None,
-                versions: dict, excluded: set[int]) -> dict:
-        flags = list(decision.flags)
-        if s.missing:
-            flags.append("degraded")
-        if any(random for *_, random in s.body_vectors):
-            flags.append("random-weights")
-        flags += [f"coat:{f}" for f in (s.coat or {}).get("flags", [])]
-        flags += [f for f in (s.pose or {}).get("flags", []) if f == "pose-fallback"]
-        if s.antler is not None:
-            flags += [f"antler:{f}" for f in s.antler["flags"]]
-            flags += [f for f in s.antler.get("best_flags", []) if f not in flags]
-        random_weights = any(random for *_, random in s.body_vectors)
-        return {
-            "detection_id": str(det["id"]), "site": det["site"], "property": det["property"],
-            "state": decision.state, "score": decision.score, "flags": flags,
-            "mode": s.config.mode, "switches": s.config.switches(),
-            "expected": expected_of(det), "arrived": s.arrived, "missing": s.missing,
-            "candidates": [c.as_dict() for c in decision.candidates],
-            "components": dict(decision.candidates[0].components) if decision.candidates else {},
-            "versions": versions, "random_weights": random_weights,
-            "fusion": {"source": "fitted" if model else "spec-weighted-mean",
-                       "calibration_id": int(model.version) if model else None,
-                       "aggregation": model.aggregation if model else self.settings.identity_aggregation},
-            "thresholds": {"match": thresholds.match, "new": thresholds.new,
-                           "source": "calibrated" if model else "default"},
-            "cannot_link": sorted(excluded),
-            "sighting": str(det["sighting"]) if det["sighting"] else None,
-            "sighting_vectors_in_query": len(s.sighting_vectors),  # other frames' embeddings the sighting query used
-            "coat": s.coat,
-            "antler": _antler_result(s.antler),
-            "pose": s.pose,
-        }
-
-
-def _antler_result(antler: dict | None) -> dict | None:
-    if antler is None:
-        return None
-    q = antler["query"]
-    return {"season": q.season, "casting_window": q.casting_window, "present": q.present, "version": q.version,
-            "geometry": antler["geometry"], "flags": antler["flags"],
-            "candidates_compared": sum(1 for v in antler["scores"].values() if v)}
-
-
 def _stored(event: Features) -> dict:
     """What the join keeps of a component's features (body vectors live in `embeddings`, coat patterns in
     `coat_patterns`, as bytes)."""
@@ -348,16 +295,6 @@ def _stored(event: Features) -> dict:
 
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
-
-
-def result_output(prop: str, result: dict) -> Output:
-    message = DetectionResult(
-        detection_id=result["detection_id"], site=result["site"], state=result["state"],
-        individual_id=result.get("individual_id"), score=result.get("score"), flags=result.get("flags", []),
-        components={k: v for k, v in (result.get("components") or {}).items() if isinstance(v, (int, float))},
-        versions=result.get("versions", {}),
-    )
-    return Output(RESULTS, prop.encode(), message.to_bytes())
 
 
 def pose_request(det: asyncpg.Record, crop: bytes, config: PipelineConfig) -> Output:

@@ -13,7 +13,6 @@ Idempotent: a detection already decided is not decided again; its stored result 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import defaultdict
 from typing import Sequence
@@ -23,19 +22,26 @@ import asyncpg
 from services.fusion import store
 from services.fusion.store import expected_of
 from services.fusion.calibration import CalibrationSource
-from shared.components import aggregate, component_of
-from shared.components import antler as antler_rules
-from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
-from services.fusion.scoring import Candidate, FusionModel, score_candidates, with_temporal_boost
+from services.fusion.decision import Decision, Thresholds, decide
+from services.fusion.scoring import Candidate, FusionModel, score_candidates
+from services.fusion.policy import (
+    antler_flags,
+    body_only_score,
+    identity_scores,
+    pose_verdict,
+    sighting_decision,
+    sighting_link,
+    temporal_priors,
+)
 from services.fusion.result import graph_edges, result_document, result_output
 from services.fusion.search import GallerySearch, Scored, add_founded_meanwhile
-from services.fusion.temporal import TemporalRules, prior
+from services.fusion.temporal import TemporalRules
 from services.fusion.validation import Refused, validate
 from shared.broker import Handled, Output
 from shared.config import Settings
 from shared.db import create_pool
 from shared.observability import STAGE_SECONDS
-from shared.pipeline import detection_event, wants_pose
+from shared.pipeline import detection_event
 from shared.schemas import (
     Features,
     FusionInput,
@@ -53,7 +59,6 @@ from shared.topics import (
 )
 
 log = logging.getLogger(__name__)
-TEMPORAL_CANDIDATES = 10  # temporal priors are looked up for the best few candidates only
 
 
 POSE_RESENDS = 1  # a pose request with no answer by its deadline is sent again this many times
@@ -194,46 +199,30 @@ class FusionHandler:
         await add_founded_meanwhile(conn, det, s)
         versions = {model: version for model, version, _, _ in s.body_vectors}
         thresholds, model = self.calibration.for_versions(versions, det["property"])
-        how = model.aggregation if model else self.settings.identity_aggregation
+        aggregation = model.aggregation if model else self.settings.identity_aggregation
         excluded = await store.cannot_link(conn, det["id"], det["image_sha256"])
         # an individual merged away since the search (by a person or the census) takes no detection
         excluded |= await store.merged_away(conn, sorted({ind for by_ind in s.exemplar_scores.values()
                                                           for ind in by_ind}))
-        per_component = {name: {ind: _or_nan(aggregate(sims, how)) for ind, sims in by_ind.items()
-                                if ind not in excluded}
-                         for name, by_ind in s.exemplar_scores.items()}
-        if model is not None and (s.coat or {}).get("version") != model.coat_version:
-            # coat calibrations apply only to the coat extractor they were fitted on
-            per_component = {k: v for k, v in per_component.items() if component_of(k) != "coat"}
-        if model is not None and (s.antler or {}).get("version") != model.antler_version:
-            per_component.pop(antler_rules.ANTLER, None)  # antler calibrations apply to their fingerprint only
+        per_component = identity_scores(s.exemplar_scores, excluded, aggregation, model,
+                                        (s.coat or {}).get("version"), (s.antler or {}).get("version"))
         candidates = score_candidates(per_component, model, self.spec_weights)
         if s.config.temporal and candidates:
-            candidates = await self._temporal(conn, det, candidates)
+            candidates = await temporal_priors(conn, det, candidates, self.rules)
         if s.antler is not None and candidates:
             candidates = self._antler_flags(s.antler, candidates, thresholds.new)
-        linked = await self._sighting_link(conn, det, s.sex, excluded)
-        if "pose" not in expected_of(det):
-            body_only = score_candidates({k: v for k, v in per_component.items() if component_of(k) == "body"},
-                                         model, self.spec_weights)
-            ask, why = wants_pose(s.config, body_only[0].score if body_only else None)
-            if linked is not None:
-                ask, why = False, "an earlier frame of the sighting decided"
-            if ask:
-                await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
-                return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
-            s.pose = {"ran": False, "why": why}
-        elif s.pose is None:
-            s.pose = {"ran": False, "why": "requested; no answer before the join deadline"}
-        else:
-            s.pose["why"] = "requested: the body-only match was uncertain"
+        linked = await sighting_link(conn, det, s.sex, excluded)
+        pose_expected = "pose" in expected_of(det)
+        body_only = None if pose_expected else body_only_score(per_component, model, self.spec_weights)
+        ask, s.pose = pose_verdict(s.pose, pose_expected, body_only, s.config, linked is not None)
+        if ask:
+            await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
+            return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
         if linked is not None:
-            # Frames of one burst with one animal each are one animal: the sighting decides, flagged.
-            score = next((c.score for c in candidates if c.individual_id == linked), None)
-            decision = Decision(ASSIGNED, linked, score, ("sighting",), tuple(candidates[:5]))
+            decision = sighting_decision(linked, candidates)
         else:
             decision = decide(candidates, thresholds, calibrated=model is not None)
-        result = result_document(det, s, decision, thresholds, model, versions, excluded, how)
+        result = result_document(det, s, decision, thresholds, model, versions, excluded, aggregation)
         individual = await store.apply_decision(
             conn, detection=det, sex=s.sex, decision=decision, result=result,
             exemplars_per_individual=self.settings.exemplars_per_individual)
@@ -250,39 +239,8 @@ class FusionHandler:
         await store.add_edges(conn, det["property"], det["id"], edges)
 
     def _antler_flags(self, antler: dict, candidates: list[Candidate], new_threshold: float) -> list[Candidate]:
-        """The season rules against the best candidate: a possible duplicate profile goes to review."""
-        best = candidates[0]
-        archive = antler["archives"].get(best.individual_id, [])
-        flags = antler_rules.flags_for(antler["query"], archive, antler["scores"].get(best.individual_id, []),
-                                       self.settings.antler_conflict_below)
-        antler["best_flags"] = flags
-        if antler_rules.DUPLICATE in flags and best.score >= new_threshold:
-            # a flag only: the score and its temporal boost stay as they were (the graph's edge subtracts it)
-            return [dataclasses.replace(best, flags=(*best.flags, antler_rules.DUPLICATE)), *candidates[1:]]
-        return candidates
+        return antler_flags(antler, candidates, new_threshold, self.settings.antler_conflict_below)
 
-    @staticmethod
-    async def _sighting_link(conn: asyncpg.Connection, det: asyncpg.Record, sex: str, excluded: set[int]) -> int | None:
-        """The individual an earlier frame of this detection's sighting was placed in, if it may take this one."""
-        linked = await store.sighting_individual(conn, det["id"], det["sighting"])
-        if linked is None or linked in excluded:
-            return None
-        # a merge moves the earlier frame's detection too, so a merged-away individual here would be a bug
-        their_sex = await conn.fetchval("SELECT sex FROM individuals WHERE id = $1 AND merged_into IS NULL", linked)
-        return linked if their_sex in COMPATIBLE_SEXES[sex] else None
-
-    async def _temporal(self, conn: asyncpg.Connection, det: asyncpg.Record,
-                        candidates: list[Candidate]) -> list[Candidate]:
-        head = candidates[:TEMPORAL_CANDIDATES]
-        seen = await store.sightings(conn, [c.individual_id for c in head])
-        coords = await store.site_coordinates(conn, det["property"])
-        boosted = []
-        for c in head:
-            p = prior(det["site"], det["captured_at"], seen[c.individual_id], coords, self.rules)
-            boosted.append(with_temporal_boost(c, p.boost, p.flags))
-        out = boosted + candidates[TEMPORAL_CANDIDATES:]
-        out.sort(key=lambda c: (-c.score, c.individual_id))
-        return out
 
 def _stored(event: Features) -> dict:
     """What the join keeps of a component's features (body vectors live in `embeddings`, coat patterns in
@@ -291,10 +249,6 @@ def _stored(event: Features) -> dict:
     if event.component == "coat" and isinstance(stored.get("attributes"), dict):
         stored["attributes"].pop("patterns", None)
     return stored
-
-
-def _or_nan(value: float | None) -> float:
-    return float("nan") if value is None else value
 
 
 def pose_request(det: asyncpg.Record, crop: bytes, config: PipelineConfig) -> Output:

@@ -205,6 +205,11 @@ async def sighting_individual(conn: asyncpg.Connection, detection_id: UUID, sigh
            AND state IN ('assigned', 'new') ORDER BY captured_at, id LIMIT 1""", sighting, detection_id)
 
 
+async def unmerged_sex(conn: asyncpg.Connection, individual: int) -> str | None:
+    """The individual's sex; None when it was merged into another."""
+    return await conn.fetchval("SELECT sex FROM individuals WHERE id = $1 AND merged_into IS NULL", individual)
+
+
 async def cannot_link(conn: asyncpg.Connection, detection_id: UUID, image_sha256: str) -> set[int]:
     """Individuals of the other animals in the same image: two boxes of one frame are two deer."""
     rows = await conn.fetch(

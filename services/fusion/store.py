@@ -33,7 +33,7 @@ def expected_of(detection: asyncpg.Record) -> list[str]:
 
 
 async def joined_features(conn: asyncpg.Connection, detection_id: UUID, component: str) -> dict:
-    """The features a component's event brought to the join (as `_stored` kept them)."""
+    """The features a component's event brought to the join (as `join.stored_features` kept them)."""
     return await conn.fetchval("SELECT features FROM detection_features WHERE detection_id = $1 AND component = $2",
                                detection_id, component)
 

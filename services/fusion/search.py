@@ -67,7 +67,8 @@ class GallerySearch:
         body_vectors = await store.body_embeddings(conn, det_id)
         frames = await store.sighting_vectors(conn, det_id, det["sighting"])
         exemplar_scores: dict[str, dict[int, list[float]]] = {}
-        fast_best: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> similarity, the first model's
+        # (individual, exemplar) -> similarity by the fast model: the first, or the first after it that found any
+        fast_best: dict[tuple[int, int], float] = {}
         for model, version, vec, _ in body_vectors:
             best: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> best similarity to a frame
             for q in sighting_queries(vec, version, frames):
@@ -89,10 +90,11 @@ class GallerySearch:
         return Scored(det, sex, config, body_vectors, frames, exemplar_scores, searched_up_to, missing, arrived, coat,
                       antler, pose, closest_exemplars(fast_best))
 
-    async def _pose(self, conn: asyncpg.Connection, det: asyncpg.Record, body: dict[tuple[int, int], float],
+    async def _pose(self, conn: asyncpg.Connection, det: asyncpg.Record, fast_best: dict[tuple[int, int], float],
                     query_vectors: list[np.ndarray], exemplar_scores: dict) -> dict:
-        """Pose's answer, and the pose-aware component (added to `exemplar_scores`): each candidate's best
-        body similarity among its exemplars seen from the detection's viewpoint."""
+        """Pose's answer, and the pose-aware component (added to `exemplar_scores`): each candidate of the fast
+        model's search (`fast_best`) scored by its best body similarity among its exemplars seen from the
+        detection's viewpoint."""
         features = await store.joined_features(conn, det["id"], "pose")
         a = features.get("attributes", {})
         view = a.get("viewpoint")
@@ -102,11 +104,11 @@ class GallerySearch:
                "same_viewpoint_exemplars": 0}
         if not known(view):
             return out
-        seen = await store.exemplars_seen(conn, sorted({ex for _, ex in body}))
-        exemplars = [(ind, ex) for ind, ex in body if ex in seen]
+        seen = await store.exemplars_seen(conn, sorted({ex for _, ex in fast_best}))
+        exemplars = [(ind, ex) for ind, ex in fast_best if ex in seen]
         queries = [Seen(view, vec) for vec in query_vectors]
         best = best_over_queries(component(POSE).similarity(queries, [seen[ex] for _, ex in exemplars]))
-        sims: dict[int, list[float]] = {ind: [] for ind, _ in body}  # none from its viewpoint: no evidence
+        sims: dict[int, list[float]] = {ind: [] for ind, _ in fast_best}  # none from its viewpoint: no evidence
         for (ind, _), sim in zip(exemplars, best):
             if not np.isnan(sim):
                 sims[ind].append(float(sim))

@@ -11,7 +11,7 @@ from deer_reid.evaluation import calibration as cal
 from shared import exemplars
 from services.fusion.decision import REVIEW, Thresholds, decide
 from services.fusion.scoring import FusionModel, score_candidates, with_temporal_boost
-from services.fusion.service import Refused, validate
+from services.fusion.validation import Refused, validate
 from services.fusion.temporal import Sighting, TemporalRules, conflicts, distance_km, hour_fit, prior, profile
 from shared.pipeline import body_models_for, expected_components, wants_pose
 from shared.schemas import Embedding, Features, PipelineConfig
@@ -202,7 +202,7 @@ def test_a_version_seen_before_fixes_its_dimension():
 
 
 def test_coat_events_with_unreadable_patterns_or_too_many_marks_are_refused():
-    from services.fusion.service import MAX_MARKS, Refused, validate
+    from services.fusion.validation import MAX_MARKS, Refused, validate
 
     detection = {**DETECTION, "expected": ["body", "coat"]}
     broken = _features("coat", embeddings=[], attributes={"marks": [], "patterns": {"xfeat": {"version": "v",
@@ -220,7 +220,7 @@ def test_coat_events_with_unreadable_patterns_or_too_many_marks_are_refused():
 
 
 def test_antler_events_without_a_season_or_with_a_wrong_fingerprint_are_refused():
-    from services.fusion.service import Refused, validate
+    from services.fusion.validation import Refused, validate
 
     detection = {**DETECTION, "expected": ["body", "antler"]}
     fp = [Embedding.of("antler", "antler-fp64:x", np.ones(64, dtype=np.float32), False)]

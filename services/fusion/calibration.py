@@ -28,11 +28,11 @@ class CalibrationSource:
         self.by_property: dict[str, tuple[int, dict, FusionModel]] = {}
 
     async def refresh(self, conn: asyncpg.Connection) -> None:
-        found, artifact = await store.active_calibration(conn, self.id)
-        if found is None:
+        active_id, artifact = await store.active_calibration(conn, self.id)
+        if active_id is None:
             self.id, self.artifact, self.model = None, None, None
         elif artifact is not None:
-            self.id, self.artifact, self.model = found, *self._load(found, artifact)
+            self.id, self.artifact, self.model = active_id, *self._load(active_id, artifact)
         known = {prop: cal_id for prop, (cal_id, _, _) in self.by_property.items()}
         fresh = {}
         for prop, cal_id, artifact in await store.property_calibrations(conn, known):
@@ -45,14 +45,14 @@ class CalibrationSource:
         self.by_property = fresh
 
     @staticmethod
-    def _load(found: int, artifact: dict) -> tuple[dict | None, FusionModel | None]:
+    def _load(cal_id: int, artifact: dict) -> tuple[dict | None, FusionModel | None]:
         try:
             checked = check_artifact(artifact)
-            model = FusionModel.from_artifact({**checked, "version_id": found})
+            model = FusionModel.from_artifact({**checked, "version_id": cal_id})
         except ArtifactError as exc:
-            log.error("calibration %s ignored: %s", found, exc)
+            log.error("calibration %s ignored: %s", cal_id, exc)
             return None, None
-        log.info("calibration %s loaded: thresholds %s", found, checked["thresholds"])
+        log.info("calibration %s loaded: thresholds %s", cal_id, checked["thresholds"])
         return checked, model
 
     def for_versions(self, versions: dict[str, str], prop: str | None = None) -> tuple[Thresholds, FusionModel | None]:

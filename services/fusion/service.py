@@ -1,172 +1,47 @@
 """Fusion service: joins every extractor's output by detection id, scores candidates, decides identity.
 
 Per batch of events (features of any component, or join deadlines from the reconciler):
-1. Join (one transaction): each feature is validated and recorded in `detection_features`; a
-   detection is due when every component it expects has arrived (or failed), or when its join
-   deadline has passed and the anchoring body features are in. Features arriving after the decision
-   are stored and reopen nothing. A restart or a rebalance mid-join loses nothing: the join is rows.
-2. Decide (one transaction per property): scoring (the gallery search) runs before the property
-   lock; the lock then guards only the decision, after re-checking individuals founded meanwhile.
+1. Join (one transaction, `join.py`): each feature is validated (`validation.py`) and recorded; a detection
+   whose components are in, or whose deadline has passed, is due.
+2. Decide (one transaction per property): the gallery search (`search.py`) runs before the property lock;
+   the lock then guards only the decision, after re-checking individuals founded meanwhile: the rules
+   (`policy.py`), the decision (`decision.py`), and what it records (`result.py`, `store.py`).
 
 Idempotent: a detection already decided is not decided again; its stored result is re-published
 (the first publication may have been lost in a crash between the commit and the produce).
 """
 from __future__ import annotations
 
-import asyncio
-import base64
-import dataclasses
-import json
-import logging
-import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Sequence
 
 import asyncpg
-import numpy as np
 
 from services.fusion import store
 from services.fusion.calibration import CalibrationSource
-from shared.components import aggregate, best_over_queries, body_component, component, component_of, reading
-from shared.components import antler as antler_rules
-from shared.components.coat import COAT, PATTERN_OF, coat_view
-from shared.components.pose import POSE, Seen
-from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, Decision, Thresholds, decide
-from services.fusion.scoring import Candidate, FusionModel, score_candidates, shortlist_scores, with_temporal_boost
-from services.fusion.temporal import TemporalRules, prior
+from services.fusion.decision import Decision, Thresholds, decide
+from services.fusion.join import Join
+from services.fusion.policy import (
+    antler_flags,
+    body_only_score,
+    identity_scores,
+    pose_verdict,
+    sighting_decision,
+    sighting_link,
+    temporal_priors,
+)
+from services.fusion.result import graph_edges, result_document, result_output
+from services.fusion.scoring import Candidate, FusionModel, score_candidates
+from services.fusion.search import GallerySearch, Scored, add_founded_meanwhile
+from services.fusion.store import expected_of
+from services.fusion.temporal import TemporalRules
 from shared.broker import Handled, Output
-from shared.coat import PatternError, unpack
 from shared.config import Settings
 from shared.db import create_pool
-from shared.models import REGISTRY
 from shared.observability import STAGE_SECONDS
-from shared.pipeline import detection_event, wants_pose
-from shared.schemas import (
-    DetectionResult,
-    Embedding,
-    Features,
-    FusionInput,
-    JoinDeadline,
-    PipelineConfig,
-    sex_of,
-)
-from shared.states import FAILED, is_terminal
-from shared.viewpoints import known
-from shared.topics import (
-    FEATURES_ANTLER,
-    FEATURES_BODY,
-    FEATURES_COAT,
-    FEATURES_POSE,
-    JOIN_DEADLINES,
-    POSE_REQUESTS,
-    RESULTS,
-)
-
-log = logging.getLogger(__name__)
-TEMPORAL_CANDIDATES = 10  # temporal priors are looked up for the best few candidates only
-
-
-class Refused(ValueError):
-    """A feature event fusion will not join (hostile or broken); the reason goes to the dead letter."""
-
-
-@dataclass
-class Scored:
-    """A due detection, scored before the property lock."""
-
-    detection: asyncpg.Record
-    sex: str
-    config: PipelineConfig
-    vectors: list[tuple]  # (model, version, vector, random_weights) of its body embeddings
-    frames: list[tuple]  # (model, version, vector) of the other frames of its sighting
-    per_component_exemplars: dict[str, dict[int, list[float]]]  # component -> individual -> exemplar sims
-    searched_up_to: int  # the largest individual id the search could have seen
-    missing: list[str]
-    arrived: dict[str, str]
-    coat: dict | None = None  # what coat matching did: shortlist, exemplars matched, milliseconds, flags
-    antler: dict | None = None  # the antler query, the shortlisted candidates' season archives, its flags
-    pose: dict | None = None  # what pose said (viewpoint, flags) and how many exemplars shared its viewpoint
-    photos: dict[int, int] | None = None  # individual -> its exemplar closest by the fast model (the graph's edge)
-
-
-def expected_of(detection) -> list[str]:
-    """The components a detection waits for (stamped at its first publication; body alone before that)."""
-    return list(detection["expected"] or ["body"])
-
-
-MAX_MARKS = 256
-POSE_RESENDS = 1  # a pose request with no answer by its deadline is sent again this many times
-
-
-def coat_patterns_of(event: Features) -> dict[str, tuple[str, int, bytes]]:
-    """{matcher: (version, keypoints, packed bytes)} of a coat event's patterns; Refused when one is present
-    but unreadable or of a matcher fusion does not know."""
-    patterns = event.attributes.get("patterns") or {}
-    if not isinstance(patterns, dict):
-        raise Refused("coat patterns must be an object of matcher -> pattern")
-    out = {}
-    for matcher, pattern in patterns.items():
-        if matcher not in PATTERN_OF:
-            raise Refused(f"coat pattern of unknown matcher {str(matcher)[:40]!r} (known: {sorted(PATTERN_OF)})")
-        try:
-            raw = base64.b64decode(pattern["data"], validate=True)
-            version = str(pattern["version"])
-            count = len(unpack(raw))
-        except (KeyError, TypeError, ValueError, PatternError) as exc:
-            raise Refused(f"coat pattern {matcher} unreadable: {exc}") from None
-        out[matcher] = (version, count, raw)
-    return out
-
-
-def validate(event: Features, detection: asyncpg.Record,
-             known_dims: dict[str, int | None]) -> dict[str, tuple[str, int, bytes]]:
-    """Refuse feature events that do not belong to this detection or carry broken vectors. Returns a coat
-    event's patterns as it decoded them (`coat_patterns_of`; empty for other components), so that the join
-    stores them without decoding them again."""
-    if event.property != detection["property"] or event.site != detection["site"]:
-        raise Refused(f"event names site {event.site!r} / property {event.property!r}, the detection "
-                      f"{event.detection_id} is at {detection['site']!r} / {detection['property']!r}")
-    expected = expected_of(detection)
-    if event.component not in expected:
-        raise Refused(f"component {event.component!r} was not expected for detection {event.detection_id} "
-                      f"(expects {expected})")
-    for emb in event.embeddings:
-        vec = emb.array()
-        if not np.isfinite(vec).all():
-            raise Refused(f"{emb.model} vector holds NaN or infinite values")
-        spec = REGISTRY.get(emb.model)
-        want = known_dims.get(emb.version) or (spec.dim if spec and emb.version.startswith(f"{spec.name}:") else None)
-        if want is not None and emb.dim != want:
-            raise Refused(f"{emb.model} vector has {emb.dim} dimensions; version {emb.version} has {want}")
-        if float((vec * vec).sum()) == 0.0:
-            raise Refused(f"{emb.model} vector is all zeros")
-    if event.component == "antler":
-        validate_antler(event)
-    if event.component == "coat":
-        marks = event.attributes.get("marks", [])
-        if not isinstance(marks, list) or len(marks) > MAX_MARKS:
-            raise Refused(f"coat marks must be a list of at most {MAX_MARKS} records")
-        return coat_patterns_of(event)
-    return {}
-
-
-ANTLER_DIM = 64
-MAX_ATTRIBUTES_BYTES = 16_000
-
-
-def validate_antler(event: Features) -> None:
-    a = event.attributes
-    season, window = a.get("season"), a.get("casting_window")
-    if not isinstance(season, str) or not 1 <= len(season) <= 40 or \
-            not (window is None or isinstance(window, str) and 1 <= len(window) <= 40):
-        raise Refused("antler features need a season tag (and a casting window tag or null) of 1-40 characters")
-    if len(json.dumps(a, default=str)) > MAX_ATTRIBUTES_BYTES:
-        raise Refused(f"antler attributes over {MAX_ATTRIBUTES_BYTES} bytes")
-    if event.status == "ok" and [e.dim for e in event.embeddings] != [ANTLER_DIM]:
-        raise Refused(f"antler features with antlers carry one {ANTLER_DIM}-d fingerprint")
-    if event.status != "ok" and event.embeddings:
-        raise Refused("antler features without evidence carry no fingerprint")
+from shared.schemas import Features, FusionInput, JoinDeadline
+from shared.states import is_terminal
+from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, JOIN_DEADLINES
 
 
 class FusionHandler:
@@ -181,7 +56,8 @@ class FusionHandler:
         self.calibration = CalibrationSource(Thresholds(match=settings.match_threshold, new=settings.new_threshold))
         self.spec_weights = settings.weights()
         self.rules = TemporalRules(rut_months=tuple(settings.rut_months))
-        self._dims: dict[str, int] = {}
+        self.join = Join(settings.join_timeout_s)
+        self.gallery = GallerySearch(settings, self.name)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -199,7 +75,7 @@ class FusionHandler:
             with STAGE_SECONDS.labels(self.name, "join").time():
                 async with conn.transaction():
                     for i, event in enumerate(events):
-                        out[i], row = await self._join(conn, event)
+                        out[i], row = await self.join.record(conn, event)
                         if row is not None:
                             due[event.detection_id] = (i, row)
             if due:
@@ -208,78 +84,6 @@ class FusionHandler:
                         out[due[det_id][0]].outputs.extend(outputs)
         return out
 
-    # -- the join ---------------------------------------------------------------------------------
-
-    async def _join(self, conn: asyncpg.Connection,
-                    event: Features | JoinDeadline) -> tuple[Handled, asyncpg.Record | None]:
-        """Record the event in the join; the detection's row when it is now due for a decision."""
-        det = await store.lock_detection(conn, event.detection_id)
-        if det is None:
-            return Handled(error=f"unknown detection {event.detection_id}"), None
-        if isinstance(event, JoinDeadline):
-            if is_terminal(det["state"]):
-                return Handled(), None
-            arrived = await store.arrived(conn, det["id"])
-            if arrived.get("body") != "ok":
-                return Handled(), None
-            if "pose" in expected_of(det) and "pose" not in arrived and det["requests_resent"] < POSE_RESENDS:
-                # The pose request leaves after the transaction that expects it commits: a crash (or a failed
-                # later property) between the two lost it. Sent again once, with a fresh deadline.
-                await store.expect_again(conn, det["id"], self.settings.join_timeout_s)
-                config = PipelineConfig(**(det["pipeline"] or {}))
-                return Handled([pose_request(det, await store.crop_of(conn, det["id"]), config)]), None
-            # Due with what arrived, as long as the anchoring body did (the shortlist comes from it).
-            return Handled(), det
-        dims = {e.version: await self._known_dim(conn, e.version) for e in event.embeddings}
-        try:
-            coat_patterns = validate(event, det, dims)
-        except Refused as exc:
-            if not is_terminal(det["state"]) and event.component in expected_of(det) \
-                    and event.property == det["property"]:
-                # The component failed on bad input: missing for the join, never a blocker.
-                await store.add_feature(conn, det["id"], event.component, "failed", {"reason": str(exc)})
-                if event.component == "body":
-                    await store.fail(conn, det["id"], f"fusion: body features refused: {exc}")
-                    return Handled(error=str(exc)), None
-                return Handled(error=str(exc)), await self._complete(conn, det)
-            return Handled(error=str(exc)), None
-        if is_terminal(det["state"]):
-            # Late or redelivered: stored, never reopens the decision; a body redelivery re-publishes the result.
-            await store.add_feature(conn, det["id"], event.component, event.status, _stored(event), late=True)
-            if event.component == "body" and det["state"] != FAILED and det["result"] is not None:
-                return Handled([result_output(det["property"], det["result"])]), None
-            return Handled(), None
-        await store.add_feature(conn, det["id"], event.component, event.status, _stored(event))
-        if coat_patterns:
-            await store.store_coat_patterns(conn, det["id"], coat_patterns)
-        if event.component == "antler" and event.attributes.get("present") is not None:
-            fp = event.embeddings[0] if event.embeddings else None
-            await store.store_antler(conn, det["id"], event.attributes, None if fp is None else fp.array(),
-                                     None if fp is None else fp.version, det["captured_at"])
-        if event.component == "body":
-            await store.store_embeddings(conn, det["id"], det["site"], det["property"], event.embeddings)
-            await store.start_fusing(conn, det["id"], self.settings.join_timeout_s)
-        else:
-            await store.start_fusing(conn, det["id"], None)
-        return Handled(), await self._complete(conn, det)
-
-    async def _known_dim(self, conn: asyncpg.Connection, version: str) -> int | None:
-        """The dimension vectors of `version` have (a version's dimension never changes: cached)."""
-        if version not in self._dims:
-            dim = await store.known_dim(conn, version)
-            if dim is None:
-                return None
-            self._dims[version] = dim
-        return self._dims[version]
-
-    @staticmethod
-    async def _complete(conn: asyncpg.Connection, det: asyncpg.Record) -> asyncpg.Record | None:
-        """The row when every expected component is in (body among them, as evidence), else None."""
-        got = await store.arrived(conn, det["id"])
-        return det if got.get("body") == "ok" and all(c in got for c in expected_of(det)) else None
-
-    # -- the decision -----------------------------------------------------------------------------
-
     async def _decide(self, conn: asyncpg.Connection, detections: list[asyncpg.Record]) -> dict:
         """Score the due detections, then decide each property's under its lock. {detection id: outputs}."""
         outputs: dict = {}
@@ -287,9 +91,8 @@ class FusionHandler:
         async with conn.transaction():
             await store.prepare_search(conn, self.settings.candidates_k)
             for det in detections:
-                scored = await self._score(conn, det)
-                if scored is not None:
-                    by_property[scored.detection["property"]].append(scored)
+                scored = await self.gallery.search(conn, det)
+                by_property[scored.detection["property"]].append(scored)
         for prop in sorted(by_property):  # sorted: two workers never wait on each other in a cycle
             async with conn.transaction():
                 await store.lock_property(conn, prop)
@@ -297,331 +100,56 @@ class FusionHandler:
                     outputs[scored.detection["id"]] = await self._decide_one(conn, scored)
         return outputs
 
-    async def _score(self, conn: asyncpg.Connection, det: asyncpg.Record) -> Scored | None:
-        """The gallery search for a due detection (its row as the join locked it), before the property lock.
-        Whether it is still undecided is checked again under the lock."""
-        det_id = det["id"]
-        sex = sex_of(det["cls"])
-        config = PipelineConfig(**(det["pipeline"] or {}))
-        got = await store.arrived(conn, det_id)
-        missing = [c for c in expected_of(det) if got.get(c) not in ("ok", "no-evidence")]
-        searched_up_to = await store.max_individual(conn, det["property"])
-        vectors = await store.body_embeddings(conn, det_id)
-        frames = await store.sighting_vectors(conn, det_id, det["sighting"])
-        per_exemplar: dict[str, dict[int, list[float]]] = {}
-        first_model: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> similarity, the fast model's
-        for model, version, vec, _ in vectors:
-            # The sighting is the query: each exemplar scores its best similarity to any frame of it.
-            best: dict[tuple[int, int], float] = {}  # (individual, exemplar) -> best similarity to a frame
-            queries = [vec] + [v for _, ver, v in frames if ver == version]
-            for q in queries:
-                for ind, sim, exemplar in await store.nearest_exemplars(
-                        conn, q, version, det["property"], sex, self.settings.candidates_k):
-                    best[(ind, exemplar)] = max(best.get((ind, exemplar), -1.0), sim)
-            sims: dict[int, list[float]] = defaultdict(list)
-            for (ind, _), sim in best.items():
-                sims[ind].append(sim)
-            per_exemplar[body_component(model)] = dict(sims)
-            if not first_model:
-                first_model = best
-        fast_queries = [vectors[0][2]] + [v for _, ver, v in frames if ver == vectors[0][1]] if vectors else []
-        pose = await self._pose(conn, det, first_model, fast_queries, per_exemplar) \
-            if got.get("pose") in ("ok", "no-evidence") else None
-        coat = await self._coat(conn, det, sex, vectors, per_exemplar) if got.get("coat") in ("ok", "no-evidence") \
-            else None
-        antler = await self._antler(conn, det, per_exemplar) if got.get("antler") in ("ok", "no-evidence") else None
-        return Scored(det, sex, config, vectors, frames, per_exemplar, searched_up_to, missing, got, coat, antler,
-                      pose, closest_photos(first_model))
-
-    async def _pose(self, conn: asyncpg.Connection, det: asyncpg.Record, body: dict[tuple[int, int], float],
-                    query_vectors: list[np.ndarray], per_exemplar: dict) -> dict:
-        """Pose's answer, and the pose-aware component (added to `per_exemplar`): each candidate's best
-        body similarity among its exemplars seen from the detection's viewpoint."""
-        features = await store.joined_features(conn, det["id"], "pose")
-        a = features.get("attributes", {})
-        view = a.get("viewpoint")
-        out = {"ran": True, "viewpoint": view, "angle": a.get("angle"), "confidence": a.get("confidence"),
-               "source": a.get("source"), "why_unknown": a.get("why"), "flags": features.get("flags", []),
-               "keypoint_confidence": a.get("keypoint_confidence"), "versions": a.get("versions"),
-               "same_viewpoint_exemplars": 0}
-        if not known(view):
-            return out
-        seen = await store.exemplars_seen(conn, sorted({ex for _, ex in body}))
-        exemplars = [(ind, ex) for ind, ex in body if ex in seen]
-        # the sighting is the query, as for body: each exemplar scores its best similarity to any frame of it
-        queries = [Seen(view, vec) for vec in query_vectors]
-        best = best_over_queries(component(POSE).similarity(queries, [seen[ex] for _, ex in exemplars]))
-        sims: dict[int, list[float]] = {ind: [] for ind, _ in body}  # none from its viewpoint: no evidence
-        for (ind, _), sim in zip(exemplars, best):
-            if not np.isnan(sim):
-                sims[ind].append(float(sim))
-        per_exemplar[POSE] = sims
-        out["same_viewpoint_exemplars"] = sum(len(v) for v in sims.values())
-        return out
-
-    async def _antler(self, conn: asyncpg.Connection, det: asyncpg.Record, per_exemplar: dict) -> dict:
-        """Antler scores of the best candidates by body, within the query's season (added to `per_exemplar`)."""
-        features = await store.joined_features(conn, det["id"], "antler")
-        a = features.get("attributes", {})
-        emb = (features.get("embeddings") or [None])[0]
-        fp = None
-        if emb is not None:
-            fp = Embedding.model_validate(emb).array()
-        query = antler_rules.AntlerQuery(a["season"], a.get("casting_window"), a.get("present"),
-                                         a.get("fingerprint_version"), fp, det["captured_at"])
-        shortlist = _best_by_body(per_exemplar, self.settings.antler_shortlist)
-        stored = await store.antler_archive(conn, shortlist, query.season, query.casting_window)
-        archives = {ind: [antler_rules.Archived(*r) for r in rows] for ind, rows in stored.items()}
-        scores = {ind: antler_rules.candidate_scores(query, archives.get(ind, [])) for ind in shortlist}
-        per_exemplar[antler_rules.ANTLER] = {ind: sims for ind, sims in scores.items() if sims}
-        return {"query": query, "archives": archives, "scores": scores, "flags": features.get("flags", []),
-                "geometry": a.get("geometry"), "version": query.version}
-
-    async def _coat(self, conn: asyncpg.Connection, det: asyncpg.Record, sex: str, vectors: list,
-                    per_exemplar: dict) -> dict:
-        """Coat scores against the `coat_shortlist` gallery photos closest to the detection by the fast body
-        model (its nearest exemplars), each individual scored by its photos on that shortlist (added to
-        `per_exemplar`). The closest photos, not an individual's newest: the photo that ranks an animal first
-        by body is the one whose coat must confirm it (`eval --coat` measures the shortlist's size)."""
-        started = time.perf_counter()
-        nearest = []
-        if vectors:
-            _, body_version, vec, _ = vectors[0]  # the fast model's, as for pose
-            nearest = await store.nearest_exemplars(conn, vec, body_version, det["property"], sex,
-                                                    self.settings.coat_shortlist)
-        photos = await store.exemplar_photos(conn, [exemplar for _, _, exemplar in nearest])
-        shortlist = [(ind, photos[exemplar]) for ind, _, exemplar in nearest if exemplar in photos]
-        stored = await store.coat_of(conn, [det["id"], *(d for _, d in shortlist)])
-        query = stored[det["id"]]
-        flags = query["features"].get("flags", [])
-        version = query["features"].get("attributes", {}).get("version")
-        facing = query["features"].get("attributes", {}).get("facing")  # the profile's viewpoint without pose
-        if query["status"] != "ok":  # no coat evidence: nothing to compare, the reason is flagged
-            return {"shortlist": 0, "exemplars_matched": 0, "matching_ms": 0.0, "flags": flags, "version": version,
-                    "facing": facing}
-        views = {d: coat_view(v) for d, v in stored.items() if v["status"] == "ok"}
-        gallery = [(ind, views[d]) for ind, d in shortlist if d in views and d != det["id"]]
-        # every registered component of the coat's features; CPU work (OpenCV releases the GIL): off the loop
-        matched = await asyncio.get_running_loop().run_in_executor(
-            None, shortlist_scores, reading(COAT), views[det["id"]], gallery)
-        per_exemplar.update(matched)
-        STAGE_SECONDS.labels(self.name, "coat-match").observe(time.perf_counter() - started)
-        return {"version": version, "shortlist": len({ind for ind, _ in shortlist}),
-                "exemplars_matched": len(shortlist),
-                "matching_ms": round(1000 * (time.perf_counter() - started), 2),
-                "flags": flags, "facing": facing,
-                "marks": query["features"].get("attributes", {}).get("marks", [])[:16]}
-
-    async def _decide_one(self, conn: asyncpg.Connection, s: Scored) -> list[Output]:
-        det = await store.lock_detection(conn, s.detection["id"])
+    async def _decide_one(self, conn: asyncpg.Connection, scored: Scored) -> list[Output]:
+        """Decide one scored detection under its property's lock: its result, or a pose request first."""
+        det = await store.lock_detection(conn, scored.detection["id"])
         if det is None or is_terminal(det["state"]):
             return [result_output(det["property"], det["result"])] if det is not None and det["result"] else []
-        # Re-check under the lock: individuals founded since the search are candidates too.
-        for n, (model, version, vec, _) in enumerate(s.vectors):
-            found = s.per_component_exemplars.setdefault(body_component(model), {})
-            queries = [vec] + [v for _, ver, v in s.frames if ver == version]
-            latest: dict[tuple[int, int], float] = {}
-            founded = await store.exemplars_founded_after(conn, version, det["property"], s.sex, s.searched_up_to)
-            if founded:
-                sims = component(body_component(model)).similarity(queries, [ex for _, ex, _ in founded])
-                for (ind, _, exemplar), best in zip(founded, best_over_queries(sims)):
-                    if not np.isnan(best):
-                        found.setdefault(ind, []).append(float(best))
-                        latest[(ind, exemplar)] = float(best)
-            if n == 0:  # the fast model's closest photos of the newly founded ones, for the graph's edges
-                s.photos = {**(s.photos or {}), **closest_photos(latest)}
-        versions = {model: version for model, version, _, _ in s.vectors}
+        await add_founded_meanwhile(conn, det, scored)
+        versions = {model: version for model, version, _, _ in scored.body_vectors}
         thresholds, model = self.calibration.for_versions(versions, det["property"])
-        how = model.aggregation if model else self.settings.identity_aggregation
+        aggregation = model.aggregation if model else self.settings.identity_aggregation
         excluded = await store.cannot_link(conn, det["id"], det["image_sha256"])
         # an individual merged away since the search (by a person or the census) takes no detection
-        excluded |= await store.merged_away(conn, sorted({ind for by_ind in s.per_component_exemplars.values()
+        excluded |= await store.merged_away(conn, sorted({ind for by_ind in scored.exemplar_scores.values()
                                                           for ind in by_ind}))
-        per_component = {name: {ind: _or_nan(aggregate(sims, how)) for ind, sims in by_ind.items()
-                                if ind not in excluded}
-                         for name, by_ind in s.per_component_exemplars.items()}
-        if model is not None and (s.coat or {}).get("version") != model.coat_version:
-            # coat calibrations apply only to the coat extractor they were fitted on
-            per_component = {k: v for k, v in per_component.items() if component_of(k) != "coat"}
-        if model is not None and (s.antler or {}).get("version") != model.antler_version:
-            per_component.pop(antler_rules.ANTLER, None)  # antler calibrations apply to their fingerprint only
+        per_component = identity_scores(scored.exemplar_scores, excluded, aggregation, model,
+                                        (scored.coat or {}).get("version"), (scored.antler or {}).get("version"))
         candidates = score_candidates(per_component, model, self.spec_weights)
-        if s.config.temporal and candidates:
-            candidates = await self._temporal(conn, det, candidates)
-        if s.antler is not None and candidates:
-            candidates = self._antler_flags(s.antler, candidates, thresholds.new)
-        linked = await self._sighting_link(conn, det, s.sex, excluded)
-        if "pose" not in expected_of(det):
-            body_only = score_candidates({k: v for k, v in per_component.items() if component_of(k) == "body"},
-                                         model, self.spec_weights)
-            ask, why = wants_pose(s.config, body_only[0].score if body_only else None)
-            if linked is not None:
-                ask, why = False, "an earlier frame of the sighting decided"
-            if ask:
-                await store.expect_more(conn, det["id"], "pose", self.settings.join_timeout_s)
-                return [pose_request(det, await store.crop_of(conn, det["id"]), s.config)]
-            s.pose = {"ran": False, "why": why}
-        elif s.pose is None:
-            s.pose = {"ran": False, "why": "requested; no answer before the join deadline"}
-        else:
-            s.pose["why"] = "requested: the body-only match was uncertain"
+        if scored.config.temporal and candidates:
+            candidates = await temporal_priors(conn, det, candidates, self.rules)
+        if scored.antler is not None and candidates:
+            candidates = self._antler_flags(scored.antler, candidates, thresholds.new)
+        linked = await sighting_link(conn, det, scored.sex, excluded)
+        pose_expected = "pose" in expected_of(det)
+        body_only = None if pose_expected else body_only_score(per_component, model, self.spec_weights)
+        ask, scored.pose = pose_verdict(scored.pose, pose_expected, body_only, scored.config, linked is not None)
+        if ask:
+            return [await self.join.ask_for_pose(conn, det, scored.config)]
         if linked is not None:
-            # Frames of one burst with one animal each are one animal: the sighting decides, flagged.
-            score = next((c.score for c in candidates if c.individual_id == linked), None)
-            decision = Decision(ASSIGNED, linked, score, ("sighting",), tuple(candidates[:5]))
+            decision = sighting_decision(linked, candidates)
         else:
             decision = decide(candidates, thresholds, calibrated=model is not None)
-        result = self._result(det, s, decision, thresholds, model, versions, excluded)
+        result = result_document(det, scored, decision, thresholds, model, versions, excluded, aggregation)
         individual = await store.apply_decision(
-            conn, detection=det, sex=s.sex, decision=decision, result=result,
+            conn, detection=det, sex=scored.sex, decision=decision, result=result,
             exemplars_per_individual=self.settings.exemplars_per_individual)
-        await self._graph_edges(conn, det, s, decision, model)
+        await self._record_graph_edges(conn, det, scored, decision, model)
         result["individual_id"] = individual
         return [result_output(det["property"], result)]
 
-    @staticmethod
-    async def _graph_edges(conn: asyncpg.Connection, det: asyncpg.Record, s: Scored, decision: Decision,
-                           model: FusionModel | None) -> None:
-        """The identity graph's machine edges of this decision: the detection and each top candidate's closest
-        photo, with every component's raw score (the census job re-weighs them as calibrations change) and the
-        fused calibrated probability without the temporal boost (None without a fitted model)."""
-        photos = await store.exemplar_photos(conn, [ex for ind, ex in (s.photos or {}).items()
-                                                    if any(c.individual_id == ind for c in decision.candidates)])
-        edges = []
-        for c in decision.candidates:
-            photo = photos.get((s.photos or {}).get(c.individual_id))
-            if photo is not None and photo != det["id"]:
-                edges.append((photo, {k: v for k, v in c.components.items() if v is not None},
-                              None if model is None else min(1.0, max(0.0, c.score - c.temporal_boost))))
-        await store.add_edges(conn, det["property"], det["id"], edges)
-
     def _antler_flags(self, antler: dict, candidates: list[Candidate], new_threshold: float) -> list[Candidate]:
-        """The season rules against the best candidate: a possible duplicate profile goes to review."""
-        best = candidates[0]
-        archive = antler["archives"].get(best.individual_id, [])
-        flags = antler_rules.flags_for(antler["query"], archive, antler["scores"].get(best.individual_id, []),
-                                       self.settings.antler_conflict_below)
-        antler["best_flags"] = flags
-        if antler_rules.DUPLICATE in flags and best.score >= new_threshold:
-            # a flag only: the score and its temporal boost stay as they were (the graph's edge subtracts it)
-            return [dataclasses.replace(best, flags=(*best.flags, antler_rules.DUPLICATE)), *candidates[1:]]
-        return candidates
+        """The antler season rules (`policy.antler_flags`) with this service's conflict threshold."""
+        return antler_flags(antler, candidates, new_threshold, self.settings.antler_conflict_below)
 
     @staticmethod
-    async def _sighting_link(conn: asyncpg.Connection, det: asyncpg.Record, sex: str, excluded: set[int]) -> int | None:
-        """The individual an earlier frame of this detection's sighting was placed in, if it may take this one."""
-        linked = await store.sighting_individual(conn, det["id"], det["sighting"])
-        if linked is None or linked in excluded:
-            return None
-        # a merge moves the earlier frame's detection too, so a merged-away individual here would be a bug
-        their_sex = await conn.fetchval("SELECT sex FROM individuals WHERE id = $1 AND merged_into IS NULL", linked)
-        return linked if their_sex in COMPATIBLE_SEXES[sex] else None
-
-    async def _temporal(self, conn: asyncpg.Connection, det: asyncpg.Record,
-                        candidates: list[Candidate]) -> list[Candidate]:
-        head = candidates[:TEMPORAL_CANDIDATES]
-        seen = await store.sightings(conn, [c.individual_id for c in head])
-        coords = await store.site_coordinates(conn, det["property"])
-        boosted = []
-        for c in head:
-            p = prior(det["site"], det["captured_at"], seen[c.individual_id], coords, self.rules)
-            boosted.append(with_temporal_boost(c, p.boost, p.flags))
-        out = boosted + candidates[TEMPORAL_CANDIDATES:]
-        out.sort(key=lambda c: (-c.score, c.individual_id))
-        return out
-
-    def _result(self, det, s: Scored, decision: Decision, thresholds: Thresholds, model: FusionModel | None,
-                versions: dict, excluded: set[int]) -> dict:
-        flags = list(decision.flags)
-        if s.missing:
-            flags.append("degraded")
-        if any(random for *_, random in s.vectors):
-            flags.append("random-weights")
-        flags += [f"coat:{f}" for f in (s.coat or {}).get("flags", [])]
-        flags += [f for f in (s.pose or {}).get("flags", []) if f == "pose-fallback"]
-        if s.antler is not None:
-            flags += [f"antler:{f}" for f in s.antler["flags"]]
-            flags += [f for f in s.antler.get("best_flags", []) if f not in flags]
-        random_weights = any(random for *_, random in s.vectors)
-        return {
-            "detection_id": str(det["id"]), "site": det["site"], "property": det["property"],
-            "state": decision.state, "score": decision.score, "flags": flags,
-            "mode": s.config.mode, "switches": s.config.switches(),
-            "expected": expected_of(det), "arrived": s.arrived, "missing": s.missing,
-            "candidates": [c.as_dict() for c in decision.candidates],
-            "components": dict(decision.candidates[0].components) if decision.candidates else {},
-            "versions": versions, "random_weights": random_weights,
-            "fusion": {"source": "fitted" if model else "spec-weighted-mean",
-                       "calibration_id": int(model.version) if model else None,
-                       "aggregation": model.aggregation if model else self.settings.identity_aggregation},
-            "thresholds": {"match": thresholds.match, "new": thresholds.new,
-                           "source": "calibrated" if model else "default"},
-            "cannot_link": sorted(excluded),
-            "sighting": str(det["sighting"]) if det["sighting"] else None,
-            "sighting_vectors_in_query": len(s.frames),  # other frames' embeddings the sighting query used
-            "coat": s.coat,
-            "antler": _antler_result(s.antler),
-            "pose": s.pose,
-        }
-
-
-def closest_photos(best: dict[tuple[int, int], float]) -> dict[int, int]:
-    """{individual: its exemplar (embedding id) most similar to the query} of a search's (individual, exemplar)
-    similarities."""
-    out: dict[int, tuple[float, int]] = {}
-    for (ind, exemplar), sim in best.items():
-        if ind not in out or sim > out[ind][0]:
-            out[ind] = (sim, exemplar)
-    return {ind: exemplar for ind, (_, exemplar) in out.items()}
-
-
-def _best_by_body(per_exemplar: dict, k: int) -> list[int]:
-    """The k candidates with the best body similarity (the shortlist the costlier components compare)."""
-    best: dict[int, float] = {}
-    for name, by_ind in per_exemplar.items():
-        if component_of(name) != "body":
-            continue  # coat and antler scores are added for the shortlist itself
-        for ind, sims in by_ind.items():
-            if sims:
-                best[ind] = max(best.get(ind, -1.0), max(sims))
-    return sorted(best, key=lambda i: (-best[i], i))[:k]
-
-
-def _antler_result(antler: dict | None) -> dict | None:
-    if antler is None:
-        return None
-    q = antler["query"]
-    return {"season": q.season, "casting_window": q.casting_window, "present": q.present, "version": q.version,
-            "geometry": antler["geometry"], "flags": antler["flags"],
-            "candidates_compared": sum(1 for v in antler["scores"].values() if v)}
-
-
-def _stored(event: Features) -> dict:
-    """What the join keeps of a component's features (body vectors live in `embeddings`, coat patterns in
-    `coat_patterns`, as bytes)."""
-    stored = event.model_dump(mode="json", exclude={"embeddings"} if event.component == "body" else set())
-    if event.component == "coat" and isinstance(stored.get("attributes"), dict):
-        stored["attributes"].pop("patterns", None)
-    return stored
-
-
-def _or_nan(value: float | None) -> float:
-    return float("nan") if value is None else value
-
-
-def result_output(prop: str, result: dict) -> Output:
-    message = DetectionResult(
-        detection_id=result["detection_id"], site=result["site"], state=result["state"],
-        individual_id=result.get("individual_id"), score=result.get("score"), flags=result.get("flags", []),
-        components={k: v for k, v in (result.get("components") or {}).items() if isinstance(v, (int, float))},
-        versions=result.get("versions", {}),
-    )
-    return Output(RESULTS, prop.encode(), message.to_bytes())
-
-
-def pose_request(det: asyncpg.Record, crop: bytes, config: PipelineConfig) -> Output:
-    event = detection_event(det, config, list(dict.fromkeys(expected_of(det) + ["pose"])), crop)
-    return Output(POSE_REQUESTS, str(det["id"]).encode(), event.to_bytes())
+    async def _record_graph_edges(conn: asyncpg.Connection, det: asyncpg.Record, scored: Scored,
+                                  decision: Decision, model: FusionModel | None) -> None:
+        """The identity graph's edges of the decision (`result.graph_edges`), from its top candidates' photos."""
+        photos = await store.exemplar_photos(conn, [ex for ind, ex in scored.closest_exemplars.items()
+                                                    if any(c.individual_id == ind for c in decision.candidates)])
+        edges = graph_edges(det["id"], decision.candidates, scored.closest_exemplars, photos, model)
+        await store.add_edges(conn, det["property"], det["id"], edges)
 
 
 async def make_handler(settings: Settings) -> FusionHandler:

@@ -28,8 +28,13 @@ async def lock_detection(conn: asyncpg.Connection, detection_id: UUID) -> asyncp
            FROM detections WHERE id = $1 FOR UPDATE""", detection_id)
 
 
+def expected_of(detection: asyncpg.Record) -> list[str]:
+    """The components a detection waits for (stamped at its first publication; body alone before that)."""
+    return list(detection["expected"] or ["body"])
+
+
 async def joined_features(conn: asyncpg.Connection, detection_id: UUID, component: str) -> dict:
-    """The features a component's event brought to the join (as `_stored` kept them)."""
+    """The features a component's event brought to the join (as `join.stored_features` kept them)."""
     return await conn.fetchval("SELECT features FROM detection_features WHERE detection_id = $1 AND component = $2",
                                detection_id, component)
 
@@ -199,6 +204,11 @@ async def sighting_individual(conn: asyncpg.Connection, detection_id: UUID, sigh
     return await conn.fetchval(
         """SELECT individual_id FROM detections WHERE sighting = $1 AND id <> $2 AND individual_id IS NOT NULL
            AND state IN ('assigned', 'new') ORDER BY captured_at, id LIMIT 1""", sighting, detection_id)
+
+
+async def unmerged_sex(conn: asyncpg.Connection, individual: int) -> str | None:
+    """The individual's sex; None when it was merged into another."""
+    return await conn.fetchval("SELECT sex FROM individuals WHERE id = $1 AND merged_into IS NULL", individual)
 
 
 async def cannot_link(conn: asyncpg.Connection, detection_id: UUID, image_sha256: str) -> set[int]:

@@ -10,15 +10,22 @@ import asyncpg
 from shared import db as shared_db
 
 
-async def test_properties_migration_keeps_existing_individuals_and_detections(pg_dsn, monkeypatch):
+async def new_database_migrated_before(pg_dsn: str, monkeypatch, number: int) -> tuple[str, list]:
+    """A new database of the shape before migration `number`: its address, and every migration (to apply the
+    rest with `migrate` once `shared_db.migrations` is given them back)."""
     admin = await asyncpg.connect(pg_dsn)
     name = f"mig_{uuid.uuid4().hex[:8]}"
     await admin.execute(f"CREATE DATABASE {name}")
     await admin.close()
     dsn = urlunsplit(urlsplit(pg_dsn)._replace(path=f"/{name}"))
     every = shared_db.migrations()
-    monkeypatch.setattr(shared_db, "migrations", lambda: [m for m in every if m[0] < 3])
+    monkeypatch.setattr(shared_db, "migrations", lambda: [m for m in every if m[0] < number])
     await shared_db.migrate(dsn)
+    return dsn, every
+
+
+async def test_properties_migration_keeps_existing_individuals_and_detections(pg_dsn, monkeypatch):
+    dsn, every = await new_database_migrated_before(pg_dsn, monkeypatch, 3)
     conn = await asyncpg.connect(dsn)
     try:
         det = uuid.uuid4()
@@ -49,14 +56,7 @@ async def test_properties_migration_keeps_existing_individuals_and_detections(pg
 
 
 async def test_the_xfeat_pattern_component_is_renamed_where_later_decisions_read_it(pg_dsn, monkeypatch):
-    admin = await asyncpg.connect(pg_dsn)
-    name = f"mig_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    await admin.close()
-    dsn = urlunsplit(urlsplit(pg_dsn)._replace(path=f"/{name}"))
-    every = shared_db.migrations()
-    monkeypatch.setattr(shared_db, "migrations", lambda: [m for m in every if m[0] < 15])
-    await shared_db.migrate(dsn)
+    dsn, every = await new_database_migrated_before(pg_dsn, monkeypatch, 15)
     conn = await asyncpg.connect(dsn)
     try:
         sha = "cd" * 32

@@ -228,6 +228,19 @@ def _stack_calibration(api_url: str, headers: dict) -> dict | None:
     return resp.json()
 
 
+def stack_photos(data: Path, body_model: str | None, stack_models: list[str], limit: int | None, seed: int,
+                 api_url: str, headers: dict, settings: Settings) -> tuple[list[Sample], dict]:
+    """The photos a protocol run through the stack uploads: none of an identity that its body models
+    (`body_model`, else the running stack's) learned, nor one its active calibration was fitted on; and a
+    note of what was left out (the JSON's `held_out`)."""
+    installed = _stack_calibration(api_url, headers)
+    names = [n.strip() for n in (body_model or ",".join(stack_models)).split(",") if n.strip()]
+    fair, fairness = never_trained_on(load_dataset(data), names, settings)
+    samples, held_out = held_out_of(select(fair, limit, seed), (installed or {}).get("artifact"))
+    held_out.update({"never_trained_on": fairness, "calibration_id": (installed or {}).get("id")})
+    return samples, held_out
+
+
 def _switch(api_url: str, headers: dict, **switches) -> dict:
     """Set run-time switches of the running stack; returns the configuration it had before."""
     import httpx
@@ -249,13 +262,9 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
 
     from deer_reid.client import auth_headers
 
-    headers = auth_headers(settings or Settings())
-    installed = _stack_calibration(api_url, headers)
-    names = [n.strip() for n in (body_model or ",".join(stack_models)).split(",") if n.strip()]
-    fair, fairness = never_trained_on(load_dataset(data), names, settings or Settings())
-    samples, held_out = held_out_of(select(fair, limit, seed), (installed or {}).get("artifact"))
-    held_out["never_trained_on"] = fairness
-    held_out["calibration_id"] = (installed or {}).get("id")
+    settings = settings or Settings()
+    headers = auth_headers(settings)
+    samples, held_out = stack_photos(data, body_model, stack_models, limit, seed, api_url, headers, settings)
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(samples))]
     site = f"eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-s{seed}"
     httpx.put(f"{api_url}/v1/sites/{site}", json={"property": site}, timeout=30, headers=headers).raise_for_status()

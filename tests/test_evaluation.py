@@ -321,6 +321,57 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     assert artifact["coat_version"].endswith("+rootsift-opencv:1024-animal")
 
 
+def test_loo_json_keeps_its_sections_in_order_through_the_cli(tmp_path, capsys):
+    """A few whole identities of the real folder (`--limit`), with the coat: the JSON's sections, key for key
+    and in order (report.md is written from them, and runs are compared by them), whatever the stages of
+    run_loo become."""
+    from deer_reid.cli import main
+    from deer_reid.evaluation.coat import service_variants
+    from tests.conftest import NYALA
+
+    assert main(["eval", str(NYALA), "--protocol", "loo", "--limit", "16", "--coat", "--coat-shortlist", "4",
+                 "--json", str(tmp_path / "r.json"), "--report", str(tmp_path / "report"),
+                 "--calibration-out", str(tmp_path / "cal.json"), "--quiet"]) == 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["images"] == 16 and "_artifact" not in saved
+    assert list(saved) == ["protocol", "mode", "data", "images", "true_individuals", "seed", "never_trained_on",
+                           "body_models", "embedding_versions", "weights_real", "precision", "coat", "queries",
+                           "top1", "top5", "mAP", "top1_ci95", "top5_ci95", "cmc", "same_viewpoint", "levers",
+                           "candidate_weights", "ablation_gallery", "ablation", "ablation_same_viewpoint",
+                           "calibration", "plots"]
+    assert list(saved["coat"]) == ["shortlist", "pattern_components", "extraction_ms_median",
+                                   "matching_s_all_variants", "flags", "facing_vs_viewpoint", "shortlist_drawn"]
+    assert list(saved["levers"]) == ["sighting as the query (per sighting, not per image)",
+                                     *(f"query expansion αQE k={k}" for k in (1, 2, 3))]
+    calibration = saved["calibration"]
+    how = calibration["aggregation"]
+    # the coat's components: colour and markings, then the service's pattern matchers, named as it names them
+    components = ["body:efficientnet_lite0", "coat:colour", "coat:markings", *service_variants(Settings()).values()]
+    assert list(saved["ablation"]) == [
+        *(f"{c} alone" for c in components),
+        *(f"coat:pattern alone, {v} (shortlist 4 by body)" for v in ("xfeat-animal", "rootsift-animal", "xfeat-crop")),
+        f"all fused through calibration ({how})",
+        f"all fused + xfeat-crop as a second pattern component (candidate, not in the service; {how})"]
+    assert list(saved["ablation_same_viewpoint"]) == [
+        *(f"{c} alone" for c in components),
+        *(f"coat:pattern alone, {v}" for v in ("xfeat-animal", "rootsift-animal", "xfeat-crop")),
+        f"all fused through calibration ({how})",
+        f"all fused + xfeat-crop as a second pattern component (candidate, not in the service; {how})"]
+    assert list(saved["ablation"][f"all fused through calibration ({how})"]) == [
+        "queries", "top1", "top5", "mAP", "top1_ci95", "top5_ci95"]
+    assert list(calibration) == ["thresholds", "aggregation", "target_false_merge_rate", "target_met_on_fit",
+                                 "max_review", "fusion_weights", "fusion_intercept", "fit", "held_out", "artifact",
+                                 "by_aggregation", "before", "seconds"]
+    assert list(calibration["fusion_weights"]) == components
+    assert list(calibration["fit"]) == ["identities", "images", "report"]
+    assert list(calibration["held_out"]) == ["identities", "images", "report", "with_sightings"]
+    assert list(calibration["by_aggregation"]) == ["best", "mean2"]
+    assert list(calibration["before"]) == ["fusion", "thresholds", "target_met_on_fit", "held_out"]
+    assert saved["ablation_gallery"]["images"] == calibration["held_out"]["images"]
+    assert list(saved["plots"]) == ["cmc", "scores", "calibration", "operating_curve"]
+    assert list(load_file(tmp_path / "cal.json")["fusion"]["calibrations"]) == components
+
+
 def test_coat_eval_measures_the_services_matchers_or_says_which_it_cannot():
     from deer_reid.evaluation.coat import service_variants
 

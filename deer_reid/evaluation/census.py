@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 from deer_reid.census import recluster
-from deer_reid.evaluation.dataset import Sample, load_dataset
+from deer_reid.evaluation.dataset import Sample
 from deer_reid.evaluation.metrics import clustering_report
 from deer_reid.evaluation.report import plot_census, write_report
 from shared.config import Settings
@@ -160,16 +160,11 @@ def run_census(data: Path, *, mode: str, body_model: str | None, limit: int | No
                recluster_every: int, baseline: bool = True, progress: bool = True, settings: Settings | None = None,
                stack_models: list[str] = ()) -> dict:
     from deer_reid.client import auth_headers
-    from deer_reid.evaluation.run import (_base, _open_set, _stack_calibration, _switch, held_out_of,
-                                          never_trained_on, select)
+    from deer_reid.evaluation.run import _base, _open_set, _switch, stack_photos
 
     settings = settings or Settings()
     headers = auth_headers(settings)
-    installed = _stack_calibration(api_url, headers)
-    names = [n.strip() for n in (body_model or ",".join(stack_models)).split(",") if n.strip()]
-    fair, fairness = never_trained_on(load_dataset(data), names, settings)
-    samples, held_out = held_out_of(select(fair, limit, seed), (installed or {}).get("artifact"))
-    held_out.update({"never_trained_on": fairness, "calibration_id": (installed or {}).get("id")})
+    samples, held_out = stack_photos(data, body_model, stack_models, limit, seed, api_url, headers, settings)
     order = sighting_order(samples, seed)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     prop, today = f"census-{stamp}-s{seed}", f"census-{stamp}-s{seed}-today"

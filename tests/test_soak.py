@@ -2,6 +2,7 @@
 once (each service killed with SIGKILL, the broker killed and restarted empty by the supervisor)."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 
@@ -68,3 +69,44 @@ async def test_a_soak_with_every_fault_loses_nothing_and_decides_each_once(stack
     assert report["lost"] == 0 and report["failed"] == 0 and report["decided_twice"] == 0, report
     assert report["terminal"] == 48 and report["p50_ms"] <= report["p99_ms"]
     assert stack.broker_restarts >= 1
+
+
+def test_the_report_counts_states_pipelines_and_why_decisions_were_degraded():
+    enhanced = {"mode": "enhanced", "coat": True, "antler": True}
+    rows = [
+        {"state": "new", "pipeline": enhanced, "result": {"flags": [], "missing": [], "arrived": {}}},
+        {"state": "review", "pipeline": enhanced, "result": {"flags": ["degraded"], "missing": ["coat", "antler"],
+                                                             "arrived": {"body": "ok", "antler": "failed"}}},
+        {"state": "assigned", "pipeline": enhanced, "result": {"flags": ["degraded"], "missing": ["antler"],
+                                                               "arrived": {"body": "ok", "antler": "failed"}}},
+        {"state": "fusing", "pipeline": {"mode": "fast"}, "result": None},
+    ]
+    report = soak.decisions_report(rows)
+    assert report["states"] == {"new": 1, "review": 1, "assigned": 1, "fusing": 1}
+    assert report["degraded"] == 2 and report["degraded_by_timeout"] == 1
+    assert report["degraded_by"] == {"coat not arrived": 1, "antler failed": 2}
+    assert report["pipelines"] == [{**enhanced, "detections": 3}, {"mode": "fast", "detections": 1}]
+
+
+def test_an_enhanced_soak_without_faults_fails_when_a_component_timed_out():
+    clean = {"lost": 0, "decided_twice": 0, "failed": 0, "mode": "enhanced", "faults": [], "degraded_by_timeout": 1}
+    assert soak.exit_status(clean) == 1
+    assert soak.exit_status({**clean, "degraded_by_timeout": 0}) == 0
+    assert soak.exit_status({**clean, "mode": None}) == 0  # the switches as they were: a component may be off
+    assert soak.exit_status({**clean, "faults": [{"target": "coat"}]}) == 0  # a killed component may miss its join
+
+
+async def test_the_mode_switches_are_put_back_when_the_run_fails(tmp_path, monkeypatch, jpeg_bytes):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes)
+    calls = []
+    monkeypatch.setattr(soak, "read_state", lambda home: {"api_url": "http://api"})
+    monkeypatch.setattr(soak, "switch_pipeline", lambda url, headers, **switches: calls.append(switches) or
+                        {k: "before" for k in switches})
+
+    async def interrupted(*_args, **_kwargs):
+        raise asyncio.CancelledError  # as Ctrl-C cancels the run's task
+
+    monkeypatch.setattr(soak, "_soak", interrupted)
+    with pytest.raises(asyncio.CancelledError):
+        await soak.soak(tmp_path, tmp_path, 3, mode="enhanced", progress=False)
+    assert calls == [soak.MODE_SWITCHES["enhanced"], {k: "before" for k in soak.MODE_SWITCHES["enhanced"]}]

@@ -142,9 +142,13 @@ def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
     assert watch.flowing(pos, 10, now=8.0) == {(d, 0), (d, 1)}
     assert watch.flowing({d: Position({0: 7}, {0: 9, 1: 3})}, 10, now=15.0) == {(d, 0)}  # 1 stood still
     assert watch.flowing({d: Position({0: 7}, {0: 9, 1: 3})}, 10, now=30.0) == frozenset()
+    # caught up, a partition is not stuck: work reaching it gets the whole window to be started on
+    assert watch.flowing({d: Position({0: 9}, {0: 9})}, 10, now=100.0) == {(d, 0)}
+    assert watch.flowing({d: Position({0: 9}, {0: 12})}, 10, now=109.0) == {(d, 0)}
+    assert watch.flowing({d: Position({0: 9}, {0: 12})}, 10, now=111.0) == frozenset()
     # the same topic read by two groups: each group's queue flows or stands on its own
     coat = ("deer-coat", DETECTIONS.name)
-    assert watch.flowing({d: Position({0: 7}, {0: 9}), coat: Position({0: 1}, {0: 9})}, 10, now=31.0) == {(coat, 0)}
+    assert watch.flowing({d: Position({0: 9}, {0: 12}), coat: Position({0: 1}, {0: 9})}, 10, now=131.0) == {(coat, 0)}
 
 
 def test_a_join_waits_past_its_deadline_only_on_components_whose_queues_flow():

@@ -134,20 +134,23 @@ def backlog_of(positions: dict[Queue, Position], body_group: str = BODY_GROUP,
 
 
 class QueueWatch:
-    """Remembers when a group's committed offset of each (queue, partition) last moved, across rounds."""
+    """Remembers when a group's committed offset of each (queue, partition) last moved, or last had nothing
+    waiting, across rounds: a group that has caught up is not stuck, and work that reaches it after a quiet
+    spell gets the whole window to be started on before its partition counts as standing still."""
 
     def __init__(self):
         self._last: dict[tuple[Queue, int], tuple[int, float]] = {}  # -> (committed offset, when it last changed)
 
     def flowing(self, positions: Mapping[Queue, Position], within_s: float, now: float | None = None) -> frozenset:
-        """(queue, partition) whose group offset moved within `within_s` (a first sighting counts as a move)."""
+        """(queue, partition) whose group offset moved, or that had nothing waiting, within `within_s` (a first
+        sighting counts as a move)."""
         now = time.monotonic() if now is None else now
         out = set()
         for queue, position in positions.items():
             for p in position.end:
                 offset = position.committed.get(p, 0)
                 last = self._last.get((queue, p))
-                if last is None or last[0] != offset:
+                if last is None or last[0] != offset or not position.waiting(p):
                     self._last[(queue, p)] = (offset, now)
                 if now - self._last[(queue, p)][1] <= within_s:
                     out.add((queue, p))

@@ -44,6 +44,18 @@ def call_api(settings: Settings, url: str, method: str, path: str, **kw):
     return resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.content
 
 
+def switch_pipeline(api_url: str, headers: dict, **switches) -> dict:
+    """Set run-time switches of the running stack (PUT /v1/config); returns the values the switches set
+    had before, for the caller to put back."""
+    import httpx
+
+    before = httpx.get(f"{api_url}/v1/config", timeout=30, headers=headers)
+    before.raise_for_status()
+    resp = httpx.put(f"{api_url}/v1/config", json=switches, headers=headers, timeout=30)
+    resp.raise_for_status()
+    return {k: before.json()[k] for k in switches}
+
+
 def _error_text(resp) -> str:
     """The API's reason for an error answer: its `detail` (or the detail's `error`), else the body's start."""
     try:

@@ -13,12 +13,20 @@ empty), spread over the submissions. The report:
   embeddings are not), from the body service's own counter polled twice a second (restarts are followed
   like Prometheus' increase(); increments between the last poll and a kill are missed, so this can only
   undercount);
-- wall_s, det_per_s; p50_ms and p99_ms from upload to decision.
+- wall_s, det_per_s; p50_ms and p99_ms from upload to decision;
+- mode (`--mode`, None: the stack's switches as they were) and pipelines: the switches the run's detections
+  ran under, with how many ran under each;
+- states: the run's detections by state; degraded: those decided without a component they expected, and
+  degraded_by: why, per component ("coat not arrived": no answer by the join deadline, "coat failed": the
+  component answered that it failed); degraded_by_timeout: those missing a component that never arrived.
+
+With `--mode`, the stack's switches are set for the run and put back after it, whatever ends it.
 """
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import random
 import signal
@@ -32,6 +40,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from deer_reid.client import switch_pipeline
 from deer_reid.ingest import Item, find_files, upload_all, wait_terminal
 from deer_reid.stack import read_state
 from shared.archives import IMAGE_SUFFIXES
@@ -39,6 +48,12 @@ from shared.observability import metric_samples
 from shared.states import TERMINAL
 
 FAULT_ORDER = ("body", "fusion", "coat", "antler", "pose", "reconciler", "api", "broker", "postgres")
+
+# The run-time switches `--mode` sets for the run: enhanced runs every enhancement (coat, pose, antler and
+# temporal priors), fast the one body model with temporal priors (the SPEC's modes). The body ensemble is
+# left as the stack has it: the same soak is run with it on and off.
+MODE_SWITCHES = {"enhanced": {"mode": "enhanced", "coat": True, "pose": True, "antler": True, "temporal": True},
+                 "fast": {"mode": "fast", "temporal": True}}
 
 
 def distinct_image(photo: bytes, k: int) -> bytes:
@@ -131,15 +146,57 @@ async def _poll_body(url: str, total: CounterTotal, stop: asyncio.Event) -> None
                 pass
 
 
+def degraded_reasons(result: dict) -> list[str]:
+    """Why a decision is `degraded`: each component it expected and decided without, as "<component> not
+    arrived" (no answer by the join deadline) or "<component> <status>" (it answered, failed)."""
+    arrived = result.get("arrived") or {}
+    return [f"{c} {arrived.get(c, 'not arrived')}" for c in result.get("missing") or []]
+
+
+def decisions_report(rows: list[dict]) -> dict:
+    """The run's detections by state, by the switches they ran under (`pipeline`), and the degraded ones
+    by why (`degraded_reasons`); each row has `state`, `pipeline` and `result` (None until decided)."""
+    states: dict[str, int] = {}
+    pipelines: dict[str, int] = {}
+    degraded_by: dict[str, int] = {}
+    degraded = timed_out = 0
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+        key = json.dumps(r["pipeline"], sort_keys=True)
+        pipelines[key] = pipelines.get(key, 0) + 1
+        reasons = degraded_reasons(r["result"]) if "degraded" in (r["result"] or {}).get("flags", []) else []
+        degraded += bool(reasons)
+        timed_out += any(why.endswith(" not arrived") for why in reasons)
+        for why in reasons:
+            degraded_by[why] = degraded_by.get(why, 0) + 1
+    return {"states": states, "degraded": degraded, "degraded_by": degraded_by, "degraded_by_timeout": timed_out,
+            "pipelines": [{**json.loads(k), "detections": n} for k, n in sorted(pipelines.items())]}
+
+
 async def soak(home: Path, photos_dir: Path, n: int, *, dsn: str | None = None, rate: float | None = None,
                faults: bool = False, concurrency: int = 4, timeout: float = 86400, seed: int | None = None,
-               headers: dict[str, str] | None = None, progress: bool = True) -> dict:
+               headers: dict[str, str] | None = None, progress: bool = True, mode: str | None = None) -> dict:
+    """The soak (module docstring); with `mode` (a key of MODE_SWITCHES) the stack's switches are set for
+    the run and put back after it, also when it fails or is interrupted."""
     state = read_state(home)
     if not state:
         raise RuntimeError(f"no running stack in {home}: start it with `deer-reid up`")
     photos = [p for p in find_files(photos_dir) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not photos:
         raise RuntimeError(f"no photos under {photos_dir}")
+    before = switch_pipeline(state["api_url"], headers or {}, **MODE_SWITCHES[mode]) if mode else {}
+    try:
+        report = await _soak(home, state, photos, n, dsn=dsn, rate=rate, faults=faults, concurrency=concurrency,
+                             timeout=timeout, seed=seed, headers=headers, progress=progress)
+    finally:
+        if before:
+            switch_pipeline(state["api_url"], headers or {}, **before)
+    return {**report, "mode": mode}
+
+
+async def _soak(home: Path, state: dict, photos: list[Path], n: int, *, dsn: str | None, rate: float | None,
+                faults: bool, concurrency: int, timeout: float, seed: int | None, headers: dict[str, str] | None,
+                progress: bool) -> dict:
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     site = f"soak-{uuid.uuid4().hex[:8]}"
     plan = fault_plan(n) if faults else {}
@@ -167,7 +224,7 @@ async def soak(home: Path, photos_dir: Path, n: int, *, dsn: str | None = None, 
     conn = await asyncpg.connect(dsn or state["database_url"])
     try:
         rows = await conn.fetch(
-            """SELECT d.id, d.state, d.attempts,
+            """SELECT d.id, d.state, d.attempts, d.pipeline::text AS pipeline, d.result::text AS result,
                       extract(epoch FROM (SELECT min(x.decided_at) FROM decisions x
                                           WHERE x.detection_id = d.id AND x.decided_by = 'fusion') - d.created_at)
                         AS decided_after_s,
@@ -176,6 +233,8 @@ async def soak(home: Path, photos_dir: Path, n: int, *, dsn: str | None = None, 
                FROM detections d WHERE d.site = $1""", site)
     finally:
         await conn.close()
+    decided = decisions_report([{"state": r["state"], "pipeline": json.loads(r["pipeline"] or "null"),
+                                 "result": json.loads(r["result"] or "null")} for r in rows])
     latencies = [1000 * float(r["decided_after_s"]) for r in rows if r["decided_after_s"] is not None]
     terminal = sum(1 for i in ids if states.get(i) in TERMINAL)
     return {
@@ -189,11 +248,16 @@ async def soak(home: Path, photos_dir: Path, n: int, *, dsn: str | None = None, 
         "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
         "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
         "rejected": [r for r in results if "error" in r][:10],
-        "faults": injected, "site": site, "seed": seed, "mode": "rate" if rate else "backlog", "rate": rate,
+        "faults": injected, "site": site, "seed": seed, "pacing": "rate" if rate else "backlog", "rate": rate,
+        **decided,
     }
 
 
 def exit_status(report: dict) -> int:
     """`deer-reid soak`'s exit status: a soak that lost, doubled or failed any detection is a failed soak,
-    whatever faults it injected (the faults must cost time, never a decision)."""
-    return 0 if report["lost"] == 0 and report["decided_twice"] == 0 and report["failed"] == 0 else 1
+    whatever faults it injected (the faults must cost time, never a decision). An enhanced soak without
+    faults fails as well when a detection was decided without a component that never came: under load
+    alone the join deadlines must wait for a component that flows."""
+    timed_out = report.get("mode") == "enhanced" and not report.get("faults") and report.get("degraded_by_timeout")
+    return 0 if report["lost"] == 0 and report["decided_twice"] == 0 and report["failed"] == 0 \
+        and not timed_out else 1

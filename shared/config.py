@@ -99,7 +99,8 @@ class Settings(BaseSettings):
 
     # reconciler
     stuck_after_s: float = Field(120.0, gt=0)
-    # the longest a detection waiting in a flowing queue is left be before it counts as stuck anyway
+    # the longest a detection waiting in a flowing queue is left be before it counts as stuck anyway, and the
+    # longest a join waits (from its body's arrival) past its deadline on components still on their way
     queued_max_s: float = Field(1800.0, gt=0)
     reconcile_every_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(10, ge=1)

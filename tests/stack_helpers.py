@@ -46,6 +46,28 @@ def paused(stack, service: str):
         os.kill(pid, signal.SIGCONT)
 
 
+@contextlib.asynccontextmanager
+async def throttled(stack, service: str, run_s: float, stop_s: float):
+    """The service runs `run_s` of every `run_s + stop_s` seconds (SIGSTOP, SIGCONT) until the block ends:
+    slow, yet its queue flows."""
+    pid = stack.children[service].process.pid
+
+    async def cycle():
+        while True:
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(stop_s)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(run_s)
+
+    task = asyncio.create_task(cycle())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        os.kill(pid, signal.SIGCONT)
+
+
 async def assert_exactly_once(db, ids: list[str], prop: str) -> dict[str, int]:
     """Every detection terminal and not failed; decided once; the property's individuals' sightings add up."""
     rows = await db.fetch("SELECT id, state, state_reason FROM detections WHERE id = ANY($1::uuid[])", ids)

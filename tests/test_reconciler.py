@@ -3,6 +3,7 @@ dead-lettered while the rows behind it flow, and a loop that fails is restarted 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import uuid
@@ -11,7 +12,7 @@ from datetime import datetime, timezone
 import asyncpg
 
 from services.reconciler import offsets, reconcile
-from services.reconciler.backlog import Backlog, Position, QueueWatch, lag
+from services.reconciler.backlog import BODY_GROUP, Backlog, Position, QueueWatch, lag
 from services.reconciler.offsets import read_backlog, read_positions
 from services.reconciler.reconcile import reconcile_once
 from services.reconciler.relay import relay_once
@@ -116,12 +117,13 @@ async def test_a_failing_loop_is_restarted_counted_and_reported_not_ready(pg_dsn
 
 
 def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
+    from services.reconciler.backlog import FUSION_GROUP
     from shared.topics import DETECTIONS, FEATURES_BODY
 
-    d, f = DETECTIONS.name, FEATURES_BODY.name
+    d, f = (BODY_GROUP, DETECTIONS.name), (FUSION_GROUP, FEATURES_BODY.name)
     body = Position(committed={0: 10}, end={0: 50, 1: 5, 3: 9})
     assert lag(body) == 40 + 5 + 9 and lag(Position({0: 60}, {0: 50})) == 0  # a log re-created behind the group
-    backlog = Backlog(body, Position({0: 4}, {0: 4}), frozenset({(d, 0), (d, 1), (f, 0)}))
+    backlog = Backlog({d: body, f: Position({0: 4}, {0: 4})}, frozenset({(d, 0), (d, 1), (f, 0)}))
     assert backlog.queued("extracting", 0, 10) and backlog.queued("extracting", 0, 49)  # not consumed yet
     assert not backlog.queued("extracting", 0, 9)  # consumed, and fusion has nothing waiting: stuck
     assert not backlog.queued("extracting", 0, 50)  # beyond the log's end: a broker restarted empty lost it
@@ -129,9 +131,9 @@ def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
     assert not backlog.queued("extracting", 3, 5)  # waiting, but the partition does not move: stuck
     assert not backlog.queued("extracting", 2, 0) and not backlog.queued("extracting", None, None)
     # consumed by the body, waiting in fusion's queue, which flows: queued; which stands still: stuck
-    busy = Backlog(body, Position({0: 4}, {0: 90}), frozenset({(f, 0)}))
+    busy = Backlog({d: body, f: Position({0: 4}, {0: 90})}, frozenset({(f, 0)}))
     assert busy.queued("extracting", 0, 9) and busy.queued("fusing", None, None)
-    still = Backlog(body, Position({0: 4}, {0: 90}), frozenset())
+    still = Backlog({d: body, f: Position({0: 4}, {0: 90})}, frozenset())
     assert not still.queued("extracting", 0, 9) and not still.queued("fusing", None, None)
 
     watch = QueueWatch()
@@ -140,6 +142,50 @@ def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
     assert watch.flowing(pos, 10, now=8.0) == {(d, 0), (d, 1)}
     assert watch.flowing({d: Position({0: 7}, {0: 9, 1: 3})}, 10, now=15.0) == {(d, 0)}  # 1 stood still
     assert watch.flowing({d: Position({0: 7}, {0: 9, 1: 3})}, 10, now=30.0) == frozenset()
+    # caught up, a partition is not stuck: work reaching it gets the whole window to be started on
+    assert watch.flowing({d: Position({0: 9}, {0: 9})}, 10, now=100.0) == {(d, 0)}
+    assert watch.flowing({d: Position({0: 9}, {0: 12})}, 10, now=109.0) == {(d, 0)}
+    assert watch.flowing({d: Position({0: 9}, {0: 12})}, 10, now=111.0) == frozenset()
+    # the same topic read by two groups: each group's queue flows or stands on its own
+    coat = ("deer-coat", DETECTIONS.name)
+    assert watch.flowing({d: Position({0: 9}, {0: 12}), coat: Position({0: 1}, {0: 9})}, 10, now=131.0) == {(coat, 0)}
+
+
+def test_a_join_waits_past_its_deadline_only_on_components_whose_queues_flow():
+    """The adaptive join deadline: a missing component whose work is behind in a queue that moves is waited
+    for one more deadline; one whose queue stands still (stuck, or its service down), or whose queue has
+    passed the detection without an answer, is not; nothing is waited for past the ceiling."""
+    from services.reconciler.backlog import COMPONENT_QUEUES, join_waits_on
+
+    coat_in, coat_out = COMPONENT_QUEUES["coat"]
+    antler_in, antler_out = COMPONENT_QUEUES["antler"]
+    pose_in, pose_out = COMPONENT_QUEUES["pose"]
+    positions = {coat_in: Position({0: 100}, {0: 400}), antler_in: Position({0: 390}, {0: 400}),
+                 coat_out: Position({0: 7}, {0: 7}), antler_out: Position({0: 7}, {0: 7}),
+                 pose_in: Position({0: 3}, {0: 5}), pose_out: Position({0: 2}, {0: 2})}
+    flowing = frozenset({(coat_in, 0), (antler_in, 0), (pose_in, 0)})
+    backlog = Backlog(positions, flowing)
+
+    def waits(missing, offset, joined_s=5.0, ceiling_s=1800.0, on=backlog):
+        return join_waits_on(on, missing, 0, offset, joined_s, ceiling_s)
+
+    # the event at 250: behind in the coat queue, which moves; the antler group consumed it (390 > 250) and
+    # answered nothing that is still coming: antler is not waited for
+    assert waits(["coat", "antler"], 250) == ["coat"]
+    assert waits(["antler"], 250) == []
+    assert waits(["antler"], 395) == ["antler"]  # not consumed yet
+    assert waits(["coat"], 250, joined_s=1800.0) == []  # the ceiling: decided with what arrived
+    assert waits(["coat"], 250, on=None) == []  # no positions read: the deadline expires as it always did
+    # a coat group that stopped moving (wedged, or its service down): stuck, not on its way
+    assert waits(["coat"], 250, on=Backlog(positions, flowing - {(coat_in, 0)})) == []
+    # pose: where fusion's request landed is not known, so a pose queue that waits and moves counts
+    assert waits(["pose"], 250) == ["pose"]
+    assert waits(["pose"], 250, on=Backlog({**positions, pose_in: Position({0: 5}, {0: 5})}, flowing)) == []
+    # answered, the features waiting in fusion's own queue of them, which moves
+    features_waiting = Backlog({**positions, antler_out: Position({0: 7}, {0: 9})}, flowing | {(antler_out, 0)})
+    assert waits(["antler"], 250, on=features_waiting) == ["antler"]
+    # the stuck-work rounds agree: a joining detection with a component on its way is queued, not stuck
+    assert backlog.queued("fusing", 0, 250, ["coat"]) and not backlog.queued("fusing", 0, 250, ["antler"])
 
 
 async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg_dsn, broker):
@@ -164,7 +210,7 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
                            ids)
         found = await read_backlog(broker.bootstrap, group, f"{group}-fusion")
         # as if the body group moved lately on every partition
-        backlog = Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
+        backlog = dataclasses.replace(found, flowing=frozenset((found.body_queue, p) for p in found.body.end))
         retried, failed, queued = await reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200)
         assert queued >= len(ids) and not failed
         mine = await pool.fetch("SELECT attempts, state FROM detections WHERE id = ANY($1::uuid[])", ids)
@@ -183,7 +229,7 @@ async def test_overdue_detections_queued_behind_a_backlog_are_not_republished(pg
         finally:
             await consumer.stop()
         found = await read_backlog(broker.bootstrap, group, f"{group}-fusion")
-        backlog = Backlog(found.body, found.fusion, frozenset((DETECTIONS.name, p) for p in found.body.end))
+        backlog = dataclasses.replace(found, flowing=frozenset((found.body_queue, p) for p in found.body.end))
         suspects: set = set()
         await reconcile_once(pool, 1.0, 10, backlog, queued_max_s=7200, suspects=suspects)
         assert set(ids) <= suspects  # one round finding them stuck is not enough
@@ -278,7 +324,8 @@ async def test_stuck_work_behind_a_large_queued_backlog_is_found_in_the_same_rou
                FROM generate_series(0, $2) n""", tag, queued_n)
         stuck = await conn.fetchval("SELECT id FROM detections WHERE site = 'starve-site' AND published_partition IS NULL")
         # every queued one waits in a body partition that flows; the stuck one was never published
-        backlog = Backlog(Position({0: 0}, {0: 10 ** 9}), None, frozenset({(DETECTIONS.name, 0)}))
+        body = (BODY_GROUP, DETECTIONS.name)
+        backlog = Backlog({body: Position({0: 0}, {0: 10 ** 9})}, frozenset({(body, 0)}))
         pool = await asyncpg.create_pool(pg_dsn, init=_init_connection, min_size=1, max_size=2)
         try:
             retried, failed, queued = await reconcile_once(pool, 1.0, 10, backlog, queued_max_s=10 ** 6)
@@ -294,3 +341,55 @@ async def test_stuck_work_behind_a_large_queued_backlog_is_found_in_the_same_rou
         await conn.execute("DELETE FROM detections WHERE site = 'starve-site'")
         await conn.execute("DELETE FROM images WHERE site = 'starve-site'")
         await conn.close()
+
+
+class SentMessages:
+    """A producer that keeps what it is asked to send (the join deadlines' wiring needs no broker)."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None):
+        self.sent.append((topic, value))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_a_join_past_its_deadline_waits_while_its_component_queue_flows_and_is_announced_when_not(pg_dsn):
+    """announce_due_joins on the real database: of three joins past their deadline, each expecting coat that
+    has not come, the one whose event the coat group has yet to reach (and which moves) gets a later deadline
+    and no announcement; the one the coat group passed without an answer, and the one that has waited past
+    the ceiling, are announced to fusion."""
+    from services.reconciler.backlog import COMPONENT_QUEUES
+    from services.reconciler.reconcile import announce_due_joins
+    from shared.schemas import JoinDeadline
+    from shared.topics import JOIN_DEADLINES
+
+    [behind, passed, too_long] = ids = await enqueue(pg_dsn, [make_jpeg() for _ in range(3)])
+    pool = await asyncpg.create_pool(pg_dsn, init=_init_connection, min_size=1, max_size=2)
+    try:
+        await pool.execute("DELETE FROM outbox WHERE detection_id = ANY($1::uuid[])", ids)
+        for det, offset, body_age in ((behind, 900_000, "5 seconds"), (passed, 10, "5 seconds"),
+                                      (too_long, 900_001, "2 hours")):
+            await pool.execute(
+                """UPDATE detections SET state = 'fusing', expected = ARRAY['body', 'coat'], published_partition = 0,
+                       published_offset = $2, join_deadline = now() - interval '1 second' WHERE id = $1""", det, offset)
+            await pool.execute("INSERT INTO detection_features (detection_id, component, status, features, arrived_at) "
+                               "VALUES ($1, 'body', 'ok', '{}', now() - $2::text::interval)", det, body_age)
+        coat_in = COMPONENT_QUEUES["coat"][0]
+        backlog = Backlog({coat_in: Position({0: 100}, {0: 10 ** 6})}, frozenset({(coat_in, 0)}))
+        producer = SentMessages()
+        await announce_due_joins(pool, producer, 5.0, backlog, ceiling_s=1800.0)
+        announced = {JoinDeadline.from_bytes(v).detection_id for t, v in producer.sent if t == JOIN_DEADLINES.name}
+        assert passed in announced and too_long in announced and behind not in announced
+        later = await pool.fetch("SELECT id FROM detections WHERE id = ANY($1::uuid[]) AND join_deadline > now()", ids)
+        assert {r["id"] for r in later} == set(ids)  # each judged again (or announced again) one timeout on
+        # without the groups' positions every deadline expires, as before
+        await pool.execute("UPDATE detections SET join_deadline = now() - interval '1 second' WHERE id = $1", behind)
+        producer = SentMessages()
+        await announce_due_joins(pool, producer, 5.0, None, ceiling_s=1800.0)
+        assert behind in {JoinDeadline.from_bytes(v).detection_id for _, v in producer.sent}
+    finally:
+        await pool.execute("UPDATE detections SET state = 'failed' WHERE id = ANY($1::uuid[])", ids)
+        await pool.close()

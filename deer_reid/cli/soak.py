@@ -20,6 +20,9 @@ def register(commands) -> None:
     so.add_argument("--rate", type=float, help="detections per second (default: all at once, one backlog)")
     so.add_argument("--faults", action="store_true",
                     help="SIGKILL each service once, the broker and the embedded PostgreSQL, spread out")
+    so.add_argument("--mode", choices=("enhanced", "fast"),
+                    help="set the stack's switches for the run (enhanced: coat, pose, antler and temporal on) and "
+                         "put the previous ones back after it (default: run under the switches as they are)")
     so.add_argument("--concurrency", type=int, default=4)
     so.add_argument("--timeout", type=float, default=86400, help="give up waiting for decisions after this")
     so.add_argument("--seed", type=int)
@@ -28,6 +31,8 @@ def register(commands) -> None:
 
 
 def cmd_soak(args) -> int:
+    import httpx
+
     from deer_reid.soak import exit_status, soak
 
     settings = settings_for(args)
@@ -35,8 +40,8 @@ def cmd_soak(args) -> int:
         report = asyncio.run(soak(settings.home, Path(args.photos), args.detections, dsn=settings.database_url or None,
                                   rate=args.rate, faults=args.faults, concurrency=args.concurrency,
                                   timeout=args.timeout, seed=args.seed, headers=auth_headers(settings),
-                                  progress=not args.quiet))
-    except RuntimeError as exc:
+                                  progress=not args.quiet, mode=args.mode))
+    except (RuntimeError, httpx.HTTPError) as exc:  # no stack, no photos, or the API refused the switches
         print(f"deer-reid soak: {exc}", file=sys.stderr)
         return 2
     keep_json(report, args.json)

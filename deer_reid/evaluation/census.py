@@ -159,8 +159,8 @@ def run_census(data: Path, *, mode: str, body_model: str | None, limit: int | No
                report_dir: Path | None, json_path: Path | None, budget: int, reviewer_error: float,
                recluster_every: int, baseline: bool = True, progress: bool = True, settings: Settings | None = None,
                stack_models: list[str] = ()) -> dict:
-    from deer_reid.client import auth_headers
-    from deer_reid.evaluation.run import _base, _open_set, _switch, stack_photos
+    from deer_reid.client import auth_headers, switch_pipeline
+    from deer_reid.evaluation.run import _base, _open_set, stack_photos
 
     settings = settings or Settings()
     headers = auth_headers(settings)
@@ -173,14 +173,14 @@ def run_census(data: Path, *, mode: str, body_model: str | None, limit: int | No
         # the census runs when this eval asks, never on its own: the online decisions are measured as they are
         httpx.put(f"{api_url}/v1/census/{site}", json={"auto": False}, timeout=30, headers=headers).raise_for_status()
     has_time = all(s.captured_at for s in samples)
-    before = _switch(api_url, headers, mode=mode, temporal=has_time)
+    before = switch_pipeline(api_url, headers, mode=mode, temporal=has_time)
     started = time.monotonic()
     try:
         dets = asyncio.run(_open_set(api_url, samples, order, prop, FALLBACK_TIME, progress, True, headers))
         copies = asyncio.run(_open_set(api_url, samples, order, today, FALLBACK_TIME, progress, True, headers,
                                        copy_mark=COPY_MARK)) if baseline else None
     finally:
-        _switch(api_url, headers, **before)
+        switch_pipeline(api_url, headers, **before)
     upload_s = time.monotonic() - started
     truth = {d["id"]: s.identity for d, s in zip(dets, samples)}
     online = {d["id"]: d.get("individual_id") if d.get("state") in ("assigned", "new") else None for d in dets}

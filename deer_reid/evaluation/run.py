@@ -241,16 +241,6 @@ def stack_photos(data: Path, body_model: str | None, stack_models: list[str], li
     return samples, held_out
 
 
-def _switch(api_url: str, headers: dict, **switches) -> dict:
-    """Set run-time switches of the running stack; returns the configuration it had before."""
-    import httpx
-
-    before = httpx.get(f"{api_url}/v1/config", timeout=30, headers=headers).json()
-    resp = httpx.put(f"{api_url}/v1/config", json=switches, headers=headers, timeout=30)
-    resp.raise_for_status()
-    return {k: before[k] for k in switches}
-
-
 def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | None, seed: int, api_url: str,
                  report_dir: Path | None, json_path: Path | None, progress: bool = True,
                  settings: Settings | None = None, stack_models: list[str] = (), sightings: bool = False,
@@ -260,7 +250,7 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
     earlier runs' individuals are never candidates."""
     import httpx
 
-    from deer_reid.client import auth_headers
+    from deer_reid.client import auth_headers, switch_pipeline
 
     settings = settings or Settings()
     headers = auth_headers(settings)
@@ -269,13 +259,13 @@ def run_open_set(data: Path, *, mode: str, body_model: str | None, limit: int | 
     site = f"eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-s{seed}"
     httpx.put(f"{api_url}/v1/sites/{site}", json={"property": site}, timeout=30, headers=headers).raise_for_status()
     has_time = all(s.captured_at for s in samples)
-    before = _switch(api_url, headers, mode=mode, temporal=has_time)
+    before = switch_pipeline(api_url, headers, mode=mode, temporal=has_time)
     started = time.monotonic()
     try:
         dets = asyncio.run(_open_set(api_url, samples, order, site, "2025-11-01T06:00:00Z", progress, sightings,
                                     headers))
     finally:
-        _switch(api_url, headers, **before)
+        switch_pipeline(api_url, headers, **before)
     wall = time.monotonic() - started
     placed = [d.get("individual_id") if d.get("state") in ("assigned", "new") else None for d in dets]
     ids = [s.identity for s in samples]

@@ -1,17 +1,32 @@
-"""Whether an overdue detection is stuck or queued behind others: judged from the consumer groups'
-positions alone (read from the broker by `offsets`), with no I/O here.
+"""Whether an overdue detection is stuck or queued behind others, and whether a join past its deadline is
+still being worked towards: judged from the consumer groups' positions alone (read from the broker by
+`offsets`), with no I/O here.
 
 In a season's backlog nearly every detection waits longer than the reconciler's patience; re-publishing
-one whose event still waits in a queue that flows would only queue a copy behind itself.
+one whose event still waits in a queue that flows would only queue a copy behind itself, and deciding a
+join whose component is on its way would decide it `degraded` for nothing but the load.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
-from shared.topics import DETECTIONS, FEATURES_BODY
+from shared.topics import DETECTIONS, FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, POSE_REQUESTS
 
-BODY_GROUP, FUSION_GROUP = "deer-body", "deer-fusion"  # shared.broker.BrokerRunner's groups of the services
+# shared.broker.BrokerRunner's groups of the services ("deer-" and the handler's name)
+BODY_GROUP, FUSION_GROUP = "deer-body", "deer-fusion"
+COAT_GROUP, ANTLER_GROUP, POSE_GROUP = "deer-coat", "deer-antler", "deer-pose"
+
+Queue = tuple[str, str]  # (consumer group, topic name): one group's queue of one topic
+
+# Where an optional component's work waits before fusion joins it: the component's own input queue (the
+# detection's event, or for pose the request fusion sent), then fusion's queue of the component's features.
+COMPONENT_QUEUES: dict[str, tuple[Queue, Queue]] = {
+    "coat": ((COAT_GROUP, DETECTIONS.name), (FUSION_GROUP, FEATURES_COAT.name)),
+    "antler": ((ANTLER_GROUP, DETECTIONS.name), (FUSION_GROUP, FEATURES_ANTLER.name)),
+    "pose": ((POSE_GROUP, POSE_REQUESTS.name), (FUSION_GROUP, FEATURES_POSE.name)),
+}
 
 
 @dataclass(frozen=True)
@@ -32,60 +47,111 @@ def lag(position: Position) -> int:
 
 @dataclass(frozen=True)
 class Backlog:
-    """The two queues a detection can wait in before its decision: its event in the body group's queue
-    (where it landed is known), then its body features in the fusion group's. `flowing` names the
-    (topic, partition) whose group offset moved lately."""
+    """The queues a detection can wait in before its decision: its event in the body group's queue (where
+    it landed is known), its body features in the fusion group's, and an optional component's work in that
+    component's queues (`COMPONENT_QUEUES`). `flowing` names the (queue, partition) whose group offset moved
+    lately; a queue not in `positions` (not read) never counts as flowing."""
 
-    body: Position
-    fusion: Position | None = None
-    flowing: frozenset[tuple[str, int]] = frozenset()
+    positions: Mapping[Queue, Position]
+    flowing: frozenset[tuple[Queue, int]] = frozenset()
+    body_group: str = BODY_GROUP
+    fusion_group: str = FUSION_GROUP
+
+    @property
+    def body_queue(self) -> Queue:
+        return self.body_group, DETECTIONS.name
+
+    @property
+    def body(self) -> Position:
+        return self.positions[self.body_queue]
+
+    def behind(self, queue: Queue, partition: int | None, offset: int | None) -> bool:
+        """The message at (partition, offset) waits in a partition of `queue` that flows: not consumed yet,
+        and still in the log (a broker restarted empty has lost it). A partition that does not move (a
+        consumer wedged, hung or gone) holds stuck work, not queued work: re-publishing is then the cure,
+        as it was seen to be after a broker restarted empty."""
+        position = self.positions.get(queue)
+        if position is None or partition is None or offset is None or partition not in position.end \
+                or (queue, partition) not in self.flowing:
+            return False
+        return position.committed.get(partition, 0) <= offset < position.end[partition]
+
+    def busy(self, queue: Queue) -> bool:
+        """Some partition of `queue` waits and moves: work whose place in it is not known may be there."""
+        position = self.positions.get(queue)
+        return position is not None and any(position.waiting(p) and (queue, p) in self.flowing
+                                            for p in position.end)
 
     def in_body_queue(self, partition: int | None, offset: int | None) -> bool:
-        """Its event waits in a body partition that flows: not consumed yet, and still in the log (a broker
-        restarted empty has lost it). A partition that does not move (a consumer wedged, hung or gone)
-        holds stuck work, not queued work: re-publishing is then the cure, as it was seen to be after a
-        broker restarted empty."""
-        if partition is None or offset is None or partition not in self.body.end \
-                or (DETECTIONS.name, partition) not in self.flowing:
-            return False
-        return self.body.committed.get(partition, 0) <= offset < self.body.end[partition]
+        return self.behind(self.body_queue, partition, offset)
 
     def fusion_busy(self) -> bool:
-        """Fusion works through a queue of body features (some partition waits and moves): a detection the
-        body has answered may be in it (where is not known, so any flowing fusion queue counts)."""
-        if self.fusion is None:
-            return False
-        return any(self.fusion.waiting(p) and (FEATURES_BODY.name, p) in self.flowing for p in self.fusion.end)
+        """Fusion works through a queue of body features: a detection the body has answered may be in it."""
+        return self.busy((self.fusion_group, FEATURES_BODY.name))
 
-    def queued(self, state: str, partition: int | None, offset: int | None) -> bool:
+    def on_its_way(self, missing: Iterable[str], partition: int | None, offset: int | None) -> list[str]:
+        """The missing components of a joining detection whose work still waits in a queue that flows: its
+        event behind in the component's input queue ((partition, offset): where the event landed), or, where
+        its place is not known (a pose request, features on their way to fusion), a queue that waits and
+        moves. A component whose queues stand still is stuck or down: its work is not on its way."""
+        out = []
+        for component in missing:
+            if component not in COMPONENT_QUEUES:
+                continue
+            inbox, features = COMPONENT_QUEUES[component]
+            position_known = inbox[1] == DETECTIONS.name
+            if (self.behind(inbox, partition, offset) if position_known else self.busy(inbox)) or self.busy(features):
+                out.append(component)
+        return out
+
+    def queued(self, state: str, partition: int | None, offset: int | None, missing: Iterable[str] = ()) -> bool:
+        """Whether an overdue detection waits in a queue that flows (`missing`: a joining detection's
+        components not arrived yet)."""
         if state == "extracting" and self.in_body_queue(partition, offset):
             return True
-        return state in ("extracting", "fusing") and self.fusion_busy()
+        if state in ("extracting", "fusing") and self.fusion_busy():
+            return True
+        return state == "fusing" and bool(self.on_its_way(missing, partition, offset))
 
 
-def backlog_of(positions: dict[tuple[str, str], Position], body_group: str = BODY_GROUP,
+def join_waits_on(backlog: Backlog | None, missing: Iterable[str], partition: int | None, offset: int | None,
+                  joined_s: float, ceiling_s: float) -> list[str]:
+    """The components a join past its deadline waits on for one more deadline instead of being decided
+    without them: those of its missing components whose work is on its way (`Backlog.on_its_way`), as long
+    as the join started (its body features arrived) less than `ceiling_s` ago. Empty: decide now, with
+    what arrived. Without the groups' positions (the broker did not answer) every deadline expires, as it
+    did before queues were read."""
+    if backlog is None or joined_s >= ceiling_s:
+        return []
+    return backlog.on_its_way(missing, partition, offset)
+
+
+def backlog_of(positions: dict[Queue, Position], body_group: str = BODY_GROUP,
                fusion_group: str = FUSION_GROUP) -> Backlog:
-    """The backlog in the groups' positions ((group, topic name) -> position), with nothing flowing yet:
-    which queues move is for a `QueueWatch` to say, across rounds."""
-    return Backlog(positions[(body_group, DETECTIONS.name)], positions.get((fusion_group, FEATURES_BODY.name)))
+    """The backlog in the groups' positions, with nothing flowing yet: which queues move is for a
+    `QueueWatch` to say, across rounds."""
+    return Backlog(positions, frozenset(), body_group, fusion_group)
 
 
 class QueueWatch:
-    """Remembers when a group's committed offset of each (topic, partition) last moved, across rounds."""
+    """Remembers when a group's committed offset of each (queue, partition) last moved, or last had nothing
+    waiting, across rounds: a group that has caught up is not stuck, and work that reaches it after a quiet
+    spell gets the whole window to be started on before its partition counts as standing still."""
 
     def __init__(self):
-        self._last: dict[tuple[str, int], tuple[int, float]] = {}  # -> (committed offset, when it last changed)
+        self._last: dict[tuple[Queue, int], tuple[int, float]] = {}  # -> (committed offset, when it last changed)
 
-    def flowing(self, positions: dict[str, Position], within_s: float, now: float | None = None) -> frozenset:
-        """(topic, partition) whose group offset moved within `within_s` (a first sighting counts as a move)."""
+    def flowing(self, positions: Mapping[Queue, Position], within_s: float, now: float | None = None) -> frozenset:
+        """(queue, partition) whose group offset moved, or that had nothing waiting, within `within_s` (a first
+        sighting counts as a move)."""
         now = time.monotonic() if now is None else now
         out = set()
-        for topic, position in positions.items():
+        for queue, position in positions.items():
             for p in position.end:
                 offset = position.committed.get(p, 0)
-                last = self._last.get((topic, p))
-                if last is None or last[0] != offset:
-                    self._last[(topic, p)] = (offset, now)
-                if now - self._last[(topic, p)][1] <= within_s:
-                    out.add((topic, p))
+                last = self._last.get((queue, p))
+                if last is None or last[0] != offset or not position.waiting(p):
+                    self._last[(queue, p)] = (offset, now)
+                if now - self._last[(queue, p)][1] <= within_s:
+                    out.add((queue, p))
         return frozenset(out)

@@ -12,7 +12,8 @@ from typing import Sequence
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.reconciler.backlog import BODY_GROUP, FUSION_GROUP, Backlog, Position, backlog_of
+from services.reconciler.backlog import ANTLER_GROUP, BODY_GROUP, COAT_GROUP, FUSION_GROUP, POSE_GROUP, Backlog, \
+    Position, Queue, backlog_of
 from shared.broker import abandon_after, refuse_topic_auto_creation
 from shared.log_end import true_end_offsets
 from shared.topics import DETECTIONS, FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, \
@@ -21,15 +22,15 @@ from shared.topics import DETECTIONS, FEATURES_ANTLER, FEATURES_BODY, FEATURES_C
 log = logging.getLogger(__name__)
 
 # Every consumer group's queue.
-WATCHED = ((BODY_GROUP, DETECTIONS), ("deer-coat", DETECTIONS), ("deer-antler", DETECTIONS),
-           ("deer-pose", POSE_REQUESTS), (FUSION_GROUP, FEATURES_BODY), (FUSION_GROUP, FEATURES_COAT),
+WATCHED = ((BODY_GROUP, DETECTIONS), (COAT_GROUP, DETECTIONS), (ANTLER_GROUP, DETECTIONS),
+           (POSE_GROUP, POSE_REQUESTS), (FUSION_GROUP, FEATURES_BODY), (FUSION_GROUP, FEATURES_COAT),
            (FUSION_GROUP, FEATURES_ANTLER), (FUSION_GROUP, FEATURES_POSE), (FUSION_GROUP, JOIN_DEADLINES))
 
 BROKER_CALL_S = 10.0  # the longest a reconcile round waits on one of the broker's admin answers
 
 
 async def read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]] = WATCHED, timeout_s: float = BROKER_CALL_S
-                         ) -> dict[tuple[str, str], Position] | None:
+                         ) -> dict[Queue, Position] | None:
     """(group, topic name) -> where the group stands on the topic; None when the broker cannot say within
     `timeout_s`. Right after a broker restarted empty these requests were seen to hang for minutes: the
     round must not wait on them."""
@@ -49,7 +50,7 @@ async def read_backlog(bootstrap: str, body_group: str = BODY_GROUP, fusion_grou
     return None if positions is None else backlog_of(positions, body_group, fusion_group)
 
 
-async def _read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]]) -> dict[tuple[str, str], Position] | None:
+async def _read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]]) -> dict[Queue, Position] | None:
     refuse_topic_auto_creation()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000)

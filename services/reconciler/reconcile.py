@@ -2,7 +2,9 @@
 
 - a detection stuck in a non-terminal state is re-enqueued for the relay, and failed once it made no
   progress after `max_attempts`;
-- a join past its deadline is announced to fusion, which decides it with what arrived.
+- a join past its deadline is announced to fusion, which decides it with what arrived, unless a missing
+  component's work is still on its way through a queue that flows (then it waits one more deadline, up to
+  a ceiling: `backlog.join_waits_on`).
 """
 from __future__ import annotations
 
@@ -15,19 +17,28 @@ from datetime import datetime, timezone
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from services.reconciler.backlog import Backlog, QueueWatch, backlog_of, lag
+from services.reconciler.backlog import Backlog, QueueWatch, backlog_of, join_waits_on, lag
 from services.reconciler.offsets import BROKER_CALL_S, read_positions
 from shared.broker import abandon_after
 from shared.db import OUTBOX_CHANNEL
 from shared.observability import DETECTIONS_BY_STATE, GROUP_LAG
 from shared.schemas import JoinDeadline
 from shared.states import PENDING, STATES
-from shared.topics import DETECTIONS, FEATURES_BODY, JOIN_DEADLINES, ensure_topics
+from shared.topics import JOIN_DEADLINES, ensure_topics
 
 log = logging.getLogger(__name__)
 
 RECONCILE_PAGE = 2000  # overdue detections read and judged in one transaction
 RECONCILE_MAX_PAGES = 100  # a round looks at up to 200,000 of them: a season's backlog and more
+
+# The components a detection's join has in (any status), for `missing`; `d` is the detection's row.
+ARRIVED_SQL = "(SELECT array_agg(f.component) FROM detection_features f WHERE f.detection_id = d.id) AS arrived"
+
+
+def missing(row: asyncpg.Record) -> list[str]:
+    """The components the detection expects that have not joined yet (body alone before its publication)."""
+    arrived = set(row["arrived"] or ())
+    return [c for c in row["expected"] or ["body"] if c not in arrived]
 
 
 async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts: int,
@@ -56,8 +67,8 @@ async def reconcile_once(pool: asyncpg.Pool, stuck_after_s: float, max_attempts:
     for _ in range(RECONCILE_MAX_PAGES):
         async with pool.acquire() as conn, conn.transaction():
             overdue = await conn.fetch(
-                """SELECT id, state, attempts, published_partition, published_offset, updated_at,
-                          extract(epoch FROM now() - updated_at) AS waited FROM detections d
+                f"""SELECT id, state, attempts, published_partition, published_offset, updated_at, expected,
+                           {ARRIVED_SQL}, extract(epoch FROM now() - updated_at) AS waited FROM detections d
                    WHERE state = ANY($1::text[])
                      AND updated_at < now() - make_interval(secs => $2 * power(2, least(attempts, 3)))
                      AND (updated_at, id) > ($3, $4)
@@ -89,7 +100,7 @@ async def _reconcile_page(conn: asyncpg.Connection, overdue: list, max_attempts:
     """One page of overdue detections, in the page's transaction: queued ones left be, stuck ones
     re-published (confirmed by a second round when `suspects` is kept) or failed out of attempts."""
     queued = [r["id"] for r in overdue if backlog is not None and r["waited"] < queued_max_s
-              and backlog.queued(r["state"], r["published_partition"], r["published_offset"])]
+              and backlog.queued(r["state"], r["published_partition"], r["published_offset"], missing(r))]
     waiting = set(queued)
     stuck = [r for r in overdue if r["id"] not in waiting]
     if suspects is not None:
@@ -128,6 +139,7 @@ class StuckWork:
         self.watch = QueueWatch()
         self.suspects: set = set()  # found stuck by the last round: re-published if this one agrees
         self.queued = 0  # overdue detections whose events still wait in the log (last round)
+        self.backlog: Backlog | None = None  # the last round's (None: not read yet, or the broker did not say)
         self.states: dict[str, int] = {}
 
     async def round(self) -> None:
@@ -145,26 +157,38 @@ class StuckWork:
         if positions is not None:
             for (group, topic), position in positions.items():
                 GROUP_LAG.labels(group, topic).set(lag(position))
-            backlog = backlog_of(positions)
-            queues = {DETECTIONS.name: backlog.body, FEATURES_BODY.name: backlog.fusion}
-            backlog = dataclasses.replace(backlog, flowing=self.watch.flowing(queues, self.settings.stuck_after_s))
+            backlog = dataclasses.replace(backlog_of(positions),
+                                          flowing=self.watch.flowing(positions, self.settings.stuck_after_s))
+        self.backlog = backlog
         _, _, self.queued = await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts,
                                                  backlog, self.settings.queued_max_s, self.suspects)
         self.states = await count_states(self.pool)
 
 
 async def announce_due_joins(pool: asyncpg.Pool, producer: AIOKafkaProducer, join_timeout_s: float,
-                             limit: int = 1000) -> int:
-    """Tell fusion about joins past their deadline; each is announced again one timeout later if still open
-    (the announcement may be lost, and deciding is idempotent)."""
+                             backlog: Backlog | None = None, ceiling_s: float = 0.0,
+                             limit: int = 1000) -> tuple[int, int]:
+    """Tell fusion about joins past their deadline, except those still waiting on a component whose work
+    is on its way through a queue that flows (`join_waits_on`, with `backlog` and `ceiling_s`): their
+    deadline moves one timeout on, to be judged again then. An announced join is announced again one timeout
+    later if still open (the announcement may be lost, and deciding is idempotent). Returns (announced,
+    extended)."""
     async with pool.acquire() as conn:
         rows = await conn.fetch(
-            """UPDATE detections SET join_deadline = now() + make_interval(secs => $1::float8)
-               WHERE id IN (SELECT id FROM detections WHERE state = 'fusing' AND join_deadline < now()
-                            ORDER BY join_deadline LIMIT $2 FOR UPDATE SKIP LOCKED)
-               RETURNING id, property""", join_timeout_s, limit)
-    if rows:
+            f"""UPDATE detections d SET join_deadline = now() + make_interval(secs => $1::float8)
+                WHERE d.id IN (SELECT id FROM detections WHERE state = 'fusing' AND join_deadline < now()
+                               ORDER BY join_deadline LIMIT $2 FOR UPDATE SKIP LOCKED)
+                RETURNING d.id, d.property, d.published_partition, d.published_offset, d.expected, {ARRIVED_SQL},
+                          extract(epoch FROM now() - (SELECT f.arrived_at FROM detection_features f
+                                                      WHERE f.detection_id = d.id AND f.component = 'body'))
+                            AS joined_s""", join_timeout_s, limit)
+    due = [r for r in rows if not join_waits_on(backlog, missing(r), r["published_partition"], r["published_offset"],
+                                                float(r["joined_s"] or 0.0), ceiling_s)]
+    if due:
         futures = [await producer.send(JOIN_DEADLINES.name, JoinDeadline(detection_id=r["id"], property=r["property"])
-                                       .to_bytes(), key=r["property"].encode()) for r in rows]
+                                       .to_bytes(), key=r["property"].encode()) for r in due]
         await asyncio.gather(*futures)
-    return len(rows)
+    if len(rows) > len(due):
+        log.info("reconciler: %d joins past their deadline wait on components still on their way",
+                 len(rows) - len(due))
+    return len(due), len(rows) - len(due)

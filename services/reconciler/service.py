@@ -100,7 +100,10 @@ class Reconciler:
 
     async def _join_deadline_round(self) -> None:
         await asyncio.sleep(self.settings.join_sweep_every_s)
-        await announce_due_joins(self.pool, self.producer, self.settings.join_timeout_s)
+        # The ceiling of a join's waiting on flowing queues is the reconciler's trust in a flowing queue
+        # (queued_max_s): past it, a detection is no longer held by its join, as no longer counted queued.
+        await announce_due_joins(self.pool, self.producer, self.settings.join_timeout_s, self.stuck_work.backlog,
+                                 self.settings.queued_max_s)
 
 
 async def make_handler(settings) -> Reconciler:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from datetime import datetime, timezone
 
 from deer_reid.bench.bare import cpu_model, measure_bare, synthetic_crops
@@ -71,6 +72,8 @@ def run_all_features_bench(detections: int, settings: Settings, body_model: str 
             pose_requested = asyncio.run(pose_requested_share(stack.dsn)) if config.mode == "enhanced" else None
         finally:
             stack.stop()
+        # a run makes three stacks: each one's home goes once it is measured (a failed one keeps its logs)
+        shutil.rmtree(stack.home, ignore_errors=True)
         result[name] = {
             "switches": {"mode": config.mode, **config.switches()}, "body_models": models,
             "e2e_det_per_s": round(burst["det_per_s"], 2), "bare_det_per_s": bare["bare_det_per_s"],

@@ -275,3 +275,48 @@ def test_bench_re_executes_itself_with_its_own_arguments_not_the_callers(tmp_pat
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(out.read_text())["detections"] == 60
+
+
+def test_bench_all_features_goes_with_the_enhanced_mode(cli_env):
+    refused = cli("bench", "--mode", "fast", "--all-features", env=cli_env)
+    assert refused.returncode == 2 and "--all-features goes with --mode enhanced" in refused.stderr
+
+
+@pytest.mark.stack
+def test_bench_all_features_measures_fast_enhanced_and_ensemble_in_one_run(cli_env, tmp_path):
+    """`bench --mode enhanced --all-features`: fast mode, every enhancement with the ensemble off, and with it
+    on, each on a stack of its own that decided every detection; each with its throughputs and where its
+    burst's time went, the ratios between them, and the per-stage table on stderr."""
+    out = tmp_path / "bench.json"
+    done = cli("bench", "--mode", "enhanced", "--all-features", "--detections", "8",
+               "--body-model", "efficientnet_lite0,efficientnet_lite1", "--json", str(out), env=cli_env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(done.stdout) == result
+    assert result["mode"] == "enhanced" and result["all_features"] and result["detections"] == 8
+    assert result["cpu_model"] and result["cpu_model"] != "unknown"
+    configurations = {"fast": ["efficientnet_lite0"], "enhanced": ["efficientnet_lite0"],
+                      "ensemble": ["efficientnet_lite0", "efficientnet_lite1"]}
+    for name, models in configurations.items():
+        c = result[name]
+        assert c["body_models"] == models, name
+        assert sum(c["decided"].values()) == 8 and c["degraded"] == 0, (name, c["decided"], c["degraded"])
+        assert c["e2e_det_per_s"] > 0 and c["bare_det_per_s"] > 0
+        assert c["ratio"] == pytest.approx(c["e2e_det_per_s"] / c["bare_det_per_s"], abs=0.002)
+        assert c["stages"]["body/embed"]["ms_per_det"] > 0
+        assert c["cpu_ms_per_det"]["body"] > 0 and c["cpu_ms_per_det"]["fusion"] > 0
+    assert result["fast"]["switches"] == {"mode": "fast", "ensemble": True, "temporal": True, "coat": False,
+                                          "pose": False, "antler": False}
+    every_enhancement = {"mode": "enhanced", "temporal": True, "coat": True, "pose": True, "antler": True}
+    assert result["enhanced"]["switches"] == {**every_enhancement, "ensemble": False}
+    assert result["ensemble"]["switches"] == {**every_enhancement, "ensemble": True}
+    for name in ("enhanced", "ensemble"):  # the enhancements ran: coat and antler (the detections are bucks)
+        assert {"coat/extract", "antler/geometry"} <= set(result[name]["stages"]), result[name]["stages"]
+    assert "coat/extract" not in result["fast"]["stages"]
+    assert result["enhanced_over_fast"] == pytest.approx(
+        result["enhanced"]["e2e_det_per_s"] / result["fast"]["e2e_det_per_s"], abs=0.002)
+    assert result["ensemble_over_bare"] == result["ensemble"]["ratio"]
+    assert result["ratio_to_peer"] == pytest.approx(result["fast"]["e2e_det_per_s"] / result["peer"]["det_per_s"],
+                                                    abs=0.01)
+    assert "| per detection | fast | enhanced | ensemble |" in done.stderr
+    assert "| stage body/embed (ms) |" in done.stderr

@@ -11,7 +11,9 @@
 4. the peer: the way the system we replace worked, on the same crops and the same database (eager fp32
    ResNet50 at batch 1, one gallery query per detection, nothing pipelined), and our end-to-end
    throughput over it (`ratio_to_peer`) (peer.py).
-report.py runs them in this order and assembles the JSON report. `bench --precision-check` compares bf16
+report.py runs them in this order and assembles the JSON report. `bench --mode enhanced --all-features`
+(all_features.py) runs 1-3 and the peer for three configurations in one run instead (fast mode, every
+enhancement with the ensemble off, and with it on) and prints their per-stage table. `bench --precision-check` compares bf16
 with fp32 embeddings instead (precision.py).
 Speed does not depend on weights, so models without weights run on random ones
 (and the report says so).

@@ -1,4 +1,5 @@
-"""The body models alone on synthetic crops, and the machine's matmul peak their GFLOP/s are read against."""
+"""The body models alone on synthetic crops, and the machine: its CPU model, and the matmul peak the models'
+GFLOP/s are read against."""
 from __future__ import annotations
 
 import io
@@ -8,6 +9,27 @@ from typing import Callable
 import numpy as np
 
 from shared.config import Settings
+
+
+def cpu_model() -> str:
+    """The processor's model name, as /proc/cpuinfo (x86) or lscpu (elsewhere) give it."""
+    import platform
+    import subprocess
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        lscpu = ""
+    for line in lscpu.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:

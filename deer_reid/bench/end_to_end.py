@@ -6,16 +6,25 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 
 import asyncpg
 import numpy as np
 
 from shared.config import Settings
+from shared.schemas import PipelineConfig
 
 # the sites of the timed runs: the pose share is read back by them
 BURST_SITE = "bench-burst"
 PACED_SITE = "bench-paced"
+
+
+def one_mode_config(mode: str) -> PipelineConfig:
+    """The switches of a one-mode run: enhanced runs the coat, antler and (selective) pose services beside
+    the ensemble; temporal is on in both (the defaults)."""
+    enhanced = mode == "enhanced"
+    return PipelineConfig(mode=mode, coat=enhanced, antler=enhanced, pose=enhanced)
 
 
 def fresh_stack(settings: Settings, names: list[str], mode: str, allow_random: bool):
@@ -118,29 +127,31 @@ async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: 
             "p99_ms": float(np.percentile(latencies, 99)), "seconds": elapsed, "answers": answers}
 
 
-async def run_detections(stack, crops: list[bytes], site: str, rate: float | None, mode: str = "fast") -> dict:
-    """Produce one detection event per crop (paced at `rate`/s, or all at once) and wait for every result."""
+async def run_detections(stack, crops: list[bytes], site: str, rate: float | None, config: PipelineConfig) -> dict:
+    """Produce one detection event per crop under `config`'s switches (paced at `rate`/s, or all at once) and
+    wait for every result: the timings, and how many results were of each state and degraded."""
     from shared.pipeline import expected_components
-    from shared.schemas import DetectionResult, PipelineConfig
+    from shared.schemas import DetectionResult
     from shared.topics import DETECTIONS, RESULTS
 
-    # the enhanced bench includes the coat, antler and (selective) pose services (its detections are bucks)
-    enhanced = mode == "enhanced"
-    config = PipelineConfig(mode=mode, coat=enhanced, antler=enhanced, pose=enhanced)
-    cls = "buck" if enhanced else "doe"
+    # enhanced detections are bucks: the antler service runs for them when switched on
+    cls = "buck" if config.mode == "enhanced" else "doe"
     expected = expected_components(config, cls)
-    rows = await _insert_detections(stack.dsn, crops, site, {"mode": mode, **config.switches()}, expected)
+    rows = await _insert_detections(stack.dsn, crops, site, {"mode": config.mode, **config.switches()}, expected)
     timed = await _round_trip(stack, rows, crops, site, cls=cls, config=config, expected=expected,
                               send_to=DETECTIONS, answers_on=RESULTS, rate=rate,
                               answer_id=lambda raw: str(DetectionResult.from_bytes(raw).detection_id))
-    timed.pop("answers")
+    results = [DetectionResult.from_bytes(raw) for raw in timed.pop("answers")]
+    timed["decided"] = dict(Counter(r.state for r in results))
+    # decided without a component that missed the join deadline: not the whole pipeline's answer
+    timed["degraded"] = sum("degraded" in r.flags for r in results)
     return timed
 
 
 async def run_pose_requests(stack, crops: list[bytes], site: str) -> dict:
     """Pose requests straight to the pose service (the bench's look-alike crops never leave fusion uncertain,
     so fusion itself asks for none): its throughput and latency, request to published features."""
-    from shared.schemas import Features, PipelineConfig
+    from shared.schemas import Features
     from shared.topics import FEATURES_POSE, POSE_REQUESTS
 
     config = PipelineConfig(mode="enhanced", pose=True)

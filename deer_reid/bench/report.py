@@ -7,10 +7,10 @@ import os
 
 from deer_reid.bench.bare import matmul_peak, measure_bare, synthetic_crops
 from deer_reid.bench.components import component_costs
-from deer_reid.bench.end_to_end import (BURST_SITE, PACED_SITE, coat_stored_bytes, fresh_stack,
+from deer_reid.bench.end_to_end import (PACED_SITE, coat_stored_bytes, fresh_stack, one_mode_config,
                                         pose_requested_share, run_detections, run_pose_requests)
 from deer_reid.bench.peer import peer_throughput
-from deer_reid.bench.stages import cpu_ms_per_detection, cpu_seconds, stage_ms_per_detection, stage_totals
+from deer_reid.bench.stages import measured_burst
 from shared.config import Settings
 
 MODES = {"fast": "resnet50", "enhanced": "resnet50,efficientnet_b3,vit_base_patch16_224"}
@@ -36,22 +36,16 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     if mode == "enhanced":
         result.update(component_costs(crops[:32], settings, progress))
 
+    config = one_mode_config(mode)
     stack = fresh_stack(settings, names, mode, allow_random)
     progress("starting the stack ...")
     stack.start()
     try:
-        asyncio.run(run_detections(stack, crops[:32], "bench-warmup", None, mode))
-        # the stages are read outside the CPU window: answering /metrics costs the services CPU too
-        stages_before = stage_totals(stack)
-        cpu_before = cpu_seconds(stack)
-        progress(f"end to end: burst of {detections} detections ...")
-        burst = asyncio.run(run_detections(stack, crops, BURST_SITE, None, mode))
-        cpu_after = cpu_seconds(stack)
-        stages_after = stage_totals(stack)
+        burst, where_time_went = measured_burst(stack, crops, config, threads, progress)
         paced_crops = crops[: max(64, detections // 2)]
         rate = burst["det_per_s"] / 2
         progress(f"end to end: {len(paced_crops)} detections paced at {rate:.1f}/s for latency ...")
-        paced = asyncio.run(run_detections(stack, paced_crops, PACED_SITE, rate, mode))
+        paced = asyncio.run(run_detections(stack, paced_crops, PACED_SITE, rate, config))
         progress(f"the system we replace on the same {detections} crops: eager fp32 ResNet50 at batch 1, "
                  "a query per detection ...")
         result["peer"] = asyncio.run(peer_throughput(crops, stack.dsn))
@@ -70,10 +64,7 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
         # our end-to-end throughput over the peer's, measured in this run on the same crops
         "ratio_to_peer": round(burst["det_per_s"] / result["peer"]["det_per_s"], 2),
         "burst_p50_ms": round(burst["p50_ms"], 1), "burst_p99_ms": round(burst["p99_ms"], 1),
-        "stages": stage_ms_per_detection(stages_before, stages_after, detections),
-        # Where the two cores went during the burst: CPU milliseconds per detection, by process.
-        "cpu_ms_per_det": cpu_ms_per_detection(cpu_before, cpu_after, detections),
-        "cpu_ms_per_det_available": round(1000 * result["threads"] * burst["seconds"] / detections, 2),
+        **where_time_went,
     })
     peak = result["matmul_peak_gflops"]["bf16" if "bf16" in result["precision"].values() else "fp32"]
     result["achieved_gflops_bare"] = round(gflop * result["bare_det_per_s"], 1)

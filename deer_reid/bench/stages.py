@@ -1,11 +1,40 @@
-"""Where the time of the end-to-end burst went, read before it and after it: each stage's seconds from the
+"""The end-to-end burst and where its time went, read before it and after it: each stage's seconds from the
 services' own /metrics (deer_stage_seconds), and the CPU seconds of each process of the stack."""
 from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from deer_reid.bench.end_to_end import BURST_SITE, run_detections
+from shared.schemas import PipelineConfig
 
 # the services whose stages the report breaks down
 TIMED_SERVICES = ("body", "coat", "antler", "fusion")
 
 StageTotals = dict[str, dict[tuple[str, str], tuple[float, float]]]
+
+WARMUP_DETECTIONS = 32
+
+
+def measured_burst(stack, crops: list[bytes], config: PipelineConfig, threads: int,
+                   progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """A warm-up under `config`, then the burst of every crop: the burst's timings (`run_detections`), and
+    where its time went: `stages`, `cpu_ms_per_det` and `cpu_ms_per_det_available` (what `threads` cores
+    could have given each detection over the burst)."""
+    asyncio.run(run_detections(stack, crops[:WARMUP_DETECTIONS], "bench-warmup", None, config))
+    # the stages are read outside the CPU window: answering /metrics costs the services CPU too
+    stages_before = stage_totals(stack)
+    cpu_before = cpu_seconds(stack)
+    progress(f"end to end: burst of {len(crops)} detections ...")
+    burst = asyncio.run(run_detections(stack, crops, BURST_SITE, None, config))
+    cpu_after = cpu_seconds(stack)
+    stages_after = stage_totals(stack)
+    return burst, {
+        "stages": stage_ms_per_detection(stages_before, stages_after, len(crops)),
+        # Where the cores went during the burst: CPU milliseconds per detection, by process.
+        "cpu_ms_per_det": cpu_ms_per_detection(cpu_before, cpu_after, len(crops)),
+        "cpu_ms_per_det_available": round(1000 * threads * burst["seconds"] / len(crops), 2),
+    }
 
 
 def stage_totals(stack) -> StageTotals:

@@ -1,5 +1,6 @@
-"""bench: body throughput (bare models against the whole pipeline), or instead a precision check, the
-gallery search, or one re-clustering. The one place the command line imports `deer_reid.bench`."""
+"""bench: body throughput (bare models against the whole pipeline; with --all-features, fast mode against
+every enhancement with the ensemble off and on), or instead a precision check, the gallery search, or one
+re-clustering. The one place the command line imports `deer_reid.bench`."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,9 @@ def register(commands) -> None:
     be = add_command(commands, "bench", cmd_bench,
                      help="body throughput: bare models vs the whole pipeline, in one run")
     be.add_argument("--mode", choices=("fast", "enhanced"), default="fast")
+    be.add_argument("--all-features", action="store_true",
+                    help="with --mode enhanced: every enhancement on (coat, pose, antler, temporal), measured as fast "
+                         "mode, enhanced with the ensemble off and with it on, in one run, with a table per stage")
     be.add_argument("--detections", type=int, default=512)
     be.add_argument("--body-model", help="override the mode's models (comma-separated)")
     be.add_argument("--precision", choices=("auto", "fp32", "bf16"))
@@ -33,6 +37,10 @@ def register(commands) -> None:
 def cmd_bench(args) -> int:
     from deer_reid.stack import with_jemalloc
 
+    if args.all_features and args.mode != "enhanced":
+        print("deer-reid bench: --all-features goes with --mode enhanced (it measures fast mode as well)",
+              file=sys.stderr)
+        return 2
     env = with_jemalloc(dict(os.environ))
     if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
         # The bare measurement runs under the same allocator as the services it is compared with.
@@ -61,6 +69,13 @@ def _measure(args) -> dict:
     if args.precision_check:
         names = [n.strip() for n in (args.body_model or "efficientnet_lite0").split(",")]
         return precision_check(Path(args.precision_check), names, settings)
+    if args.all_features:
+        from deer_reid.bench.all_features import all_features_table, run_all_features_bench
+
+        result = run_all_features_bench(args.detections, settings, body_model=args.body_model, progress=_progress)
+        # the table on stderr beside the progress: stdout stays the JSON scripts read
+        _progress(all_features_table(result))
+        return result
     return run_bench(args.mode, args.detections, settings, body_model=args.body_model, progress=_progress)
 
 

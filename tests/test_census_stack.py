@@ -434,7 +434,7 @@ async def test_question_mode_in_a_real_browser_answers_five_by_key_and_undoes(st
 
     from selenium.webdriver.common.by import By
 
-    from tests.test_page import shot, wait_for
+    from tests.test_page import shot, shown
 
     prop = "census-page"
     photos = herd(nyala_rows, nyala_paths, identities_with(nyala_rows, 4, 23, 6), 3)
@@ -446,14 +446,14 @@ async def test_question_mode_in_a_real_browser_answers_five_by_key_and_undoes(st
     assert run["summary"]["questions"] >= 5, run["summary"]
 
     browser.get(f"{stack.api_url}/ui/login?next={quote(f'/ui/census?property={prop}')}#key={quote(stack.admin_key)}")
-    wait_for(lambda: "/ui/census" in browser.current_url, what="the sign-in to land on the census page")
+    await shown(lambda: "/ui/census" in browser.current_url, what="the sign-in to land on the census page")
     answered = []
     for n in range(5):
-        shown = wait_for(lambda: browser.execute_script(
+        on_page = await shown(lambda: browser.execute_script(
             "const q = document.getElementById('question');"
             "return q && [q.dataset.question, q.dataset.a, q.dataset.b];"), what=f"question {n + 1}")
-        qid = int(shown[0])
-        same = truth[shown[1]] == truth[shown[2]]
+        qid = int(on_page[0])
+        same = truth[on_page[1]] == truth[on_page[2]]
         if n == 0:
             assert "question" in browser.find_element(By.ID, "census-left").text
             browser.find_element(By.TAG_NAME, "body").send_keys("i")  # the evidence, a key away
@@ -465,7 +465,7 @@ async def test_question_mode_in_a_real_browser_answers_five_by_key_and_undoes(st
                           what=f"answer {n + 1} in the database")
         assert row["answer"] == ("same" if same else "different") and not row["undone"]
         answered.append(row["id"])
-        wait_for(lambda: browser.execute_script(
+        await shown(lambda: browser.execute_script(
             "const q = document.getElementById('question');"
             "return document.getElementById('census-empty') !== null"
             " || (q !== null && q.dataset.question !== arguments[0]);",

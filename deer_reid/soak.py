@@ -32,6 +32,7 @@ import random
 import signal
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -156,20 +157,14 @@ def degraded_reasons(result: dict) -> list[str]:
 def decisions_report(rows: list[dict]) -> dict:
     """The run's detections by state, by the switches they ran under (`pipeline`), and the degraded ones
     by why (`degraded_reasons`); each row has `state`, `pipeline` and `result` (None until decided)."""
-    states: dict[str, int] = {}
-    pipelines: dict[str, int] = {}
-    degraded_by: dict[str, int] = {}
-    degraded = timed_out = 0
-    for r in rows:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-        key = json.dumps(r["pipeline"], sort_keys=True)
-        pipelines[key] = pipelines.get(key, 0) + 1
-        reasons = degraded_reasons(r["result"]) if "degraded" in (r["result"] or {}).get("flags", []) else []
-        degraded += bool(reasons)
-        timed_out += any(why.endswith(" not arrived") for why in reasons)
-        for why in reasons:
-            degraded_by[why] = degraded_by.get(why, 0) + 1
-    return {"states": states, "degraded": degraded, "degraded_by": degraded_by, "degraded_by_timeout": timed_out,
+    states = Counter(r["state"] for r in rows)
+    pipelines = Counter(json.dumps(r["pipeline"], sort_keys=True) for r in rows)
+    reasons = [degraded_reasons(r["result"]) for r in rows if "degraded" in (r["result"] or {}).get("flags", [])]
+    degraded = sum(1 for why in reasons if why)
+    timed_out = sum(1 for why in reasons if any(w.endswith(" not arrived") for w in why))
+    degraded_by = Counter(w for why in reasons for w in why)
+    return {"states": dict(states), "degraded": degraded, "degraded_by": dict(degraded_by),
+            "degraded_by_timeout": timed_out,
             "pipelines": [{**json.loads(k), "detections": n} for k, n in sorted(pipelines.items())]}
 
 

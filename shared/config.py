@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     # per detection: measured on nyala-train's fit-half identities (pattern alone, top-1 / top-5):
     # 256: 0.079 / 0.284, 512: 0.099 / 0.297, 1024: 0.116 / 0.334, every keypoint (~700): 0.117 / 0.330
     coat_keypoints: int = Field(1024, ge=16, le=4096)
+    # RootSIFT's own budget and SIFT's contrast threshold: at OpenCV's 0.04 SIFT finds ~300 keypoints on the
+    # animal whatever the budget; lowered, it finds more, and more keypoints is what lifts RootSIFT. The curve
+    # on nyala-train's fit-half identities (pattern alone re-ranking each photo's 50 closest by Lite0, 161
+    # photos, `deer-reid eval --protocol keypoints`), keypoints found per photo -> top-1 / top-5:
+    # 265 -> 0.068 / 0.311, 563 -> 0.112 / 0.292, 752 -> 0.137 / 0.366, 1,102 -> 0.199 / 0.416,
+    # 1,452 -> 0.211 / 0.422 (the body's own order: top-1 0.093). Matching grows with the product of the two
+    # counts (about 1 ms a pair at 265, 6 at 1,102); 3,000 at 0.01 (~1,100 found) buys most of the gain.
+    coat_sift_keypoints: int = Field(3000, ge=16, le=8192)
+    coat_sift_contrast: float = Field(0.01, gt=0, le=0.2)
     coat_restrict_to_animal: bool = True  # keypoints on the foreground only (the box is loose)
     coat_workers: int = 0  # crops processed side by side (0: one per core)
     # gallery photos closest by the fast body model that a detection's coat is compared with. Measured with

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
@@ -55,6 +56,17 @@ def test_the_foreground_covers_the_animal_not_the_border(crops):
         border = np.concatenate([fg.mask[:4].ravel(), fg.mask[-4:].ravel(), fg.mask[:, :4].ravel(),
                                  fg.mask[:, -4:].ravel()]).mean()
         assert centre > border
+
+
+def test_a_crop_gets_the_same_foreground_whatever_its_worker_did_before(nyala_paths):
+    """GrabCut draws from OpenCV's random generator: the mask must not depend on the generator's state."""
+    for path in nyala_paths[:8]:
+        rgb = small(path)
+        masks = []
+        for state in (1, 12345):
+            cv2.setRNGSeed(state)
+            masks.append(foreground(rgb).mask)
+        assert np.array_equal(*masks)
 
 
 def test_colour_histograms_are_192_d_per_region_and_channel_sums_to_one(crops):
@@ -173,6 +185,28 @@ def test_rootsift_is_the_measured_alternative(nyala_paths):
     p = pattern.PatternExtractor("rootsift", 128)(small(nyala_paths[0], 384))
     assert p.kind == "rsf1" and 20 <= len(p) <= 128 and p.descriptors.shape[1] == 128
     assert coat_features.unpack(coat_features.pack(p)).descriptors.shape == p.descriptors.shape
+
+
+def test_rootsift_finds_more_on_the_animal_at_a_lower_contrast_and_says_so_in_its_version(nyala_paths):
+    rgb = small(nyala_paths[0], 512)
+    default, detailed = pattern.PatternExtractor("rootsift", 3000), pattern.PatternExtractor("rootsift", 3000, 0.01)
+    assert len(detailed(rgb)) > 1.5 * len(default(rgb))
+    assert default.version == "rootsift-opencv:3000" and detailed.version == "rootsift-opencv-c0.01:3000"
+
+
+def test_stored_patterns_match_through_the_integer_product_exactly_as_through_floats(nyala_rows, nyala_paths):
+    """The int8 kernel (where torch has it here) gives the float product's mutual matches, pair for pair."""
+    extract = pattern.PatternExtractor("rootsift", 1500, 0.01)
+    stored = [coat_features.unpack(coat_features.pack(extract(small(p, 512)))) for p in nyala_paths[:6]]
+    assert coat_features._int8_kernel() is not None  # this machine's torch has it: the test compares both
+    for a in stored[:2]:
+        for b in stored:
+            floats = (coat_features.Pattern(a.kind, a.points, a.descriptors),
+                      coat_features.Pattern(b.kind, b.points, b.descriptors))
+            ints, ref = coat_features.mutual_matches(a, b), coat_features.mutual_matches(*floats)
+            assert np.array_equal(ints[0], ref[0]) and np.array_equal(ints[1], ref[1])
+            assert coat_features.inliers(a, b) == coat_features.inliers(*floats)
+    assert len(coat_features.mutual_matches(stored[0], stored[0])[0]) == len(stored[0])
 
 
 @pytest.mark.parametrize("name, image, flag", [

@@ -318,7 +318,7 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     artifact = load_file(out / "cal.json")["fusion"]
     assert set(artifact["calibrations"]) == {
         "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern-xfeat", "coat:pattern-rootsift"}
-    assert artifact["coat_version"].endswith("+rootsift-opencv:1024-animal")
+    assert artifact["coat_version"].endswith("+rootsift-opencv-c0.01:3000-animal")
 
 
 def test_loo_json_keeps_its_sections_in_order_through_the_cli(tmp_path, capsys):
@@ -510,3 +510,53 @@ def test_coat_shortlists_are_drawn_as_fusion_draws_them_within_each_gallery_and_
     no_patterns = coat_eval.coat_views([{"embeddings": {}, "attributes": {}, "xfeat-animal": None}] * 16, "xfeat-animal")
     out = coat_eval.pair_matrix("coat:pattern-xfeat", no_patterns, halves, known)  # nothing new could be scored
     assert np.array_equal(np.isnan(out), ~halves) and np.all(out[halves] == 0.5)
+
+
+# ---- the keypoint-budget curve ------------------------------------------------------------------
+
+def test_keypoint_budgets_parse_or_name_the_bad_part():
+    from deer_reid.evaluation.keypoints import parse_budgets
+
+    assert parse_budgets("700, 3000:0.01") == [(700, 0.04), (3000, 0.01)]
+    for bad in ("", "many", "3000:x", "3:0.01", "3000:0.5"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budgets(bad)
+
+
+def test_a_pattern_re_ranks_its_shortlist_and_keeps_the_body_order_without_one(nyala_paths):
+    from PIL import Image
+
+    from deer_reid.evaluation.keypoints import hits, rerank_by_pattern
+    from services.coat.pattern import PatternExtractor
+
+    extract = PatternExtractor("rootsift", 800, 0.01)
+    photos = [extract(np.array(Image.open(p).convert("RGB"))) for p in nyala_paths[:3]]
+    patterns = [photos[0], photos[1], photos[0], None]  # photo 2 is photo 0 again; photo 3 has no pattern
+    candidates = [np.array([1, 3, 2]), np.array([0, 2]), np.array([1, 0]), np.array([2, 1, 0])]
+    ranked, per_pair = rerank_by_pattern(patterns, candidates)
+    assert ranked[0].tolist() == [2, 1, 3]  # its own copy first, the photo without a pattern last
+    assert ranked[2][0] == 0 and ranked[3].tolist() == [2, 1, 0] and per_pair > 0
+    identities = ["a", "b", "a", "c"]
+    assert hits(ranked, identities, [0, 2], 1).tolist() == [True, True]
+    assert hits(candidates, identities, [0, 2], 1).tolist() == [False, False]
+
+
+def test_the_keypoint_curve_through_the_cli(tmp_path, capsys):
+    """A few whole identities of the real folder: one row per budget, a lower contrast finding more keypoints,
+    the JSON and report.md written."""
+    from deer_reid.cli import main
+    from tests.conftest import NYALA
+
+    assert main(["eval", str(NYALA), "--protocol", "keypoints", "--limit", "40", "--budgets", "200,1200:0.01",
+                 "--coat-shortlist", "8", "--json", str(tmp_path / "k.json"), "--report", str(tmp_path / "report"),
+                 "--quiet"]) == 0
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert saved["matcher"] == "rootsift" and saved["half"] == "fit" and saved["shortlist"] == 8
+    low, high = saved["curve"]
+    assert (low["keypoints"], low["contrast"], high["keypoints"], high["contrast"]) == (200, 0.04, 1200, 0.01)
+    assert high["found_per_photo"] > low["found_per_photo"] > 0
+    for row in (low, high):
+        assert 0 <= row["top1"] <= row["top5"] <= 1 and row["match_ms_per_pair"] > 0 and row["extract_ms"] > 0
+        assert row["ms_per_detection"] >= row["extract_ms"]
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| 200 | 0.04 |" in table and "| 1200 | 0.01 |" in table

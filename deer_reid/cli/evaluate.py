@@ -14,9 +14,15 @@ from deer_reid.client import api_url
 def register(commands) -> None:
     ev = add_command(commands, "eval", cmd_eval, help="measure re-identification accuracy on a labelled folder")
     ev.add_argument("data_dir", help="folder with metadata.csv (path, identity[, viewpoint, encounter, ...])")
-    ev.add_argument("--protocol", choices=("loo", "open-set", "census"), required=True,
+    ev.add_argument("--protocol", choices=("loo", "open-set", "census", "keypoints"), required=True,
                     help="loo: retrieval and the fitted fusion; open-set: the running stack's online decisions; "
-                    "census: the identity graph with the labels answering its questions (and today's way beside it)")
+                    "census: the identity graph with the labels answering its questions (and today's way beside "
+                    "it); keypoints: a pattern matcher's keypoint-budget curve, accuracy beside milliseconds")
+    ev.add_argument("--budgets", default="700:0.04,1500:0.01,3000:0.01,4000:0.005",
+                    help="keypoints: KEYPOINTS[:SIFT_CONTRAST],... (the contrast only matters to rootsift)")
+    ev.add_argument("--matcher", choices=("rootsift", "xfeat"), default="rootsift", help="keypoints: which matcher")
+    ev.add_argument("--half", choices=("fit", "held-out"), default="fit",
+                    help="keypoints: the identities to draw the curve on (a budget is chosen on the fit half)")
     ev.add_argument("--budget", type=int, default=1000, help="census: the most answers the labels give")
     ev.add_argument("--reviewer-error", type=float, default=0.02, help="census: how often the reviewer is wrong "
                     "(seeded)")
@@ -42,8 +48,8 @@ def register(commands) -> None:
                     "(to compare models on the same animals); trained models' own identities are always left out")
     ev.add_argument("--coat", action="store_true", help="loo: add the coat service's components (colour, "
                     "markings, pattern matching) and measure each, and all fused; census --offline: with them")
-    ev.add_argument("--coat-shortlist", type=int, metavar="K", help="loo --coat: gallery photos each photo's coat "
-                    "is compared with, its K closest by body (default: the service's DEER_COAT_SHORTLIST)")
+    ev.add_argument("--coat-shortlist", type=int, metavar="K", help="loo --coat and keypoints: gallery photos each "
+                    "photo's coat is compared with, its K closest by body (default: the service's DEER_COAT_SHORTLIST)")
     ev.add_argument("--sightings", action="store_true", help="open-set: upload each encounter as one sighting "
                     "(the sighting protocol; reported as such)")
     ev.add_argument("--pose", action="store_true", help="loo: add the pose-aware component (body similarity to "
@@ -70,7 +76,15 @@ def cmd_eval(args) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report_dir = Path(args.report) if args.report else Path("reports") / f"eval-{args.protocol}-{stamp}"
     try:
-        if args.protocol == "loo":
+        if args.protocol == "keypoints":
+            from deer_reid.evaluation.keypoints import parse_budgets, run_keypoints
+
+            result = run_keypoints(Path(args.data_dir), budgets=parse_budgets(args.budgets), matcher=args.matcher,
+                                   half=args.half,
+                                   shortlist=args.coat_shortlist or settings.coat_shortlist, limit=args.limit, seed=args.seed,
+                                   settings=settings, report_dir=report_dir, json_path=args.json,
+                                   progress=not args.quiet)
+        elif args.protocol == "loo":
             result = run_loo(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                              seed=args.seed, report_dir=report_dir, json_path=args.json,
                              target_false_merge=args.target_false_merge, calibration_out=args.calibration_out,

@@ -24,7 +24,6 @@ from tqdm import tqdm
 from deer_reid.evaluation.dataset import Sample
 from deer_reid.evaluation.features import pipeline_crop
 from services.coat.extractor import CoatExtractor
-from services.coat.pattern import PatternExtractor
 from shared.coat import pack
 from shared.components import component, reading
 from shared.components.coat import COAT, PATTERN_OF, view_of
@@ -47,11 +46,12 @@ def service_variants(settings: Settings) -> dict[str, str]:
     return service
 
 
-def _extract(args: tuple[bytes, int]) -> dict:
+def _extract(args: tuple[bytes, tuple]) -> dict:
     """The service's coat features of one crop (both matchers on the animal), and the other pattern variants
-    on the same foreground."""
-    crop, keypoints = args
-    result = _extractor(keypoints).extract(crop)
+    on the same foreground, each matcher with the service's budget."""
+    crop, budgets = args
+    extractor = _extractor(budgets)
+    result = extractor.extract(crop)
     out: dict = {f"{m}-animal": result.patterns.get(m) for m in _ON_THE_ANIMAL}
     out.update({"embeddings": {e.version: e.array().copy() for e in result.embeddings},
                 "attributes": result.attributes, "flags": result.flags, "timings": result.timings_ms})
@@ -61,7 +61,7 @@ def _extract(args: tuple[bytes, int]) -> dict:
             if restrict and result.mask is None:
                 out[name] = None
                 continue
-            found = PatternExtractor(method, keypoints)(rgb, result.mask if restrict else None)
+            found = extractor.patterns[method](rgb, result.mask if restrict else None)
             out[name] = pack(found) if len(found) >= 5 else None
     return out
 
@@ -69,10 +69,16 @@ def _extract(args: tuple[bytes, int]) -> dict:
 _CACHE: dict = {}
 
 
-def _extractor(keypoints: int) -> CoatExtractor:
-    if keypoints not in _CACHE:
-        _CACHE[keypoints] = CoatExtractor(_ON_THE_ANIMAL, keypoints, True)
-    return _CACHE[keypoints]
+def _budgets(settings: Settings) -> tuple[int, int, float]:
+    """The service's pattern budgets under `settings`: XFeat's keypoints, RootSIFT's, SIFT's contrast."""
+    return settings.coat_keypoints, settings.coat_sift_keypoints, settings.coat_sift_contrast
+
+
+def _extractor(budgets: tuple[int, int, float]) -> CoatExtractor:
+    if budgets not in _CACHE:
+        keypoints, sift_keypoints, sift_contrast = budgets
+        _CACHE[budgets] = CoatExtractor(_ON_THE_ANIMAL, keypoints, True, sift_keypoints, sift_contrast)
+    return _CACHE[budgets]
 
 
 def coat_version(settings: Settings) -> str:
@@ -83,17 +89,17 @@ def coat_version(settings: Settings) -> str:
 def coat_features(samples: Sequence[Sample], settings: Settings, *, cache: Path | None = None,
                   progress: bool = True) -> list[dict]:
     """The coat features of each sample (the service's extractor on the pipeline's crop), cached."""
-    keypoints = settings.coat_keypoints
+    budgets = _budgets(settings)
     cache = cache or settings.model_cache.parent / "features"
     cache.mkdir(parents=True, exist_ok=True)
-    versions = _extractor(keypoints).version + "|" + ",".join(VARIANTS)
+    versions = _extractor(budgets).version + "|" + ",".join(VARIANTS)
     file = cache / f"coat_{hashlib.sha256(versions.encode()).hexdigest()[:12]}_crop{settings.crop_max_side}.pkl"
     known: dict = pickle.loads(file.read_bytes()) if file.exists() else {}
     shas = [hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples]
     todo = [i for i, sha in enumerate(shas) if sha not in known]
     if todo:
         workers = max(1, min(len(todo) // 8, len(os.sched_getaffinity(0))))
-        crops = ((pipeline_crop(samples[i].path.read_bytes(), settings), keypoints) for i in todo)
+        crops = ((pipeline_crop(samples[i].path.read_bytes(), settings), budgets) for i in todo)
         with ProcessPoolExecutor(workers) as pool:
             for i, feats in tqdm(zip(todo, pool.map(_extract, crops, chunksize=4)), total=len(todo),
                                  desc="coat features", unit="img", disable=not progress):

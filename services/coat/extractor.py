@@ -15,7 +15,7 @@ import numpy as np
 from services.coat import colour, markings
 from services.coat.foreground import VERSION as FOREGROUND_VERSION
 from services.coat.foreground import foreground
-from services.coat.pattern import PatternExtractor
+from services.coat.pattern import SIFT_DEFAULT_CONTRAST, PatternExtractor
 from shared.coat import COLOUR_VERSION, GREY_VERSION, MARKINGS_VERSION, Pattern, is_infrared, pack
 from shared.images import decode_crop
 from shared.schemas import Embedding
@@ -40,8 +40,11 @@ class CoatExtractor:
     """`methods`: the local feature matchers whose patterns are extracted, each a fusion component of its own."""
 
     def __init__(self, methods: Sequence[str] = ("xfeat", "rootsift"), keypoints: int = 1024,
-                 restrict_to_animal: bool = True):
-        self.patterns = {m: PatternExtractor(m, keypoints) for m in methods}
+                 restrict_to_animal: bool = True, sift_keypoints: int | None = None,
+                 sift_contrast: float = SIFT_DEFAULT_CONTRAST):
+        """`keypoints`: XFeat's budget (and RootSIFT's unless `sift_keypoints` names its own)."""
+        budget = {"xfeat": keypoints, "rootsift": sift_keypoints or keypoints}
+        self.patterns = {m: PatternExtractor(m, budget[m], sift_contrast) for m in methods}
         self.restrict = restrict_to_animal
         where = "-animal" if restrict_to_animal else "-crop"
         self.pattern_versions = {m: f"{extractor.version}{where}" for m, extractor in self.patterns.items()}
@@ -51,7 +54,8 @@ class CoatExtractor:
     @classmethod
     def from_settings(cls, settings) -> "CoatExtractor":
         """The extractor the coat service runs under `settings` (shared.config.Settings)."""
-        return cls(settings.coat_pattern_methods, settings.coat_keypoints, settings.coat_restrict_to_animal)
+        return cls(settings.coat_pattern_methods, settings.coat_keypoints, settings.coat_restrict_to_animal,
+                   settings.coat_sift_keypoints, settings.coat_sift_contrast)
 
     def load(self) -> None:
         for extractor in self.patterns.values():

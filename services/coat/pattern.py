@@ -5,11 +5,14 @@ the network's input (320x224 for landscape crops, 256x256 otherwise), keypoints 
 heat map (5 px non-maximum suppression), ranked by heat x reliability, restricted to the animal's
 mask when one is given, the best `keypoints` kept; descriptors sampled bilinearly from the dense map.
 RootSIFT (OpenCV SIFT, Hellinger-normalised) is the second matcher: the service extracts both by default
-(`DEER_COAT_PATTERNS`), and fusion calibrates and weighs each as a component of its own.
+(`DEER_COAT_PATTERNS`), and fusion calibrates and weighs each as a component of its own. RootSIFT's detail is
+its keypoint count, not the photo's resolution: at OpenCV's default contrast threshold (0.04) SIFT finds about
+300 keypoints on a 512-px animal whatever the budget, so the service lowers it (`DEER_COAT_SIFT_CONTRAST`) and
+keeps up to `DEER_COAT_SIFT_KEYPOINTS` (the budget curve in shared/config.py says why these values).
 
 Storage (`shared.coat.pack`/`unpack`, beside the matching, which fusion shares): positions as uint16 fractions of the crop, descriptors as int8 (x127 of
 unit vectors): 4 + 64 bytes per XFeat keypoint, 4 + 128 per RootSIFT keypoint. The service keeps up to
-1,024 of each (`DEER_COAT_KEYPOINTS`).
+1,024 XFeat keypoints (`DEER_COAT_KEYPOINTS`) and 3,000 RootSIFT ones (`DEER_COAT_SIFT_KEYPOINTS`).
 
 Matching (`shared.coat.inliers`): mutual nearest neighbours, then a homography fitted with MAGSAC; the score is the
 inlier count squashed to [0, 1) (n / (n + 12)), monotone, so the calibration maps it to P(same).
@@ -32,6 +35,7 @@ XFEAT_MODELS = {
     (256, 256): ("xfeat_256x256.onnx", "9b4292da0e6bdc8c3e87ae2b528ebad3dfbc9afdef696b95b22b4d21503bb5fe"),
 }
 LANDSCAPE = 1.15  # width/height above which the 320x224 network is used
+SIFT_DEFAULT_CONTRAST = 0.04  # OpenCV's: patterns extracted at it keep the version they had before it was a setting
 HEAT_MIN = 0.05
 NMS = 5
 
@@ -62,15 +66,19 @@ def xfeat_version() -> str:
 class PatternExtractor:
     """Keypoints and descriptors of one crop; `method` is "xfeat" (default) or "rootsift"."""
 
-    def __init__(self, method: str = "xfeat", keypoints: int = 1024):
+    def __init__(self, method: str = "xfeat", keypoints: int = 1024, contrast: float = SIFT_DEFAULT_CONTRAST):
         if method not in ("xfeat", "rootsift"):
             raise ValueError(f"unknown pattern method {method!r}")
-        self.method, self.keypoints = method, keypoints
+        self.method, self.keypoints, self.contrast = method, keypoints, contrast
 
     @property
     def version(self) -> str:
-        """What a pattern was extracted with (the matcher's weights and the keypoint budget)."""
-        return f"{xfeat_version() if self.method == 'xfeat' else 'rootsift-opencv'}:{self.keypoints}"
+        """What a pattern was extracted with (the matcher's weights, SIFT's contrast threshold, the budget):
+        patterns of two versions are never compared."""
+        if self.method == "xfeat":
+            return f"{xfeat_version()}:{self.keypoints}"
+        contrast = "" if self.contrast == SIFT_DEFAULT_CONTRAST else f"-c{self.contrast:g}"
+        return f"rootsift-opencv{contrast}:{self.keypoints}"
 
     def load(self) -> None:
         """Open (and checksum) the networks now rather than on the first crop."""
@@ -102,7 +110,7 @@ class PatternExtractor:
 
     def _rootsift(self, rgb: np.ndarray, mask: np.ndarray | None) -> Pattern:
         h, w = rgb.shape[:2]
-        sift = cv2.SIFT_create(nfeatures=self.keypoints)
+        sift = cv2.SIFT_create(nfeatures=self.keypoints, contrastThreshold=self.contrast)
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         found, desc = sift.detectAndCompute(grey, None if mask is None else (mask > 0).astype(np.uint8) * 255)
         if desc is None or not found:

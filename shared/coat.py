@@ -18,6 +18,7 @@ no codes (one just extracted), the float product stands in.
 from __future__ import annotations
 
 import functools
+import os
 import struct
 from dataclasses import dataclass
 
@@ -120,6 +121,26 @@ def unpack(raw: bytes) -> Pattern:
     return Pattern(kind.decode(), points, desc * scales[:, None], codes, scales.astype(np.float32))
 
 
+_forked = False  # this process was forked from another (eval's worker pools are)
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+    _single_threaded.cache_clear()
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+@functools.cache
+def _single_threaded(torch) -> None:
+    """In a forked process, torch's products run on the calling thread: the thread pool a parent started
+    (eval embeds photos before it forks its matching workers) hangs the child's first parallel product
+    (measured: torch._int_mm never returned). A forked worker is one of one-per-core anyway."""
+    torch.set_num_threads(1)
+
+
 @functools.cache
 def _int8_kernel():
     """torch, when its int8 matrix product runs here (checked once against the exact product), else None."""
@@ -138,6 +159,8 @@ def mutual_matches(a: Pattern, b: Pattern) -> tuple[np.ndarray, np.ndarray]:
     """(i, j): the descriptor pairs each the other's nearest by cosine (mutual nearest neighbours)."""
     torch = _int8_kernel() if a.codes is not None and b.codes is not None else None
     if torch is not None:
+        if _forked:
+            _single_threaded(torch)
         sims = torch._int_mm(torch.from_numpy(a.codes), torch.from_numpy(b.codes).T).float()
         sims *= torch.from_numpy(a.scales)[:, None]
         sims *= torch.from_numpy(b.scales)[None, :]

@@ -64,6 +64,38 @@ def test_a_registered_component_is_scored_and_recorded_by_fusion_unchanged(toy):
     assert recorded["calibrated"] > candidates[1].as_dict()["components"][TOY]["calibrated"]
 
 
+class CostlySameFacing(SameFacing):
+    name, costly = "coat:same-facing-costly", True
+
+
+@pytest.fixture
+def costly_toy():
+    register(CostlySameFacing())
+    yield component(CostlySameFacing.name)
+    unregister(CostlySameFacing.name)
+
+
+def test_a_costly_component_compares_only_the_first_of_the_shortlist_in_fusion_and_in_eval(toy, costly_toy):
+    gallery = [(7, _view("left")), (8, _view("right")), (9, _view("left"))]
+    scores = shortlist_scores(reading(COAT), _view("left"), gallery, costly_shortlist=2)
+    assert scores[TOY] == {7: [1.0], 8: [0.0], 9: [1.0]}  # the cheap one sees the whole shortlist
+    assert scores[costly_toy.name] == {7: [1.0], 8: [0.0]}  # 9 is absent from the costly one's shortlist
+    assert shortlist_scores(reading(COAT), _view("left"), gallery)[costly_toy.name] == {7: [1.0], 8: [0.0], 9: [1.0]}
+
+    # eval scores a costly component against the shorter shortlist too; beyond it a photo takes the floor of
+    # its row, as fusion's "absent from the shortlist" rule gives it
+    facings = ["left", "right", "left", "left"]
+    feats = [{"embeddings": {}, "attributes": {"facing": f}} for f in facings]
+    mask = ~np.eye(4, dtype=bool)
+    first = np.zeros((4, 4), dtype=bool)
+    first[0, 1] = first[1, 0] = first[2, 0] = first[3, 0] = True
+    matrices, _, _ = coat_matrices(feats, mask, service={}, variants=(), pattern_mask=first)
+    cheap, costly = matrices[TOY], matrices[costly_toy.name]
+    assert cheap[2, 1] == 0.0 and cheap[2, 3] == 1.0  # every pair of the shortlist compared
+    assert costly[2, 0] == 1.0 and costly[2, 1] == 1.0 == costly[2, 3]  # only 2-0 compared: the rest its floor
+    assert costly[0, 1] == 0.0 and costly[0, 2] == 0.0  # row 0 compared 0-1 (left, right): its floor is 0
+
+
 def test_a_registered_component_is_measured_by_eval_unchanged(toy):
     facings = ["left", "left", "right", "right", None, "left"]
     feats = [{"embeddings": {}, "attributes": {"facing": f}} for f in facings]

@@ -339,7 +339,7 @@ def test_loo_json_keeps_its_sections_in_order_through_the_cli(tmp_path, capsys):
                            "top1", "top5", "mAP", "top1_ci95", "top5_ci95", "cmc", "same_viewpoint", "levers",
                            "candidate_weights", "ablation_gallery", "ablation", "ablation_same_viewpoint",
                            "calibration", "plots"]
-    assert list(saved["coat"]) == ["shortlist", "pattern_components", "extraction_ms_median",
+    assert list(saved["coat"]) == ["shortlist", "pattern_shortlist", "pattern_components", "extraction_ms_median",
                                    "matching_s_all_variants", "flags", "facing_vs_viewpoint", "shortlist_drawn"]
     assert list(saved["levers"]) == ["sighting as the query (per sighting, not per image)",
                                      *(f"query expansion αQE k={k}" for k in (1, 2, 3))]

@@ -157,8 +157,10 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
         # the coat service's components, scored as fusion scores them: against each photo's body shortlist,
         # drawn within each half (a property's gallery is its own animals)
         shortlisted = shortlists(per_component[body], enc, settings.coat_shortlist, [fit_rows, positions])
+        matching = shortlists(per_component[body], enc,
+                              min(settings.coat_shortlist, settings.coat_pattern_shortlist), [fit_rows, positions])
         scored, _, _ = coat_matrices(coat_features(samples, settings, progress=progress), shortlisted,
-                                     service_variants(settings), variants=())
+                                     service_variants(settings), variants=(), pattern_mask=matching)
         per_component.update(scored)
         # on the graph's edges a coat score is there only where fusion scored the pair (its shortlist)
         on_edges.update({name: np.where(shortlisted, m, np.nan) for name, m in scored.items()})

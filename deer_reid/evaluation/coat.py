@@ -184,22 +184,25 @@ def coat_views(feats: list[dict], variant: str | None = None) -> list[dict]:
 
 
 def coat_matrices(feats: list[dict], mask: np.ndarray, service: dict[str, str],
-                  matched: dict[str, np.ndarray] | None = None, variants: Sequence[str] = tuple(VARIANTS)
+                  matched: dict[str, np.ndarray] | None = None, variants: Sequence[str] = tuple(VARIANTS),
+                  pattern_mask: np.ndarray | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The coat components as fusion scores them ({name: matrix}) against each photo's shortlist (`mask`,
-    from `shortlists`): every registered component reading the coat's features, the `service`'s pattern
-    variants ({variant: component}) as the pattern components; the pattern `variants` measured; and their raw
-    pattern scores (pass them back as `matched` to score other shortlists without matching the pairs again)."""
-    pairs = mask | mask.T  # a pair's score serves both its photos
+    from `shortlists`; the keypoint matchers against `pattern_mask`, the first of it, as fusion's
+    `coat_pattern_shortlist`): every registered component reading the coat's features, the `service`'s
+    pattern variants ({variant: component}) as the pattern components; the pattern `variants` measured; and
+    their raw pattern scores (pass them back as `matched` to score other shortlists without matching the
+    pairs again)."""
+    pattern_mask = mask if pattern_mask is None else pattern_mask
     patterns = set(PATTERN_OF.values())
-    raw = {name: pair_matrix(PATTERN_OF[VARIANTS[name][0]], coat_views(feats, name), pairs,
-                             (matched or {}).get(name))
+    raw = {name: pair_matrix(PATTERN_OF[VARIANTS[name][0]], coat_views(feats, name), pattern_mask | pattern_mask.T,
+                             (matched or {}).get(name))  # a pair's score serves both its photos
            for name in dict.fromkeys([*service, *variants])}
     views = coat_views(feats)
-    components = {c.name: pair_matrix(c.name, views, pairs) for c in reading(COAT) if c.name not in patterns}
-    components.update({component: raw[v] for v, component in service.items()})
-    return ({name: as_fusion_scores(m, mask) for name, m in components.items()},
-            {name: as_fusion_scores(m, mask) for name, m in raw.items()}, raw)
+    components = {c.name: as_fusion_scores(pair_matrix(c.name, views, m | m.T), m)  # fusion's costly rule too
+                  for c in reading(COAT) if c.name not in patterns for m in [pattern_mask if c.costly else mask]}
+    components.update({component: as_fusion_scores(raw[v], pattern_mask) for v, component in service.items()})
+    return components, {name: as_fusion_scores(m, pattern_mask) for name, m in raw.items()}, raw
 
 
 def extraction_ms(feats: list[dict]) -> dict[str, float]:

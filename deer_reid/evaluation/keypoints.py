@@ -76,7 +76,7 @@ def _extract(args: tuple[bytes, str, bool, list[tuple[int, float]]]) -> tuple[li
     return patterns, timings
 
 
-def shortlists(body: np.ndarray, encounters: Sequence, k: int) -> list[np.ndarray]:
+def closest_by_body(body: np.ndarray, encounters: Sequence, k: int) -> list[np.ndarray]:
     """Each photo's `k` closest photos of other encounters by body similarity, closest first."""
     enc = np.asarray(encounters)
     out = []
@@ -140,7 +140,7 @@ def run_keypoints(data: Path, *, budgets: list[tuple[int, float]], matcher: str,
     has_positive = [any(ids[j] == ids[q] and encounters[j] != encounters[q] for j in range(len(samples)))
                     for q in range(len(samples))]
     body = embed_samples(samples, [settings.body_model], settings, progress=progress)[0][settings.body_model]
-    candidates = shortlists(body @ body.T, encounters, shortlist)
+    candidates = closest_by_body(body @ body.T, encounters, shortlist)
     work = [(pipeline_crop(s.path.read_bytes(), settings), matcher, settings.coat_restrict_to_animal, budgets)
             for s in samples]
     workers = max(1, min(len(work) // 8, len(os.sched_getaffinity(0))))

@@ -109,16 +109,22 @@ def coat_scores(photos: Photos, split: Split, body: np.ndarray, settings: Settin
     started = time.monotonic()
     service = service_variants(settings)
     shortlist = shortlist or settings.coat_shortlist
+    matching = min(shortlist, settings.coat_pattern_shortlist)  # the keypoint matchers' part of it
+
+    def drawn(galleries=None):
+        return (shortlists(body, photos.encounters, shortlist, galleries),
+                shortlists(body, photos.encounters, matching, galleries))
     # Over the whole run only the service's patterns are needed (the all-identity rows).
-    whole_run, _, matched = coat_matrices(feats, shortlists(body, photos.encounters, shortlist), service,
-                                          variants=())
+    mask, pattern_mask = drawn()
+    whole_run, _, matched = coat_matrices(feats, mask, service, variants=(), pattern_mask=pattern_mask)
     # Each half is a gallery of its own (fitted on, or reported on), and fusion shortlists among the gallery
     # it searches: drawn again within each half, the reported half's photos are not each given a shortlist
     # half spent on the other half. Pairs matched above are not matched again.
-    within_halves, variants, _ = coat_matrices(feats, shortlists(body, photos.encounters, shortlist,
-                                                                 [split.fit, split.held]), service, matched)
+    mask, pattern_mask = drawn([split.fit, split.held])
+    within_halves, variants, _ = coat_matrices(feats, mask, service, matched, pattern_mask=pattern_mask)
     return CoatScores(whole_run, within_halves, variants, service, shortlist, {
-        "shortlist": shortlist, "pattern_components": service, "extraction_ms_median": extraction_ms(feats),
+        "shortlist": shortlist, "pattern_shortlist": matching, "pattern_components": service,
+        "extraction_ms_median": extraction_ms(feats),
         "matching_s_all_variants": round(time.monotonic() - started, 1),
         "flags": {f: sum(f in x["flags"] for x in feats) for f in sorted({f for x in feats for f in x["flags"]})},
         "facing_vs_viewpoint": _facing_agreement(feats, photos.samples),

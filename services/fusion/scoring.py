@@ -100,20 +100,22 @@ def score_candidates(per_component: Mapping[str, Mapping[int, float]], model: Fu
     return out
 
 
-def shortlist_scores(components: Sequence[Component], query: Any, gallery: Sequence[tuple[int, Any]]
-                     ) -> dict[str, dict[int, list[float]]]:
+def shortlist_scores(components: Sequence[Component], query: Any, gallery: Sequence[tuple[int, Any]],
+                     costly_shortlist: int | None = None) -> dict[str, dict[int, list[float]]]:
     """{component: {individual: its photos' raw scores}} of the query against its shortlisted gallery photos
-    ((individual, item) pairs): one call of each component that `applies` to the query. An individual whose
-    photos give no evidence keeps an empty list (fusion's "no evidence" for it)."""
+    ((individual, item) pairs, closest first): one call of each component that `applies` to the query; a
+    `costly` one compares only the first `costly_shortlist` photos, and an individual beyond them is absent
+    from its shortlist. An individual whose photos give no evidence keeps an empty list (fusion's "no
+    evidence" for it)."""
     if not gallery:
         return {}
-    items = [item for _, item in gallery]
     out: dict[str, dict[int, list[float]]] = {}
     for scorer in components:
         if not scorer.applies(query):
             continue
+        compared = gallery[:costly_shortlist] if scorer.costly and costly_shortlist is not None else gallery
         by_individual = out.setdefault(scorer.name, {})
-        for (individual, _), score in zip(gallery, scorer.similarity([query], items)[0]):
+        for (individual, _), score in zip(compared, scorer.similarity([query], [item for _, item in compared])[0]):
             scores = by_individual.setdefault(individual, [])
             if not np.isnan(score):
                 scores.append(float(score))

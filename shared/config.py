@@ -87,10 +87,11 @@ class Settings(BaseSettings):
     # `eval --coat` on nyala-train's fit half (both matchers fused, top-1 / top-5): 20: 0.127 / 0.312,
     # 40: 0.145 / 0.334, 60: 0.143 / 0.358, 100: 0.163 / 0.363; the cost grows with it (bench --mode enhanced)
     coat_shortlist: int = Field(60, ge=1, le=1000)
-    # the first of those (closest by body) the keypoint matchers compare: matching is the costliest comparison
-    # (a few ms a pair at RootSIFT's budget), and on nyala-train's fit half RootSIFT alone re-ranked each
-    # photo's 20 closest as well as its 50 (top-1 0.199 both, 161 photos); the rest take the floor
-    coat_pattern_shortlist: int = Field(20, ge=1, le=1000)
+    # the first of those (closest by body) the keypoint matchers compare, the rest taking the floor: matching
+    # is the costliest comparison (a few ms a pair at RootSIFT's budget). Not cut by default: on nyala-train's
+    # fit half RootSIFT alone re-ranking each photo's 20 closest gave top-1 0.138 against 0.180 for its 60
+    # (545 photos; `eval --protocol keypoints --coat-shortlist 20`), a third of the matching for 0.04 of top-1
+    coat_pattern_shortlist: int = Field(60, ge=1, le=1000)
 
     # antler service and its matching in fusion
     antler_model: str = "efficientnet_lite0"  # the network whose region embedding the fingerprint projects

@@ -7,20 +7,10 @@ components and the evaluation compare them, and the antler service uses the same
 - Patterns: keypoints and descriptors, packed as uint16 fractions of the crop and int8 descriptors,
   matched by mutual nearest neighbours verified with a MAGSAC homography; the inlier count squashed to
   [0, 1) (n / (n + 12)), monotone, so the calibration maps it to P(same).
-
-Matching cost is the descriptors' similarity matrix (na x nb x d multiply-adds: at a thousand keypoints a side
-it is most of a pair's time, the homography a tenth). Stored patterns keep their int8 codes, and two of them
-are compared with an integer matrix product (torch's int8 kernel, which uses the CPU's VNNI/AMX instructions
-where it has them), each row and column then scaled by its code's inverse length: the same cosines as the
-float product up to float rounding, so the same matches. Where that kernel is missing, or a pattern holds
-no codes (one just extracted), the float product stands in.
 """
 from __future__ import annotations
 
-import functools
-import os
 import struct
-import sys
 from dataclasses import dataclass
 
 import cv2
@@ -95,8 +85,6 @@ class Pattern:
     kind: str  # "xfe1" (XFeat) or "rsf1" (RootSIFT)
     points: np.ndarray  # (n, 2) float32, fractions of the crop's width and height
     descriptors: np.ndarray  # (n, d) float32, unit length
-    codes: np.ndarray | None = None  # (n, d) int8 as stored, when unpacked: the integer product's input
-    scales: np.ndarray | None = None  # (n,) float32: each code's inverse length (codes x scales = descriptors)
 
     def __len__(self) -> int:
         return len(self.points)
@@ -116,77 +104,21 @@ def unpack(raw: bytes) -> Pattern:
         raise PatternError(f"pattern of {len(raw)} bytes does not hold {n} keypoints of {dim} values ({kind!r})")
     body = memoryview(raw)[_HEADER.size:]
     points = np.frombuffer(body[:4 * n], "<u2").reshape(n, 2).astype(np.float32) / 65535
-    codes = np.frombuffer(body[4 * n:], np.int8).reshape(n, dim).copy()  # writable: torch shares its memory
-    desc = codes.astype(np.float32)
-    scales = 1.0 / np.maximum(np.linalg.norm(desc, axis=1), 1e-6)
-    return Pattern(kind.decode(), points, desc * scales[:, None], codes, scales.astype(np.float32))
-
-
-_forked = False  # this process was forked from another (eval's worker pools are)
-
-
-def _mark_forked() -> None:
-    global _forked
-    _forked = True
-    _single_threaded.cache_clear()
-
-
-os.register_at_fork(after_in_child=_mark_forked)
-
-
-@functools.cache
-def _single_threaded(torch) -> None:
-    """In a forked process, torch's products run on the calling thread: the thread pool a parent started
-    (eval embeds photos before it forks its matching workers) hangs the child's first parallel product
-    (measured: torch._int_mm never returned). A forked worker is one of one-per-core anyway."""
-    torch.set_num_threads(1)
-
-
-@functools.cache
-def _int8_kernel():
-    """torch, when its int8 matrix product runs here (checked once against the exact product), else None.
-    A process that imports torch only for this (fusion) runs it on one thread: the products are small and
-    run beside other services on the same cores, where torch's thread pool spins; measured under load, the
-    two-thread product took 11 ms a pair where numpy's float product took 7."""
-    try:
-        only_ours = "torch" not in sys.modules
-        import torch
-
-        if only_ours:
-            torch.set_num_threads(1)
-
-        a = torch.tensor([[3, -7], [127, -127]], dtype=torch.int8)
-        if torch.equal(torch._int_mm(a, a.T), a.int() @ a.int().T):
-            return torch
-    except Exception:  # noqa: BLE001 - no torch, or a build without the CPU kernel: the float product stands in
-        pass
-    return None
-
-
-def mutual_matches(a: Pattern, b: Pattern) -> tuple[np.ndarray, np.ndarray]:
-    """(i, j): the descriptor pairs each the other's nearest by cosine (mutual nearest neighbours)."""
-    torch = _int8_kernel() if a.codes is not None and b.codes is not None else None
-    if torch is not None:
-        if _forked:
-            _single_threaded(torch)
-        sims = torch._int_mm(torch.from_numpy(a.codes), torch.from_numpy(b.codes).T).float()
-        sims *= torch.from_numpy(a.scales)[:, None]
-        sims *= torch.from_numpy(b.scales)[None, :]
-        forward, backward = sims.argmax(1).numpy(), sims.argmax(0).numpy()
-    else:
-        sims = a.descriptors @ b.descriptors.T
-        forward, backward = sims.argmax(1), sims.argmax(0)
-    i = np.nonzero(backward[forward] == np.arange(len(forward)))[0]
-    return i, forward[i]
+    desc = np.frombuffer(body[4 * n:], np.int8).reshape(n, dim).astype(np.float32)
+    norms = np.linalg.norm(desc, axis=1, keepdims=True)
+    return Pattern(kind.decode(), points, desc / np.maximum(norms, 1e-6))
 
 
 def inliers(a: Pattern, b: Pattern) -> int:
     """Geometrically verified matches between two patterns of one kind (0 when too few to verify)."""
     if a.kind != b.kind or len(a) < MIN_MATCHES or len(b) < MIN_MATCHES:
         return 0
-    i, j = mutual_matches(a, b)
+    sims = a.descriptors @ b.descriptors.T
+    forward, backward = sims.argmax(1), sims.argmax(0)
+    i = np.nonzero(backward[forward] == np.arange(len(forward)))[0]
     if len(i) < MIN_MATCHES:
         return 0
+    j = forward[i]
     view = np.array([320.0, 224.0], np.float32)  # one scale for both crops: thresholds in comparable pixels
     _, verified = cv2.findHomography(a.points[i] * view, b.points[j] * view, cv2.USAC_MAGSAC, INLIER_PX,
                                      maxIters=500, confidence=0.99)

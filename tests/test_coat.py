@@ -194,45 +194,6 @@ def test_rootsift_finds_more_on_the_animal_at_a_lower_contrast_and_says_so_in_it
     assert default.version == "rootsift-opencv:3000" and detailed.version == "rootsift-opencv-c0.01:3000"
 
 
-def test_stored_patterns_match_through_the_integer_product_exactly_as_through_floats(nyala_rows, nyala_paths):
-    """The int8 kernel (where torch has it here) gives the float product's mutual matches, pair for pair."""
-    extract = pattern.PatternExtractor("rootsift", 1500, 0.01)
-    stored = [coat_features.unpack(coat_features.pack(extract(small(p, 512)))) for p in nyala_paths[:6]]
-    assert coat_features._int8_kernel() is not None  # this machine's torch has it: the test compares both
-    for a in stored[:2]:
-        for b in stored:
-            floats = (coat_features.Pattern(a.kind, a.points, a.descriptors),
-                      coat_features.Pattern(b.kind, b.points, b.descriptors))
-            ints, ref = coat_features.mutual_matches(a, b), coat_features.mutual_matches(*floats)
-            assert np.array_equal(ints[0], ref[0]) and np.array_equal(ints[1], ref[1])
-            assert coat_features.inliers(a, b) == coat_features.inliers(*floats)
-    assert len(coat_features.mutual_matches(stored[0], stored[0])[0]) == len(stored[0])
-
-
-def _inliers_into(queue, a, b):
-    queue.put(coat_features.inliers(a, b))
-
-
-def test_a_forked_worker_matches_after_its_parent_started_torchs_threads(nyala_paths):
-    """eval embeds photos with torch, then forks its matching workers: the int8 product must not hang there."""
-    import multiprocessing
-
-    import torch
-
-    torch.ones(256, 256) @ torch.ones(256, 256)  # the parent's thread pool is started
-    extract = pattern.PatternExtractor("rootsift", 800, 0.01)
-    a, b = (coat_features.unpack(coat_features.pack(extract(small(p, 512)))) for p in nyala_paths[:2])
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    worker = context.Process(target=_inliers_into, args=(queue, a, b))
-    worker.start()
-    worker.join(60)
-    if worker.is_alive():
-        worker.kill()
-        pytest.fail("the forked worker's match did not return in 60 s")
-    assert queue.get(timeout=5) == coat_features.inliers(a, b)
-
-
 @pytest.mark.parametrize("name, image, flag", [
     ("tiny", np.full((20, 90, 3), 120, np.uint8), "tiny-crop"),
     ("black", np.zeros((120, 160, 3), np.uint8), "no-animal-found"),

@@ -6,9 +6,8 @@ extracts it (the service's foreground, restricted to the animal per DEER_COAT_RE
 photo's pattern re-ranks its `shortlist` closest photos of other encounters by the fast body model (the
 candidates fusion gives coat matching), pattern alone, ties kept in the body's order. Reported per budget:
 keypoints found per photo, top-1 and top-5 (95% intervals resampling whole identities), extraction
-milliseconds per photo, matching milliseconds per pair (as fusion matches stored patterns, and through the
-float product on the first 40 queries, the baseline of the integer one), and the milliseconds one detection
-costs (extraction + a shortlist of matches), all on one core, with the CPU model.
+milliseconds per photo, matching milliseconds per pair (stored patterns, as fusion matches them), and the
+milliseconds one detection costs (extraction + a shortlist of matches), all on one core, with the CPU model.
 
 The curve is drawn on the fit half of the identities by default (`--half fit`): a budget is chosen there, and
 `eval --protocol loo --coat` reports the chosen one on the held-out half, so no figure it reports chose it.
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
@@ -106,24 +104,6 @@ def rerank_by_pattern(patterns: Sequence[Pattern | None], candidates: Sequence[n
     return ranked, 1000 * spent / max(pairs, 1)
 
 
-def float_ms_per_pair(patterns: Sequence[Pattern | None], candidates: Sequence[np.ndarray], queries: int = 40
-                      ) -> float:
-    """Matching milliseconds per pair through the float product (the patterns without their int8 codes), on
-    the first `queries` queries' candidates: the baseline the integer product is compared with in one run."""
-    floats = [Pattern(p.kind, p.points, p.descriptors) if p is not None else None for p in patterns]
-    spent, pairs = 0.0, 0
-    for q, cand in list(enumerate(candidates))[:queries]:
-        if floats[q] is None:
-            continue
-        t = time.perf_counter()
-        for j in cand:
-            if floats[j] is not None:
-                inliers(floats[q], floats[j])
-                pairs += 1
-        spent += time.perf_counter() - t
-    return 1000 * spent / max(pairs, 1)
-
-
 def hits(ranked: Sequence[np.ndarray], identities: Sequence, queries: Sequence[int], top: int) -> np.ndarray:
     """Per query: whether its animal is among the first `top` of its ranked candidates."""
     ids = np.asarray(identities)
@@ -136,9 +116,8 @@ def _budget_row(extracted: list, b: int, budget: tuple[int, float], candidates: 
     keypoints, contrast = budget
     qids = [ids[q] for q in queries]
     patterns = [unpack(e[0][b]) if e[0][b] is not None else None for e in extracted]
-    with threadpool_limits(1):  # numpy's float product on one core too
+    with threadpool_limits(1):  # the matching milliseconds are one core's, as fusion's executor thread's
         ranked, per_pair = rerank_by_pattern(patterns, candidates)
-        float_per_pair = float_ms_per_pair(patterns, candidates)
     top1, top5 = (hits(ranked, ids, queries, k) for k in (1, 5))
     extract_ms = float(np.mean([e[1][b] for e in extracted]))
     return {"keypoints": keypoints, "contrast": contrast,
@@ -147,7 +126,6 @@ def _budget_row(extracted: list, b: int, budget: tuple[int, float], candidates: 
             "top1": round(float(top1.mean()), 4), "top5": round(float(top5.mean()), 4),
             "top1_ci95": bootstrap_interval(top1, qids), "top5_ci95": bootstrap_interval(top5, qids),
             "extract_ms": round(extract_ms, 2), "match_ms_per_pair": round(per_pair, 3),
-            "float_match_ms_per_pair": round(float_per_pair, 3),
             "ms_per_detection": round(extract_ms + shortlist * per_pair, 1)}
 
 
@@ -170,13 +148,7 @@ def run_keypoints(data: Path, *, budgets: list[tuple[int, float]], matcher: str,
     with ProcessPoolExecutor(workers) as pool:
         extracted = list(pool.map(_extract, work, chunksize=4))
     queries = [q for q in range(len(samples)) if has_positive[q]]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the matching milliseconds are one core's, as fusion's (shared.coat._int8_kernel)
-    try:
-        curve = [_budget_row(extracted, b, budget, candidates, ids, queries, shortlist)
-                 for b, budget in enumerate(budgets)]
-    finally:
-        torch.set_num_threads(threads)
+    curve = [_budget_row(extracted, b, budget, candidates, ids, queries, shortlist) for b, budget in enumerate(budgets)]
     body_top1 = hits(candidates, ids, queries, 1)
     result = {"protocol": "keypoints", "data": str(data), "matcher": matcher, "half": half, "seed": seed,
               "images": len(samples), "true_individuals": len(set(ids)), "queries": len(queries),
@@ -201,9 +173,9 @@ def markdown(result: dict) -> str:
              f"- CPU: {result['cpu_model']} (milliseconds on one core; load average at the start "
              f"{result['load_average']})", "",
              "| keypoints | contrast | found per photo | top-1 [95%] | top-5 [95%] | extract ms | ms a pair "
-             "| float ms a pair | ms a detection |", "|---|---|---|---|---|---|---|---|---|"]
+             "| ms a detection |", "|---|---|---|---|---|---|---|---|"]
     for c in result["curve"]:
         lines.append(f"| {c['keypoints']} | {c['contrast']:g} | {c['found_per_photo']:.0f} | {c['top1']:.3f} "
                      f"{c['top1_ci95']} | {c['top5']:.3f} {c['top5_ci95']} | {c['extract_ms']:.1f} "
-                     f"| {c['match_ms_per_pair']:.2f} | {c['float_match_ms_per_pair']:.2f} | {c['ms_per_detection']:.0f} |")
+                     f"| {c['match_ms_per_pair']:.2f} | {c['ms_per_detection']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -140,8 +140,9 @@ class GallerySearch:
                     exemplar_scores: dict) -> dict:
         """Coat scores against the `coat_shortlist` gallery photos closest to the detection by the fast body
         model (its nearest exemplars; the keypoint matchers against the first `coat_pattern_shortlist`), each
-        individual scored by its photos on that shortlist (added to `exemplar_scores`). The closest photos, not an individual's newest: the photo that ranks an animal
-        first by body is the one whose coat must confirm it (`eval --coat` measures the shortlist's size)."""
+        individual scored by its photos on that shortlist (added to `exemplar_scores`). The closest photos,
+        not an individual's newest: the photo that ranks an animal first by body is the one whose coat must
+        confirm it (`eval --coat` measures the shortlist's size)."""
         started = time.perf_counter()
         nearest = []
         if body_vectors:

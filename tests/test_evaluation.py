@@ -304,7 +304,7 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     out = tmp_path_factory.mktemp("coat-out")
     result = run_loo(tiny_folder, mode="fast", body_model="efficientnet_lite0", limit=None, seed=3,
                      report_dir=None, json_path=None, target_false_merge=0.02, calibration_out=out / "cal.json",
-                     settings=Settings(), progress=False, coat=True, coat_shortlist=4)
+                     settings=Settings(coat_pattern_shortlist=2), progress=False, coat=True, coat_shortlist=4)
     how = load_file(out / "cal.json")["fusion"]["aggregation"]
     candidates = {k for k in result["ablation"] if "candidate" in k}
     assert candidates == {
@@ -313,7 +313,8 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
         "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern-xfeat", "coat:pattern-rootsift",
         "coat:pattern-xfeat-crop"}
     assert candidates <= set(result["ablation_same_viewpoint"])
-    assert result["coat"]["shortlist"] == 4
+    assert result["coat"]["shortlist"] == 4 and result["coat"]["pattern_shortlist"] == 2
+    assert "coat:pattern alone, rootsift-animal (shortlist 2 by body)" in result["ablation"]  # the matchers' own
     # the artifact fusion installs holds only what the services compute: both of the service's matchers
     artifact = load_file(out / "cal.json")["fusion"]
     assert set(artifact["calibrations"]) == {

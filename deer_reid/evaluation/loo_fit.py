@@ -170,8 +170,8 @@ def ablate(components: Components, fitter: Fitter, fitted: Fitted, unfitted: np.
     alone = {f"{c} alone": m for c, m in fitter.per_component.items()}
     rows = {k: on_held(m) for k, m in alone.items()}
     rows.update({v: on_held(m) for v, m in antler_variants.items()})
-    rows.update({f"coat:pattern alone, {v} (shortlist {coat.shortlist} by body)": on_held(m)
-                 for v, m in pattern_variants.items()})
+    rows.update({f"coat:pattern alone, {v} (shortlist {coat.notes['pattern_shortlist']} by body)": on_held(m)
+                 for v, m in pattern_variants.items()})  # the keypoint matchers' own, DEER_COAT_PATTERN_SHORTLIST
     if len(body.names) > 1:
         rows["body ensemble, SPEC weighted mean (uncalibrated)"] = on_held(unfitted)
     rows[fused_row] = on_held(fitted.best.fused)

@@ -74,11 +74,11 @@ class Settings(BaseSettings):
     coat_keypoints: int = Field(1024, ge=16, le=4096)
     # RootSIFT's own budget and SIFT's contrast threshold: at OpenCV's 0.04 SIFT finds ~300 keypoints on the
     # animal whatever the budget; lowered, it finds more, and more keypoints is what lifts RootSIFT. The curve
-    # on nyala-train's fit-half identities (pattern alone re-ranking each photo's 50 closest by Lite0, 161
-    # photos, `deer-reid eval --protocol keypoints`), keypoints found per photo -> top-1 / top-5:
-    # 265 -> 0.068 / 0.311, 563 -> 0.112 / 0.292, 752 -> 0.137 / 0.366, 1,102 -> 0.199 / 0.416,
-    # 1,452 -> 0.211 / 0.422 (the body's own order: top-1 0.093). Matching grows with the product of the two
-    # counts (about 1 ms a pair at 265, 6 at 1,102); 3,000 at 0.01 (~1,100 found) buys most of the gain.
+    # on nyala-train's fit-half identities (`deer-reid eval --protocol keypoints`: pattern alone re-ranking each
+    # photo's 60 closest by Lite0, 545 photos; the README has the table), keypoints found -> top-1 / top-5,
+    # ms a pair: 265 -> 0.072 / 0.246, 0.43; 567 -> 0.114 / 0.312, 0.91; 1,108 -> 0.165 / 0.345, 3.30;
+    # 1,455 -> 0.211 / 0.363, 6.31 (the body's own order: top-1 0.083). 3,000 at 0.01 (~1,100 found) was
+    # chosen for its cost, on a first run of the curve (0.180 at 1,102, 0.211 at 1,448).
     coat_sift_keypoints: int = Field(3000, ge=16, le=8192)
     coat_sift_contrast: float = Field(0.01, gt=0, le=0.2)
     coat_restrict_to_animal: bool = True  # keypoints on the foreground only (the box is loose)

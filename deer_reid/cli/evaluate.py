@@ -80,10 +80,9 @@ def cmd_eval(args) -> int:
             from deer_reid.evaluation.keypoints import parse_budgets, run_keypoints
 
             result = run_keypoints(Path(args.data_dir), budgets=parse_budgets(args.budgets), matcher=args.matcher,
-                                   half=args.half,
-                                   shortlist=args.coat_shortlist or settings.coat_shortlist, limit=args.limit, seed=args.seed,
-                                   settings=settings, report_dir=report_dir, json_path=args.json,
-                                   progress=not args.quiet)
+                                   half=args.half, shortlist=args.coat_shortlist or settings.coat_shortlist,
+                                   limit=args.limit, seed=args.seed, settings=settings, report_dir=report_dir,
+                                   json_path=args.json, progress=not args.quiet)
         elif args.protocol == "loo":
             result = run_loo(Path(args.data_dir), mode=args.mode, body_model=args.body_model, limit=args.limit,
                              seed=args.seed, report_dir=report_dir, json_path=args.json,

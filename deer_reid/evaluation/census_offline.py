@@ -31,7 +31,7 @@ import numpy as np
 
 from deer_reid.evaluation.calibration import fit_fusion, split_identities
 from deer_reid.evaluation.census import answers_to, point, sighting_order
-from deer_reid.evaluation.coat import coat_features, coat_matrices, service_variants, shortlists
+from deer_reid.evaluation.coat import coat_features, coat_matrices, coat_shortlists, service_variants
 from deer_reid.evaluation.dataset import load_dataset
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.report import plot_census, write_report
@@ -156,9 +156,7 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
     if coat:
         # the coat service's components, scored as fusion scores them: against each photo's body shortlist,
         # drawn within each half (a property's gallery is its own animals)
-        shortlisted = shortlists(per_component[body], enc, settings.coat_shortlist, [fit_rows, positions])
-        matching = shortlists(per_component[body], enc,
-                              min(settings.coat_shortlist, settings.coat_pattern_shortlist), [fit_rows, positions])
+        shortlisted, matching = coat_shortlists(per_component[body], enc, settings, galleries=[fit_rows, positions])
         scored, _, _ = coat_matrices(coat_features(samples, settings, progress=progress), shortlisted,
                                      service_variants(settings), variants=(), pattern_mask=matching)
         per_component.update(scored)

@@ -119,24 +119,48 @@ def _scored_rows(args: tuple[str, list, list[tuple[int, list[int]]]]) -> list[tu
     return out
 
 
-def shortlists(body: np.ndarray, encounters: Sequence, shortlist: int,
-               galleries: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """(N, N) bool; row i: the photos photo i's coat is compared with, as fusion picks them: the `shortlist`
-    gallery photos its body embedding finds closest. Photos of the query's own encounter are never picked:
+def closest(body: np.ndarray, encounters: Sequence, k: int, galleries: Sequence[Sequence[int]] | None = None
+            ) -> list[np.ndarray]:
+    """Each photo's `k` closest gallery photos by the body similarity `body` (N x N), closest first (ties in
+    index order), as fusion picks its coat shortlist. Photos of the query's own encounter are never picked:
     the leave-one-encounter-out gallery does not hold them. With `galleries` (groups of photo indexes) each
     photo is shortlisted within its own group only: fusion shortlists among the gallery it searches, so a
     part of the run reported on its own (the held-out identities) must not spend its shortlist on photos
     outside it."""
     n = len(body)
     enc = np.asarray([str(e) for e in encounters], dtype=object)
-    mask = np.zeros((n, n), dtype=bool)
+    out: list[np.ndarray] = [np.zeros(0, np.int64)] * n
     for group in (galleries if galleries is not None else [range(n)]):
         ix = np.asarray(list(group), dtype=np.int64)
         sims = np.where(enc[ix][:, None] == enc[ix][None, :], -np.inf, body[np.ix_(ix, ix)])
-        ranked = np.argsort(-sims, axis=1, kind="stable")[:, :shortlist]
+        ranked = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         for r, row in enumerate(ranked):
-            mask[ix[r], ix[row[np.isfinite(sims[r, row])]]] = True
+            out[ix[r]] = ix[row[np.isfinite(sims[r, row])]]
+    return out
+
+
+def _as_mask(ranked: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """(N, N) bool: row i holds the first `k` of photo i's ranked photos."""
+    mask = np.zeros((len(ranked), len(ranked)), dtype=bool)
+    for i, row in enumerate(ranked):
+        mask[i, row[:k]] = True
     return mask
+
+
+def shortlists(body: np.ndarray, encounters: Sequence, shortlist: int,
+               galleries: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """(N, N) bool; row i: the photos photo i's coat is compared with (`closest`'s first `shortlist`)."""
+    return _as_mask(closest(body, encounters, shortlist, galleries), shortlist)
+
+
+def coat_shortlists(body: np.ndarray, encounters: Sequence, settings: Settings, shortlist: int | None = None,
+                    galleries: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The coat's shortlists as fusion draws them under `settings` (`shortlist` overrides
+    DEER_COAT_SHORTLIST): the photos every coat component compares, and the first of them that the keypoint
+    matchers compare (DEER_COAT_PATTERN_SHORTLIST), from one ranking."""
+    shortlist = shortlist or settings.coat_shortlist
+    ranked = closest(body, encounters, shortlist, galleries)
+    return _as_mask(ranked, shortlist), _as_mask(ranked, min(shortlist, settings.coat_pattern_shortlist))
 
 
 def pair_matrix(name: str, items: list, mask: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:

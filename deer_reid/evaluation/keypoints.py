@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from deer_reid.bench.bare import cpu_model
 from deer_reid.evaluation.calibration import split_identities
+from deer_reid.evaluation.coat import closest
 from deer_reid.evaluation.dataset import load_dataset
 from deer_reid.evaluation.features import embed_samples, pipeline_crop
 from deer_reid.evaluation.metrics import bootstrap_interval
@@ -74,16 +75,6 @@ def _extract(args: tuple[bytes, str, bool, list[tuple[int, float]]]) -> tuple[li
             patterns.append(pack(pattern) if len(pattern) >= MIN_MATCHES else None)
         timings.append(found_ms + 1000 * (time.perf_counter() - t))
     return patterns, timings
-
-
-def closest_by_body(body: np.ndarray, encounters: Sequence, k: int) -> list[np.ndarray]:
-    """Each photo's `k` closest photos of other encounters by body similarity, closest first."""
-    enc = np.asarray(encounters)
-    out = []
-    for q in range(len(body)):
-        others = np.nonzero(enc != enc[q])[0]
-        out.append(others[np.argsort(-body[q, others], kind="stable")[:k]])
-    return out
 
 
 def rerank_by_pattern(patterns: Sequence[Pattern | None], candidates: Sequence[np.ndarray]
@@ -141,7 +132,7 @@ def run_keypoints(data: Path, *, budgets: list[tuple[int, float]], matcher: str,
     has_positive = [any(ids[j] == ids[q] and encounters[j] != encounters[q] for j in range(len(samples)))
                     for q in range(len(samples))]
     body = embed_samples(samples, [settings.body_model], settings, progress=progress)[0][settings.body_model]
-    candidates = closest_by_body(body @ body.T, encounters, shortlist)
+    candidates = closest(body @ body.T, encounters, shortlist)
     work = [(pipeline_crop(s.path.read_bytes(), settings), matcher, settings.coat_restrict_to_animal, budgets)
             for s in samples]
     workers = max(1, min(len(work) // 8, len(os.sched_getaffinity(0))))

@@ -16,7 +16,7 @@ import numpy as np
 from deer_reid.evaluation import calibration as cal
 from deer_reid.evaluation.antler import WHEN, antler_features, notes
 from deer_reid.evaluation.coat import coat_features, coat_matrices, coat_version, extraction_ms, service_variants, \
-    shortlists
+    coat_shortlists
 from deer_reid.evaluation.dataset import Sample
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.pose import predicted_viewpoints
@@ -110,17 +110,13 @@ def coat_scores(photos: Photos, split: Split, body: np.ndarray, settings: Settin
     service = service_variants(settings)
     shortlist = shortlist or settings.coat_shortlist
     matching = min(shortlist, settings.coat_pattern_shortlist)  # the keypoint matchers' part of it
-
-    def drawn(galleries=None):
-        return (shortlists(body, photos.encounters, shortlist, galleries),
-                shortlists(body, photos.encounters, matching, galleries))
     # Over the whole run only the service's patterns are needed (the all-identity rows).
-    mask, pattern_mask = drawn()
+    mask, pattern_mask = coat_shortlists(body, photos.encounters, settings, shortlist)
     whole_run, _, matched = coat_matrices(feats, mask, service, variants=(), pattern_mask=pattern_mask)
     # Each half is a gallery of its own (fitted on, or reported on), and fusion shortlists among the gallery
     # it searches: drawn again within each half, the reported half's photos are not each given a shortlist
     # half spent on the other half. Pairs matched above are not matched again.
-    mask, pattern_mask = drawn([split.fit, split.held])
+    mask, pattern_mask = coat_shortlists(body, photos.encounters, settings, shortlist, [split.fit, split.held])
     within_halves, variants, _ = coat_matrices(feats, mask, service, matched, pattern_mask=pattern_mask)
     return CoatScores(whole_run, within_halves, variants, service, shortlist, {
         "shortlist": shortlist, "pattern_shortlist": matching, "pattern_components": service,

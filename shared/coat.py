@@ -113,16 +113,27 @@ def inliers(a: Pattern, b: Pattern) -> int:
     """Geometrically verified matches between two patterns of one kind (0 when too few to verify)."""
     if a.kind != b.kind or len(a) < MIN_MATCHES or len(b) < MIN_MATCHES:
         return 0
-    sims = a.descriptors @ b.descriptors.T
-    forward, backward = sims.argmax(1), sims.argmax(0)
-    i = np.nonzero(backward[forward] == np.arange(len(forward)))[0]
+    i, j = mutual_nearest(a.descriptors @ b.descriptors.T)
     if len(i) < MIN_MATCHES:
         return 0
-    j = forward[i]
     view = np.array([320.0, 224.0], np.float32)  # one scale for both crops: thresholds in comparable pixels
     _, verified = cv2.findHomography(a.points[i] * view, b.points[j] * view, cv2.USAC_MAGSAC, INLIER_PX,
                                      maxIters=500, confidence=0.99)
     return int(verified.sum()) if verified is not None else 0
+
+
+def mutual_nearest(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the pairs that are each other's most similar in a (n, m) similarity matrix, rows
+    ascending. A row's best column is `argmax`; the column's side needs only its maximum, not its argmax:
+    numpy's argmax across rows walks the matrix column by column, 1.9 of the 3.5 ms a pair at 1,100
+    keypoints on one Zen 4 core, where `max(0)` takes 0.5. Where a column's maximum is shared (an exact tie,
+    rare in float products), the first row that reaches it from its own best column keeps the match."""
+    forward = sims.argmax(1)
+    best = sims[np.arange(len(forward)), forward]
+    rows = np.nonzero(best >= sims.max(0)[forward])[0]
+    _, first = np.unique(forward[rows], return_index=True)  # one row per column
+    rows = np.sort(rows[first])
+    return rows, forward[rows]
 
 
 def pattern_score(count: int) -> float:

@@ -181,6 +181,27 @@ def test_pattern_packs_compactly_and_matches_the_same_animal_better_than_another
         coat_features.unpack(raw[:-3])
 
 
+def _mutual_by_argmax(sims):
+    forward, backward = sims.argmax(1), sims.argmax(0)
+    rows = np.nonzero(backward[forward] == np.arange(len(forward)))[0]
+    return rows, forward[rows]
+
+
+def test_mutual_nearest_neighbours_are_argmax_both_ways_ties_included(nyala_paths):
+    rng = np.random.default_rng(3)
+    for n, m in [(300, 200), (40, 500), (1, 7), (9, 1)]:
+        sims = rng.standard_normal((n, m)).astype(np.float32)
+        for got, want in zip(coat_features.mutual_nearest(sims), _mutual_by_argmax(sims)):
+            np.testing.assert_array_equal(got, want)
+    tied = np.array([[5, 5, 0], [5, 1, 0], [0, 0, 3], [0, 0, 3]], np.float32)  # ties along rows and columns
+    for got, want in zip(coat_features.mutual_nearest(tied), _mutual_by_argmax(tied)):
+        np.testing.assert_array_equal(got, want)
+    a, b = (pattern.PatternExtractor("rootsift", 1500, 0.01)(small(path, 512)) for path in nyala_paths[:2])
+    sims = a.descriptors @ b.descriptors.T  # real descriptors: the matches the homography is fitted to
+    for got, want in zip(coat_features.mutual_nearest(sims), _mutual_by_argmax(sims)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_rootsift_is_the_measured_alternative(nyala_paths):
     p = pattern.PatternExtractor("rootsift", 128)(small(nyala_paths[0], 384))
     assert p.kind == "rsf1" and 20 <= len(p) <= 128 and p.descriptors.shape[1] == 128

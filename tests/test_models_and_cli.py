@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from deer_reid.bench.bare import bench_crops
 from deer_reid.evaluation import calibration as cal
 from shared.config import Settings
 from shared.embedded import free_port
+from tests.conftest import NYALA
 from shared.images import model_input
 from shared.models import MissingWeights, get_spec, load_model
 
@@ -282,18 +285,33 @@ def test_bench_all_features_goes_with_the_enhanced_mode(cli_env):
     assert refused.returncode == 2 and "--all-features goes with --mode enhanced" in refused.stderr
 
 
+def test_bench_crops_are_the_folders_photos_in_a_seeded_order_then_distinct_copies(nyala_paths, tmp_path):
+    for path in nyala_paths[:3]:
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    crops, source = bench_crops(5, tmp_path)
+    assert source == {"source": "photos", "folder": str(tmp_path)}
+    assert sorted(crops[:3]) == sorted(p.read_bytes() for p in nyala_paths[:3])  # each photo once, as it is
+    assert len(set(crops)) == 5 and crops == bench_crops(5, tmp_path)[0]  # then distinct images; seeded
+    synthetic, source = bench_crops(2, None)
+    assert source["source"] == "synthetic" and len(synthetic) == 2
+    with pytest.raises(FileNotFoundError):
+        bench_crops(2, tmp_path / "empty")
+
+
 @pytest.mark.stack
 def test_bench_all_features_measures_fast_enhanced_and_ensemble_in_one_run(cli_env, tmp_path):
     """`bench --mode enhanced --all-features`: fast mode, every enhancement with the ensemble off, and with it
     on, each on a stack of its own that decided every detection; each with its throughputs and where its
     burst's time went, the ratios between them, and the per-stage table on stderr."""
     out = tmp_path / "bench.json"
-    done = cli("bench", "--mode", "enhanced", "--all-features", "--detections", "8",
+    done = cli("bench", "--mode", "enhanced", "--all-features", "--detections", "8", "--photos", str(NYALA),
                "--body-model", "efficientnet_lite0,efficientnet_lite1", "--json", str(out), env=cli_env, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result
     assert result["mode"] == "enhanced" and result["all_features"] and result["detections"] == 8
+    assert result["crops"] == {"source": "photos", "folder": str(NYALA)}
     assert result["cpu_model"] and result["cpu_model"] != "unknown"
     configurations = {"fast": ["efficientnet_lite0"], "enhanced": ["efficientnet_lite0"],
                       "ensemble": ["efficientnet_lite0", "efficientnet_lite1"]}

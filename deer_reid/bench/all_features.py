@@ -17,8 +17,9 @@ import asyncio
 import os
 import shutil
 from datetime import datetime, timezone
+from pathlib import Path
 
-from deer_reid.bench.bare import cpu_model, measure_bare, synthetic_crops
+from deer_reid.bench.bare import bench_crops, cpu_model, measure_bare
 from deer_reid.bench.end_to_end import fresh_stack, pose_requested_share
 from deer_reid.bench.peer import peer_throughput
 from deer_reid.bench.report import MODES
@@ -36,7 +37,7 @@ CONFIGURATIONS = {
 
 
 def run_all_features_bench(detections: int, settings: Settings, body_model: str | None = None,
-                           progress=print) -> dict:
+                           progress=print, photos: Path | None = None) -> dict:
     """The report: the machine, then per configuration its throughput end to end and bare, and where its
     burst's time went; then the ratios between them and to the peer (measured on the `fast` stack)."""
     import torch
@@ -52,7 +53,7 @@ def run_all_features_bench(detections: int, settings: Settings, body_model: str 
                     "threads": threads, "load_average": [round(x, 2) for x in os.getloadavg()],
                     "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    crops = synthetic_crops(detections)
+    crops, result["crops"] = bench_crops(detections, photos)
     bare_single, _ = measure_bare(single, crops, settings, allow_random, progress)
     bare_ensemble, _ = measure_bare(ensemble, crops, settings, allow_random, progress)
     result["weights_real"] = bare_single["weights_real"] and bare_ensemble["weights_real"]

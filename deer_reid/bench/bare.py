@@ -1,9 +1,10 @@
-"""The body models alone on synthetic crops, and the machine: its CPU model, and the matmul peak the models'
+"""The body models alone on the bench's crops (synthetic, or photos), and the machine: its CPU model, and the matmul peak the models'
 GFLOP/s are read against."""
 from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -69,6 +70,30 @@ def synthetic_crops(n: int, seed: int = 0, size: tuple[int, int] = (480, 360)) -
         im.save(out, format="JPEG", quality=90)
         crops.append(out.getvalue())
     return crops
+
+
+def photo_crops(folder: Path, n: int, seed: int = 0) -> list[bytes]:
+    """n crops from the photos under `folder`, in a seeded order. Real animals give the coat's keypoint
+    matchers their real work (a smooth synthetic picture gives RootSIFT about 300 keypoints and few matches,
+    a 512-px nyala photo about 1,100). Beyond the folder's count the photos come again, each as a distinct
+    image (the soak's `distinct_image`), so that no two detections are byte-identical."""
+    from deer_reid.ingest import find_files
+    from deer_reid.soak import distinct_image
+    from shared.archives import IMAGE_SUFFIXES
+
+    photos = [p for p in find_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not photos:
+        raise FileNotFoundError(f"no photos under {folder}")
+    order = np.random.default_rng(seed).permutation(len(photos))
+    return [photos[order[k % len(photos)]].read_bytes() if k < len(photos)
+            else distinct_image(photos[order[k % len(photos)]].read_bytes(), k) for k in range(n)]
+
+
+def bench_crops(n: int, photos: Path | None) -> tuple[list[bytes], dict]:
+    """The bench's n crops, from `photos` when given, else synthetic; and what they were, for the report."""
+    if photos is None:
+        return synthetic_crops(n), {"source": "synthetic", "size": [480, 360]}
+    return photo_crops(photos, n), {"source": "photos", "folder": str(photos)}
 
 
 def bare_throughput(extractor, crops: list[bytes], batch: int = 16) -> float:

@@ -1,11 +1,12 @@
-"""`run_bench`: the parts of the bench in order, on the same synthetic crops, and the JSON report they make
+"""`run_bench`: the parts of the bench in order, on the same crops (synthetic, or `--photos`), and the JSON report they make
 (people and scripts read its keys: keep them)."""
 from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
-from deer_reid.bench.bare import matmul_peak, measure_bare, synthetic_crops
+from deer_reid.bench.bare import bench_crops, matmul_peak, measure_bare
 from deer_reid.bench.components import component_costs
 from deer_reid.bench.end_to_end import (PACED_SITE, coat_stored_bytes, fresh_stack, one_mode_config,
                                         pose_requested_share, run_detections, run_pose_requests)
@@ -17,7 +18,7 @@ MODES = {"fast": "resnet50", "enhanced": "resnet50,efficientnet_b3,vit_base_patc
 
 
 def run_bench(mode: str, detections: int, settings: Settings, body_model: str | None = None,
-              progress=print) -> dict:
+              progress=print, photos: Path | None = None) -> dict:
     import torch
 
     from shared.models import weights_available
@@ -30,7 +31,7 @@ def run_bench(mode: str, detections: int, settings: Settings, body_model: str | 
     progress("measuring matmul peak ...")
     result["matmul_peak_gflops"] = {p: round(matmul_peak(p), 1) for p in ("fp32", "bf16")}
 
-    crops = synthetic_crops(detections)
+    crops, result["crops"] = bench_crops(detections, photos)
     bare, gflop = measure_bare(names, crops, settings, allow_random, progress)
     result.update(bare)
     if mode == "enhanced":

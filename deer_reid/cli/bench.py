@@ -21,6 +21,9 @@ def register(commands) -> None:
                          "mode, enhanced with the ensemble off and with it on, in one run, with a table per stage")
     be.add_argument("--detections", type=int, default=512)
     be.add_argument("--body-model", help="override the mode's models (comma-separated)")
+    be.add_argument("--photos", type=Path, metavar="DIR",
+                    help="crops from the photos under DIR (seeded order) instead of synthetic ones: the coat's "
+                         "keypoint matchers find and match as many keypoints as on real animals")
     be.add_argument("--precision", choices=("auto", "fp32", "bf16"))
     be.add_argument("--json", help="write the result here")
     be.add_argument("--precision-check", metavar="DATA_DIR",
@@ -72,11 +75,13 @@ def _measure(args) -> dict:
     if args.all_features:
         from deer_reid.bench.all_features import all_features_table, run_all_features_bench
 
-        result = run_all_features_bench(args.detections, settings, body_model=args.body_model, progress=_progress)
+        result = run_all_features_bench(args.detections, settings, body_model=args.body_model, progress=_progress,
+                                        photos=args.photos)
         # the table on stderr beside the progress: stdout stays the JSON scripts read
         _progress(all_features_table(result))
         return result
-    return run_bench(args.mode, args.detections, settings, body_model=args.body_model, progress=_progress)
+    return run_bench(args.mode, args.detections, settings, body_model=args.body_model, progress=_progress,
+                     photos=args.photos)
 
 
 def _progress(message: str) -> None:

@@ -178,6 +178,11 @@ def test_a_join_waits_past_its_deadline_only_on_components_whose_queues_flow():
     assert waits(["coat"], 250, on=None) == []  # no positions read: the deadline expires as it always did
     # a coat group that stopped moving (wedged, or its service down): stuck, not on its way
     assert waits(["coat"], 250, on=Backlog(positions, flowing - {(coat_in, 0)})) == []
+    # an event whose place was never recorded (the relay died after publishing it): a coat queue that waits
+    # and moves may hold it; one that has caught up does not
+    assert join_waits_on(backlog, ["coat"], None, None, 5.0, 1800.0) == ["coat"]
+    caught_up = Backlog({**positions, coat_in: Position({0: 400}, {0: 400})}, flowing)
+    assert join_waits_on(caught_up, ["coat"], None, None, 5.0, 1800.0) == []
     # pose: where fusion's request landed is not known, so a pose queue that waits and moves counts
     assert waits(["pose"], 250) == ["pose"]
     assert waits(["pose"], 250, on=Backlog({**positions, pose_in: Position({0: 5}, {0: 5})}, flowing)) == []

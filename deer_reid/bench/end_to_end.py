@@ -73,6 +73,17 @@ async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: 
     return rows
 
 
+async def _record_landing(dsn: str, landed: list) -> None:
+    """The detections' published partition and offset (the reconciler's adaptive join deadline reads them to
+    tell a component's queued work from lost work), from the producer's record metadata."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany("UPDATE detections SET published_partition = $2, published_offset = $3 WHERE id = $1",
+                               [(det, meta.partition, meta.offset) for det, meta in landed])
+    finally:
+        await conn.close()
+
+
 async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: str, config, expected: list[str],
                       send_to, answers_on, answer_id, rate: float | None = None) -> dict:
     """One detection event per (row, crop) onto `send_to` (paced at `rate`/s, or all at once), timed until
@@ -81,6 +92,7 @@ async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: 
 
     from shared.broker import MAX_MESSAGE_BYTES, producer_for, refuse_topic_auto_creation
     from shared.schemas import Box, DetectionEvent
+    from shared.topics import DETECTIONS
 
     refuse_topic_auto_creation()
     consumer = AIOKafkaConsumer(answers_on.name, bootstrap_servers=stack.bootstrap,
@@ -109,6 +121,7 @@ async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: 
     collector = asyncio.create_task(collect())
     now = datetime.now(timezone.utc)
     start = time.perf_counter()
+    landing = []
     for n, ((det, sha), crop) in enumerate(zip(rows, crops)):
         if rate:
             await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
@@ -116,8 +129,10 @@ async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: 
                                box=Box(x0=0, y0=0, x1=480, y1=360), image_sha256=sha, crop_jpeg=crop,
                                mode=config.mode, switches=config.switches(), expected=expected)
         sent[str(det)] = time.perf_counter()
-        await producer.send(send_to.name, event.to_bytes(), key=str(det).encode())
+        landing.append((det, await producer.send(send_to.name, event.to_bytes(), key=str(det).encode())))
     await producer.flush()
+    if send_to.name == DETECTIONS.name:  # where each event landed, recorded as the relay records it
+        await _record_landing(stack.dsn, [(det, await future) for det, future in landing])
     await asyncio.wait_for(collector, timeout=600)
     elapsed = max(done.values()) - start
     await producer.stop()

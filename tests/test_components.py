@@ -129,3 +129,48 @@ def test_an_artifact_fitted_under_a_former_component_name_is_read_with_the_curre
     assert checked["fusion"]["weights"] == {"coat:pattern-xfeat": 0.5, "body:m": 1.0}
     assert set(checked["fusion"]["calibrations"]) == {"coat:pattern-xfeat", "body:m"}
     assert "coat:pattern-xfeat" in artifact["fusion"]["weights"]  # the caller's copy is left as it was
+
+
+def test_narrowed_keeps_the_best_scored_in_the_given_order_ties_and_no_evidence_last():
+    from shared.components import narrowed
+
+    assert narrowed([10, 11, 12, 13], [0.2, 0.9, 0.2, 0.5], 2) == [11, 13]
+    assert narrowed([10, 11, 12, 13], [0.2, 0.9, 0.2, 0.5], 3) == [10, 11, 13]  # the tie: the first (closest) kept
+    assert narrowed([10, 11, 12], [np.nan, 0.1, np.nan], 2) == [10, 11]  # no evidence ranks last, in order
+    assert narrowed([4, 5], [0.3, 0.1], 10) == [4, 5]
+
+
+def test_the_coat_cascade_verifies_the_same_photos_in_fusion_and_in_eval(nyala_paths):
+    """The costlier keypoint matcher (RootSIFT) compares only the photos the cheaper one (XFeat) matched best,
+    in fusion's scoring and in eval's masks alike, photo for photo, on real patterns."""
+    from PIL import Image
+
+    from deer_reid.evaluation.coat import cascade_masks, closest
+    from services.coat.pattern import PatternExtractor
+    from shared.coat import pack
+    from shared.components.coat import PATTERN_OF
+
+    extract = {"xfeat": PatternExtractor("xfeat", 256), "rootsift": PatternExtractor("rootsift", 400, 0.01)}
+    rgb = [np.array(Image.open(p).convert("RGB")) for p in nyala_paths[:7]]
+    packed = [{m: pack(e(x)) for m, e in extract.items()} for x in rgb]
+    service = {"xfeat-animal": PATTERN_OF["xfeat"], "rootsift-animal": PATTERN_OF["rootsift"]}
+    feats = [{"embeddings": {}, "attributes": {}, "xfeat-animal": p["xfeat"], "rootsift-animal": p["rootsift"]}
+             for p in packed]
+    n = len(feats)
+    body = np.random.default_rng(1).standard_normal((n, n))
+    ranked = closest(body + body.T, list(range(n)), n - 1)  # every other photo, in a body order
+    everything = ~np.eye(n, dtype=bool)
+    _, _, raw = coat_matrices(feats, everything, service, variants=tuple(service), pattern_mask=everything)
+    has = {v: np.ones(n, dtype=bool) for v in service}
+    masks = cascade_masks(raw, service, everything, ranked, 2, has)
+    assert (masks["xfeat-animal"] == everything).all() and (masks["rootsift-animal"].sum(1) == 2).all()
+    for i in range(n):
+        view = view_of({}, None, {m: ("v", p) for m, p in packed[i].items()})
+        gallery = [(int(j), view_of({}, None, {m: ("v", p) for m, p in packed[j].items()})) for j in ranked[i]]
+        scores = shortlist_scores(reading(COAT), view, gallery, cascade=2)
+        assert set(scores[PATTERN_OF["xfeat"]]) == set(ranked[i].tolist())
+        assert set(scores[PATTERN_OF["rootsift"]]) == set(np.flatnonzero(masks["rootsift-animal"][i]).tolist())
+        xfeat_best = sorted(ranked[i].tolist(), key=lambda j: -max(scores[PATTERN_OF["xfeat"]][j] or [-1]))[:1]
+        assert set(xfeat_best) <= set(scores[PATTERN_OF["rootsift"]])  # XFeat's best is always verified
+        without = shortlist_scores(reading(COAT), view, gallery)  # no cascade: every photo verified
+        assert set(without[PATTERN_OF["rootsift"]]) == set(ranked[i].tolist())

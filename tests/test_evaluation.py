@@ -304,7 +304,8 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     out = tmp_path_factory.mktemp("coat-out")
     result = run_loo(tiny_folder, mode="fast", body_model="efficientnet_lite0", limit=None, seed=3,
                      report_dir=None, json_path=None, target_false_merge=0.02, calibration_out=out / "cal.json",
-                     settings=Settings(coat_pattern_shortlist=2), progress=False, coat=True, coat_shortlist=4)
+                     settings=Settings(coat_pattern_shortlist=2, coat_cascade_shortlist=1), progress=False, coat=True,
+                     coat_shortlist=4)
     how = load_file(out / "cal.json")["fusion"]["aggregation"]
     candidates = {k for k in result["ablation"] if "candidate" in k}
     assert candidates == {
@@ -315,6 +316,13 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     assert candidates <= set(result["ablation_same_viewpoint"])
     assert result["coat"]["shortlist"] == 4 and result["coat"]["pattern_shortlist"] == 2
     assert "coat:pattern alone, rootsift-animal (shortlist 2 by body)" in result["ablation"]  # the matchers' own
+    # the cascade (RootSIFT verifies the 1 of the 2 that XFeat matched best), against every pair matched
+    assert f"all fused, every keypoint pair of the 2 (no cascade; {how})" in result["ablation"]
+    cascade = result["coat_cascade"]
+    assert (cascade["cascade_shortlist"], cascade["pattern_shortlist"]) == (1, 2)
+    assert 0 <= cascade["same_decision"] <= 1 and 0 <= cascade["same_first_photo"] <= 1
+    assert sum(cascade["decisions"]["cascade"].values()) == cascade["queries"] == \
+        sum(cascade["decisions"]["every_pair"].values())
     # the artifact fusion installs holds only what the services compute: both of the service's matchers
     artifact = load_file(out / "cal.json")["fusion"]
     assert set(artifact["calibrations"]) == {
@@ -340,7 +348,8 @@ def test_loo_json_keeps_its_sections_in_order_through_the_cli(tmp_path, capsys):
                            "top1", "top5", "mAP", "top1_ci95", "top5_ci95", "cmc", "same_viewpoint", "levers",
                            "candidate_weights", "ablation_gallery", "ablation", "ablation_same_viewpoint",
                            "calibration", "plots"]
-    assert list(saved["coat"]) == ["shortlist", "pattern_shortlist", "pattern_components", "extraction_ms_median",
+    assert list(saved["coat"]) == ["shortlist", "pattern_shortlist", "cascade_shortlist", "pattern_components",
+                                   "extraction_ms_median",
                                    "matching_s_all_variants", "flags", "facing_vs_viewpoint", "shortlist_drawn"]
     assert list(saved["levers"]) == ["sighting as the query (per sighting, not per image)",
                                      *(f"query expansion αQE k={k}" for k in (1, 2, 3))]

@@ -156,12 +156,13 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
     if coat:
         # the coat service's components, scored as fusion scores them: against each photo's body shortlist,
         # drawn within each half (a property's gallery is its own animals)
-        shortlisted, matching = coat_shortlists(per_component[body], enc, settings, galleries=[fit_rows, positions])
-        scored, _, _ = coat_matrices(coat_features(samples, settings, progress=progress), shortlisted,
-                                     service_variants(settings), variants=(), pattern_mask=matching)
+        drawn = coat_shortlists(per_component[body], enc, settings, galleries=[fit_rows, positions])
+        scored, _, _ = coat_matrices(coat_features(samples, settings, progress=progress), drawn.mask,
+                                     service_variants(settings), variants=(), pattern_mask=drawn.pattern_mask,
+                                     cascade=settings.coat_cascade_shortlist, ranked=drawn.ranked)
         per_component.update(scored)
         # on the graph's edges a coat score is there only where fusion scored the pair (its shortlist)
-        on_edges.update({name: np.where(shortlisted, m, np.nan) for name, m in scored.items()})
+        on_edges.update({name: np.where(drawn.mask, m, np.nan) for name, m in scored.items()})
     fusion = fit_fusion(per_component, fit_rows, ids, enc)
     model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
     order = [positions[k] for k in sighting_order([samples[i] for i in positions], seed)]

@@ -15,7 +15,7 @@ import pickle
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -25,7 +25,7 @@ from deer_reid.evaluation.dataset import Sample
 from deer_reid.evaluation.features import pipeline_crop
 from services.coat.extractor import CoatExtractor
 from shared.coat import pack
-from shared.components import component, reading
+from shared.components import component, narrowed, reading
 from shared.components.coat import COAT, PATTERN_OF, view_of
 from shared.config import Settings
 
@@ -153,14 +153,49 @@ def shortlists(body: np.ndarray, encounters: Sequence, shortlist: int,
     return _as_mask(closest(body, encounters, shortlist, galleries), shortlist)
 
 
+class CoatShortlists(NamedTuple):
+    mask: np.ndarray  # (N, N) bool: the photos every coat component compares
+    pattern_mask: np.ndarray  # (N, N) bool: the first of them, which the keypoint matchers compare
+    ranked: list[np.ndarray]  # each photo's shortlist, closest by body first (the cascade's tie order)
+
+
 def coat_shortlists(body: np.ndarray, encounters: Sequence, settings: Settings, shortlist: int | None = None,
-                    galleries: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    galleries: Sequence[Sequence[int]] | None = None) -> CoatShortlists:
     """The coat's shortlists as fusion draws them under `settings` (`shortlist` overrides
     DEER_COAT_SHORTLIST): the photos every coat component compares, and the first of them that the keypoint
     matchers compare (DEER_COAT_PATTERN_SHORTLIST), from one ranking."""
     shortlist = shortlist or settings.coat_shortlist
     ranked = closest(body, encounters, shortlist, galleries)
-    return _as_mask(ranked, shortlist), _as_mask(ranked, min(shortlist, settings.coat_pattern_shortlist))
+    return CoatShortlists(_as_mask(ranked, shortlist), _as_mask(ranked, min(shortlist, settings.coat_pattern_shortlist)),
+                          ranked)
+
+
+def cascade_masks(raw: dict[str, np.ndarray], service: dict[str, str], pattern_mask: np.ndarray,
+                  ranked: Sequence[np.ndarray] | None, cascade: int, has: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+    """{variant: the pairs its component compares} under fusion's cascade (`shortlist_scores`): the service's
+    keypoint matchers cheapest first, the first over `pattern_mask`, each later one over the `cascade` photos
+    of each row that the one before it scored highest in `raw` (`narrowed`, ties in body order `ranked`). A
+    photo without a matcher's pattern (`has[variant]` False) is not narrowed by it, as that matcher does not
+    apply to it in fusion."""
+    order = sorted(service, key=lambda v: component(service[v]).cost)
+    masks: dict[str, np.ndarray] = {}
+    current = pattern_mask
+    for v in order:
+        masks[v] = current
+        if not cascade:
+            continue
+        following = np.zeros_like(pattern_mask)
+        for i in range(len(pattern_mask)):
+            row = ranked[i] if ranked is not None else np.arange(len(pattern_mask))
+            positions = [int(j) for j in row if current[i, j]]
+            scores = raw[v][i, positions]
+            if not has[v][i]:
+                following[i, positions] = True
+            else:
+                following[i, narrowed(positions, scores, cascade)] = True
+        current = following
+    return masks
 
 
 def pair_matrix(name: str, items: list, mask: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
@@ -209,14 +244,15 @@ def coat_views(feats: list[dict], variant: str | None = None) -> list[dict]:
 
 def coat_matrices(feats: list[dict], mask: np.ndarray, service: dict[str, str],
                   matched: dict[str, np.ndarray] | None = None, variants: Sequence[str] = tuple(VARIANTS),
-                  pattern_mask: np.ndarray | None = None
+                  pattern_mask: np.ndarray | None = None, cascade: int = 0,
+                  ranked: Sequence[np.ndarray] | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The coat components as fusion scores them ({name: matrix}) against each photo's shortlist (`mask`,
     from `shortlists`; the keypoint matchers against `pattern_mask`, the first of it, as fusion's
-    `coat_pattern_shortlist`): every registered component reading the coat's features, the `service`'s
-    pattern variants ({variant: component}) as the pattern components; the pattern `variants` measured; and
-    their raw pattern scores (pass them back as `matched` to score other shortlists without matching the
-    pairs again)."""
+    `coat_pattern_shortlist`, and under a `cascade` as `cascade_masks` says): every registered component
+    reading the coat's features, the `service`'s pattern variants ({variant: component}) as the pattern
+    components; the pattern `variants` measured alone over `pattern_mask`; and their raw pattern scores (pass
+    them back as `matched` to score other shortlists without matching the pairs again)."""
     pattern_mask = mask if pattern_mask is None else pattern_mask
     patterns = set(PATTERN_OF.values())
     raw = {name: pair_matrix(PATTERN_OF[VARIANTS[name][0]], coat_views(feats, name), pattern_mask | pattern_mask.T,
@@ -225,7 +261,9 @@ def coat_matrices(feats: list[dict], mask: np.ndarray, service: dict[str, str],
     views = coat_views(feats)
     components = {c.name: as_fusion_scores(pair_matrix(c.name, views, m | m.T), m)  # fusion's costly rule too
                   for c in reading(COAT) if c.name not in patterns for m in [pattern_mask if c.costly else mask]}
-    components.update({component: as_fusion_scores(raw[v], pattern_mask) for v, component in service.items()})
+    has = {v: np.array([f.get(v) is not None for f in feats]) for v in service}
+    compared = cascade_masks(raw, service, pattern_mask, ranked, cascade, has)
+    components.update({name: as_fusion_scores(raw[v], compared[v]) for v, name in service.items()})
     return components, {name: as_fusion_scores(m, pattern_mask) for name, m in raw.items()}, raw
 
 

@@ -85,6 +85,7 @@ def all_pairs(name: str, items: list) -> np.ndarray:
 class CoatScores(NamedTuple):
     whole_run: dict[str, np.ndarray]
     within_halves: dict[str, np.ndarray]
+    uncascaded: dict[str, np.ndarray]  # the same, every keypoint matcher over its whole pattern shortlist
     pattern_variants: dict[str, np.ndarray]  # every pattern matcher's scores by variant, within the halves
     service: dict[str, str]  # the variants the coat service runs -> the component each serves as
     shortlist: int
@@ -110,16 +111,24 @@ def coat_scores(photos: Photos, split: Split, body: np.ndarray, settings: Settin
     service = service_variants(settings)
     shortlist = shortlist or settings.coat_shortlist
     matching = min(shortlist, settings.coat_pattern_shortlist)  # the keypoint matchers' part of it
+    cascade = settings.coat_cascade_shortlist
     # Over the whole run only the service's patterns are needed (the all-identity rows).
-    mask, pattern_mask = coat_shortlists(body, photos.encounters, settings, shortlist)
-    whole_run, _, matched = coat_matrices(feats, mask, service, variants=(), pattern_mask=pattern_mask)
+    drawn = coat_shortlists(body, photos.encounters, settings, shortlist)
+    whole_run, _, matched = coat_matrices(feats, drawn.mask, service, variants=(), pattern_mask=drawn.pattern_mask,
+                                          cascade=cascade, ranked=drawn.ranked)
     # Each half is a gallery of its own (fitted on, or reported on), and fusion shortlists among the gallery
     # it searches: drawn again within each half, the reported half's photos are not each given a shortlist
     # half spent on the other half. Pairs matched above are not matched again.
-    mask, pattern_mask = coat_shortlists(body, photos.encounters, settings, shortlist, [split.fit, split.held])
-    within_halves, variants, _ = coat_matrices(feats, mask, service, matched, pattern_mask=pattern_mask)
-    return CoatScores(whole_run, within_halves, variants, service, shortlist, {
-        "shortlist": shortlist, "pattern_shortlist": matching, "pattern_components": service,
+    drawn = coat_shortlists(body, photos.encounters, settings, shortlist, [split.fit, split.held])
+    within_halves, variants, matched = coat_matrices(feats, drawn.mask, service, matched,
+                                                     pattern_mask=drawn.pattern_mask, cascade=cascade,
+                                                     ranked=drawn.ranked)
+    # the cascade's yardstick: every keypoint matcher over its whole pattern shortlist (no pair matched again)
+    uncascaded = coat_matrices(feats, drawn.mask, service, matched, variants=(),
+                               pattern_mask=drawn.pattern_mask)[0] if 0 < cascade < matching else within_halves
+    return CoatScores(whole_run, within_halves, uncascaded, variants, service, shortlist, {
+        "shortlist": shortlist, "pattern_shortlist": matching, "cascade_shortlist": cascade,
+        "pattern_components": service,
         "extraction_ms_median": extraction_ms(feats),
         "matching_s_all_variants": round(time.monotonic() - started, 1),
         "flags": {f: sum(f in x["flags"] for x in feats) for f in sorted({f for x in feats for f in x["flags"]})},

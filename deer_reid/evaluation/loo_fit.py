@@ -8,6 +8,7 @@ ablation measures each component alone, the fused whole, and candidates the serv
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ from deer_reid.evaluation.loo_components import BodyNetworks, Components, Photos
 from deer_reid.evaluation.metrics import clustering_report, query_expanded_similarity, retrieval, \
     retrieval_by_sighting
 from services.fusion.scoring import FusionModel
-from shared.components import AGGREGATIONS
+from shared.components import AGGREGATIONS, aggregate
 from shared.config import Settings
 
 
@@ -149,6 +150,55 @@ class Ablation(NamedTuple):
     rows: dict[str, dict]
     same_viewpoint: dict[str, dict] | None
     candidate_weights: dict[str, dict]  # by coat pattern variant the service does not run
+    cascade: dict | None = None  # the coat cascade's decisions against every keypoint pair's
+
+
+def snapshot_decisions(similarity: np.ndarray, queries: list[int], identities: list, encounters: list,
+                       thresholds: cal.Thresholds, how: str) -> list[tuple[str, object]]:
+    """Each query's decision against every other encounter of `queries` as the gallery (all of them known:
+    a leave-one-encounter-out snapshot, not the sequential simulation), as fusion takes it: the individual
+    whose photos score best (aggregated `how`), matched, sent to review, or a new one by the thresholds.
+    (state, individual), the individual None for a new one."""
+    out = []
+    for q in queries:
+        by_identity: dict = {}
+        for j in queries:
+            if encounters[j] != encounters[q]:
+                by_identity.setdefault(identities[j], []).append(float(similarity[q, j]))
+        scored = {ind: aggregate(v, how) for ind, v in by_identity.items()}
+        best = max(scored, key=lambda ind: (scored[ind], str(ind)), default=None)
+        score = scored.get(best, -np.inf)
+        state = "match" if score >= thresholds.match else "new" if score < thresholds.new else "review"
+        out.append((state, None if state == "new" else best))
+    return out
+
+
+def cascade_agreement(components: Components, fitter: Fitter, fitted: Fitted) -> tuple[dict, np.ndarray] | None:
+    """The coat cascade (`coat_cascade_shortlist`) against every keypoint pair of the pattern shortlist, with
+    the fitted fusion and thresholds: the held-out queries whose decision (`snapshot_decisions`) and whose
+    first candidate photo are the same both ways, and the uncascaded fused scores (None: no cascade)."""
+    coat = components.coat
+    if coat is None or not 0 < coat.notes["cascade_shortlist"] < coat.notes["pattern_shortlist"]:
+        return None  # no cascade, or one that keeps every photo of the pattern shortlist
+    best = fitted.best
+    uncascaded = cal.fused_similarity({**fitter.per_component, **coat.uncascaded}, best.model)
+    held, ids, enc = fitter.split.held, fitter.photos.identities, fitter.photos.encounters
+    thresholds = cal.Thresholds(match=best.chosen.match, new=best.chosen.new)
+    cascaded_decisions = snapshot_decisions(best.fused, held, ids, enc, thresholds, fitted.aggregation)
+    full_decisions = snapshot_decisions(uncascaded, held, ids, enc, thresholds, fitted.aggregation)
+
+    def first(similarity: np.ndarray, q: int) -> int:
+        others = [j for j in held if enc[j] != enc[q]]
+        return others[int(np.argmax(similarity[q, others]))]
+    same_first = [first(best.fused, q) == first(uncascaded, q) for q in held]
+    same = [a == b for a, b in zip(cascaded_decisions, full_decisions)]
+    return {"cascade_shortlist": coat.notes["cascade_shortlist"], "pattern_shortlist": coat.notes["pattern_shortlist"],
+            "queries": len(held), "same_decision": round(float(np.mean(same)), 4),
+            "same_first_photo": round(float(np.mean(same_first)), 4),
+            "decisions": {"cascade": dict(Counter(s for s, _ in cascaded_decisions)),
+                          "every_pair": dict(Counter(s for s, _ in full_decisions))},
+            "decided_as": "each held-out photo against every other encounter of the held-out half, the "
+                          "fitted fusion and thresholds"}, uncascaded
 
 
 def ablate(components: Components, fitter: Fitter, fitted: Fitted, unfitted: np.ndarray,
@@ -185,6 +235,10 @@ def ablate(components: Components, fitter: Fitter, fitted: Fitted, unfitted: np.
                 scores
             candidate_weights[v] = fusion["weights"]
     rows.update({k: on_held(m) for k, m in candidates.items()})
+    agreement = cascade_agreement(components, fitter, fitted)
+    if agreement is not None:
+        rows[f"all fused, every keypoint pair of the {coat.notes['pattern_shortlist']} (no cascade; {how})"] = \
+            on_held(agreement[1])
     held_views = [fitter.photos.viewpoints[i] for i in held] if fitter.photos.viewpoints else None
     same_viewpoint = None
     if held_views:
@@ -193,4 +247,4 @@ def ablate(components: Components, fitter: Fitter, fitted: Fitted, unfitted: np.
             *alone.items(), *((f"coat:pattern alone, {v}", m) for v, m in {**antler_variants,
                                                                             **pattern_variants}.items()),
             (fused_row, fitted.best.fused), *candidates.items()]}
-    return Ablation(rows, same_viewpoint, candidate_weights)
+    return Ablation(rows, same_viewpoint, candidate_weights, agreement[0] if agreement is not None else None)

@@ -49,6 +49,8 @@ def report(header: dict, body: BodyNetworks, components: Components, all_identit
         result["candidate_weights"] = ablation.candidate_weights
     result["ablation_gallery"] = {"identities": len(split.held_ids), "images": len(split.held)}
     result["ablation"] = {k: figures(v) for k, v in ablation.rows.items()}
+    if ablation.cascade is not None:
+        result["coat_cascade"] = ablation.cascade
     if ablation.same_viewpoint is not None:
         result["ablation_same_viewpoint"] = {k: figures(v) for k, v in ablation.same_viewpoint.items()}
 

@@ -150,6 +150,13 @@ def markdown(result: dict) -> str:
         for name, a in (result.get("ablation_same_viewpoint") or {}).items():
             lines.append(f"| {name}, same viewpoint | {a['queries']} | {a['top1']:.3f} | {a['top5']:.3f} | "
                          f"{a['mAP']:.3f} |")
+        if result.get("coat_cascade"):
+            c = result["coat_cascade"]
+            lines += ["", f"Coat cascade: RootSIFT verifies the {c['cascade_shortlist']} of the "
+                      f"{c['pattern_shortlist']} pattern-shortlist photos XFeat matched best. Against every pair "
+                      f"matched, on {c['queries']} held-out queries ({c['decided_as']}): the same decision for "
+                      f"{c['same_decision']:.3f}, the same first photo for {c['same_first_photo']:.3f} "
+                      f"(decisions {c['decisions']['cascade']} against {c['decisions']['every_pair']})."]
         if result.get("viewpoint"):
             v = result["viewpoint"]
             lines += ["", "## Viewpoint (the pose service's classifier)", "",

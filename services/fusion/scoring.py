@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from shared.components import Component, component_of
+from shared.components import Component, component_of, narrowed
 from shared.calibrated import ComponentCalibration, FusionModel, logit, sigmoid
 
 __all__ = ["ComponentCalibration", "FusionModel", "logit", "sigmoid"]  # re-exported: their home is shared/
@@ -101,24 +101,33 @@ def score_candidates(per_component: Mapping[str, Mapping[int, float]], model: Fu
 
 
 def shortlist_scores(components: Sequence[Component], query: Any, gallery: Sequence[tuple[int, Any]],
-                     costly_shortlist: int | None = None) -> dict[str, dict[int, list[float]]]:
+                     costly_shortlist: int | None = None, cascade: int | None = None
+                     ) -> dict[str, dict[int, list[float]]]:
     """{component: {individual: its photos' raw scores}} of the query against its shortlisted gallery photos
-    ((individual, item) pairs, closest first): one call of each component that `applies` to the query; a
+    ((individual, item) pairs, closest first): one call of each component that `applies` to the query. A
     `costly` one compares only the first `costly_shortlist` photos, and an individual beyond them is absent
-    from its shortlist. An individual whose photos give no evidence keeps an empty list (fusion's "no
-    evidence" for it)."""
+    from its shortlist. Costly ones run cheapest first; with a `cascade` of K, each after the first that
+    applied compares only the K photos the one before it scored highest (`narrowed`). An individual whose
+    photos give no evidence keeps an empty list (fusion's "no evidence" for it)."""
     if not gallery:
         return {}
     out: dict[str, dict[int, list[float]]] = {}
-    for scorer in components:
+    everything = list(range(len(gallery)))
+    positions = everything[:costly_shortlist]  # what the next costly component compares
+    ordered = [c for c in components if not c.costly] + sorted((c for c in components if c.costly),
+                                                               key=lambda c: c.cost)
+    for scorer in ordered:
         if not scorer.applies(query):
             continue
-        compared = gallery[:costly_shortlist] if scorer.costly and costly_shortlist is not None else gallery
+        compared = positions if scorer.costly else everything
+        scores = scorer.similarity([query], [gallery[k][1] for k in compared])[0]
         by_individual = out.setdefault(scorer.name, {})
-        for (individual, _), score in zip(compared, scorer.similarity([query], [item for _, item in compared])[0]):
-            scores = by_individual.setdefault(individual, [])
+        for k, score in zip(compared, scores):
+            photos = by_individual.setdefault(gallery[k][0], [])
             if not np.isnan(score):
-                scores.append(float(score))
+                photos.append(float(score))
+        if scorer.costly and cascade:
+            positions = narrowed(compared, scores, cascade)
     return out
 
 

@@ -139,7 +139,8 @@ class GallerySearch:
     async def _coat(self, conn: asyncpg.Connection, det: asyncpg.Record, sex: str, body_vectors: list,
                     exemplar_scores: dict) -> dict:
         """Coat scores against the `coat_shortlist` gallery photos closest to the detection by the fast body
-        model (its nearest exemplars; the keypoint matchers against the first `coat_pattern_shortlist`), each
+        model (its nearest exemplars; the keypoint matchers against the first `coat_pattern_shortlist`, the
+        costlier against `coat_cascade_shortlist` of them by the cheaper one's matches), each
         individual scored by its photos on that shortlist (added to `exemplar_scores`). The closest photos,
         not an individual's newest: the photo that ranks an animal first by body is the one whose coat must
         confirm it (`eval --coat` measures the shortlist's size)."""
@@ -163,7 +164,8 @@ class GallerySearch:
         gallery = [(ind, views[d]) for ind, d in shortlist if d in views and d != det["id"]]
         # every registered component of the coat's features; CPU work (OpenCV releases the GIL): off the loop
         matched = await asyncio.get_running_loop().run_in_executor(
-            None, shortlist_scores, reading(COAT), views[det["id"]], gallery, self.settings.coat_pattern_shortlist)
+            None, shortlist_scores, reading(COAT), views[det["id"]], gallery, self.settings.coat_pattern_shortlist,
+            self.settings.coat_cascade_shortlist)
         exemplar_scores.update(matched)
         STAGE_SECONDS.labels(self.service, "coat-match").observe(time.perf_counter() - started)
         return {"version": version, "shortlist": len({ind for ind, _ in shortlist}),

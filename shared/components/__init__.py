@@ -15,11 +15,13 @@ from shared.components.base import (
     best_over_queries,
     component,
     component_of,
+    narrowed,
     reading,
     register,
     unregister,
 )
 from shared.components.body import body_component
 
-__all__ = ["AGGREGATIONS", "Component", "aggregate", "best_over_queries", "body_component", "component", "component_of", "reading",
+__all__ = ["AGGREGATIONS", "Component", "aggregate", "best_over_queries", "body_component", "component", "component_of", "narrowed",
+           "reading",
            "register", "unregister"]

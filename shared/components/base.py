@@ -30,6 +30,7 @@ class Component(ABC):
     name: str  # the scored name: the key of calibrations, weights and the result document
     reads: str  # the extractor whose features it compares
     costly = False  # matched pair by pair at a cost that calls for a shortlist and all the cores
+    cost = 0.0  # a costly one's milliseconds a pair (measured): the cheaper ones go first in a cascade
 
     def applies(self, query: Any) -> bool:
         """Whether the component scores this query at all. One that does not is left out of the detection's
@@ -88,6 +89,15 @@ def aggregate(similarities: Sequence[float], how: str = "best") -> float | None:
     if how == "mean2":
         return sum(values[:2]) / min(2, len(values))
     raise ValueError(f"unknown aggregation {how!r}; one of {AGGREGATIONS}")
+
+
+def narrowed(positions: Sequence[int], scores: Sequence[float], keep: int) -> list[int]:
+    """The cascade's step: of the gallery `positions` a cheaper matcher scored (`scores`, NaN: no evidence),
+    the `keep` it scored highest (ties and NaN in the given order: closest by body first), in the given
+    order. The costlier matcher verifies only those."""
+    values = np.where(np.isnan(np.asarray(scores, dtype=np.float64)), -np.inf, scores)
+    best = np.argsort(-values, kind="stable")[:keep]
+    return [positions[k] for k in sorted(best)]
 
 
 def component_of(name: str) -> str:

@@ -252,3 +252,23 @@ def test_a_new_sighting_joins_the_gallery_until_full_then_rechooses_every_half_g
     assert steps[:8] == [JOIN] * 8
     assert steps[8:] == [KEEP, KEEP, KEEP, RECHOOSE, KEEP, KEEP, KEEP, RECHOOSE]  # sightings 12 and 16
     assert on_new_sighting(1, 7, 1) == RECHOOSE  # a one-slot gallery re-chooses at every sighting
+
+
+def test_one_blas_thread_leaves_numpy_on_one_thread_until_restored():
+    """Fusion's coat matching runs its matrix products on one BLAS thread: beside busy services a second
+    thread only spins (shared.service.one_blas_thread says what it cost)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from shared.service import one_blas_thread
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    with threadpool_limits(2, user_api="blas"):
+        assert blas_threads() == {2}
+        limiter = one_blas_thread()
+        try:
+            assert blas_threads() == {1}
+        finally:
+            limiter.restore_original_limits()
+        assert blas_threads() == {2}

@@ -38,6 +38,7 @@ from services.fusion.temporal import TemporalRules
 from shared.broker import Handled, Output
 from shared.config import Settings
 from shared.db import create_pool
+from shared.service import one_blas_thread
 from shared.observability import STAGE_SECONDS
 from shared.schemas import Features, FusionInput, JoinDeadline
 from shared.states import is_terminal
@@ -153,4 +154,5 @@ class FusionHandler:
 
 
 async def make_handler(settings: Settings) -> FusionHandler:
+    one_blas_thread()  # coat matching is matrix products: one thread each, beside the other services
     return FusionHandler(await create_pool(settings.database_url), settings)

@@ -161,8 +161,9 @@ def test_the_coat_cascade_verifies_the_same_photos_in_fusion_and_in_eval(nyala_p
     ranked = closest(body + body.T, list(range(n)), n - 1)  # every other photo, in a body order
     everything = ~np.eye(n, dtype=bool)
     _, _, raw = coat_matrices(feats, everything, service, variants=tuple(service), pattern_mask=everything)
-    has = {v: np.ones(n, dtype=bool) for v in service}
-    masks = cascade_masks(raw, service, everything, ranked, 2, has)
+    masks = cascade_masks({name: raw[v] for v, name in service.items()},
+                          {name: np.ones(n, dtype=bool) for name in service.values()}, everything, ranked, 2)
+    masks = {v: masks[name] for v, name in service.items()}
     assert (masks["xfeat-animal"] == everything).all() and (masks["rootsift-animal"].sum(1) == 2).all()
     for i in range(n):
         view = view_of({}, None, {m: ("v", p) for m, p in packed[i].items()})

@@ -506,8 +506,8 @@ def test_coat_shortlists_are_drawn_as_fusion_draws_them_within_each_gallery_and_
     body = v @ v.T
     enc = [i // 2 if i % 4 < 2 else 100 + i for i in range(16)]  # photos 0-1, 4-5, ...: one encounter each
     groups = [list(range(8)), list(range(8, 16))]
-    whole = coat_eval.shortlists(body, enc, 3)
-    halves = coat_eval.shortlists(body, enc, 3, groups)
+    whole = coat_eval.coat_shortlists(body, enc, Settings(), 3).mask
+    halves = coat_eval.coat_shortlists(body, enc, Settings(), 3, groups).mask
     assert not halves[:8, 8:].any() and not halves[8:, :8].any()  # never across the two galleries
     for i in range(16):
         # its three closest photos by body in its half, never one of its own encounter (not in its gallery)

@@ -85,8 +85,8 @@ def photo_crops(folder: Path, n: int, seed: int = 0) -> list[bytes]:
     if not photos:
         raise FileNotFoundError(f"no photos under {folder}")
     order = np.random.default_rng(seed).permutation(len(photos))
-    return [photos[order[k % len(photos)]].read_bytes() if k < len(photos)
-            else distinct_image(photos[order[k % len(photos)]].read_bytes(), k) for k in range(n)]
+    chosen = [photos[order[k % len(photos)]] for k in range(n)]
+    return [p.read_bytes() if k < len(photos) else distinct_image(p.read_bytes(), k) for k, p in enumerate(chosen)]
 
 
 def bench_crops(n: int, photos: Path | None) -> tuple[list[bytes], dict]:

@@ -74,12 +74,12 @@ async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: 
 
 
 async def _record_landing(dsn: str, landed: list) -> None:
-    """The detections' published partition and offset (the reconciler's adaptive join deadline reads them to
-    tell a component's queued work from lost work), from the producer's record metadata."""
+    """Where the bench's events landed, recorded as the relay records it (the bench publishes without it)."""
+    from services.reconciler.relay import record_landing
+
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.executemany("UPDATE detections SET published_partition = $2, published_offset = $3 WHERE id = $1",
-                               [(det, meta.partition, meta.offset) for det, meta in landed])
+        await record_landing(conn, [(det, meta.partition, meta.offset) for det, meta in landed])
     finally:
         await conn.close()
 

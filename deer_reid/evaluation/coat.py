@@ -147,12 +147,6 @@ def _as_mask(ranked: Sequence[np.ndarray], k: int) -> np.ndarray:
     return mask
 
 
-def shortlists(body: np.ndarray, encounters: Sequence, shortlist: int,
-               galleries: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """(N, N) bool; row i: the photos photo i's coat is compared with (`closest`'s first `shortlist`)."""
-    return _as_mask(closest(body, encounters, shortlist, galleries), shortlist)
-
-
 class CoatShortlists(NamedTuple):
     mask: np.ndarray  # (N, N) bool: the photos every coat component compares
     pattern_mask: np.ndarray  # (N, N) bool: the first of them, which the keypoint matchers compare
@@ -170,30 +164,23 @@ def coat_shortlists(body: np.ndarray, encounters: Sequence, settings: Settings, 
                           ranked)
 
 
-def cascade_masks(raw: dict[str, np.ndarray], service: dict[str, str], pattern_mask: np.ndarray,
-                  ranked: Sequence[np.ndarray] | None, cascade: int, has: dict[str, np.ndarray]
-                  ) -> dict[str, np.ndarray]:
-    """{variant: the pairs its component compares} under fusion's cascade (`shortlist_scores`): the service's
-    keypoint matchers cheapest first, the first over `pattern_mask`, each later one over the `cascade` photos
-    of each row that the one before it scored highest in `raw` (`narrowed`, ties in body order `ranked`). A
-    photo without a matcher's pattern (`has[variant]` False) is not narrowed by it, as that matcher does not
-    apply to it in fusion."""
-    order = sorted(service, key=lambda v: component(service[v]).cost)
+def cascade_masks(raw: dict[str, np.ndarray], applies: dict[str, np.ndarray], pattern_mask: np.ndarray,
+                  ranked: Sequence[np.ndarray], cascade: int) -> dict[str, np.ndarray]:
+    """{costly component: the pairs it compares} under fusion's cascade (`shortlist_scores`): the costly
+    components cheapest first, the first over `pattern_mask`, each later one over the `cascade` photos of each
+    row that the one before it scored highest in `raw` (`narrowed`, ties in body order `ranked`). A photo the
+    one before does not apply to (`applies[name]`, fusion's `Component.applies`) is not narrowed by it."""
     masks: dict[str, np.ndarray] = {}
     current = pattern_mask
-    for v in order:
-        masks[v] = current
+    for name in sorted(raw, key=lambda n: component(n).cost):
+        masks[name] = current
         if not cascade:
             continue
         following = np.zeros_like(pattern_mask)
-        for i in range(len(pattern_mask)):
-            row = ranked[i] if ranked is not None else np.arange(len(pattern_mask))
+        for i, row in enumerate(ranked):
             positions = [int(j) for j in row if current[i, j]]
-            scores = raw[v][i, positions]
-            if not has[v][i]:
-                following[i, positions] = True
-            else:
-                following[i, narrowed(positions, scores, cascade)] = True
+            kept = narrowed(positions, raw[name][i, positions], cascade) if applies[name][i] else positions
+            following[i, kept] = True
         current = following
     return masks
 
@@ -254,16 +241,21 @@ def coat_matrices(feats: list[dict], mask: np.ndarray, service: dict[str, str],
     components; the pattern `variants` measured alone over `pattern_mask`; and their raw pattern scores (pass
     them back as `matched` to score other shortlists without matching the pairs again)."""
     pattern_mask = mask if pattern_mask is None else pattern_mask
-    patterns = set(PATTERN_OF.values())
-    raw = {name: pair_matrix(PATTERN_OF[VARIANTS[name][0]], coat_views(feats, name), pattern_mask | pattern_mask.T,
-                             (matched or {}).get(name))  # a pair's score serves both its photos
-           for name in dict.fromkeys([*service, *variants])}
+    pattern_pairs = pattern_mask | pattern_mask.T  # a pair's score serves both its photos
+    raw = {name: pair_matrix(PATTERN_OF[VARIANTS[name][0]], coat_views(feats, name), pattern_pairs,
+                             (matched or {}).get(name)) for name in dict.fromkeys([*service, *variants])}
     views = coat_views(feats)
-    components = {c.name: as_fusion_scores(pair_matrix(c.name, views, m | m.T), m)  # fusion's costly rule too
-                  for c in reading(COAT) if c.name not in patterns for m in [pattern_mask if c.costly else mask]}
-    has = {v: np.array([f.get(v) is not None for f in feats]) for v in service}
-    compared = cascade_masks(raw, service, pattern_mask, ranked, cascade, has)
-    components.update({name: as_fusion_scores(raw[v], compared[v]) for v, name in service.items()})
+    others = [c for c in reading(COAT) if c.name not in PATTERN_OF.values()]
+    components = {c.name: as_fusion_scores(pair_matrix(c.name, views, mask | mask.T), mask)
+                  for c in others if not c.costly}
+    # the costly ones (the service's keypoint matchers, any other costly component) as fusion's cascade runs them
+    costly = {c.name: (pair_matrix(c.name, views, pattern_pairs), views) for c in others if c.costly}
+    costly.update({name: (raw[v], coat_views(feats, v)) for v, name in service.items()})
+    compared = cascade_masks({n: m for n, (m, _) in costly.items()},
+                             {n: np.array([component(n).applies(v) for v in vs]) for n, (_, vs) in costly.items()},
+                             pattern_mask, ranked if ranked is not None else [np.arange(len(feats))] * len(feats),
+                             cascade)
+    components.update({n: as_fusion_scores(m, compared[n]) for n, (m, _) in costly.items()})
     return components, {name: as_fusion_scores(m, pattern_mask) for name, m in raw.items()}, raw
 
 

@@ -85,7 +85,7 @@ def all_pairs(name: str, items: list) -> np.ndarray:
 class CoatScores(NamedTuple):
     whole_run: dict[str, np.ndarray]
     within_halves: dict[str, np.ndarray]
-    uncascaded: dict[str, np.ndarray]  # the same, every keypoint matcher over its whole pattern shortlist
+    uncascaded: dict[str, np.ndarray] | None  # the same without the cascade (None: no cascade narrows anything)
     pattern_variants: dict[str, np.ndarray]  # every pattern matcher's scores by variant, within the halves
     service: dict[str, str]  # the variants the coat service runs -> the component each serves as
     shortlist: int
@@ -125,7 +125,7 @@ def coat_scores(photos: Photos, split: Split, body: np.ndarray, settings: Settin
                                                      ranked=drawn.ranked)
     # the cascade's yardstick: every keypoint matcher over its whole pattern shortlist (no pair matched again)
     uncascaded = coat_matrices(feats, drawn.mask, service, matched, variants=(),
-                               pattern_mask=drawn.pattern_mask)[0] if 0 < cascade < matching else within_halves
+                               pattern_mask=drawn.pattern_mask)[0] if 0 < cascade < matching else None
     return CoatScores(whole_run, within_halves, uncascaded, variants, service, shortlist, {
         "shortlist": shortlist, "pattern_shortlist": matching, "cascade_shortlist": cascade,
         "pattern_components": service,

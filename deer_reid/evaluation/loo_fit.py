@@ -154,22 +154,23 @@ class Ablation(NamedTuple):
 
 
 def snapshot_decisions(similarity: np.ndarray, queries: list[int], identities: list, encounters: list,
-                       thresholds: cal.Thresholds, how: str) -> list[tuple[str, object]]:
+                       thresholds: cal.Thresholds, how: str) -> list[tuple[str, object, int]]:
     """Each query's decision against every other encounter of `queries` as the gallery (all of them known:
     a leave-one-encounter-out snapshot, not the sequential simulation), as fusion takes it: the individual
     whose photos score best (aggregated `how`), matched, sent to review, or a new one by the thresholds.
-    (state, individual), the individual None for a new one."""
+    (state, individual, the closest photo), the individual None for a new one."""
     out = []
     for q in queries:
+        others = [j for j in queries if encounters[j] != encounters[q]]
         by_identity: dict = {}
-        for j in queries:
-            if encounters[j] != encounters[q]:
-                by_identity.setdefault(identities[j], []).append(float(similarity[q, j]))
+        for j in others:
+            by_identity.setdefault(identities[j], []).append(float(similarity[q, j]))
         scored = {ind: aggregate(v, how) for ind, v in by_identity.items()}
         best = max(scored, key=lambda ind: (scored[ind], str(ind)), default=None)
         score = scored.get(best, -np.inf)
         state = "match" if score >= thresholds.match else "new" if score < thresholds.new else "review"
-        out.append((state, None if state == "new" else best))
+        closest = others[int(np.argmax(similarity[q, others]))] if others else -1
+        out.append((state, None if state == "new" else best, closest))
     return out
 
 
@@ -178,25 +179,21 @@ def cascade_agreement(components: Components, fitter: Fitter, fitted: Fitted) ->
     the fitted fusion and thresholds: the held-out queries whose decision (`snapshot_decisions`) and whose
     first candidate photo are the same both ways, and the uncascaded fused scores (None: no cascade)."""
     coat = components.coat
-    if coat is None or not 0 < coat.notes["cascade_shortlist"] < coat.notes["pattern_shortlist"]:
-        return None  # no cascade, or one that keeps every photo of the pattern shortlist
+    if coat is None or coat.uncascaded is None:
+        return None
     best = fitted.best
     uncascaded = cal.fused_similarity({**fitter.per_component, **coat.uncascaded}, best.model)
     held, ids, enc = fitter.split.held, fitter.photos.identities, fitter.photos.encounters
     thresholds = cal.Thresholds(match=best.chosen.match, new=best.chosen.new)
-    cascaded_decisions = snapshot_decisions(best.fused, held, ids, enc, thresholds, fitted.aggregation)
-    full_decisions = snapshot_decisions(uncascaded, held, ids, enc, thresholds, fitted.aggregation)
-
-    def first(similarity: np.ndarray, q: int) -> int:
-        others = [j for j in held if enc[j] != enc[q]]
-        return others[int(np.argmax(similarity[q, others]))]
-    same_first = [first(best.fused, q) == first(uncascaded, q) for q in held]
-    same = [a == b for a, b in zip(cascaded_decisions, full_decisions)]
+    cascaded = snapshot_decisions(best.fused, held, ids, enc, thresholds, fitted.aggregation)
+    every_pair = snapshot_decisions(uncascaded, held, ids, enc, thresholds, fitted.aggregation)
+    same = [a[:2] == b[:2] for a, b in zip(cascaded, every_pair)]
+    same_first = [a[2] == b[2] for a, b in zip(cascaded, every_pair)]
     return {"cascade_shortlist": coat.notes["cascade_shortlist"], "pattern_shortlist": coat.notes["pattern_shortlist"],
             "queries": len(held), "same_decision": round(float(np.mean(same)), 4),
             "same_first_photo": round(float(np.mean(same_first)), 4),
-            "decisions": {"cascade": dict(Counter(s for s, _ in cascaded_decisions)),
-                          "every_pair": dict(Counter(s for s, _ in full_decisions))},
+            "decisions": {"cascade": dict(Counter(d[0] for d in cascaded)),
+                          "every_pair": dict(Counter(d[0] for d in every_pair))},
             "decided_as": "each held-out photo against every other encounter of the held-out half, the "
                           "fitted fusion and thresholds"}, uncascaded
 

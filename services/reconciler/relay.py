@@ -29,6 +29,13 @@ RELAY_LEASE_S = 60.0
 IDLE_POLL_S = 0.5  # with less than a batch enqueued, look again after this unless a NOTIFY comes first
 
 
+async def record_landing(conn: asyncpg.Connection, landed: list[tuple]) -> None:
+    """Where each detection's event landed ((detection id, partition, offset)): the reconciler tells queued
+    work from lost work by it, and the join deadline waits on a component whose queue holds the event."""
+    await conn.executemany("UPDATE detections SET published_partition = $2, published_offset = $3 WHERE id = $1",
+                           landed)
+
+
 async def pipeline_config(conn: asyncpg.Connection) -> PipelineConfig:
     value = await conn.fetchval("SELECT value FROM runtime_config WHERE key = 'pipeline'")
     return PipelineConfig(**(value or {}))
@@ -98,8 +105,7 @@ async def relay_once(pool: asyncpg.Pool, producer: AIOKafkaProducer, limit: int,
         await conn.execute(
             "UPDATE detections SET state = 'extracting', updated_at = now() WHERE id = ANY($1::uuid[]) "
             "AND state = 'received'", sent)
-        await conn.executemany("UPDATE detections SET published_partition = $2, published_offset = $3 WHERE id = $1",
-                               landed)
+        await record_landing(conn, landed)
         if poisoned:
             await fail_pending(conn, [(d, f"relay: the broker refuses this detection's event: {exc!r}"[:2000])
                                       for d, exc in poisoned.items()])

@@ -202,6 +202,24 @@ def test_mutual_nearest_neighbours_are_argmax_both_ways_ties_included(nyala_path
         np.testing.assert_array_equal(got, want)
 
 
+def test_patterns_match_on_their_stored_codes_with_exact_integer_products(nyala_paths):
+    rgbs = [small(path, 512) for path in nyala_paths[:2]]
+    for extract in (pattern.PatternExtractor("rootsift", 1500, 0.01), pattern.PatternExtractor("xfeat", 512)):
+        a, b = (extract(rgb) for rgb in rgbs)
+        back = coat_features.unpack(coat_features.pack(a))
+        np.testing.assert_array_equal(back.codes, a.codes)  # a fresh pattern and its stored copy are one pattern
+        assert coat_features.inliers(back, b) == coat_features.inliers(a, b)
+        products = coat_features.integer_products(a, b)
+        assert products.dtype == np.int32 and products.shape == (len(a), len(b))
+        np.testing.assert_array_equal(products, a.codes.astype(np.int64) @ b.codes.T.astype(np.int64))
+        cosine = a.descriptors.astype(np.float64) @ b.descriptors.T.astype(np.float64)
+        np.testing.assert_allclose(coat_features.similarities(a, b), cosine, atol=2e-6)
+    extreme = coat_features.Pattern("rsf1", np.zeros((2, 2), np.float32),
+                                    np.array([[127] * 128, [-127] * 128], np.int8))  # the largest sums there are
+    np.testing.assert_array_equal(coat_features.integer_products(extreme, extreme),
+                                  [[127 * 127 * 128, -127 * 127 * 128], [-127 * 127 * 128, 127 * 127 * 128]])
+
+
 def test_rootsift_is_the_measured_alternative(nyala_paths):
     p = pattern.PatternExtractor("rootsift", 128)(small(nyala_paths[0], 384))
     assert p.kind == "rsf1" and 20 <= len(p) <= 128 and p.descriptors.shape[1] == 128

@@ -106,7 +106,7 @@ class PatternExtractor:
         desc = _bilinear(dense, cells[best])
         desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-8)
         points = np.stack([xs[best] / size[1], ys[best] / size[0]], 1).astype(np.float32)
-        return Pattern("xfe1", points, desc.astype(np.float32))
+        return Pattern.quantised("xfe1", points, desc)
 
     def _rootsift(self, rgb: np.ndarray, mask: np.ndarray | None) -> Pattern:
         h, w = rgb.shape[:2]
@@ -114,11 +114,11 @@ class PatternExtractor:
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         found, desc = sift.detectAndCompute(grey, None if mask is None else (mask > 0).astype(np.uint8) * 255)
         if desc is None or not found:
-            return Pattern("rsf1", np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
+            return Pattern.quantised("rsf1", np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
         desc = np.sqrt(desc / np.maximum(desc.sum(1, keepdims=True), 1e-7))
         desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-8)
         points = np.array([(k.pt[0] / w, k.pt[1] / h) for k in found], np.float32)
-        return Pattern("rsf1", points[:self.keypoints], desc[:self.keypoints].astype(np.float32))
+        return Pattern.quantised("rsf1", points[:self.keypoints], desc[:self.keypoints])
 
 
 def _heat_map(logits: np.ndarray) -> np.ndarray:

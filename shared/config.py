@@ -75,12 +75,14 @@ class Settings(BaseSettings):
     # RootSIFT's own budget and SIFT's contrast threshold: at OpenCV's 0.04 SIFT finds ~300 keypoints on the
     # animal whatever the budget; lowered, it finds more, and more keypoints is what lifts RootSIFT. The curve
     # on nyala-train's fit-half identities (`deer-reid eval --protocol keypoints`: pattern alone re-ranking each
-    # photo's 60 closest by Lite0, 545 photos; the README has the table), keypoints found -> top-1 / top-5,
-    # ms a pair: 265 -> 0.072 / 0.246, 0.43; 567 -> 0.114 / 0.312, 0.91; 1,108 -> 0.165 / 0.345, 3.30;
-    # 1,455 -> 0.211 / 0.363, 6.31 (the body's own order: top-1 0.083). 3,000 at 0.01 (~1,100 found) was
-    # chosen for its cost, on a first run of the curve (0.180 at 1,102, 0.211 at 1,448).
-    coat_sift_keypoints: int = Field(3000, ge=16, le=8192)
-    coat_sift_contrast: float = Field(0.01, gt=0, le=0.2)
+    # photo's 60 closest by Lite0, 545 photos; the README has the table), keypoints : contrast -> found,
+    # top-1 / top-5, ms a pair with integer products: 3,000 : 0.01 -> 1,108, 0.165 / 0.345, 1.48;
+    # 4,000 : 0.005 -> 1,455, 0.211 / 0.363, 2.60; 6,000 : 0.003 -> 1,696, 0.224 / 0.384, 4.09;
+    # 8,000 : 0.002 -> 1,706, 0.259 / 0.407, 3.73 (the body's own order: top-1 0.083). Below 0.003 SIFT finds
+    # hardly more (the budget no longer binds); 8,000 at 0.002 costs about what 3,000 at 0.01 cost a pair
+    # with float products (3.30 ms), so the integer products' saving is spent on detail.
+    coat_sift_keypoints: int = Field(8000, ge=16, le=8192)
+    coat_sift_contrast: float = Field(0.002, gt=0, le=0.2)
     coat_restrict_to_animal: bool = True  # keypoints on the foreground only (the box is loose)
     coat_workers: int = 0  # crops processed side by side (0: one per core)
     # gallery photos closest by the fast body model that a detection's coat is compared with. Measured with

@@ -12,7 +12,7 @@ keeps up to `DEER_COAT_SIFT_KEYPOINTS` (the budget curve in shared/config.py say
 
 Storage (`shared.coat.pack`/`unpack`, beside the matching, which fusion shares): positions as uint16 fractions of the crop, descriptors as int8 (x127 of
 unit vectors): 4 + 64 bytes per XFeat keypoint, 4 + 128 per RootSIFT keypoint. The service keeps up to
-1,024 XFeat keypoints (`DEER_COAT_KEYPOINTS`) and 3,000 RootSIFT ones (`DEER_COAT_SIFT_KEYPOINTS`).
+1,024 XFeat keypoints (`DEER_COAT_KEYPOINTS`) and 8,000 RootSIFT ones (`DEER_COAT_SIFT_KEYPOINTS`).
 
 Matching (`shared.coat.inliers`): mutual nearest neighbours, then a homography fitted with MAGSAC; the score is the
 inlier count squashed to [0, 1) (n / (n + 12)), monotone, so the calibration maps it to P(same).

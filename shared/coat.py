@@ -31,6 +31,9 @@ SMOOTHING = np.array([0.25, 0.5, 0.25])
 INLIER_PX = 8.0  # reprojection threshold, in pixels of a 320-px-wide view of the crop
 MIN_MATCHES = 5
 SQUASH = 12.0
+# the most keypoints a pattern may hold (the extractors' budgets are bounded by it): matching two patterns
+# holds an (n, m) matrix, so fusion refuses a longer one instead of allocating gigabytes for a hostile event
+MAX_PATTERN_KEYPOINTS = 8192
 _HEADER = struct.Struct("<4sHH")  # kind, keypoints, descriptor length
 
 

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     coat_patterns: str = Field("xfeat,rootsift", pattern="^(xfeat|rootsift)(,(xfeat|rootsift))?$")
     # per detection: measured on nyala-train's fit-half identities (pattern alone, top-1 / top-5):
     # 256: 0.079 / 0.284, 512: 0.099 / 0.297, 1024: 0.116 / 0.334, every keypoint (~700): 0.117 / 0.330
-    coat_keypoints: int = Field(1024, ge=16, le=4096)
+    coat_keypoints: int = Field(1024, ge=16, le=4096)  # <= shared.coat.MAX_PATTERN_KEYPOINTS
     # RootSIFT's own budget and SIFT's contrast threshold: at OpenCV's 0.04 SIFT finds ~300 keypoints on the
     # animal whatever the budget; lowered, it finds more, and more keypoints is what lifts RootSIFT. The curve
     # on nyala-train's fit-half identities (`deer-reid eval --protocol keypoints`: pattern alone re-ranking each
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # 8,000 : 0.002 -> 1,706, 0.259 / 0.407, 3.73 (the body's own order: top-1 0.083). Below 0.003 SIFT finds
     # hardly more (the budget no longer binds); 8,000 at 0.002 costs about what 3,000 at 0.01 cost a pair
     # with float products (3.30 ms), so the integer products' saving is spent on detail.
-    coat_sift_keypoints: int = Field(8000, ge=16, le=8192)
+    coat_sift_keypoints: int = Field(8000, ge=16, le=8192)  # <= shared.coat.MAX_PATTERN_KEYPOINTS
     coat_sift_contrast: float = Field(0.002, gt=0, le=0.2)
     coat_restrict_to_animal: bool = True  # keypoints on the foreground only (the box is loose)
     coat_workers: int = 0  # crops processed side by side (0: one per core)

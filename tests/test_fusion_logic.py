@@ -1,6 +1,7 @@
 """Fusion's pure logic: temporal rules, exemplar choice, calibrated scoring, the join's pipeline rules."""
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -213,6 +214,13 @@ def test_coat_events_with_unreadable_patterns_or_too_many_marks_are_refused():
                               ([1, 2], "must be an object"), ({"rootsift": "AAAA"}, "rootsift unreadable")]:
         with pytest.raises(Refused, match=message):
             validate(_features("coat", embeddings=[], attributes={"marks": [], "patterns": patterns}), detection, {})
+    from shared.coat import MAX_PATTERN_KEYPOINTS, Pattern, pack
+
+    n = MAX_PATTERN_KEYPOINTS + 1  # readable, but its matching would hold a matrix of n x n per photo
+    oversized = base64.b64encode(pack(Pattern("rsf1", np.zeros((n, 2), np.float32), np.ones((n, 128), np.int8))))
+    with pytest.raises(Refused, match=f"holds {n} keypoints"):
+        validate(_features("coat", embeddings=[], attributes={
+            "marks": [], "patterns": {"rootsift": {"version": "v", "data": oversized.decode()}}}), detection, {})
     too_many = _features("coat", embeddings=[], attributes={"marks": [{}] * (MAX_MARKS + 1)})
     with pytest.raises(Refused, match="marks"):
         validate(too_many, detection, {})

@@ -11,7 +11,7 @@ import asyncpg
 import numpy as np
 
 from services.fusion.store import expected_of
-from shared.coat import PatternError, unpack
+from shared.coat import MAX_PATTERN_KEYPOINTS, PatternError, unpack
 from shared.components.coat import PATTERN_OF
 from shared.models import REGISTRY
 from shared.schemas import Features
@@ -41,6 +41,8 @@ def coat_patterns_of(event: Features) -> dict[str, tuple[str, int, bytes]]:
             count = len(unpack(raw))
         except (KeyError, TypeError, ValueError, PatternError) as exc:
             raise Refused(f"coat pattern {matcher} unreadable: {exc}") from None
+        if count > MAX_PATTERN_KEYPOINTS:
+            raise Refused(f"coat pattern {matcher} holds {count} keypoints, over {MAX_PATTERN_KEYPOINTS}")
         out[matcher] = (version, count, raw)
     return out
 

@@ -327,7 +327,9 @@ def test_loo_with_coat_measures_the_other_pattern_matchers_as_candidates_outside
     artifact = load_file(out / "cal.json")["fusion"]
     assert set(artifact["calibrations"]) == {
         "body:efficientnet_lite0", "coat:colour", "coat:markings", "coat:pattern-xfeat", "coat:pattern-rootsift"}
-    assert artifact["coat_version"].endswith("+rootsift-opencv-c0.01:3000-animal")
+    defaults = Settings()  # the service's RootSIFT budget, as its version names it
+    assert artifact["coat_version"].endswith(
+        f"+rootsift-opencv-c{defaults.coat_sift_contrast}:{defaults.coat_sift_keypoints}-animal")
 
 
 def test_loo_json_keeps_its_sections_in_order_through_the_cli(tmp_path, capsys):

@@ -38,6 +38,11 @@ def test_graph_edges_join_each_photo_to_its_closest_earlier_ones_and_nearest_ove
     sim = np.array([[1, .9, .1, .2], [.9, 1, .3, .8], [.1, .3, 1, .4], [.2, .8, .4, 1]])
     assert graph_edges(sim, neighbours=1, fusion_candidates=1)[0] == [(0, 1), (1, 2), (1, 3), (2, 3)]
     assert graph_edges(sim, neighbours=0, fusion_candidates=0)[0] == []
+    # fusion re-orders its body candidates by the fused P(same): photo 3's top candidate becomes 2, not 1,
+    # but never a photo beyond the body's candidates_k
+    fused = np.array([[1, .1, .1, .1], [.1, 1, .1, .2], [.1, .1, 1, .9], [.1, .2, .9, 1]])
+    assert graph_edges(sim, 0, 1, fused=fused)[0] == [(0, 1), (1, 2), (2, 3)]  # 2: a tie, the body decides
+    assert graph_edges(sim, 0, 1, fused=fused, candidates_k=1)[0] == [(0, 1), (1, 2), (1, 3)]
 
 
 def test_with_weak_evidence_the_answers_build_the_census_and_with_strong_evidence_the_machine_does():

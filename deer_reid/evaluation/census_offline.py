@@ -12,8 +12,9 @@ What stands in for the stack, and why it is close enough to compare rules (stop 
 proxy agree: F1 0.487 and 0.494 after 1,000 answers on nyala's held-out half, fast mode):
 - fusion's online decisions: each sighting founds an individual of its own, which is what fusion does where
   no candidate reaches the match threshold (the body alone on identities it never saw, measured on the stack);
-- fusion's edges: each detection to its `fusion_candidates` closest earlier photos by body (fusion writes an
-  edge to each top candidate's closest photo); the census's own, as the job draws them (each detection's
+- fusion's edges: each detection to its `fusion_candidates` likeliest earlier photos by the fitted fusion among
+  its `candidates_k` closest by body (fusion looks candidates up by body, scores them with every component and
+  writes an edge to each top candidate's closest photo); the census's own, as the job draws them (each detection's
   `neighbours` nearest among all, by locally scaled body similarity); each edge carries every component's
   score of the pair, from eval's matrices, and the body's is locally scaled as the job scales it;
 - the calibration: fitted as `eval --protocol loo` fits it, on the other half of the identities; no refit;
@@ -45,18 +46,29 @@ from shared.components import body_component, component
 from shared.config import Settings
 
 
-def graph_edges(body: np.ndarray, neighbours: int, fusion_candidates: int, hubness_k: int = 0
-                ) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """The scored pairs (i < j) of nodes in upload order, and each node's hubness r: fusion's (each node and
-    its closest earlier ones by the body similarity `body`, nodes x nodes) and the census job's (each node's
-    nearest among all, as `shared.census.hubness.neighbours` picks them)."""
+def graph_edges(body: np.ndarray, neighbours: int, fusion_candidates: int, hubness_k: int = 0, *,
+                fused: np.ndarray | None = None, candidates_k: int = 50) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The scored pairs (i < j) of nodes in upload order, and each node's hubness r: fusion's and the census
+    job's (each node's nearest among all, as `shared.census.hubness.neighbours` picks them). Fusion's, as the
+    service draws them: each node's `candidates_k` closest earlier photos by the body similarity `body` (its
+    candidate lookup), ordered by the `fused` P(same) where it is given (nodes x nodes; the body's order
+    breaks ties), the first `fusion_candidates` kept (the top candidates it writes edges to)."""
     n = len(body)
     pairs: set[tuple[int, int]] = set()
     for i in range(n):
-        for j in np.argsort(-body[i, :i], kind="stable")[:fusion_candidates]:
+        near = np.argsort(-body[i, :i], kind="stable")[:candidates_k]
+        if fused is not None:
+            near = near[np.argsort(-fused[i, near], kind="stable")]
+        for j in near[:fusion_candidates]:
             pairs.add((int(j), i))
     r, nearest = nearest_by_body([(0, body)], n, neighbours, hubness_k)
     return sorted(pairs | set(nearest)), r
+
+
+def fused_probabilities(per_component: Mapping[str, np.ndarray], model: FusionModel) -> np.ndarray:
+    """Each pair's fused P(same) from every component's score of it (either direction, as `pair_scores`)."""
+    symmetric = {name: np.fmax(m, m.T) for name, m in per_component.items()}
+    return np.asarray(model.probability(model.calibrate(symmetric)))
 
 
 def pair_scores(per_component: Mapping[str, np.ndarray], i: int, j: int) -> dict[str, float]:
@@ -71,8 +83,9 @@ def pair_scores(per_component: Mapping[str, np.ndarray], i: int, j: int) -> dict
 
 def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: str, identities: Sequence[str],
              sightings: Sequence[str], *, budget: int, reviewer_error: float, recluster_every: int,
-             neighbours: int = 10, fusion_candidates: int = 5, seed: int = 0, match: float = 0.5,
-             assumed_error: float = 0.02, kept: int = 500, hubness_k: int = 0) -> tuple[list[dict], dict]:
+             neighbours: int = 10, fusion_candidates: int = 5, candidates_k: int = 50, seed: int = 0,
+             match: float = 0.5, assumed_error: float = 0.02, kept: int = 500, hubness_k: int = 0
+             ) -> tuple[list[dict], dict]:
     """The census of the nodes (the matrices' rows, in upload order) with the labels answering its questions:
     the curve (a point after every re-solve) and the tallies (`online`: the sightings as individuals, before
     any re-solve). `body`: the component neighbours are drawn by; `kept`: questions a run leaves open."""
@@ -81,7 +94,8 @@ def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: 
     truth = dict(zip(ids, identities))
     rows = [{"id": ids[i], "sighting": sightings[i], "image_sha256": f"photo{i}", "decided_by": "fusion",
              "state": "new", "individual_id": None} for i in range(n)]
-    pairs, r = graph_edges(per_component[body], neighbours, fusion_candidates, hubness_k)
+    pairs, r = graph_edges(per_component[body], neighbours, fusion_candidates, hubness_k,
+                           fused=fused_probabilities(per_component, model), candidates_k=candidates_k)
     edges = [{"a": ids[i], "b": ids[j], "components": pair_scores(per_component, i, j), "probability": None}
              for i, j in pairs]
     scale = LocalScale(body, dict(zip(ids, r.tolist())), float(r.mean())) if hubness_k > 0 else None
@@ -169,7 +183,8 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
     nodes = {name: m[np.ix_(order, order)] for name, m in on_edges.items()}
     curve, tally = simulate(nodes, model, body, [ids[i] for i in order], [enc[i] for i in order], budget=budget,
                             reviewer_error=reviewer_error, recluster_every=recluster_every, seed=seed,
-                            neighbours=settings.census_neighbours, assumed_error=settings.census_reviewer_error,
+                            neighbours=settings.census_neighbours, candidates_k=settings.candidates_k,
+                            assumed_error=settings.census_reviewer_error,
                             kept=settings.census_questions_kept, hubness_k=settings.census_hubness_k)
     result = _base("census", "enhanced" if coat else "fast", data, [samples[i] for i in order], seed)
     result.update({

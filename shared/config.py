@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     # fit half RootSIFT alone re-ranking each photo's 20 closest gave top-1 0.138 against 0.180 for its 60
     # (545 photos; `eval --protocol keypoints --coat-shortlist 20`), a third of the matching for 0.04 of top-1
     coat_pattern_shortlist: int = Field(60, ge=1, le=1000)
-    # the cascade: the costlier keypoint matcher (RootSIFT, 1.4 ms a pair) verifies only the K photos of those
-    # that the cheaper one (XFeat, 0.9 ms) matched best; 0: every one. On nyala-train's fit half (545 queries,
+    # the cascade: the costlier keypoint matcher (RootSIFT, 2.4 ms a pair) verifies only the K photos of those
+    # that the cheaper one (XFeat, 0.8 ms) matched best; 0: every one. On nyala-train's fit half (545 queries,
     # 60 photos each) the first candidate by both matchers' squashed counts stayed the same for 0.862 / 0.972 /
     # 0.993 of queries at K = 10 / 20 / 30, and RootSIFT's own top-1 moved by at most 0.005 (0.165 at 60): 30
     # is the smallest that keeps 99%, for half of RootSIFT's matching (`eval --coat` reports the agreement)

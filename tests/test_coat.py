@@ -202,6 +202,11 @@ def test_mutual_nearest_neighbours_are_argmax_both_ways_ties_included(nyala_path
         np.testing.assert_array_equal(got, want)
 
 
+def _as_products(a, b) -> np.ndarray:
+    """The similarities of two patterns scaled back to their codes' dot products (float64, unrounded)."""
+    return coat_features.similarities(a, b).astype(np.float64) * np.outer(a.norms, b.norms)
+
+
 def test_patterns_match_on_their_stored_codes_with_exact_integer_products(nyala_paths):
     rgbs = [small(path, 512) for path in nyala_paths[:2]]
     for extract in (pattern.PatternExtractor("rootsift", 1500, 0.01), pattern.PatternExtractor("xfeat", 512)):
@@ -209,15 +214,18 @@ def test_patterns_match_on_their_stored_codes_with_exact_integer_products(nyala_
         back = coat_features.unpack(coat_features.pack(a))
         np.testing.assert_array_equal(back.codes, a.codes)  # a fresh pattern and its stored copy are one pattern
         assert coat_features.inliers(back, b) == coat_features.inliers(a, b)
-        products = coat_features.integer_products(a, b)
-        assert products.dtype == np.int32 and products.shape == (len(a), len(b))
-        np.testing.assert_array_equal(products, a.codes.astype(np.int64) @ b.codes.T.astype(np.int64))
+        sims = coat_features.similarities(a, b)
+        assert sims.dtype == np.float32 and sims.shape == (len(a), len(b))
+        # the dot products were accumulated exactly: scaled back, each is its integer within rounding
+        products = _as_products(a, b)
+        exact = a.codes.astype(np.int64) @ b.codes.T.astype(np.int64)
+        assert np.abs(products - exact).max() < 0.5  # rounds to the right integer
         cosine = a.descriptors.astype(np.float64) @ b.descriptors.T.astype(np.float64)
-        np.testing.assert_allclose(coat_features.similarities(a, b), cosine, atol=2e-6)
+        np.testing.assert_allclose(sims, cosine, atol=2e-6)
     extreme = coat_features.Pattern("rsf1", np.zeros((2, 2), np.float32),
                                     np.array([[127] * 128, [-127] * 128], np.int8))  # the largest sums there are
-    np.testing.assert_array_equal(coat_features.integer_products(extreme, extreme),
-                                  [[127 * 127 * 128, -127 * 127 * 128], [-127 * 127 * 128, 127 * 127 * 128]])
+    np.testing.assert_allclose(_as_products(extreme, extreme), [[127 * 127 * 128, -127 * 127 * 128],
+                                                                [-127 * 127 * 128, 127 * 127 * 128]], atol=0.5)
 
 
 def test_rootsift_is_the_measured_alternative(nyala_paths):

@@ -26,8 +26,8 @@ COAT = "coat"
 COLOUR, MARKINGS, PATTERN = "coat:colour", "coat:markings", "coat:pattern-xfeat"
 PATTERN_OF = {"xfeat": PATTERN, "rootsift": "coat:pattern-rootsift"}  # matcher -> its component
 # milliseconds a pair at the service's budgets (one Zen 4 core, nyala photos: XFeat ~660 keypoints of 64
-# values, RootSIFT ~1,070 of 128; integer products): the order of the cascade, cheaper first
-PATTERN_COST_MS = {"xfeat": 0.9, "rootsift": 1.4}
+# values, RootSIFT ~1,570 of 128; integer products): the order of the cascade, cheaper first
+PATTERN_COST_MS = {"xfeat": 0.8, "rootsift": 2.4}
 COAT_COMPONENTS = (COLOUR, MARKINGS, *PATTERN_OF.values())
 
 

@@ -95,11 +95,12 @@ class Settings(BaseSettings):
     # (545 photos; `eval --protocol keypoints --coat-shortlist 20`), a third of the matching for 0.04 of top-1
     coat_pattern_shortlist: int = Field(60, ge=1, le=1000)
     # the cascade: the costlier keypoint matcher (RootSIFT, 2.4 ms a pair) verifies only the K photos of those
-    # that the cheaper one (XFeat, 0.8 ms) matched best; 0: every one. On nyala-train's fit half (545 queries,
-    # 60 photos each) the first candidate by both matchers' squashed counts stayed the same for 0.862 / 0.972 /
-    # 0.993 of queries at K = 10 / 20 / 30, and RootSIFT's own top-1 moved by at most 0.005 (0.165 at 60): 30
-    # is the smallest that keeps 99%, for half of RootSIFT's matching (`eval --coat` reports the agreement)
-    coat_cascade_shortlist: int = Field(30, ge=0, le=1000)
+    # that the cheaper one (XFeat, 0.8 ms) matched best; 0: every one. The rule: the smallest K for which the
+    # first candidate by both matchers' squashed counts stays the same for 99% of queries on nyala-train's fit
+    # half (545 queries, 60 photos each). At RootSIFT's ~1,700 keypoints: 0.883 / 0.969 / 0.989 / 1.000 at
+    # K = 10 / 20 / 30 / 40 (at ~1,100 keypoints it was 0.862 / 0.972 / 0.993 at 10 / 20 / 30, and 30 was the
+    # setting): 40, for two thirds of RootSIFT's matching (`eval --coat` reports the agreement held out)
+    coat_cascade_shortlist: int = Field(40, ge=0, le=1000)
 
     # antler service and its matching in fusion
     antler_model: str = "efficientnet_lite0"  # the network whose region embedding the fingerprint projects

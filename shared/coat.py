@@ -13,9 +13,8 @@ components and the evaluation compare them, and the antler service uses the same
 from __future__ import annotations
 
 import struct
-import threading
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import cv2
 import numpy as np
@@ -181,18 +180,17 @@ class PatternProducts:
 
 
 _ONE = np.array(1.0, np.float32)
-_products: PatternProducts | None = None
-_products_lock = threading.Lock()
+
+
+@cache
+def _pattern_products() -> PatternProducts:
+    """The process's one session, built at first use."""
+    return PatternProducts()
 
 
 def similarities(a: Pattern, b: Pattern) -> np.ndarray:
-    """Cosine similarities of the two patterns' descriptors, (n, m) float32 (one ONNX Runtime session per
-    process, built at first use)."""
-    global _products
-    if _products is None:
-        with _products_lock:
-            _products = _products or PatternProducts()
-    return _products(a, b)
+    """Cosine similarities of the two patterns' descriptors, (n, m) float32."""
+    return _pattern_products()(a, b)
 
 
 def inliers(a: Pattern, b: Pattern) -> int:

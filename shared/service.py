@@ -27,7 +27,8 @@ def one_blas_thread():
     A service's matrix work shares the cores with the other services, which keep them busy; a second BLAS
     thread then only waits for a core and spins. Measured on a 2-core AMD EPYC with the other core busy,
     fusion's coat matching of one detection against 60 photos took 390 ms of CPU and 285 ms of wall time on
-    two BLAS threads, 190 ms and 194 ms on one. Concurrency comes from the processes, not from BLAS."""
+    two BLAS threads, 190 ms and 194 ms on one (with float pattern products; they now run in ONNX Runtime on
+    one thread of their own, `shared.coat`). Concurrency comes from the processes, not from BLAS."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(1, user_api="blas")

@@ -65,20 +65,20 @@ def graph_edges(body: np.ndarray, neighbours: int, fusion_candidates: int, hubne
     return sorted(pairs | set(nearest)), r
 
 
-def fused_probabilities(per_component: Mapping[str, np.ndarray], model: FusionModel) -> np.ndarray:
-    """Each pair's fused P(same) from every component's score of it (either direction, as `pair_scores`)."""
-    symmetric = {name: np.fmax(m, m.T) for name, m in per_component.items()}
-    return np.asarray(model.probability(model.calibrate(symmetric)))
+def symmetric(per_component: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each component's score of a pair either way round, the higher where both exist (a shortlisted
+    component may have scored a pair one way only; NaN: no score)."""
+    return {name: np.fmax(m, m.T) for name, m in per_component.items()}
 
 
-def pair_scores(per_component: Mapping[str, np.ndarray], i: int, j: int) -> dict[str, float]:
-    """Each component's score of the pair (a shortlisted component may have scored it one way only)."""
-    out = {}
-    for name, m in per_component.items():
-        values = [float(v) for v in (m[i, j], m[j, i]) if np.isfinite(v)]
-        if values:
-            out[name] = max(values)
-    return out
+def fused_probabilities(scores: Mapping[str, np.ndarray], model: FusionModel) -> np.ndarray:
+    """Each pair's fused P(same) from every component's (`symmetric`) score of it."""
+    return np.asarray(model.probability(model.calibrate(dict(scores))))
+
+
+def pair_scores(scores: Mapping[str, np.ndarray], i: int, j: int) -> dict[str, float]:
+    """The components' (`symmetric`) scores of the pair, those it has."""
+    return {name: float(m[i, j]) for name, m in scores.items() if np.isfinite(m[i, j])}
 
 
 def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: str, identities: Sequence[str],
@@ -94,9 +94,10 @@ def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: 
     truth = dict(zip(ids, identities))
     rows = [{"id": ids[i], "sighting": sightings[i], "image_sha256": f"photo{i}", "decided_by": "fusion",
              "state": "new", "individual_id": None} for i in range(n)]
+    scores = symmetric(per_component)
     pairs, r = graph_edges(per_component[body], neighbours, fusion_candidates, hubness_k,
-                           fused=fused_probabilities(per_component, model), candidates_k=candidates_k)
-    edges = [{"a": ids[i], "b": ids[j], "components": pair_scores(per_component, i, j), "probability": None}
+                           fused=fused_probabilities(scores, model), candidates_k=candidates_k)
+    edges = [{"a": ids[i], "b": ids[j], "components": pair_scores(scores, i, j), "probability": None}
              for i, j in pairs]
     scale = LocalScale(body, dict(zip(ids, r.tolist())), float(r.mean())) if hubness_k > 0 else None
     threshold = float(logit(min(max(match, 0.5), 0.999)))  # the census job's rule

@@ -154,5 +154,5 @@ class FusionHandler:
 
 
 async def make_handler(settings: Settings) -> FusionHandler:
-    one_blas_thread()  # coat matching is matrix products: one thread each, beside the other services
+    one_blas_thread()  # numpy's products (colour, markings, scores) too; keypoint matching is one ORT thread
     return FusionHandler(await create_pool(settings.database_url), settings)

@@ -7,7 +7,6 @@ import json
 import numpy as np
 
 from deer_reid.evaluation.census_offline import graph_edges, simulate
-from shared.calibrated import FusionModel
 from tests.conftest import labelled_subset
 
 BODY = "body:test"
@@ -27,11 +26,10 @@ def planted(animals: int, sightings: int, photos: int, seed: int = 0, same=(0.70
     return sim, identities, keys
 
 
-def model(top: float) -> FusionModel:
-    """The body alone, calibrated so that the best pairs reach P(same) `top`."""
-    return FusionModel.from_artifact({"version_id": "test", "fusion": {
-        "calibrations": {BODY: {"x": [0.5, 0.7, 0.9], "y": [0.01, 0.05, top], "prior": 0.05}},
-        "weights": {BODY: 1.0}, "intercept": 0.0}})
+def model(top: float) -> dict:
+    """The fusion section of the body alone, calibrated so that the best pairs reach P(same) `top`."""
+    return {"calibrations": {BODY: {"x": [0.5, 0.7, 0.9], "y": [0.01, 0.05, top], "prior": 0.05}},
+            "weights": {BODY: 1.0}, "intercept": 0.0}
 
 
 def test_graph_edges_join_each_photo_to_its_closest_earlier_ones_and_nearest_overall():
@@ -93,3 +91,18 @@ def test_eval_census_offline_with_the_coat_fits_and_carries_its_components(tmp_p
     weights = result["calibration_fitted_on"]["weights"]
     assert "body:efficientnet_lite0" in weights and {"coat:colour", "coat:markings"} <= set(weights), weights
     assert result["curve"][0]["answers"] == 0 and result["true_individuals"] == 3
+
+
+def test_the_calibration_is_refitted_from_the_answers_as_the_census_job_refits_it():
+    # a calibration that undersells the evidence (the best pairs at P(same) 0.3): the answers show it, and the
+    # refit the census job would install takes over once it beats the one in force out of sample
+    sim, identities, keys = planted(animals=6, sightings=4, photos=2, seed=3)
+    rule = {"every": 10, "min_answers": 30, "min_each": 8}
+    curve, tally = simulate({BODY: sim}, model(0.3), BODY, identities, keys, budget=200, reviewer_error=0.0,
+                            recluster_every=10, neighbours=6, refit=rule)
+    assert tally["refits"], tally
+    first = tally["refits"][0]
+    assert first["pairs"] >= 30 and first["after"]["log_loss"] < first["before"]["log_loss"]
+    _, never = simulate({BODY: sim}, model(0.3), BODY, identities, keys, budget=200, reviewer_error=0.0,
+                        recluster_every=10, neighbours=6)
+    assert never["refits"] == []

@@ -31,6 +31,8 @@ def register(commands) -> None:
                     "on copies of the photos")
     ev.add_argument("--offline", action="store_true", help="census: the census's own rules without the stack, "
                     "on the photos' body similarities (seconds: a proxy for designing the rules, no baseline)")
+    ev.add_argument("--no-refit", action="store_true", help="census --offline: never refit the calibration from "
+                    "the answers (the census job refits it once there are enough)")
     ev.add_argument("--mode", choices=("fast", "enhanced"), default="fast")
     ev.add_argument("--body-model", help="body model(s), comma-separated for an ensemble")
     ev.add_argument("--json", help="write the full result here")
@@ -104,7 +106,8 @@ def cmd_eval(args) -> int:
                                         seed=args.seed, budget=args.budget, reviewer_error=args.reviewer_error,
                                         recluster_every=args.recluster_every, settings=settings,
                                         report_dir=report_dir, json_path=args.json, progress=not args.quiet,
-                                        allow_random=args.allow_random_weights, coat=args.coat)
+                                        allow_random=args.allow_random_weights, coat=args.coat,
+                                        refits=not args.no_refit)
         elif args.protocol == "census":
             from deer_reid.evaluation.census import run_census
 

@@ -17,7 +17,8 @@ proxy agree: F1 0.487 and 0.494 after 1,000 answers on nyala's held-out half, fa
   writes an edge to each top candidate's closest photo); the census's own, as the job draws them (each detection's
   `neighbours` nearest among all, by locally scaled body similarity); each edge carries every component's
   score of the pair, from eval's matrices, and the body's is locally scaled as the job scales it;
-- the calibration: fitted as `eval --protocol loo` fits it, on the other half of the identities; no refit;
+- the calibration: fitted as `eval --protocol loo` fits it, on the other half of the identities, and refitted
+  from the answers as the census job refits it (`shared.census.refit`; `refits=False`: never);
 - with `--coat` (enhanced mode's evidence): the coat service's components, scored as fusion scores them,
   against each photo's body shortlist; an edge carries them where its pair was shortlisted (on the stack
   only fusion's edges carry them, so this is a little kinder to the census than the stack).
@@ -41,6 +42,7 @@ from shared.census.graph import cluster, units_of
 from shared.census.hubness import LocalScale
 from shared.census.hubness import neighbours as nearest_by_body
 from shared.census.plan import NewIndividual, plan, questions, sides
+from shared.census.refit import labelled_pairs, refit_from_answers
 from shared.census.store import build_graph
 from shared.components import body_component, component
 from shared.config import Settings
@@ -81,14 +83,17 @@ def pair_scores(scores: Mapping[str, np.ndarray], i: int, j: int) -> dict[str, f
     return {name: float(m[i, j]) for name, m in scores.items() if np.isfinite(m[i, j])}
 
 
-def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: str, identities: Sequence[str],
+def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str, identities: Sequence[str],
              sightings: Sequence[str], *, budget: int, reviewer_error: float, recluster_every: int,
              neighbours: int = 10, fusion_candidates: int = 5, candidates_k: int = 50, seed: int = 0,
-             match: float = 0.5, assumed_error: float = 0.02, kept: int = 500, hubness_k: int = 0
-             ) -> tuple[list[dict], dict]:
+             match: float = 0.5, assumed_error: float = 0.02, kept: int = 500, hubness_k: int = 0,
+             refit: Mapping | None = None) -> tuple[list[dict], dict]:
     """The census of the nodes (the matrices' rows, in upload order) with the labels answering its questions:
     the curve (a point after every re-solve) and the tallies (`online`: the sightings as individuals, before
-    any re-solve). `body`: the component neighbours are drawn by; `kept`: questions a run leaves open."""
+    any re-solve). `fusion`: the calibration's fusion section; `body`: the component neighbours are drawn by;
+    `kept`: questions a run leaves open; `refit`: {every, min_answers, min_each} to refit the calibration from
+    the answers as the census job does (None: never)."""
+    model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
     n = len(identities)
     ids = [str(i) for i in range(n)]
     truth = dict(zip(ids, identities))
@@ -106,11 +111,25 @@ def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: 
     fresh = iter(range(len(founders), 2 ** 62))
     answers: list[dict] = []
     rng = np.random.default_rng(seed)
-    tally = {"answers": 0, "same": 0, "wrong_answers": 0, "runs": 0, "kinds": {},
+    tally = {"answers": 0, "same": 0, "wrong_answers": 0, "runs": 0, "kinds": {}, "refits": [],
              "online": point(0, dict(zip(ids, labels)), truth)}
+    refitted_at = 0  # answered pairs at the last refit tried
 
     def resolve() -> list:
-        graph, index, asked, _ = build_graph({"nodes": rows, "edges": edges, "answers": answers}, model, scale)
+        nonlocal fusion, model, refitted_at
+        snapshot = {"nodes": rows, "edges": edges, "answers": answers}
+        graph, index, asked, latest = build_graph(snapshot, model, scale)
+        raw, same = labelled_pairs(snapshot, index, latest) if refit else ({}, np.zeros(0, bool))
+        if same.size and same.size >= refitted_at + refit["every"]:  # the census job's rule
+            refitted_at = same.size
+            report = refit_from_answers(raw, same, fusion, min_answers=refit["min_answers"],
+                                        min_each=refit["min_each"])
+            if report["accepted"]:
+                fusion = report["fusion"]
+                model = FusionModel.from_artifact({"fusion": fusion, "version_id": f"refit{len(tally['refits'])}"})
+                graph, index, asked, latest = build_graph(snapshot, model, scale)
+                tally["refits"].append({"answers": tally["answers"], "pairs": report["answers"],
+                                        "before": report["before"], "after": report["after"]})
         units = units_of(graph)
         decided = plan(graph, labels, cluster(graph).labels, threshold, units)
         founded: dict[int, int] = {}
@@ -152,7 +171,7 @@ def simulate(per_component: Mapping[str, np.ndarray], model: FusionModel, body: 
 def run_census_offline(data: Path, *, body_model: str | None, limit: int | None, seed: int, budget: int,
                        reviewer_error: float, recluster_every: int, settings: Settings,
                        report_dir: Path | None, json_path: Path | None, progress: bool = True,
-                       allow_random: bool = False, coat: bool = False) -> dict:
+                       allow_random: bool = False, coat: bool = False, refits: bool = True) -> dict:
     from deer_reid.evaluation.run import _base, never_trained_on, select
 
     name = (body_model or settings.body_model).split(",")[0].strip()
@@ -179,14 +198,16 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
         # on the graph's edges a coat score is there only where fusion scored the pair (its shortlist)
         on_edges.update({name: np.where(drawn.mask, m, np.nan) for name, m in scored.items()})
     fusion = fit_fusion(per_component, fit_rows, ids, enc)
-    model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
     order = [positions[k] for k in sighting_order([samples[i] for i in positions], seed)]
     nodes = {name: m[np.ix_(order, order)] for name, m in on_edges.items()}
-    curve, tally = simulate(nodes, model, body, [ids[i] for i in order], [enc[i] for i in order], budget=budget,
+    refit = {"every": settings.census_refit_every, "min_answers": settings.census_refit_min_answers,
+             "min_each": settings.census_refit_min_each} if refits else None
+    curve, tally = simulate(nodes, fusion, body, [ids[i] for i in order], [enc[i] for i in order], budget=budget,
                             reviewer_error=reviewer_error, recluster_every=recluster_every, seed=seed,
                             neighbours=settings.census_neighbours, candidates_k=settings.candidates_k,
                             assumed_error=settings.census_reviewer_error,
-                            kept=settings.census_questions_kept, hubness_k=settings.census_hubness_k)
+                            kept=settings.census_questions_kept, hubness_k=settings.census_hubness_k,
+                            refit=refit)
     result = _base("census", "enhanced" if coat else "fast", data, [samples[i] for i in order], seed)
     result.update({
         "offline": True, "body_models": [name], "never_trained_on": fairness,
@@ -194,7 +215,8 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
         "calibration_fitted_on": {"identities": len(fitted), "pairs": fusion["pairs"],
                                   "weights": fusion["weights"]},
         "sightings": len({enc[i] for i in order}), "budget": budget, "reviewer_error": reviewer_error,
-        "recluster_every": recluster_every, "online": tally.pop("online"), "curve": curve, "tally": tally,
+        "recluster_every": recluster_every, "refit_rule": refit, "online": tally.pop("online"), "curve": curve,
+        "tally": tally,
         "reclustered_before_answers": curve[0], "answers_to_f1_90": answers_to(curve, 0.90),
         "answers_to_f1_95": answers_to(curve, 0.95), "baseline": None,
         "baseline_why": "today's way needs the stack's review queue: `--protocol census` without --offline",

@@ -26,7 +26,7 @@ from shared.calibrated import FusionModel, logit
 from shared.census.graph import IdentityGraph, cluster, units_of
 from shared.census.hubness import LocalScale, neighbours
 from shared.census.plan import NewIndividual, plan, questions, sides, stopping
-from shared.census.refit import refit_from_answers
+from shared.census.refit import labelled_pairs, refit_from_answers
 from shared.census.store import build_graph, request_run, run_lock_key, snapshot
 from shared.config import Settings
 from shared.identity import PLACED, Change, lock_property
@@ -86,20 +86,6 @@ async def add_neighbour_edges(conn: asyncpg.Connection, prop: str, nodes: list[U
                SELECT $1, a, b, jsonb_build_object($2::text, sim), 'census' FROM census_pairs
                ON CONFLICT (a, b) DO NOTHING""", prop, name)
     return int(status.split()[-1]), scale
-
-
-def labelled_pairs(snapshot: dict, index: dict, latest: list) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Raw component scores of every pair a person answered `same` or `different` (for the refit)."""
-    by_pair = {}
-    for r in snapshot["edges"]:
-        i, j = index.get(r["a"]), index.get(r["b"])
-        if i is not None and j is not None:
-            by_pair[(min(i, j), max(i, j))] = r["components"]
-    rows = [(by_pair[key], answer == "same") for key, answer in latest
-            if answer in ("same", "different") and key in by_pair]
-    names = sorted({n for comps, _ in rows for n, v in comps.items() if v is not None})
-    raw = {n: np.asarray([np.nan if comps.get(n) is None else float(comps[n]) for comps, _ in rows]) for n in names}
-    return raw, np.asarray([s for _, s in rows], dtype=bool)
 
 
 def refit(prop: str, artifact: dict | None, scope: str, raw: dict, same: np.ndarray,

@@ -112,3 +112,17 @@ def clear_gain(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
     if d.size < 2:
         return float(d.mean()) if d.size else 0.0, float("inf")
     return float(d.mean()), float(2 * d.std(ddof=1) / np.sqrt(d.size))
+
+
+def labelled_pairs(snapshot: dict, index: dict, latest: list) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Raw component scores of every pair a person answered `same` or `different` (for the refit)."""
+    by_pair = {}
+    for r in snapshot["edges"]:
+        i, j = index.get(r["a"]), index.get(r["b"])
+        if i is not None and j is not None:
+            by_pair[(min(i, j), max(i, j))] = r["components"]
+    rows = [(by_pair[key], answer == "same") for key, answer in latest
+            if answer in ("same", "different") and key in by_pair]
+    names = sorted({n for comps, _ in rows for n, v in comps.items() if v is not None})
+    raw = {n: np.asarray([np.nan if comps.get(n) is None else float(comps[n]) for comps, _ in rows]) for n in names}
+    return raw, np.asarray([s for _, s in rows], dtype=bool)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from deer_reid.evaluation.census_offline import graph_edges, simulate
+from shared.census.refit import RefitRule
 from tests.conftest import labelled_subset
 
 BODY = "body:test"
@@ -97,7 +98,7 @@ def test_the_calibration_is_refitted_from_the_answers_as_the_census_job_refits_i
     # a calibration that undersells the evidence (the best pairs at P(same) 0.3): the answers show it, and the
     # refit the census job would install takes over once it beats the one in force out of sample
     sim, identities, keys = planted(animals=6, sightings=4, photos=2, seed=3)
-    rule = {"every": 10, "min_answers": 30, "min_each": 8}
+    rule = RefitRule(every=10, min_answers=30, min_each=8)
     curve, tally = simulate({BODY: sim}, model(0.3), BODY, identities, keys, budget=200, reviewer_error=0.0,
                             recluster_every=10, neighbours=6, refit=rule)
     assert tally["refits"], tally

@@ -26,6 +26,7 @@ proxy agree: F1 0.487 and 0.494 after 1,000 answers on nyala's held-out half, fa
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -42,7 +43,7 @@ from shared.census.graph import cluster, units_of
 from shared.census.hubness import LocalScale
 from shared.census.hubness import neighbours as nearest_by_body
 from shared.census.plan import NewIndividual, plan, questions, sides
-from shared.census.refit import labelled_pairs, refit_from_answers
+from shared.census.refit import RefitRule, labelled_pairs, refit_from_answers
 from shared.census.store import build_graph
 from shared.components import body_component, component
 from shared.config import Settings
@@ -87,11 +88,11 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
              sightings: Sequence[str], *, budget: int, reviewer_error: float, recluster_every: int,
              neighbours: int = 10, fusion_candidates: int = 5, candidates_k: int = 50, seed: int = 0,
              match: float = 0.5, assumed_error: float = 0.02, kept: int = 500, hubness_k: int = 0,
-             refit: Mapping | None = None) -> tuple[list[dict], dict]:
+             refit: RefitRule | None = None) -> tuple[list[dict], dict]:
     """The census of the nodes (the matrices' rows, in upload order) with the labels answering its questions:
     the curve (a point after every re-solve) and the tallies (`online`: the sightings as individuals, before
     any re-solve). `fusion`: the calibration's fusion section; `body`: the component neighbours are drawn by;
-    `kept`: questions a run leaves open; `refit`: {every, min_answers, min_each} to refit the calibration from
+    `kept`: questions a run leaves open; `refit`: the rule to refit the calibration from
     the answers as the census job does (None: never)."""
     model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
     n = len(identities)
@@ -120,10 +121,9 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
         snapshot = {"nodes": rows, "edges": edges, "answers": answers}
         graph, index, asked, latest = build_graph(snapshot, model, scale)
         raw, same = labelled_pairs(snapshot, index, latest) if refit else ({}, np.zeros(0, bool))
-        if same.size and same.size >= refitted_at + refit["every"]:  # the census job's rule
+        if refit and refit.due(same.size, refitted_at):
             refitted_at = same.size
-            report = refit_from_answers(raw, same, fusion, min_answers=refit["min_answers"],
-                                        min_each=refit["min_each"])
+            report = refit_from_answers(raw, same, fusion, min_answers=refit.min_answers, min_each=refit.min_each)
             if report["accepted"]:
                 fusion = report["fusion"]
                 model = FusionModel.from_artifact({"fusion": fusion, "version_id": f"refit{len(tally['refits'])}"})
@@ -200,8 +200,7 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
     fusion = fit_fusion(per_component, fit_rows, ids, enc)
     order = [positions[k] for k in sighting_order([samples[i] for i in positions], seed)]
     nodes = {name: m[np.ix_(order, order)] for name, m in on_edges.items()}
-    refit = {"every": settings.census_refit_every, "min_answers": settings.census_refit_min_answers,
-             "min_each": settings.census_refit_min_each} if refits else None
+    refit = RefitRule.of(settings) if refits else None
     curve, tally = simulate(nodes, fusion, body, [ids[i] for i in order], [enc[i] for i in order], budget=budget,
                             reviewer_error=reviewer_error, recluster_every=recluster_every, seed=seed,
                             neighbours=settings.census_neighbours, candidates_k=settings.candidates_k,
@@ -215,7 +214,7 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
         "calibration_fitted_on": {"identities": len(fitted), "pairs": fusion["pairs"],
                                   "weights": fusion["weights"]},
         "sightings": len({enc[i] for i in order}), "budget": budget, "reviewer_error": reviewer_error,
-        "recluster_every": recluster_every, "refit_rule": refit, "online": tally.pop("online"), "curve": curve,
+        "recluster_every": recluster_every, "refit_rule": refit and asdict(refit), "online": tally.pop("online"), "curve": curve,
         "tally": tally,
         "reclustered_before_answers": curve[0], "answers_to_f1_90": answers_to(curve, 0.90),
         "answers_to_f1_95": answers_to(curve, 0.95), "baseline": None,

@@ -26,7 +26,7 @@ from shared.calibrated import FusionModel, logit
 from shared.census.graph import IdentityGraph, cluster, units_of
 from shared.census.hubness import LocalScale, neighbours
 from shared.census.plan import NewIndividual, plan, questions, sides, stopping
-from shared.census.refit import labelled_pairs, refit_from_answers
+from shared.census.refit import RefitRule, labelled_pairs, refit_from_answers
 from shared.census.store import build_graph, request_run, run_lock_key, snapshot
 from shared.config import Settings
 from shared.identity import PLACED, Change, lock_property
@@ -93,8 +93,8 @@ def refit(prop: str, artifact: dict | None, scope: str, raw: dict, same: np.ndar
     """The property's calibration refitted from its answers: (report, the artifact to install, or None). Pure:
     the artifact is installed with the run's changes, in its transaction (`install_refit`)."""
     current = (artifact or {}).get("fusion")
-    report = refit_from_answers(raw, same, current, min_answers=settings.census_refit_min_answers,
-                                min_each=settings.census_refit_min_each)
+    rule = RefitRule.of(settings)
+    report = refit_from_answers(raw, same, current, min_answers=rule.min_answers, min_each=rule.min_each)
     report["replaces"] = scope
     if not report["accepted"] or artifact is None:
         if artifact is None and report["accepted"]:
@@ -163,7 +163,7 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
             "SELECT (summary->'refit'->>'answers')::int FROM census_runs WHERE property = $1 AND state = 'done' "
             "AND summary->'refit' IS NOT NULL ORDER BY id DESC LIMIT 1", prop)
         raw, same = labelled_pairs(snap, index, latest)
-        if same.size and same.size >= (previous or 0) + settings.census_refit_every:
+        if RefitRule.of(settings).due(same.size, previous or 0):
             refitted, fitted = refit(prop, artifact, scope, raw, same, settings)
             if fitted is not None:  # the refit weighs this run's edges; it is installed with the run's changes
                 artifact, scope = fitted, "property (refitted in this run)"

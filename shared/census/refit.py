@@ -21,11 +21,30 @@ and raised the P(same) of the pairs of different animals, and cost precision on 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 from shared.calibrated import FusionModel, fit_components
+
+
+@dataclass(frozen=True)
+class RefitRule:
+    """When a property's calibration is refitted: every `every` new answered pairs, from `min_answers` on with
+    `min_each` of each kind (the census job's rule, which the offline census follows)."""
+
+    every: int
+    min_answers: int
+    min_each: int
+
+    @classmethod
+    def of(cls, settings) -> "RefitRule":
+        return cls(settings.census_refit_every, settings.census_refit_min_answers, settings.census_refit_min_each)
+
+    def due(self, answered: int, last_tried: int) -> bool:
+        """Whether `answered` pairs call for a refit when the last one was tried at `last_tried`."""
+        return answered > 0 and answered >= last_tried + self.every
 
 
 def reliability(p: np.ndarray, same: np.ndarray, bins: int = 10) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -145,6 +146,9 @@ class Settings(BaseSettings):
     census_refit_min_answers: int = Field(30, ge=2)  # answered pairs before a property's calibration is refitted
     census_refit_min_each: int = Field(8, ge=1)  # ... with at least this many `same` and `different`
     census_refit_every: int = Field(10, ge=1)  # new answers between refits
+    # what a refit fits (shared.census.refit): `scale`, a scale and a shift of the fused log-odds in force;
+    # `full`, every component's calibration and the fusion weights again
+    census_refit_form: Literal["scale", "full"] = "scale"
     # a season's run moves tens of thousands of rows in a statement: longer than the services' 60 s
     census_statement_timeout_s: float = Field(900.0, gt=0)
 

@@ -193,6 +193,62 @@ def test_refit_from_answers_learns_the_propertys_own_scale_and_reports_reliabili
     assert r["pairs"] == 3 and 0 < r["brier"] < 1
 
 
+def _planted_pairs(rng, n, rate):
+    """Pairs scored by two components: a body that separates animals weakly and a coat that separates them
+    a little better."""
+    same = rng.random(n) < rate
+    body = np.where(same, rng.uniform(0.5, 0.9, n), rng.uniform(0.2, 0.7, n))
+    coat = np.where(same, rng.uniform(0.4, 1.0, n), rng.uniform(0.0, 0.6, n))
+    return {"body:m": body, "coat:c": coat}, same
+
+
+def _fused(fusion, raw):
+    model = FusionModel.from_artifact({"fusion": fusion, "version_id": "test"})
+    return model.probability(model.calibrate(raw))
+
+
+def test_a_refit_on_the_pairs_the_census_asked_keeps_the_unasked_pairs_as_unlikely_as_they_are():
+    # the census asks the pairs its fused score ranks highest; the calibration in force is right but undersure
+    # (half the log-odds' scale, shifted down). Refitting every component on that selected sample (`full`)
+    # learns the body's calibration from pairs that were asked because their coat matched, and raises the
+    # P(same) of the many pairs of different animals nobody asked about; a scale and a shift of the fused
+    # log-odds (`scale`) is what such a sample can teach, and leaves them about where the truth has them.
+    from shared.calibrated import fit_components
+
+    summed = {"truth": 0.0, "full": 0.0, "scale": 0.0}
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        calibrations, weights, intercept = fit_components(*_planted_pairs(rng, 3000, 0.05))
+        truth = {"calibrations": calibrations, "weights": weights, "intercept": intercept, "aggregation": "best"}
+        in_force = {**truth, "weights": {k: 0.5 * w for k, w in weights.items()}, "intercept": 0.5 * intercept - 1.5}
+        raw, same = _planted_pairs(rng, 4000, 0.05)
+        asked = np.argsort(-_fused(in_force, raw))[:300]
+        unasked = np.setdiff1d(np.arange(same.size), asked)
+        different = unasked[~same[unasked]]
+        summed["truth"] += _fused(truth, raw)[different].sum()
+        for form in ("full", "scale"):
+            fitted = refit_from_answers({k: v[asked] for k, v in raw.items()}, same[asked], in_force, min_answers=30,
+                                        min_each=8, form=form)
+            assert fitted["form"] == form and fitted["fusion"]["form"] == form
+            summed[form] += _fused(fitted["fusion"], raw)[different].sum()
+            if form == "scale":  # the fusion's order of the pairs and its calibrations are kept
+                assert fitted["fusion"]["calibrations"] == in_force["calibrations"]
+                before, after = _fused(in_force, raw), _fused(fitted["fusion"], raw)
+                assert np.array_equal(np.argsort(before, kind="stable"), np.argsort(after, kind="stable"))
+                assert fitted["fusion"]["rescaled"]["scale"] > 0
+    assert summed["full"] > 3 * summed["truth"], summed
+    assert 0.5 * summed["truth"] < summed["scale"] < 2 * summed["truth"], summed
+
+
+def test_a_refit_rescales_only_a_calibration_in_force():
+    rng = np.random.default_rng(2)
+    raw, same = _planted_pairs(rng, 200, 0.3)
+    with pytest.raises(ValueError):
+        refit_from_answers(raw, same, None, min_answers=30, min_each=8, form="isotonic")
+    # nothing in force: nothing to rescale, so the components are fitted
+    assert refit_from_answers(raw, same, None, min_answers=30, min_each=8, form="scale")["form"] == "full"
+
+
 def test_a_move_the_hard_rules_make_clash_moves_the_unit_that_stayed_too():
     # 0 (in review) belongs with P's 2 and 3; 1 is in P, of 0's frame, and weakly linked: it must leave P
     g = graph_of(4, [(0, 2, 6.0), (0, 3, 6.0), (1, 2, 0.5)], cannot=[(0, 1)])

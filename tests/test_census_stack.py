@@ -203,11 +203,13 @@ async def test_recluster_questions_answers_and_their_rules_on_the_real_stack(sta
         run3 = await recluster(client, prop)
         refit = run3["summary"]["refit"]
         assert refit is not None and refit["answers"] >= 6 and refit["before"]["pairs"] == refit["answers"], refit
+        assert refit["form"] == "scale", refit  # the default: the fused log-odds in force rescaled
         own = await db.fetchval("SELECT id FROM calibrations WHERE active AND property = $1", prop)
         assert (own is not None) == bool(refit["accepted"]) == bool(refit.get("calibration_id")), refit
         if own is not None:
             standing = (await client.get(f"/v1/census/{prop}")).json()
             assert standing["calibration"]["id"] == own and standing["calibration"]["reliability_after"]
+            assert standing["calibration"]["form"] == "scale" and standing["calibration"]["rescaled"]["scale"] >= 0
             r = await client.delete(f"/v1/census/{prop}/calibration")
             assert r.status_code == 200 and r.json()["deactivated"] == [own]
         assert (await client.delete(f"/v1/census/{prop}/calibration")).status_code == 404

@@ -123,12 +123,14 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
         raw, same = labelled_pairs(snapshot, index, latest) if refit else ({}, np.zeros(0, bool))
         if refit and refit.due(same.size, refitted_at):
             refitted_at = same.size
-            report = refit_from_answers(raw, same, fusion, min_answers=refit.min_answers, min_each=refit.min_each)
+            report = refit_from_answers(raw, same, fusion, min_answers=refit.min_answers, min_each=refit.min_each,
+                                        form=refit.form)
             if report["accepted"]:
                 fusion = report["fusion"]
                 model = FusionModel.from_artifact({"fusion": fusion, "version_id": f"refit{len(tally['refits'])}"})
                 graph, index, asked, latest = build_graph(snapshot, model, scale)
                 tally["refits"].append({"answers": tally["answers"], "pairs": report["answers"],
+                                        "form": report["form"], "rescaled": fusion.get("rescaled"),
                                         "before": report["before"], "after": report["after"]})
         units = units_of(graph)
         decided = plan(graph, labels, cluster(graph).labels, threshold, units)

@@ -124,7 +124,8 @@ async def standing(conn: asyncpg.Connection, prop: str) -> dict:
             "pending_run": None if pending is None else dict(pending),
             "calibration": None if calibration is None else {
                 "id": calibration["id"], "scope": "property", "created_at": calibration["created_at"],
-                "answers": fit.get("answers"), "reliability_before": fit.get("reliability_before"),
+                "answers": fit.get("answers"), "form": fit.get("form"), "rescaled": fit.get("rescaled"),
+                "reliability_before": fit.get("reliability_before"),
                 "reliability_after": fit.get("reliability_after")}}
 
 

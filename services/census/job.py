@@ -94,7 +94,8 @@ def refit(prop: str, artifact: dict | None, scope: str, raw: dict, same: np.ndar
     the artifact is installed with the run's changes, in its transaction (`install_refit`)."""
     current = (artifact or {}).get("fusion")
     rule = RefitRule.of(settings)
-    report = refit_from_answers(raw, same, current, min_answers=rule.min_answers, min_each=rule.min_each)
+    report = refit_from_answers(raw, same, current, min_answers=rule.min_answers, min_each=rule.min_each,
+                                form=rule.form)
     report["replaces"] = scope
     if not report["accepted"] or artifact is None:
         if artifact is None and report["accepted"]:
@@ -103,7 +104,8 @@ def refit(prop: str, artifact: dict | None, scope: str, raw: dict, same: np.ndar
         return {k: v for k, v in report.items() if k != "fusion"}, None
     fitted = {**artifact, "fusion": {**report["fusion"], "coat_version": current.get("coat_version"),
                                      "antler_version": current.get("antler_version")},
-              "fit": {**artifact.get("fit", {}), "property": prop, "answers": report["answers"],
+              "fit": {**artifact.get("fit", {}), "property": prop, "answers": report["answers"], "form": report["form"],
+                      "rescaled": report["fusion"].get("rescaled"),
                       "reliability_before": report["before"], "reliability_after": report["after"]}}
     return {k: v for k, v in report.items() if k != "fusion"}, fitted
 

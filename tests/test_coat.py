@@ -241,6 +241,28 @@ def test_rootsift_finds_more_on_the_animal_at_a_lower_contrast_and_says_so_in_it
     assert default.version == "rootsift-opencv:3000" and detailed.version == "rootsift-opencv-c0.01:3000"
 
 
+def test_rootsift_on_the_animal_looks_only_at_the_animals_box_and_finds_what_the_whole_crop_gives(nyala_paths):
+    # SIFT is given the mask's box (grid-aligned, with a margin) instead of the whole crop: the keypoints must
+    # be the ones SIFT finds on the whole crop under the same mask. At a budget that binds they need not be:
+    # OpenCV keeps the budget's best before it applies the mask, so the crop's background competes less
+    for path in nyala_paths[:3]:
+        rgb = small(path, 512)
+        h, w = rgb.shape[:2]
+        mask = foreground(rgb).mask
+        x0, y0, x1, y1 = pattern.sift_window(mask, w, h)
+        assert (x1 - x0) * (y1 - y0) <= w * h and mask[:y0].sum() == mask[y1:].sum() == 0
+        assert x0 % pattern.SIFT_GRID == 0 and y0 % pattern.SIFT_GRID == 0
+        got = pattern.PatternExtractor("rootsift", 8000, 0.002)(rgb, mask)  # the service's: it does not bind
+        sift = cv2.SIFT_create(nfeatures=8000, contrastThreshold=0.002)
+        found, _ = sift.detectAndCompute(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (mask > 0).astype(np.uint8) * 255)
+        whole = np.array([(k.pt[0] / w, k.pt[1] / h) for k in found], np.float32)
+        assert abs(len(got) - len(whole)) <= 0.02 * len(whole), (len(got), len(whole))
+        # each keypoint at the same place (within the stored positions' rounding)
+        gap = np.abs(got.points[:, None, :] - whole[None]).sum(-1)
+        assert (gap.min(1) < 1e-3).mean() >= 0.98 and (gap.min(0) < 1e-3).mean() >= 0.98
+    assert pattern.sift_window(np.zeros((50, 60), np.uint8), 60, 50) == (0, 0, 60, 50)
+
+
 @pytest.mark.parametrize("name, image, flag", [
     ("tiny", np.full((20, 90, 3), 120, np.uint8), "tiny-crop"),
     ("black", np.zeros((120, 160, 3), np.uint8), "no-animal-found"),

@@ -9,6 +9,14 @@ RootSIFT (OpenCV SIFT, Hellinger-normalised) is the second matcher: the service 
 its keypoint count, not the photo's resolution: at OpenCV's default contrast threshold (0.04) SIFT finds about
 300 keypoints on a 512-px animal whatever the budget, so the service lowers it (`DEER_COAT_SIFT_CONTRAST`) and
 keeps up to `DEER_COAT_SIFT_KEYPOINTS` (the budget curve in shared/config.py says why these values).
+SIFT builds its scale space over the whole image it is given (doubled first), though only keypoints inside
+the mask are kept, so it is given the mask's bounding box: widened by `SIFT_MARGIN` px, its corners on a
+`SIFT_GRID` px grid so that each coarser octave samples the same pixels as on the whole crop. Measured on 40
+nyala-train crops: 0.89x the time (105-108 -> 90-96 ms on one Zen 4 core), 99.8% of the keypoints found at
+the same place and angle, 99.5% of those with the same descriptor (cosine > 0.999); without the grid
+alignment only 95% of the keypoints were the same. A budget that binds keeps more of the animal's keypoints
+than on the whole crop (OpenCV keeps its best keypoints before it applies the mask, so less scene competes);
+the service's does not bind.
 
 Storage (`shared.coat.pack`/`unpack`, beside the matching, which fusion shares): positions as uint16 fractions of the crop, descriptors as int8 (x127 of
 unit vectors): 4 + 64 bytes per XFeat keypoint, 4 + 128 per RootSIFT keypoint. The service keeps up to
@@ -38,6 +46,8 @@ LANDSCAPE = 1.15  # width/height above which the 320x224 network is used
 SIFT_DEFAULT_CONTRAST = 0.04  # OpenCV's: patterns extracted at it keep the version they had before it was a setting
 HEAT_MIN = 0.05
 NMS = 5
+SIFT_MARGIN = 16  # px around the animal's box: SIFT drops keypoints within 5 px of the image's edge
+SIFT_GRID = 32  # px: the box's corners snap outward to it (the module docstring says why)
 
 
 def _check(path: Path, sha: str) -> None:
@@ -112,13 +122,33 @@ class PatternExtractor:
         h, w = rgb.shape[:2]
         sift = cv2.SIFT_create(nfeatures=self.keypoints, contrastThreshold=self.contrast)
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        found, desc = sift.detectAndCompute(grey, None if mask is None else (mask > 0).astype(np.uint8) * 255)
+        x0, y0, x1, y1 = 0, 0, w, h
+        if mask is not None:
+            mask = (mask > 0).astype(np.uint8) * 255
+            x0, y0, x1, y1 = sift_window(mask, w, h)
+            grey, mask = grey[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        found, desc = sift.detectAndCompute(grey, mask)
         if desc is None or not found:
             return Pattern.quantised("rsf1", np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
         desc = np.sqrt(desc / np.maximum(desc.sum(1, keepdims=True), 1e-7))
         desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-8)
-        points = np.array([(k.pt[0] / w, k.pt[1] / h) for k in found], np.float32)
+        points = np.array([((k.pt[0] + x0) / w, (k.pt[1] + y0) / h) for k in found], np.float32)
         return Pattern.quantised("rsf1", points[:self.keypoints], desc[:self.keypoints])
+
+
+def sift_window(mask: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the part of a crop SIFT needs to find the keypoints inside `mask` (the module's
+    docstring); the whole crop when the mask is empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return 0, 0, w, h
+    def down(v: int) -> int:
+        return max(0, v - SIFT_MARGIN) // SIFT_GRID * SIFT_GRID
+
+    def up(v: int, limit: int) -> int:
+        return min(limit, -(-(v + 1 + SIFT_MARGIN) // SIFT_GRID) * SIFT_GRID)
+
+    return down(int(xs.min())), down(int(ys.min())), up(int(xs.max()), w), up(int(ys.max()), h)
 
 
 def _heat_map(logits: np.ndarray) -> np.ndarray:

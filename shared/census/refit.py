@@ -1,16 +1,15 @@
 """People's answers teach the machine: a property's own calibration, fitted on its answered pairs (pure).
 
 Every `same` or `different` answer is a labelled pair of the property's own animals, with each component's
-raw score stored on its edge. Once there are enough of both kinds, the components' isotonic calibrations
-and the fusion weights are fitted again on them (the same fitting as `deer-reid eval`, `shared.calibrated`),
-and the fit replaces the one in force only when it predicts the answers better out of sample: the
+raw score stored on its edge. Once there are enough of both kinds, the calibration is fitted again on them
+(in one of two forms, below: by default a rescaling of the fused log-odds in force), and the fit replaces the one in force only when it predicts the answers better out of sample: the
 answers are dealt into folds, each fold scored by a fit on the others, and the log-loss of each answer
 compared with the one in force on the same answer. The refit must win by more than the noise of that
 comparison (the mean gain above twice its standard error): a refit that won by 0.3% on 208 answers was
 installed on the stack, and its isotonic fit, which had seen no `same` below a body score of 0.85, told
 the census that no pair below it could be one animal, so the census stopped asking after 257 answers.
-For the same reason no refitted probability is more extreme than the answers can tell: with n answers,
-none below 1/(n+2) or above (n+1)/(n+2) (Laplace's rule of succession). The report says by how much the
+For the same reason no refitted component calibration is more extreme than the answers can tell: with n
+answers, none below 1/(n+2) or above (n+1)/(n+2) (Laplace's rule of succession). The report says by how much the
 refit helped (reliability before and after).
 
 The pairs people answer were chosen because the machine was unsure of them, so they are not a random

@@ -7,13 +7,13 @@ import random
 import numpy as np
 import pytest
 
-from shared.calibrated import FusionModel
+from shared.calibrated import FusionModel, fit_components
 from shared.census.graph import IdentityGraph, Infeasible, bridges, cluster, objective, violations
 from shared.census.hubness import LocalScale
 from shared.census.hubness import neighbours as hub_neighbours
 from shared.census.plan import NewIndividual, plan, questions, stopping, verifications
 from shared.census.store import build_graph
-from shared.census.refit import clear_gain, refit_from_answers, reliability
+from shared.census.refit import RefitRule, clear_gain, refit_from_answers, reliability
 
 STRONG, WEAK = 4.0, 0.5
 
@@ -183,11 +183,11 @@ def test_refit_from_answers_learns_the_propertys_own_scale_and_reports_reliabili
     raw = np.where(same, rng.uniform(0.55, 0.75, 120), rng.uniform(0.35, 0.6, 120))
     prior = {"calibrations": {"body:m": {"x": [0.0, 0.9, 1.0], "y": [0.0, 0.05, 1.0], "prior": 0.01}},
              "weights": {"body:m": 1.0}, "intercept": 0.0, "aggregation": "best"}
-    fitted = refit_from_answers({"body:m": raw}, same, prior, min_answers=40, min_each=10, folds=5, seed=0)
+    fitted = refit_from_answers({"body:m": raw}, same, prior, RefitRule(1, 40, 10), folds=5, seed=0)
     assert fitted["accepted"], fitted
     assert fitted["after"]["log_loss"] < fitted["before"]["log_loss"]
     assert set(fitted["fusion"]["calibrations"]) == {"body:m"}
-    few = refit_from_answers({"body:m": raw[:10]}, same[:10], prior, min_answers=40, min_each=10, folds=5, seed=0)
+    few = refit_from_answers({"body:m": raw[:10]}, same[:10], prior, RefitRule(1, 40, 10), folds=5, seed=0)
     assert not few["accepted"] and "answers" in few["why"]
     r = reliability(np.array([0.9, 0.1, 0.8]), np.array([True, False, False]))
     assert r["pairs"] == 3 and 0 < r["brier"] < 1
@@ -213,8 +213,6 @@ def test_a_refit_on_the_pairs_the_census_asked_keeps_the_unasked_pairs_as_unlike
     # learns the body's calibration from pairs that were asked because their coat matched, and raises the
     # P(same) of the many pairs of different animals nobody asked about; a scale and a shift of the fused
     # log-odds (`scale`) is what such a sample can teach, and leaves them about where the truth has them.
-    from shared.calibrated import fit_components
-
     summed = {"truth": 0.0, "full": 0.0, "scale": 0.0}
     for seed in range(6):
         rng = np.random.default_rng(seed)
@@ -227,8 +225,8 @@ def test_a_refit_on_the_pairs_the_census_asked_keeps_the_unasked_pairs_as_unlike
         different = unasked[~same[unasked]]
         summed["truth"] += _fused(truth, raw)[different].sum()
         for form in ("full", "scale"):
-            fitted = refit_from_answers({k: v[asked] for k, v in raw.items()}, same[asked], in_force, min_answers=30,
-                                        min_each=8, form=form)
+            fitted = refit_from_answers({k: v[asked] for k, v in raw.items()}, same[asked], in_force,
+                                        RefitRule(1, 30, 8, form))
             assert fitted["form"] == form and fitted["fusion"]["form"] == form
             summed[form] += _fused(fitted["fusion"], raw)[different].sum()
             if form == "scale":  # the fusion's order of the pairs and its calibrations are kept
@@ -244,9 +242,9 @@ def test_a_refit_rescales_only_a_calibration_in_force():
     rng = np.random.default_rng(2)
     raw, same = _planted_pairs(rng, 200, 0.3)
     with pytest.raises(ValueError):
-        refit_from_answers(raw, same, None, min_answers=30, min_each=8, form="isotonic")
+        refit_from_answers(raw, same, None, RefitRule(1, 30, 8, "isotonic"))
     # nothing in force: nothing to rescale, so the components are fitted
-    assert refit_from_answers(raw, same, None, min_answers=30, min_each=8, form="scale")["form"] == "full"
+    assert refit_from_answers(raw, same, None, RefitRule(1, 30, 8, "scale"))["form"] == "full"
 
 
 def test_a_move_the_hard_rules_make_clash_moves_the_unit_that_stayed_too():
@@ -379,6 +377,6 @@ def test_a_refit_must_win_by_more_than_its_noise_and_never_says_never():
     # the answers held no `same` below 0.6: the refit still leaves every pair some chance (1/(n+2))
     raw = np.linspace(0.3, 0.9, 100)
     same = raw > 0.6
-    fitted = refit_from_answers({"body:m": raw}, same, None, min_answers=40, min_each=10)
+    fitted = refit_from_answers({"body:m": raw}, same, None, RefitRule(1, 40, 10))
     assert min(fitted["fusion"]["calibrations"]["body:m"]["y"]) == pytest.approx(1 / 102, abs=1e-6)
     assert max(fitted["fusion"]["calibrations"]["body:m"]["y"]) == pytest.approx(101 / 102, abs=1e-6)

@@ -123,8 +123,7 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
         raw, same = labelled_pairs(snapshot, index, latest) if refit else ({}, np.zeros(0, bool))
         if refit and refit.due(same.size, refitted_at):
             refitted_at = same.size
-            report = refit_from_answers(raw, same, fusion, min_answers=refit.min_answers, min_each=refit.min_each,
-                                        form=refit.form)
+            report = refit_from_answers(raw, same, fusion, refit)
             if report["accepted"]:
                 fusion = report["fusion"]
                 model = FusionModel.from_artifact({"fusion": fusion, "version_id": f"refit{len(tally['refits'])}"})

@@ -89,13 +89,11 @@ async def add_neighbour_edges(conn: asyncpg.Connection, prop: str, nodes: list[U
 
 
 def refit(prop: str, artifact: dict | None, scope: str, raw: dict, same: np.ndarray,
-          settings: Settings) -> tuple[dict, dict | None]:
+          rule: RefitRule) -> tuple[dict, dict | None]:
     """The property's calibration refitted from its answers: (report, the artifact to install, or None). Pure:
     the artifact is installed with the run's changes, in its transaction (`install_refit`)."""
     current = (artifact or {}).get("fusion")
-    rule = RefitRule.of(settings)
-    report = refit_from_answers(raw, same, current, min_answers=rule.min_answers, min_each=rule.min_each,
-                                form=rule.form)
+    report = refit_from_answers(raw, same, current, rule)
     report["replaces"] = scope
     if not report["accepted"] or artifact is None:
         if artifact is None and report["accepted"]:
@@ -165,8 +163,9 @@ async def _recluster(conn: asyncpg.Connection, prop: str, settings: Settings, ru
             "SELECT (summary->'refit'->>'answers')::int FROM census_runs WHERE property = $1 AND state = 'done' "
             "AND summary->'refit' IS NOT NULL ORDER BY id DESC LIMIT 1", prop)
         raw, same = labelled_pairs(snap, index, latest)
-        if RefitRule.of(settings).due(same.size, previous or 0):
-            refitted, fitted = refit(prop, artifact, scope, raw, same, settings)
+        rule = RefitRule.of(settings)
+        if rule.due(same.size, previous or 0):
+            refitted, fitted = refit(prop, artifact, scope, raw, same, rule)
             if fitted is not None:  # the refit weighs this run's edges; it is installed with the run's changes
                 artifact, scope = fitted, "property (refitted in this run)"
                 model = FusionModel.from_artifact({**artifact, "version_id": "0"})

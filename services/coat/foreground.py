@@ -7,9 +7,9 @@ is kept: other animals or bright grass left in the box are not this animal's coa
 
 GrabCut fails often on trail-camera crops: the animal touches the box's edges, so the "background
 for sure" border holds its colours too, and then every pixel is background (measured on nyala-train's
-1,205 photos: 38% with three iterations, 28% with the one run now). Then the box prior stands in: an ellipse over the box's middle (the detector centred
-the animal in it), flagged `approximate`. A uniform frame has no foreground at all: every coat part
-then says "no evidence" instead of describing nothing.
+1,205 photos: 38% with three iterations, 28% with the one run now). Then the box prior stands in: an
+ellipse over the box's middle (the detector centred the animal in it), flagged `approximate`. A uniform
+frame has no foreground at all: every coat part then says "no evidence" instead of describing nothing.
 
 GrabCut seeds its colour models with k-means drawn from OpenCV's random generator, whose state is the
 thread's history: unseeded, one crop got a different mask depending on what its worker had done before

@@ -2,9 +2,10 @@
 
 Every `same` or `different` answer is a labelled pair of the property's own animals, with each component's
 raw score stored on its edge. Once there are enough of both kinds, the calibration is fitted again on them
-(in one of two forms, below: by default a rescaling of the fused log-odds in force), and the fit replaces the one in force only when it predicts the answers better out of sample: the
-answers are dealt into folds, each fold scored by a fit on the others, and the log-loss of each answer
-compared with the one in force on the same answer. The refit must win by more than the noise of that
+(in one of two forms, below: by default a rescaling of the fused log-odds in force), and the fit replaces
+the one in force only when it predicts the answers better out of sample: the answers are dealt into folds,
+each fold scored by a fit on the others, and the log-loss of each answer compared with the one in force on
+the same answer. The refit must win by more than the noise of that
 comparison (the mean gain above twice its standard error): a refit that won by 0.3% on 208 answers was
 installed on the stack, and its isotonic fit, which had seen no `same` below a body score of 0.85, told
 the census that no pair below it could be one animal, so the census stopped asking after 257 answers.
@@ -51,6 +52,10 @@ class RefitRule:
     min_each: int
     form: str = "scale"
 
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"refit form {self.form!r}: one of {FORMS}")
+
     @classmethod
     def of(cls, settings) -> "RefitRule":
         return cls(settings.census_refit_every, settings.census_refit_min_answers, settings.census_refit_min_each,
@@ -80,18 +85,18 @@ def _probability(fusion: Mapping, raw: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(model.probability(model.calibrate(dict(raw))), dtype=np.float64)
 
 
-def refit_from_answers(raw: Mapping[str, np.ndarray], same: np.ndarray, current: Mapping | None, *,
-                       min_answers: int, min_each: int, form: str = "scale", folds: int = 5, seed: int = 0) -> dict:
+def refit_from_answers(raw: Mapping[str, np.ndarray], same: np.ndarray, current: Mapping | None, rule: RefitRule, *,
+                       folds: int = 5, seed: int = 0) -> dict:
     """A property's fusion section fitted on its answers, with the evidence for (or against) using it.
 
     `raw[name]`: that component's raw score of each answered pair (NaN: no evidence); `same`: each answer;
     `current`: the fusion section in force (None: none; then there is nothing to rescale and the `full` form
-    is fitted); `form`: `scale` or `full` (the module's docstring). Returns {accepted, why, form, answers,
-    same, before, after, fusion}: `fusion` is the refit on all the answers (when accepted), `before`/`after`
-    the reliability of the current fit and of the out-of-fold refits on the same answers."""
-    if form not in FORMS:
-        raise ValueError(f"refit form {form!r}: one of {FORMS}")
-    form = form if current is not None else "full"
+    is fitted); `rule`: how many answers a refit needs and its form (the module's docstring). Returns
+    {accepted, why, form, answers, same, before, after, fusion}: `fusion` is the refit on all the answers
+    (when accepted), `before`/`after` the reliability of the current fit and of the out-of-fold refits on the
+    same answers."""
+    form = rule.form if current is not None else "full"
+    min_answers, min_each = rule.min_answers, rule.min_each
     same = np.asarray(same, dtype=bool)
     raw = {n: np.asarray(v, dtype=np.float64) for n, v in raw.items()}
     out = {"accepted": False, "form": form, "answers": int(same.size), "same": int(same.sum()), "before": None,

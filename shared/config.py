@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where native: CUDA, AMX, AVX-512 BF16) | bf16 | fp32
     torch_threads: int = 0  # 0: one per available core
+    # what runs the networks: auto (OpenVINO where it measured faster: bf16 on a CPU with AMX), torch, openvino
+    inference_engine: Literal["auto", "torch", "openvino"] = "auto"
     # the body service answers an event it saw lately from its embeddings (0: always embed again)
     body_cache_entries: int = Field(8192, ge=0)
 

@@ -72,6 +72,43 @@ def test_the_frozen_runtime_embeds_real_images_as_eager_does(monkeypatch, nyala_
         assert cosine.min() > 0.99999
 
 
+def test_the_openvino_engine_embeds_real_images_as_torch_does(nyala_paths):
+    """The same network and weights converted to OpenVINO: the same embedding version, the same vectors
+    (fp32), and at bf16 as close to torch's fp32 vectors as torch's own bf16 is; any batch size runs."""
+    from shared.models import OpenVinoNetwork
+
+    spec = get_spec("efficientnet_lite0")
+    images = np.stack([model_input(p.read_bytes(), spec.input_size) for p in nyala_paths[:5]])
+    cache = Settings().model_cache
+    reference = load_model("efficientnet_lite0", cache, precision="fp32", engine="torch")
+    assert reference.engine == "torch"
+    for precision, least in (("fp32", 0.9999), ("bf16", 0.99)):
+        converted = load_model("efficientnet_lite0", cache, precision=precision, engine="openvino")
+        assert converted.engine == "openvino" and isinstance(converted.module, OpenVinoNetwork)
+        assert converted.version == reference.version
+        for n in (1, 5, 3):  # the batch dimension stays dynamic
+            got = converted.embed(images[:n])
+            assert got.shape == (n, spec.dim) and got.dtype == np.float32
+            cosine = np.sum(got * reference.embed(images[:n]), axis=1)
+            assert cosine.min() > least, (precision, n, cosine)
+
+
+def test_the_openvino_engine_compiles_under_the_jemalloc_the_stack_preloads():
+    """oneTBB's hwloc binding, loaded with RTLD_DEEPBIND, freed jemalloc's memory with glibc's free and
+    aborted the compilation ("free(): invalid pointer") in every service the stack starts."""
+    from deer_reid.stack import JEMALLOC, with_jemalloc
+
+    assert JEMALLOC.exists(), "scripts/setup.sh installs libjemalloc2"
+    env = with_jemalloc({k: v for k, v in os.environ.items() if k != "TBB_ENABLE_SANITIZERS"})
+    code = ("import numpy as np; from shared.config import Settings; from shared.models import load_model; "
+            "m = load_model('efficientnet_lite0', Settings().model_cache, precision='bf16', engine='openvino'); "
+            "print(m.engine, m.embed(np.zeros((2, 224, 224, 3), np.uint8)).shape)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["openvino", "(2,", "1280)"]
+
+
 def test_a_corrupted_cache_file_is_refused(tmp_path):
     target = tmp_path / "efficientnet_lite0" / get_spec("efficientnet_lite0").weights_file
     target.parent.mkdir(parents=True)

@@ -58,6 +58,7 @@ def run_all_features_bench(detections: int, settings: Settings, body_model: str 
     bare_ensemble, _ = measure_bare(ensemble, crops, settings, allow_random, progress)
     result["weights_real"] = bare_single["weights_real"] and bare_ensemble["weights_real"]
     result["precision"] = bare_ensemble["precision"]
+    result["engine"] = bare_ensemble["engine"]
 
     for name, config in CONFIGURATIONS.items():
         models = body_models_for(config, single, ensemble)

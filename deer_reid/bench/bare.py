@@ -52,8 +52,9 @@ def gflop_per_image(model) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, 3, model.spec.input_size, model.spec.input_size)
+    network = model.spec.build().eval()  # the same operations whatever engine runs them, counted in torch
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model.module(x)
+        network(x)
     return counter.get_total_flops() / 1e9
 
 
@@ -112,9 +113,10 @@ def measure_bare(names: list[str], crops: list[bytes], settings: Settings, allow
     from shared.models import load_model
 
     models = [load_model(n, settings.model_cache, allow_random=allow_random, device=settings.device,
-                         precision=settings.precision) for n in names]
+                         precision=settings.precision, engine=settings.inference_engine) for n in names]
     figures: dict = {"weights_real": not any(m.random_weights for m in models),
-                     "precision": {m.spec.name: m.precision for m in models}}
+                     "precision": {m.spec.name: m.precision for m in models},
+                     "engine": {m.spec.name: m.engine for m in models}}
     gflop = sum(gflop_per_image(m) for m in models)
     figures["gflop_per_det"] = round(gflop, 2)
     per_model_crops = crops[: max(64, len(crops) // 4)]

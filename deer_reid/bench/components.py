@@ -71,7 +71,8 @@ def antler_costs(crops: list[bytes], settings: Settings) -> dict:
         started = time.perf_counter()
         measure(crop, "buck", 40, now, calendar)
         times.append(1000 * (time.perf_counter() - started))
-    model = load_model(settings.antler_model, settings.model_cache, allow_random=True, precision=settings.precision)
+    model = load_model(settings.antler_model, settings.model_cache, allow_random=True, precision=settings.precision,
+                       engine=settings.inference_engine)
     fingerprinter = Fingerprinter(model)
     regions = [model_input(c, 224)[: round(224 * 0.3)] for c in crops]  # every head-top region, antlers or not
     fingerprinter(regions[:16])  # warm-up
@@ -106,7 +107,7 @@ def pose_costs(crops: list[bytes], settings: Settings) -> dict:
     out["keypoint_parameters_m"] = round(sum(p.numel() for p in model.model.parameters()) / 1e6, 2)
     try:
         classifier = ViewpointClassifier(settings.pose_viewpoint_model, settings.model_cache,
-                                         precision=settings.precision)
+                                         precision=settings.precision, engine=settings.inference_engine)
     except MissingWeights as exc:
         out["viewpoint_classifier"] = f"not measured: {exc}"
         return out

@@ -49,7 +49,7 @@ def antler_features(samples: Sequence[Sample], settings: Settings, *, cache: Pat
     """Per sample: the antler service's outcome (status, flags, geometry), its 64-d fingerprint and the
     full region embedding; and the fingerprint version."""
     model = load_model(settings.antler_model, settings.model_cache, allow_random=settings.allow_random_weights,
-                       precision=settings.precision)
+                       precision=settings.precision, engine=settings.inference_engine)
     fingerprinter = Fingerprinter(model)
     calendar = SeasonCalendar.parse(settings.antler_season_start, settings.antler_season_end,
                                     settings.antler_casting_months)

@@ -37,11 +37,12 @@ def embed_samples(samples: Sequence[Sample], model_names: Sequence[str], setting
     cache = cache or settings.model_cache.parent / "features"
     cache.mkdir(parents=True, exist_ok=True)
     models = [load_model(n, settings.model_cache, allow_random=allow_random, device=settings.device,
-                         precision=settings.precision) for n in model_names]
+                         precision=settings.precision, engine=settings.inference_engine) for n in model_names]
     shas = [hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples]
     out: dict[str, np.ndarray] = {}
     for model in models:
-        file = _cache_file(cache, f"{model.version}_{model.precision}_{model.spec.runtime}", settings)
+        runs_on = model.spec.runtime if model.engine == "torch" else model.engine  # each engine rounds its own way
+        file = _cache_file(cache, f"{model.version}_{model.precision}_{runs_on}", settings)
         known: dict[str, np.ndarray] = {}
         if file.exists() and not model.random_weights:
             with np.load(file) as z:

@@ -16,7 +16,8 @@ def predicted_viewpoints(samples: Sequence[Sample], name: str, settings: Setting
     """The classifier's viewpoint of every photo (as the pose service answers without keypoints), and
     notes: the classifier's version, its accuracy against the labels where the data has them, on the
     identities it never `learned` (trained or selected on) only."""
-    classifier = ViewpointClassifier(name, settings.model_cache, device=settings.device, precision=settings.precision)
+    classifier = ViewpointClassifier(name, settings.model_cache, device=settings.device, precision=settings.precision,
+                                     engine=settings.inference_engine)
     x, keep, _ = crop_features(list(samples), classifier.backbone, settings, progress)
     views = [UNKNOWN] * len(samples)  # an unreadable photo has no viewpoint
     for i, v in zip(keep, classifier.head.viewpoints(x)):

@@ -104,7 +104,8 @@ def train_viewpoint(data_dir: Path, cfg: ViewpointConfig, settings: Settings, *,
         raise DatasetError(f"{data_dir}/metadata.csv needs a viewpoint column with at least two values "
                            f"(found {classes or 'none'})")
     parts = data.split(samples, holdout=cfg.holdout_identities, validation=cfg.validation_identities, seed=cfg.seed)
-    backbone = load_model(cfg.backbone, settings.model_cache, device=settings.device, precision=settings.precision)
+    backbone = load_model(cfg.backbone, settings.model_cache, device=settings.device, precision=settings.precision,
+                          engine=settings.inference_engine)
     if backbone.random_weights:
         raise DatasetError(f"backbone {cfg.backbone} has no weights in {settings.model_cache}")
 

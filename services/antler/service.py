@@ -63,7 +63,8 @@ def antler_features(event: DetectionEvent, result: AntlerFeatures) -> Features:
 
 async def make_handler(settings: Settings) -> AntlerHandler:
     model = load_model(settings.antler_model, settings.model_cache, allow_random=settings.allow_random_weights,
-                       device=settings.device, precision=settings.precision, fetch=settings.fetch_weights)
+                       device=settings.device, precision=settings.precision, engine=settings.inference_engine,
+                       fetch=settings.fetch_weights)
     calendar = SeasonCalendar.parse(settings.antler_season_start, settings.antler_season_end,
                                     settings.antler_casting_months)
     return AntlerHandler(Fingerprinter(model), calendar, settings.antler_workers or len(os.sched_getaffinity(0)))

@@ -43,7 +43,8 @@ class BodyHandler:
 
     def health(self) -> dict:
         return {"models": [m.version for m in self.extractor.models], "random_weights": self.extractor.random_weights,
-                "precision": [m.precision for m in self.extractor.models]}
+                "precision": [m.precision for m in self.extractor.models],
+                "engine": [m.engine for m in self.extractor.models]}
 
     def _remember(self, key: tuple, embeddings: list[Embedding]) -> None:
         self.recent[key] = embeddings
@@ -99,7 +100,8 @@ async def make_handler(settings: Settings) -> BodyHandler:
 
     torch.set_num_threads(settings.torch_threads or len(os.sched_getaffinity(0)))
     models = [load_model(name, settings.model_cache, allow_random=settings.allow_random_weights,
-                         device=settings.device, precision=settings.precision, fetch=settings.fetch_weights)
+                         device=settings.device, precision=settings.precision, engine=settings.inference_engine,
+                         fetch=settings.fetch_weights)
               for name in settings.body_models]
     handler = BodyHandler(BodyExtractor(models, batch=settings.batch_max), [settings.body_model], settings.ensemble,
                           settings.body_cache_entries)

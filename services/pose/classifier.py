@@ -48,9 +48,11 @@ def read_head(name: str, cache: Path) -> tuple[ViewpointHead, dict]:
 class ViewpointClassifier:
     """Crops in, viewpoints out: the backbone embeds each crop and its mirror image in one batch."""
 
-    def __init__(self, name: str, cache: Path, *, device: str = "auto", precision: str = "fp32"):
+    def __init__(self, name: str, cache: Path, *, device: str = "auto", precision: str = "fp32",
+                 engine: str = "auto"):
         self.head, self.card = read_head(name, cache)
-        self.backbone: LoadedModel = load_model(self.card["backbone"], cache, device=device, precision=precision)
+        self.backbone: LoadedModel = load_model(self.card["backbone"], cache, device=device, precision=precision,
+                                                engine=engine)
         if self.backbone.version != self.card["backbone_version"]:
             raise MissingWeights(f"viewpoint classifier {name} was trained on {self.card['backbone_version']}, "
                                  f"the cache holds {self.backbone.version}: train it again")

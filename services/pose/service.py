@@ -182,7 +182,8 @@ async def make_handler(settings: Settings) -> PoseHandler:
     else:
         try:
             classifier = ViewpointClassifier(settings.pose_viewpoint_model, settings.model_cache,
-                                             device=settings.device, precision=settings.precision)
+                                             device=settings.device, precision=settings.precision,
+                                             engine=settings.inference_engine)
         except MissingWeights as exc:
             off["classifier"] = str(exc)
             log.warning("pose: viewpoint classifier off: %s", exc)

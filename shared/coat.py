@@ -173,9 +173,11 @@ class PatternProducts:
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, a: Pattern, b: Pattern) -> np.ndarray:
-        sims = self._session.run(None, {"a": a.unsigned, "b": b.columns, "a_scale": _ONE, "b_scale": b.scales})[0]
-        sims *= a.scales[:, None]
+    def __call__(self, a: Pattern, b: Pattern, rows: slice = slice(None)) -> np.ndarray:
+        """The similarities of `a`'s `rows` to every descriptor of `b`."""
+        sims = self._session.run(None, {"a": a.unsigned[rows], "b": b.columns, "a_scale": _ONE,
+                                        "b_scale": b.scales})[0]
+        sims *= a.scales[rows, None]
         return sims
 
 
@@ -197,7 +199,7 @@ def inliers(a: Pattern, b: Pattern) -> int:
     """Geometrically verified matches between two patterns of one kind (0 when too few to verify)."""
     if a.kind != b.kind or len(a) < MIN_MATCHES or len(b) < MIN_MATCHES:
         return 0
-    i, j = mutual_nearest(similarities(a, b))
+    i, j = mutual_matches(a, b)
     if len(i) < MIN_MATCHES:
         return 0
     view = np.array([320.0, 224.0], np.float32)  # one scale for both crops: thresholds in comparable pixels
@@ -213,11 +215,42 @@ def mutual_nearest(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keypoints on one Zen 4 core, where `max(0)` takes 0.5. Where a column's maximum is shared (an exact tie,
     rare in float products), the first row that reaches it from its own best column keeps the match."""
     forward = sims.argmax(1)
-    best = sims[np.arange(len(forward)), forward]
-    rows = np.nonzero(best >= sims.max(0)[forward])[0]
+    return _mutual(forward, sims[np.arange(len(forward)), forward], sims.max(0))
+
+
+def _mutual(forward: np.ndarray, best: np.ndarray, column_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`mutual_nearest` from each row's best column and similarity and each column's maximum."""
+    rows = np.nonzero(best >= column_max[forward])[0]
     _, first = np.unique(forward[rows], return_index=True)  # one row per column
     rows = np.sort(rows[first])
     return rows, forward[rows]
+
+
+# Similarities made and reduced at a time by `mutual_matches`: 2**17 float32 (512 KiB) stay in a core's L2
+# cache (2 MiB on the Xeon measured, 1 MiB on Zen 4) between the product that writes them and the row argmax
+# and column maximum that read them. Measured on one core of a 2-core Intel Xeon, real RootSIFT patterns cut
+# to n keypoints, ms a pair (whole matrix / blocks of 2**16, 2**17, 2**18): n = 1,100: 2.19 / 1.58, 1.43,
+# 1.89; 1,700: 5.05 / 3.99, 3.38, 4.42; 2,500: 12.2 / 9.7, 8.1, 10.7.
+BLOCK_FLOATS = 1 << 17
+
+
+def mutual_matches(a: Pattern, b: Pattern, block_floats: int = BLOCK_FLOATS) -> tuple[np.ndarray, np.ndarray]:
+    """`mutual_nearest(similarities(a, b))`, the same pairs bit for bit, without the whole matrix: the
+    similarities are made a block of `a`'s rows at a time and reduced while in cache (each element is the
+    same integer product scaled the same way whatever the block). The whole matrix of two 1,700-keypoint
+    patterns is 11.5 MB, and writing it, scaling it and reading it twice went to memory."""
+    products = _pattern_products()
+    step = max(1, block_floats // max(1, len(b)))
+    forward = np.empty(len(a), np.intp)
+    best = np.empty(len(a), np.float32)
+    column_max = np.full(len(b), -np.inf, np.float32)
+    for start in range(0, len(a), step):
+        rows = slice(start, start + step)
+        block = products(a, b, rows)
+        forward[rows] = block.argmax(1)
+        best[rows] = block[np.arange(len(block)), forward[rows]]
+        np.maximum(column_max, block.max(0), out=column_max)
+    return _mutual(forward, best, column_max)
 
 
 def pattern_score(count: int) -> float:

@@ -202,6 +202,22 @@ def test_mutual_nearest_neighbours_are_argmax_both_ways_ties_included(nyala_path
         np.testing.assert_array_equal(got, want)
 
 
+def test_mutual_matches_made_in_blocks_are_those_of_the_whole_matrix(nyala_paths):
+    rgbs = [small(path, 512) for path in nyala_paths[:3]]
+    for extract in (pattern.PatternExtractor("rootsift", 1500, 0.01), pattern.PatternExtractor("xfeat", 512)):
+        a, b, c = (extract(rgb) for rgb in rgbs)
+        for x, y in ((a, b), (b, c), (c, a)):
+            want = coat_features.mutual_nearest(coat_features.similarities(x, y))
+            assert len(want[0]) >= 10
+            for block in (1, len(y), 7 * len(y) + 3, coat_features.BLOCK_FLOATS, 10 ** 9):  # a row to all at once
+                for got, expected in zip(coat_features.mutual_matches(x, y, block), want):
+                    np.testing.assert_array_equal(got, expected)
+    one = coat_features.Pattern(a.kind, a.points[:1], a.codes[:1])  # a single keypoint
+    for got, expected in zip(coat_features.mutual_matches(one, b), coat_features.mutual_nearest(
+            coat_features.similarities(one, b))):
+        np.testing.assert_array_equal(got, expected)
+
+
 def _as_products(a, b) -> np.ndarray:
     """The similarities of two patterns scaled back to their codes' dot products (float64, unrounded)."""
     return coat_features.similarities(a, b).astype(np.float64) * np.outer(a.norms, b.norms)

@@ -101,6 +101,23 @@ def body_models(settings: Settings) -> list[Check]:
     return out
 
 
+def inference_engine(settings: Settings) -> Check:
+    """What runs each configured body model on this machine (`DEER_INFERENCE_ENGINE`, shared/models.py)."""
+    import importlib.util
+
+    from shared.models import get_spec, pick_device, resolve_engine, resolve_precision
+
+    device = pick_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    engines = {name: resolve_engine(settings.inference_engine, get_spec(name, settings.model_cache), device,
+                                    precision) for name in settings.body_models}
+    detail = ", ".join(f"{name} on {engine}" for name, engine in engines.items())
+    detail += f" ({precision}, {device.type}; DEER_INFERENCE_ENGINE={settings.inference_engine})"
+    if "openvino" in engines.values() and importlib.util.find_spec("openvino") is None:
+        return Check("inference engine", "missing", detail + ": OpenVINO is not installed", "scripts/setup.sh")
+    return _ok("inference engine", detail)
+
+
 def xfeat() -> Check:
     import hashlib
 
@@ -232,7 +249,8 @@ def ports_and_stack(settings: Settings) -> list[Check]:
 
 
 def checks(settings: Settings) -> list[Check]:
-    return [python_and_venv(), jemalloc(), postgres_binaries(), broker_binary(), *body_models(settings), xfeat(),
+    return [python_and_venv(), jemalloc(), postgres_binaries(), broker_binary(), *body_models(settings),
+            inference_engine(settings), xfeat(),
             viewpoint_classifier(settings), *keypoint_stack(settings), *test_tools(), disk(settings),
             *ports_and_stack(settings)]
 

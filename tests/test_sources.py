@@ -259,6 +259,15 @@ def test_doctor_passes_here_and_names_what_breaks_the_default_run(tmp_path):
     for item in ("python", "postgresql", "broker", "body model efficientnet_lite0", "xfeat", "disk", "API port"):
         assert found[item].status == "ok", found[item]
     assert found["stack"].status == "optional" and "scripts/run.sh" in found["stack"].fix
+    from shared.models import cpu_has_amx, cpu_has_bf16, pick_device
+
+    if pick_device(settings.device).type == "cpu":
+        engine = "openvino" if cpu_has_amx() else "torch"  # auto: OpenVINO only where it was measured faster
+        precision = "bf16" if cpu_has_bf16() else "fp32"
+        assert found["inference engine"].detail.startswith(f"efficientnet_lite0 on {engine} ({precision}, cpu;")
+    assert found["inference engine"].status == "ok"
+    forced = {c.item: c for c in checks(settings.model_copy(update={"inference_engine": "torch"}))}
+    assert forced["inference engine"].detail.startswith("efficientnet_lite0 on torch")
     # a taken port and a corrupted weights file each stop the default run, each with its fix
     weights = next((tmp_path / "models" / "efficientnet_lite0").iterdir())
     weights.write_bytes(b"not the weights")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import cache, cached_property
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -208,19 +209,24 @@ def inliers(a: Pattern, b: Pattern) -> int:
     return int(verified.sum()) if verified is not None else 0
 
 
-def mutual_nearest(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mutual_nearest(sims: np.ndarray | Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(rows, columns) of the pairs that are each other's most similar in a (n, m) similarity matrix, rows
-    ascending. A row's best column is `argmax`; the column's side needs only its maximum, not its argmax:
-    numpy's argmax across rows walks the matrix column by column, 1.9 of the 3.5 ms a pair at 1,100
-    keypoints on one Zen 4 core, where `max(0)` takes 0.5. Where a column's maximum is shared (an exact tie,
-    rare in float products), the first row that reaches it from its own best column keeps the match."""
-    forward = sims.argmax(1)
-    return _mutual(forward, sims[np.arange(len(forward)), forward], sims.max(0))
-
-
-def _mutual(forward: np.ndarray, best: np.ndarray, column_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`mutual_nearest` from each row's best column and similarity and each column's maximum."""
-    rows = np.nonzero(best >= column_max[forward])[0]
+    ascending; the matrix whole, or as its consecutive blocks of rows (`mutual_matches`), each reduced
+    before the next is read. A row's best column is `argmax`; the column's side needs only its maximum, not
+    its argmax: numpy's argmax across rows walks the matrix column by column, 1.9 of the 3.5 ms a pair at
+    1,100 keypoints on one Zen 4 core, where `max(0)` takes 0.5. Where a column's maximum is shared (an
+    exact tie, rare in float products), the first row that reaches it from its own best column keeps the
+    match."""
+    forward, best, column_max = [], [], None
+    for block in [sims] if isinstance(sims, np.ndarray) else sims:
+        f = block.argmax(1)
+        forward.append(f)
+        best.append(block[np.arange(len(f)), f])
+        column_max = block.max(0) if column_max is None else np.maximum(column_max, block.max(0), out=column_max)
+    if column_max is None:  # no rows
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    forward = np.concatenate(forward)
+    rows = np.nonzero(np.concatenate(best) >= column_max[forward])[0]
     _, first = np.unique(forward[rows], return_index=True)  # one row per column
     rows = np.sort(rows[first])
     return rows, forward[rows]
@@ -236,21 +242,13 @@ BLOCK_FLOATS = 1 << 17
 
 def mutual_matches(a: Pattern, b: Pattern, block_floats: int = BLOCK_FLOATS) -> tuple[np.ndarray, np.ndarray]:
     """`mutual_nearest(similarities(a, b))`, the same pairs bit for bit, without the whole matrix: the
-    similarities are made a block of `a`'s rows at a time and reduced while in cache (each element is the
-    same integer product scaled the same way whatever the block). The whole matrix of two 1,700-keypoint
-    patterns is 11.5 MB, and writing it, scaling it and reading it twice went to memory."""
+    similarities are made a block of `a`'s rows at a time, each reduced while in cache before the next is
+    made (each element is the same integer product scaled the same way whatever the block). The whole
+    matrix of two 1,700-keypoint patterns is 11.5 MB, and writing it, scaling it and reading it twice went
+    to memory."""
     products = _pattern_products()
     step = max(1, block_floats // max(1, len(b)))
-    forward = np.empty(len(a), np.intp)
-    best = np.empty(len(a), np.float32)
-    column_max = np.full(len(b), -np.inf, np.float32)
-    for start in range(0, len(a), step):
-        rows = slice(start, start + step)
-        block = products(a, b, rows)
-        forward[rows] = block.argmax(1)
-        best[rows] = block[np.arange(len(block)), forward[rows]]
-        np.maximum(column_max, block.max(0), out=column_max)
-    return _mutual(forward, best, column_max)
+    return mutual_nearest(products(a, b, slice(start, start + step)) for start in range(0, len(a), step))
 
 
 def pattern_score(count: int) -> float:

@@ -383,6 +383,15 @@ def pick_device(preference: str = "auto"):
     return torch.device("cpu")
 
 
+def load_configured(name: str, settings, *, allow_random: bool | None = None) -> LoadedModel:
+    """`load_model` as `settings` configure it (weights cache, device, precision, engine, fetching): every service,
+    eval and bench load a network through it. `allow_random`: the settings' own unless given."""
+    return load_model(name, settings.model_cache,
+                      allow_random=settings.allow_random_weights if allow_random is None else allow_random,
+                      device=settings.device, precision=settings.precision, fetch=settings.fetch_weights,
+                      engine=settings.inference_engine)
+
+
 def load_model(name: str, cache: Path, *, allow_random: bool = False, device: str = "auto",
                precision: str = "fp32", fetch: bool = False, engine: str = "auto") -> LoadedModel:
     """Build `name` and load its cached weights; random weights only when explicitly allowed."""

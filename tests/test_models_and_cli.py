@@ -21,7 +21,7 @@ from shared.config import Settings
 from shared.embedded import free_port
 from tests.conftest import NYALA
 from shared.images import model_input
-from shared.models import MissingWeights, get_spec, load_model
+from shared.models import MissingWeights, get_spec, load_configured, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,15 @@ def test_missing_weights_refuse_to_load_and_name_the_fix(tmp_path):
         load_model("resnet50", tmp_path)
     message = str(err.value)
     assert "--allow-random-weights" in message and "efficientnet_lite0" in message
+
+
+def test_a_configured_load_follows_the_settings_and_the_callers_word_on_random_weights(tmp_path):
+    settings = Settings(model_cache=tmp_path, allow_random_weights=False, precision="fp32", inference_engine="torch")
+    with pytest.raises(MissingWeights):
+        load_configured("resnet50", settings)
+    loaded = load_configured("resnet50", settings, allow_random=True)
+    assert loaded.random_weights and loaded.precision == "fp32" and loaded.engine == "torch"
+    assert load_configured("resnet50", settings.model_copy(update={"allow_random_weights": True})).random_weights
 
 
 def test_random_weights_only_when_asked_and_then_flagged_and_reproducible(tmp_path, jpeg_bytes):

@@ -110,10 +110,9 @@ def measure_bare(names: list[str], crops: list[bytes], settings: Settings, allow
     """The report's bare figures, and the models' GFLOP per detection unrounded (the achieved GFLOP/s are
     computed from it). The models are let go on return, before the stack's services load their own."""
     from services.body.extractor import BodyExtractor
-    from shared.models import load_model
+    from shared.models import load_configured
 
-    models = [load_model(n, settings.model_cache, allow_random=allow_random, device=settings.device,
-                         precision=settings.precision, engine=settings.inference_engine) for n in names]
+    models = [load_configured(n, settings, allow_random=allow_random) for n in names]
     figures: dict = {"weights_real": not any(m.random_weights for m in models),
                      "precision": {m.spec.name: m.precision for m in models},
                      "engine": {m.spec.name: m.engine for m in models}}

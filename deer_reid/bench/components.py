@@ -62,7 +62,7 @@ def antler_costs(crops: list[bytes], settings: Settings) -> dict:
     from services.antler.fingerprint import Fingerprinter
     from services.antler.seasons import SeasonCalendar
     from shared.images import model_input
-    from shared.models import load_model
+    from shared.models import load_configured
 
     calendar = SeasonCalendar()
     now = datetime.now(timezone.utc)
@@ -71,8 +71,7 @@ def antler_costs(crops: list[bytes], settings: Settings) -> dict:
         started = time.perf_counter()
         measure(crop, "buck", 40, now, calendar)
         times.append(1000 * (time.perf_counter() - started))
-    model = load_model(settings.antler_model, settings.model_cache, allow_random=True, precision=settings.precision,
-                       engine=settings.inference_engine)
+    model = load_configured(settings.antler_model, settings, allow_random=True)
     fingerprinter = Fingerprinter(model)
     regions = [model_input(c, 224)[: round(224 * 0.3)] for c in crops]  # every head-top region, antlers or not
     fingerprinter(regions[:16])  # warm-up

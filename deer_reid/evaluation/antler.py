@@ -24,7 +24,7 @@ from services.antler.extractor import cut_by_frame, measure
 from services.antler.fingerprint import Fingerprinter, project
 from services.antler.seasons import SeasonCalendar
 from shared.config import Settings
-from shared.models import load_model
+from shared.models import load_configured
 
 WHEN = datetime(2025, 10, 1, tzinfo=timezone.utc)  # nyala has no capture times: one season for all
 HORNS_ARE_NOT_ANTLERS = ("Nyala males carry horns, not antlers: horns are never cast and have no tines. These "
@@ -48,8 +48,7 @@ def antler_features(samples: Sequence[Sample], settings: Settings, *, cache: Pat
                     progress: bool = True) -> tuple[list[dict], str]:
     """Per sample: the antler service's outcome (status, flags, geometry), its 64-d fingerprint and the
     full region embedding; and the fingerprint version."""
-    model = load_model(settings.antler_model, settings.model_cache, allow_random=settings.allow_random_weights,
-                       precision=settings.precision, engine=settings.inference_engine)
+    model = load_configured(settings.antler_model, settings)
     fingerprinter = Fingerprinter(model)
     calendar = SeasonCalendar.parse(settings.antler_season_start, settings.antler_season_end,
                                     settings.antler_casting_months)

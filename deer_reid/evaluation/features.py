@@ -17,7 +17,7 @@ from deer_reid.evaluation.dataset import Sample
 from services.body.extractor import BodyExtractor
 from shared.config import Settings
 from shared.images import crop_jpeg, decode_upload
-from shared.models import LoadedModel, load_model
+from shared.models import LoadedModel, load_configured
 
 
 def pipeline_crop(data: bytes, settings: Settings) -> bytes:
@@ -36,8 +36,7 @@ def embed_samples(samples: Sequence[Sample], model_names: Sequence[str], setting
     """{model name: (N, dim) L2-normalised embeddings} for the samples, and the loaded models."""
     cache = cache or settings.model_cache.parent / "features"
     cache.mkdir(parents=True, exist_ok=True)
-    models = [load_model(n, settings.model_cache, allow_random=allow_random, device=settings.device,
-                         precision=settings.precision, engine=settings.inference_engine) for n in model_names]
+    models = [load_configured(n, settings, allow_random=allow_random) for n in model_names]
     shas = [hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples]
     out: dict[str, np.ndarray] = {}
     for model in models:

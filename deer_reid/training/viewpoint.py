@@ -25,7 +25,7 @@ from services.pose.classifier import CARD_FILE, KIND, card_json, features_of, wr
 from services.pose.viewpoint import UNKNOWN, ViewpointHead, choose_threshold, mirrored_inputs, normalise_label
 from shared.config import Settings
 from shared.images import ImageRejected
-from shared.models import REGISTRY, load_model
+from shared.models import REGISTRY, load_configured
 
 REGULARISATION = (0.1, 1.0, 10.0, 100.0)  # logistic C, chosen on validation identities
 
@@ -104,8 +104,7 @@ def train_viewpoint(data_dir: Path, cfg: ViewpointConfig, settings: Settings, *,
         raise DatasetError(f"{data_dir}/metadata.csv needs a viewpoint column with at least two values "
                            f"(found {classes or 'none'})")
     parts = data.split(samples, holdout=cfg.holdout_identities, validation=cfg.validation_identities, seed=cfg.seed)
-    backbone = load_model(cfg.backbone, settings.model_cache, device=settings.device, precision=settings.precision,
-                          engine=settings.inference_engine)
+    backbone = load_configured(cfg.backbone, settings, allow_random=False)
     if backbone.random_weights:
         raise DatasetError(f"backbone {cfg.backbone} has no weights in {settings.model_cache}")
 

@@ -16,7 +16,7 @@ from services.antler.fingerprint import Fingerprinter
 from services.antler.seasons import SeasonCalendar
 from shared.broker import Handled, Output
 from shared.config import Settings
-from shared.models import load_model
+from shared.models import load_configured
 from shared.observability import STAGE_SECONDS
 from shared.schemas import DetectionEvent, Features
 from shared.service import CropExtractorHandler
@@ -62,9 +62,7 @@ def antler_features(event: DetectionEvent, result: AntlerFeatures) -> Features:
 
 
 async def make_handler(settings: Settings) -> AntlerHandler:
-    model = load_model(settings.antler_model, settings.model_cache, allow_random=settings.allow_random_weights,
-                       device=settings.device, precision=settings.precision, engine=settings.inference_engine,
-                       fetch=settings.fetch_weights)
+    model = load_configured(settings.antler_model, settings)
     calendar = SeasonCalendar.parse(settings.antler_season_start, settings.antler_season_end,
                                     settings.antler_casting_months)
     return AntlerHandler(Fingerprinter(model), calendar, settings.antler_workers or len(os.sched_getaffinity(0)))

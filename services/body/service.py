@@ -12,7 +12,7 @@ from typing import Sequence
 from services.body.extractor import BodyExtractor
 from shared.broker import Handled, Output
 from shared.config import Settings
-from shared.models import load_model
+from shared.models import load_configured
 from shared.observability import EVENTS, STAGE_SECONDS
 from shared.pipeline import body_models_for
 from shared.schemas import DetectionEvent, Embedding, Features, PipelineConfig
@@ -99,10 +99,7 @@ async def make_handler(settings: Settings) -> BodyHandler:
     import torch
 
     torch.set_num_threads(settings.torch_threads or len(os.sched_getaffinity(0)))
-    models = [load_model(name, settings.model_cache, allow_random=settings.allow_random_weights,
-                         device=settings.device, precision=settings.precision, engine=settings.inference_engine,
-                         fetch=settings.fetch_weights)
-              for name in settings.body_models]
+    models = [load_configured(name, settings) for name in settings.body_models]
     handler = BodyHandler(BodyExtractor(models, batch=settings.batch_max), [settings.body_model], settings.ensemble,
                           settings.body_cache_entries)
     # Set the thread count in the inference thread itself: OpenMP settings are per thread.

@@ -131,6 +131,61 @@ def pack(p: Pattern) -> bytes:
     return _HEADER.pack(p.kind.encode(), len(p), p.codes.shape[1] if len(p) else 0) + points.tobytes() + p.codes.tobytes()
 
 
+def as_pattern(stored: bytes | Pattern) -> Pattern:
+    """A pattern as stored (packed bytes) or already unpacked (fusion's `PatternCache`)."""
+    return stored if isinstance(stored, Pattern) else unpack(stored)
+
+
+class PatternCache:
+    """Unpacked patterns kept between detections, least recently used first out, within `budget_bytes`.
+
+    Why: fusion matches each detection against its shortlist's stored patterns, and the same gallery photos
+    (the individuals' exemplars) come back detection after detection. Read again, each was fetched from
+    PostgreSQL (a 1,700-keypoint RootSIFT pattern is 220 kB), unpacked, and its norms, unsigned codes and
+    columns made again before the first product. A stored pattern never changes (one row per detection and
+    matcher, written once), so the key is (detection, matcher) and the version is kept to check it.
+    Counted per entry: its codes, and the unsigned codes and columns that matching makes of them (each the
+    codes' size), and its points."""
+
+    def __init__(self, budget_bytes: int):
+        from collections import OrderedDict
+
+        self.budget = budget_bytes
+        self.used = 0
+        self._entries: OrderedDict = OrderedDict()  # key -> (version, pattern, bytes counted)
+
+    @staticmethod
+    def size_of(p: Pattern) -> int:
+        return 3 * p.codes.nbytes + p.points.nbytes + 64
+
+    def put(self, key, version: str, pattern: Pattern) -> Pattern:
+        size = self.size_of(pattern)
+        if size > self.budget:
+            return pattern
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.used -= old[2]
+        while self._entries and self.used + size > self.budget:
+            _, (_, _, freed) = self._entries.popitem(last=False)
+            self.used -= freed
+        self._entries[key] = (version, pattern, size)
+        self.used += size
+        return pattern
+
+    def holding(self, keys) -> dict:
+        """{key: (version, pattern)} of those of `keys` it holds, each now the most recently used: references the
+        caller keeps while it reads the rest, whatever is evicted meanwhile."""
+        held = {}
+        for k in keys:
+            if k in self._entries:
+                self._entries.move_to_end(k)
+                held[k] = self._entries[k][:2]
+        return held
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def unpack(raw: bytes) -> Pattern:
     if len(raw) < _HEADER.size:
         raise PatternError("pattern shorter than its header")

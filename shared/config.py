@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     # K = 10 / 20 / 30 / 40 (at ~1,100 keypoints it was 0.862 / 0.972 / 0.993 at 10 / 20 / 30, and 30 was the
     # setting): 40, for two thirds of RootSIFT's matching (`eval --coat` reports the agreement held out)
     coat_cascade_shortlist: int = Field(40, ge=0, le=1000)
+    # unpacked gallery patterns fusion keeps between detections (`shared.coat.PatternCache`), in MiB (0: none):
+    # at 256 about 380 RootSIFT patterns of 1,700 keypoints, or 1,300 XFeat ones of 1,024 (a pattern costs
+    # about three times its stored size once matched)
+    fusion_pattern_cache_mb: int = Field(256, ge=0, le=65536)
 
     # antler service and its matching in fusion
     antler_model: str = "efficientnet_lite0"  # the network whose region embedding the fingerprint projects

@@ -244,6 +244,30 @@ def test_patterns_match_on_their_stored_codes_with_exact_integer_products(nyala_
                                                                 [-127 * 127 * 128, 127 * 127 * 128]], atol=0.5)
 
 
+def test_the_pattern_cache_keeps_the_most_recently_used_within_its_budget():
+    def made(n: int) -> coat_features.Pattern:
+        return coat_features.Pattern("rsf1", np.zeros((n, 2), np.float32), np.ones((n, 128), np.int8))
+
+    size = coat_features.PatternCache.size_of(made(100))
+    cache = coat_features.PatternCache(3 * size)
+    for k in "abc":
+        cache.put(k, "v1", made(100))
+    assert cache.used == 3 * size and sorted(cache.holding("abc")) == ["a", "b", "c"]
+    cache.holding(["a"])  # used: "b" is now the least recently used
+    cache.put("d", "v1", made(100))
+    assert sorted(cache.holding("abcd")) == ["a", "c", "d"] and cache.used == 3 * size
+    version, held = cache.holding(["a"])["a"]
+    assert version == "v1" and len(held) == 100
+    cache.put("a", "v2", made(50))  # a key put again replaces its entry, counted once
+    assert cache.holding(["a"])["a"][0] == "v2" and cache.used == 2 * size + cache.size_of(made(50))
+    huge = made(400)  # larger than the whole budget: returned, never held, nothing evicted for it
+    assert cache.put("e", "v1", huge) is huge and "e" not in cache.holding(["e"]) and len(cache) == 3
+    assert len(coat_features.PatternCache(0).put("f", "v1", made(10))) == 10
+    # a cached pattern and its packed bytes are matched alike
+    assert coat_features.as_pattern(huge) is huge
+    np.testing.assert_array_equal(coat_features.as_pattern(coat_features.pack(huge)).codes, huge.codes)
+
+
 def test_rootsift_is_the_measured_alternative(nyala_paths):
     p = pattern.PatternExtractor("rootsift", 128)(small(nyala_paths[0], 384))
     assert p.kind == "rsf1" and 20 <= len(p) <= 128 and p.descriptors.shape[1] == 128

@@ -17,6 +17,8 @@ from aiokafka import AIOKafkaConsumer
 from PIL import Image
 
 from deer_reid.ingest import wait_terminal
+from services.fusion import store
+from shared import coat as coat_features
 from shared.broker import producer_for
 from shared.schemas import DeadLetter, Embedding, Features
 from shared.topics import FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, POSE_REQUESTS, \
@@ -463,6 +465,21 @@ async def test_coat_features_join_and_score_candidates_and_bad_crops_only_lose_c
                                uuid.UUID(a))
     assert "patterns" not in stored["attributes"] and stored["attributes"]["marks"] is not None
     await assert_exactly_once(db, [a, b, g, t], "coat")
+
+    # fusion's pattern cache: a pattern read once is held, and read again only its cached copy is used
+    ids = [uuid.UUID(x) for x in (a, b, g, t)]
+    plain = await store.coat_of(db, ids)
+    cache = coat_features.PatternCache(64 << 20)
+    first, again = await store.coat_of(db, ids, cache), await store.coat_of(db, ids, cache)
+    assert len(cache) == 6 and first.keys() == again.keys() == plain.keys()
+    for d, stored in plain.items():
+        assert first[d]["features"] == stored["features"] and first[d]["status"] == stored["status"]
+        for matcher, (version, raw) in stored["patterns"].items():
+            assert isinstance(raw, bytes) and first[d]["patterns"][matcher][0] == version
+            assert again[d]["patterns"][matcher][1] is first[d]["patterns"][matcher][1]  # not read or unpacked again
+            np.testing.assert_array_equal(again[d]["patterns"][matcher][1].codes, coat_features.unpack(raw).codes)
+    tight = coat_features.PatternCache(1)  # holds nothing: every pattern read and unpacked each time
+    assert (await store.coat_of(db, ids, tight)).keys() == plain.keys() and len(tight) == 0
 
 
 async def merged_while_fusion_waits(stack, db, prop: str, keep: int, absorb: int, upload_then) -> list[str]:

@@ -22,6 +22,7 @@ from shared.components import best_over_queries, body_component, component, comp
 from shared.components import antler as antler_rules
 from shared.components.coat import COAT, coat_view
 from shared.components.pose import POSE, Seen
+from shared.coat import PatternCache
 from shared.config import Settings
 from shared.observability import STAGE_SECONDS
 from shared.schemas import Embedding, PipelineConfig, sex_of
@@ -55,6 +56,7 @@ class GallerySearch:
     def __init__(self, settings: Settings, service: str):
         self.settings = settings
         self.service = service  # the stage timings' label
+        self.patterns = PatternCache(settings.fusion_pattern_cache_mb << 20)  # the gallery's, between detections
 
     async def search(self, conn: asyncpg.Connection, det: asyncpg.Record) -> Scored:
         """The gallery search for a due detection (its row as the join locked it), before the property lock.
@@ -152,7 +154,7 @@ class GallerySearch:
                                                     self.settings.coat_shortlist)
         photos = await store.exemplar_photos(conn, [exemplar for _, _, exemplar in nearest])
         shortlist = [(ind, photos[exemplar]) for ind, _, exemplar in nearest if exemplar in photos]
-        stored = await store.coat_of(conn, [det["id"], *(d for _, d in shortlist)])
+        stored = await store.coat_of(conn, [det["id"], *(d for _, d in shortlist)], self.patterns)
         query = stored[det["id"]]
         flags = query["features"].get("flags", [])
         version = query["features"].get("attributes", {}).get("version")

@@ -12,7 +12,9 @@ import numpy as np
 
 from services.fusion.decision import ASSIGNED, COMPATIBLE_SEXES, NEW, Decision
 from services.fusion.temporal import Sighting
+from shared import coat as coat_features
 from shared import exemplars as exemplar_choice
+from shared.components.coat import PATTERN_OF
 from shared.components.pose import Seen
 from shared.identity import lock_property, rechoose_exemplars
 from shared.schemas import Embedding
@@ -335,18 +337,34 @@ async def store_coat_patterns(conn: asyncpg.Connection, detection_id: UUID,
         [(detection_id, matcher, *p) for matcher, p in patterns.items()])
 
 
-async def coat_of(conn: asyncpg.Connection, detection_ids: list[UUID]) -> dict[UUID, dict]:
-    """{detection: its stored coat features, status and patterns ({matcher: (version, bytes)})} for those
-    whose coat features arrived."""
+async def coat_of(conn: asyncpg.Connection, detection_ids: list[UUID],
+                  cache: coat_features.PatternCache | None = None) -> dict[UUID, dict]:
+    """{detection: its stored coat features, status and patterns ({matcher: (version, bytes or `Pattern`)})} for
+    those whose coat features arrived. With a `cache`, the patterns it holds are not read again: their bytes
+    stay in the database and the cached `Pattern` stands in; those read are unpacked into it."""
+    held = cache.holding((d, m) for d in detection_ids for m in PATTERN_OF) if cache is not None else {}
+    known = [(d, m, v) for (d, m), (v, _) in held.items()]
     rows = await conn.fetch(
-        """SELECT f.detection_id, f.status, f.features, p.matcher, p.version AS pattern_version, p.pattern
+        """SELECT f.detection_id, f.status, f.features, p.matcher, p.version AS pattern_version,
+                  CASE WHEN (p.detection_id, p.matcher, p.version) IN
+                            (SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[])) THEN NULL
+                       ELSE p.pattern END AS pattern
            FROM detection_features f LEFT JOIN coat_patterns p ON p.detection_id = f.detection_id
-           WHERE f.detection_id = ANY($1::uuid[]) AND f.component = 'coat'""", detection_ids)
+           WHERE f.detection_id = ANY($1::uuid[]) AND f.component = 'coat'""",
+        detection_ids, [d for d, _, _ in known], [m for _, m, _ in known], [v for *_, v in known])
     out: dict[UUID, dict] = {}
     for r in rows:
         stored = out.setdefault(r["detection_id"], {"status": r["status"], "features": r["features"], "patterns": {}})
-        if r["matcher"] is not None:
-            stored["patterns"][r["matcher"]] = (r["pattern_version"], r["pattern"])
+        if r["matcher"] is None:
+            continue
+        key, version = (r["detection_id"], r["matcher"]), r["pattern_version"]
+        if r["pattern"] is None:
+            pattern = held[key][1]
+        elif cache is not None:
+            pattern = cache.put(key, version, coat_features.unpack(bytes(r["pattern"])))
+        else:
+            pattern = r["pattern"]
+        stored["patterns"][r["matcher"]] = (version, pattern)
     return out
 
 

@@ -1,7 +1,7 @@
 """Coat components: a detection's coat against a gallery photo's, one component per kind of evidence.
 
 An item is a coat view (`coat_view`): `colour` (version, vector), `markings` (vector), `facing`, and
-`patterns` ({matcher: (version, packed keypoints)}), each None where the photo lacks it.
+`patterns` ({matcher: (version, packed keypoints or the `Pattern` they unpack to)}), each None where the photo lacks it.
 - `coat:colour`: per-region histogram intersection (`shared.coat`); day colour and infrared
   grey levels are different versions and never meet.
 - `coat:markings`: cosine of the two marking maps; only for animals facing the same way (a map is
@@ -91,10 +91,10 @@ class PatternSimilarity(Component):
             return None if pattern is None or pattern[1] is None else pattern[0]  # other extractors never meet
 
         def block(q, g):
-            theirs = [coat_features.unpack(v["patterns"][self.matcher][1]) for v in g]
+            theirs = [coat_features.as_pattern(v["patterns"][self.matcher][1]) for v in g]
             out = np.full((len(q), len(g)), np.nan)
             for i, view in enumerate(q):
-                mine = coat_features.unpack(view["patterns"][self.matcher][1])
+                mine = coat_features.as_pattern(view["patterns"][self.matcher][1])
                 for j, other in enumerate(theirs):
                     if mine.kind == other.kind:  # each pattern unpacked once, every pair verified
                         out[i, j] = coat_features.pattern_score(coat_features.inliers(mine, other))

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from deer_reid.evaluation.census_offline import graph_edges, simulate
+from deer_reid.evaluation.census_offline import graph_ceiling, graph_edges, simulate
 from shared.census.refit import RefitRule
 from tests.conftest import labelled_subset
 
@@ -44,6 +44,17 @@ def test_graph_edges_join_each_photo_to_its_closest_earlier_ones_and_nearest_ove
     assert graph_edges(sim, 0, 1, fused=fused, candidates_k=1)[0] == [(0, 1), (1, 2), (1, 3)]
 
 
+def test_the_graphs_ceiling_joins_only_what_its_edges_reach():
+    # animals a (photos 0, 1, 2; 0 and 1 one sighting) and b (3, 4); the graph reaches 2 from 1 and joins 3 to a
+    identities, sightings = ["a", "a", "a", "b", "b"], ["a/1", "a/1", "a/2", "b/1", "b/2"]
+    ceiling = graph_ceiling([(1, 2), (2, 3)], identities, sightings)
+    assert ceiling["predicted_individuals"] == 3 and ceiling["same_answers"] == 1  # b's two sightings never meet
+    assert ceiling["bcubed_precision"] == 1.0 and ceiling["bcubed_recall"] < 1.0
+    assert (ceiling["edges"], ceiling["edges_one_animal"]) == (2, 1)
+    whole = graph_ceiling([(1, 2), (3, 4), (0, 4)], identities, sightings)
+    assert whole["bcubed_f1"] == 1.0 and whole["same_answers"] == 2 and whole["predicted_individuals"] == 2
+
+
 def test_with_weak_evidence_the_answers_build_the_census_and_with_strong_evidence_the_machine_does():
     sim, identities, keys = planted(animals=5, sightings=3, photos=2)
     curve, tally = simulate({BODY: sim}, model(0.3), BODY, identities, keys, budget=300, reviewer_error=0.0,
@@ -76,8 +87,12 @@ def test_eval_census_offline_on_real_photos(tmp_path, nyala_rows, nyala_paths, c
     answers = [p["answers"] for p in result["curve"]]
     assert answers[0] == 0 and answers == sorted(answers) and answers[-1] <= 40
     assert {"answers_to_f1_90", "answers_to_f1_95", "tally"} <= set(result)
+    ceiling = result["graph_ceiling"]  # what the answers could reach on that graph at best
+    assert ceiling["bcubed_f1"] >= max(p["bcubed_f1"] for p in result["curve"]) - 0.05  # a wrong answer may join more
+    assert ceiling["bcubed_precision"] == 1.0 and ceiling["same_answers"] <= result["sightings"] - 1
     assert (tmp_path / "report" / "census.png").stat().st_size > 1000
     assert "Census with people in the loop" in (tmp_path / "report" / "report.md").read_text()
+    assert "the graph's ceiling" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_eval_census_offline_with_the_coat_fits_and_carries_its_components(tmp_path, nyala_rows, nyala_paths):

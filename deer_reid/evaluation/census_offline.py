@@ -39,7 +39,7 @@ from deer_reid.evaluation.dataset import load_dataset
 from deer_reid.evaluation.features import embed_samples
 from deer_reid.evaluation.report import plot_census, write_report
 from shared.calibrated import FusionModel, logit
-from shared.census.graph import cluster, units_of
+from shared.census.graph import UnionFind, cluster, units_of
 from shared.census.hubness import LocalScale
 from shared.census.hubness import neighbours as nearest_by_body
 from shared.census.plan import NewIndividual, plan, questions, sides
@@ -68,6 +68,26 @@ def graph_edges(body: np.ndarray, neighbours: int, fusion_candidates: int, hubne
     return sorted(pairs | set(nearest)), r
 
 
+def graph_ceiling(pairs: Sequence[tuple[int, int]], identities: Sequence[str], sightings: Sequence[str]) -> dict:
+    """The best census the graph allows: each of its pairs that is one animal answered `same` and nothing else
+    joined (a sighting's frames one unit from the start). Its B-cubed scores, and the `same` answers it takes
+    (one per join of two groups). Far under a target, the graph's edges limit the census and a denser graph
+    is the remedy; near or above it, the questions and the evidence that orders them do."""
+    n = len(identities)
+    groups = UnionFind(n)
+    first: dict[str, int] = {}
+    for i, s in enumerate(sightings):
+        groups.union(i, first.setdefault(s, i))
+    for i, j in pairs:
+        if identities[i] == identities[j]:
+            groups.union(i, j)
+    ids = [str(i) for i in range(n)]
+    best = point(0, {ids[i]: groups.find(i) for i in range(n)}, dict(zip(ids, identities)))
+    return {k: best[k] for k in ("bcubed_f1", "bcubed_precision", "bcubed_recall", "predicted_individuals")} | \
+        {"same_answers": len(first) - best["predicted_individuals"], "edges": len(pairs),
+         "edges_one_animal": sum(identities[i] == identities[j] for i, j in pairs)}
+
+
 def symmetric(per_component: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each component's score of a pair either way round, the higher where both exist (a shortlisted
     component may have scored a pair one way only; NaN: no score)."""
@@ -91,7 +111,7 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
              refit: RefitRule | None = None) -> tuple[list[dict], dict]:
     """The census of the nodes (the matrices' rows, in upload order) with the labels answering its questions:
     the curve (a point after every re-solve) and the tallies (`online`: the sightings as individuals, before
-    any re-solve). `fusion`: the calibration's fusion section; `body`: the component neighbours are drawn by;
+    any re-solve; `graph_ceiling`: the best its graph allows). `fusion`: the calibration's fusion section; `body`: the component neighbours are drawn by;
     `kept`: questions a run leaves open; `refit`: the rule to refit the calibration from
     the answers as the census job does (None: never)."""
     model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
@@ -113,7 +133,8 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
     answers: list[dict] = []
     rng = np.random.default_rng(seed)
     tally = {"answers": 0, "same": 0, "wrong_answers": 0, "runs": 0, "kinds": {}, "refits": [],
-             "online": point(0, dict(zip(ids, labels)), truth)}
+             "online": point(0, dict(zip(ids, labels)), truth),
+             "graph_ceiling": graph_ceiling(pairs, identities, sightings)}
     refitted_at = 0  # answered pairs at the last refit tried
 
     def resolve() -> list:
@@ -215,7 +236,8 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
         "calibration_fitted_on": {"identities": len(fitted), "pairs": fusion["pairs"],
                                   "weights": fusion["weights"]},
         "sightings": len({enc[i] for i in order}), "budget": budget, "reviewer_error": reviewer_error,
-        "recluster_every": recluster_every, "refit_rule": refit and asdict(refit), "online": tally.pop("online"), "curve": curve,
+        "recluster_every": recluster_every, "refit_rule": refit and asdict(refit), "online": tally.pop("online"),
+        "graph_ceiling": tally.pop("graph_ceiling"), "curve": curve,
         "tally": tally,
         "reclustered_before_answers": curve[0], "answers_to_f1_90": answers_to(curve, 0.90),
         "answers_to_f1_95": answers_to(curve, 0.95), "baseline": None,

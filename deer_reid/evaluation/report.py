@@ -230,6 +230,12 @@ def _census_lines(result: dict) -> list[str]:
              f"{result['budget']}.",
              "", f"- answers to F1 0.90: {reached(result['answers_to_f1_90'])}; to F1 0.95: "
              f"{reached(result['answers_to_f1_95'])} ({reached(result['answers_per_sighting_to_f1_95'])} per sighting)"]
+    if result.get("graph_ceiling"):
+        c = result["graph_ceiling"]
+        lines.append(f"- the graph's ceiling (every pair of it that is one animal answered `same`): F1 "
+                     f"{c['bcubed_f1']:.3f}, recall {c['bcubed_recall']:.3f}, {c['predicted_individuals']} individuals, "
+                     f"after {c['same_answers']} `same` answers; {c['edges_one_animal']} of its {c['edges']} edges "
+                     "join one animal")
     if result.get("baseline"):
         b = result["baseline"]
         lines.append("- today's way (review queue, oldest first, top 3): to F1 0.90: "

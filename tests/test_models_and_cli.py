@@ -377,6 +377,13 @@ def test_bench_all_features_measures_fast_enhanced_and_ensemble_in_one_run(cli_e
     for name in ("enhanced", "ensemble"):  # the enhancements ran: coat and antler (the detections are bucks)
         assert {"coat/extract", "antler/geometry"} <= set(result[name]["stages"]), result[name]["stages"]
     assert "coat/extract" not in result["fast"]["stages"]
+    for name in ("enhanced", "ensemble"):  # fusion's coat work, per gallery photo it matched (comparable across runs)
+        c = result[name]
+        assert c["coat_photos_matched_per_det"] > 0, c
+        assert c["fusion_cpu_ms_per_photo_matched"] == pytest.approx(
+            c["cpu_ms_per_det"]["fusion"] / c["coat_photos_matched_per_det"], rel=0.01)
+    assert "coat_photos_matched_per_det" not in result["fast"]
+    assert "| CPU fusion per photo matched (ms) |" in done.stderr
     assert result["enhanced_over_fast"] == pytest.approx(
         result["enhanced"]["e2e_det_per_s"] / result["fast"]["e2e_det_per_s"], abs=0.002)
     assert result["ensemble_over_bare"] == result["ensemble"]["ratio"]

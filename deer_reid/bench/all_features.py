@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from deer_reid.bench.bare import bench_crops, cpu_model, measure_bare
-from deer_reid.bench.end_to_end import fresh_stack, pose_requested_share
+from deer_reid.bench.end_to_end import coat_photos_matched, fresh_stack, pose_requested_share
 from deer_reid.bench.peer import peer_throughput
 from deer_reid.bench.report import MODES
 from deer_reid.bench.stages import measured_burst
@@ -72,6 +72,7 @@ def run_all_features_bench(detections: int, settings: Settings, body_model: str 
                 progress(f"the system we replace on the same {detections} crops ...")
                 result["peer"] = asyncio.run(peer_throughput(crops, stack.dsn))
             pose_requested = asyncio.run(pose_requested_share(stack.dsn)) if config.mode == "enhanced" else None
+            photos_matched = asyncio.run(coat_photos_matched(stack.dsn)) if config.coat else None
         finally:
             stack.stop()
         # a run makes three stacks: each one's home goes once it is measured (a failed one keeps its logs)
@@ -86,6 +87,11 @@ def run_all_features_bench(detections: int, settings: Settings, body_model: str 
         }
         if pose_requested is not None:
             result[name]["pose_requested"] = pose_requested
+        if photos_matched is not None:
+            fusion_ms = result[name]["cpu_ms_per_det"].get("fusion")
+            result[name]["coat_photos_matched_per_det"] = photos_matched
+            result[name]["fusion_cpu_ms_per_photo_matched"] = \
+                round(fusion_ms / photos_matched, 3) if fusion_ms and photos_matched else None
     result["enhanced_over_fast"] = round(result["enhanced"]["e2e_det_per_s"] / result["fast"]["e2e_det_per_s"], 3)
     result["ensemble_over_bare"] = result["ensemble"]["ratio"]
     result["ratio_to_peer"] = round(result["fast"]["e2e_det_per_s"] / result["peer"]["det_per_s"], 2)
@@ -119,6 +125,9 @@ def all_features_table(result: dict) -> str:
               row("bare body (det/s)", [c["bare_det_per_s"] for c in columns]),
               row("end to end / bare", [c["ratio"] for c in columns], decimals=3),
               row("degraded (detections)", [c["degraded"] for c in columns], decimals=0),
+              row("coat: gallery photos matched a detection", [c.get("coat_photos_matched_per_det") for c in columns]),
+              row("CPU fusion per photo matched (ms)", [c.get("fusion_cpu_ms_per_photo_matched") for c in columns],
+                  decimals=2),
               "",
               f"enhanced / fast {result['enhanced_over_fast']:g}, ensemble / bare ensemble "
               f"{result['ensemble_over_bare']:g}, fast / peer {result['ratio_to_peer']:g} "

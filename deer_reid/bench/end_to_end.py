@@ -200,6 +200,21 @@ async def coat_stored_bytes(dsn: str) -> dict:
     return {k: (round(float(v), 1) if v is not None else None) for k, v in row.items()}
 
 
+async def coat_photos_matched(dsn: str) -> float:
+    """Gallery photos fusion compared each burst detection's coat with, on average (its result's
+    `coat.exemplars_matched`). Fusion's coat work grows with it, and it depends on the gallery the burst built,
+    which differs from run to run with the order the services finish in: per photo matched, two runs' fusion
+    CPU can be compared where per detection it cannot."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        value = await conn.fetchval(
+            """SELECT avg(coalesce((result->'coat'->>'exemplars_matched')::float8, 0))
+               FROM detections WHERE site = $1""", BURST_SITE)
+    finally:
+        await conn.close()
+    return round(float(value or 0.0), 2)
+
+
 async def pose_requested_share(dsn: str) -> dict:
     """How many detections of the burst and the paced run asked for pose (the selective rule), and why not."""
     conn = await asyncpg.connect(dsn)

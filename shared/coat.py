@@ -13,6 +13,7 @@ components and the evaluation compare them, and the antler service uses the same
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Iterable
@@ -148,11 +149,9 @@ class PatternCache:
     codes' size), and its points."""
 
     def __init__(self, budget_bytes: int):
-        from collections import OrderedDict
-
         self.budget = budget_bytes
         self.used = 0
-        self._entries: OrderedDict = OrderedDict()  # key -> (version, pattern, bytes counted)
+        self._entries: OrderedDict = OrderedDict()  # key -> (version, pattern, bytes counted), oldest use first
 
     @staticmethod
     def size_of(p: Pattern) -> int:

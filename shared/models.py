@@ -15,9 +15,12 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shared.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +386,7 @@ def pick_device(preference: str = "auto"):
     return torch.device("cpu")
 
 
-def load_configured(name: str, settings, *, allow_random: bool | None = None) -> LoadedModel:
+def load_configured(name: str, settings: Settings, *, allow_random: bool | None = None) -> LoadedModel:
     """`load_model` as `settings` configure it (weights cache, device, precision, engine, fetching): every service,
     eval and bench load a network through it. `allow_random`: the settings' own unless given."""
     return load_model(name, settings.model_cache,

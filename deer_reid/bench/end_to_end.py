@@ -7,6 +7,7 @@ import hashlib
 import time
 import uuid
 from collections import Counter
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
 import asyncpg
@@ -18,6 +19,21 @@ from shared.schemas import PipelineConfig
 # the sites of the timed runs: the pose share is read back by them
 BURST_SITE = "bench-burst"
 PACED_SITE = "bench-paced"
+
+
+@asynccontextmanager
+async def _connected(dsn: str, *, codecs: bool = False):
+    """A connection to the measured stack's database, closed on leaving; with the stack's own jsonb codecs when
+    `codecs`."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if codecs:
+            from shared.db import _init_connection
+
+            await _init_connection(conn)
+        yield conn
+    finally:
+        await conn.close()
 
 
 def one_mode_config(mode: str) -> PipelineConfig:
@@ -47,29 +63,22 @@ def fresh_stack(settings: Settings, names: list[str], mode: str, allow_random: b
 
 async def _insert_detections(dsn: str, crops: list[bytes], site: str, pipeline: dict,
                              expected: list[str]) -> list[tuple[uuid.UUID, bytes]]:
-    from shared.db import _init_connection
-
-    conn = await asyncpg.connect(dsn)
-    await _init_connection(conn)
     rows = []
     now = datetime.now(timezone.utc)
-    try:
-        async with conn.transaction():
-            for n, crop in enumerate(crops):
-                sha = hashlib.sha256(crop + site.encode() + str(n).encode()).hexdigest()
-                det = uuid.uuid4()
-                await conn.execute(
-                    """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
-                                           captured_at, time_source) VALUES ($1,$2,480,360,'JPEG',$3,$4,'bench',$5,'bench')""",
-                    sha, len(crop), f"bench-{n}.jpg", site, now)
-                await conn.execute(
-                    """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, state,
-                                               property, pipeline, expected)
-                       VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting','default',$6,$7)""",
-                    det, sha, site, now, crop, pipeline, expected)
-                rows.append((det, sha))
-    finally:
-        await conn.close()
+    async with _connected(dsn, codecs=True) as conn, conn.transaction():
+        for n, crop in enumerate(crops):
+            sha = hashlib.sha256(crop + site.encode() + str(n).encode()).hexdigest()
+            det = uuid.uuid4()
+            await conn.execute(
+                """INSERT INTO images (sha256, byte_size, width, height, format, original_name, site, camera,
+                                       captured_at, time_source) VALUES ($1,$2,480,360,'JPEG',$3,$4,'bench',$5,'bench')""",
+                sha, len(crop), f"bench-{n}.jpg", site, now)
+            await conn.execute(
+                """INSERT INTO detections (id, image_sha256, ordinal, box, cls, site, camera, captured_at, crop, state,
+                                           property, pipeline, expected)
+                   VALUES ($1,$2,0,'{0,0,480,360}','doe',$3,'bench',$4,$5,'extracting','default',$6,$7)""",
+                det, sha, site, now, crop, pipeline, expected)
+            rows.append((det, sha))
     return rows
 
 
@@ -77,11 +86,8 @@ async def _record_landing(dsn: str, landed: list) -> None:
     """Where the bench's events landed, recorded as the relay records it (the bench publishes without it)."""
     from services.reconciler.relay import record_landing
 
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with _connected(dsn) as conn:
         await record_landing(conn, [(det, meta.partition, meta.offset) for det, meta in landed])
-    finally:
-        await conn.close()
 
 
 async def _round_trip(stack, rows: list, crops: list[bytes], site: str, *, cls: str, config, expected: list[str],
@@ -189,14 +195,11 @@ async def run_pose_requests(stack, crops: list[bytes], site: str) -> dict:
 
 async def coat_stored_bytes(dsn: str) -> dict:
     """Mean stored bytes per detection of the coat: the packed pattern, and the join row's jsonb."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with _connected(dsn) as conn:
         row = await conn.fetchrow(
             """SELECT (SELECT sum(octet_length(pattern)) FROM coat_patterns) / count(*) AS pattern,
                       avg(pg_column_size(f.features)) AS features, count(*) AS detections
                FROM detection_features f WHERE f.component = 'coat'""")
-    finally:
-        await conn.close()
     return {k: (round(float(v), 1) if v is not None else None) for k, v in row.items()}
 
 
@@ -205,26 +208,20 @@ async def coat_photos_matched(dsn: str) -> float:
     `coat.exemplars_matched`). Fusion's coat work grows with it, and it depends on the gallery the burst built,
     which differs from run to run with the order the services finish in: per photo matched, two runs' fusion
     CPU can be compared where per detection it cannot."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with _connected(dsn) as conn:
         value = await conn.fetchval(
             """SELECT avg(coalesce((result->'coat'->>'exemplars_matched')::float8, 0))
                FROM detections WHERE site = $1""", BURST_SITE)
-    finally:
-        await conn.close()
     return round(float(value or 0.0), 2)
 
 
 async def pose_requested_share(dsn: str) -> dict:
     """How many detections of the burst and the paced run asked for pose (the selective rule), and why not."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with _connected(dsn) as conn:
         rows = await conn.fetch(
             """SELECT site, coalesce(result->'pose'->>'ran', 'null') AS ran, count(*) AS n,
                       min(result->'pose'->>'why') AS why
                FROM detections WHERE site IN ($1, $2) GROUP BY 1, 2""", BURST_SITE, PACED_SITE)
-    finally:
-        await conn.close()
     out: dict = {}
     for r in rows:
         site = out.setdefault(r["site"], {"detections": 0, "pose_ran": 0})

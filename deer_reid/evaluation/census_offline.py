@@ -78,14 +78,14 @@ def graph_ceiling(pairs: Sequence[tuple[int, int]], identities: Sequence[str], s
     first: dict[str, int] = {}
     for i, s in enumerate(sightings):
         groups.union(i, first.setdefault(s, i))
-    for i, j in pairs:
-        if identities[i] == identities[j]:
-            groups.union(i, j)
+    one_animal = [(i, j) for i, j in pairs if identities[i] == identities[j]]
+    for i, j in one_animal:
+        groups.union(i, j)
     ids = [str(i) for i in range(n)]
     best = point(0, {ids[i]: groups.find(i) for i in range(n)}, dict(zip(ids, identities)))
     return {k: best[k] for k in ("bcubed_f1", "bcubed_precision", "bcubed_recall", "predicted_individuals")} | \
         {"same_answers": len(first) - best["predicted_individuals"], "edges": len(pairs),
-         "edges_one_animal": sum(identities[i] == identities[j] for i, j in pairs)}
+         "edges_one_animal": len(one_animal)}
 
 
 def symmetric(per_component: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,8 +111,8 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
              refit: RefitRule | None = None) -> tuple[list[dict], dict]:
     """The census of the nodes (the matrices' rows, in upload order) with the labels answering its questions:
     the curve (a point after every re-solve) and the tallies (`online`: the sightings as individuals, before
-    any re-solve; `graph_ceiling`: the best its graph allows). `fusion`: the calibration's fusion section; `body`: the component neighbours are drawn by;
-    `kept`: questions a run leaves open; `refit`: the rule to refit the calibration from
+    any re-solve; `graph_ceiling`: the best its graph allows). `fusion`: the calibration's fusion section;
+    `body`: the component neighbours are drawn by; `kept`: questions a run leaves open; `refit`: the rule to refit the calibration from
     the answers as the census job does (None: never)."""
     model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
     n = len(identities)

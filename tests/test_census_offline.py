@@ -90,9 +90,17 @@ def test_eval_census_offline_on_real_photos(tmp_path, nyala_rows, nyala_paths, c
     ceiling = result["graph_ceiling"]  # what the answers could reach on that graph at best
     assert ceiling["bcubed_f1"] >= max(p["bcubed_f1"] for p in result["curve"]) - 0.05  # a wrong answer may join more
     assert ceiling["bcubed_precision"] == 1.0 and ceiling["same_answers"] <= result["sightings"] - 1
+    floor = result["answers_floor"]  # people joining every sighting need at least this many answers
+    assert 0 < floor["f1_90"] <= floor["f1_95"] <= result["sightings"] - result["true_individuals"]
+    assert floor["per_sighting_f1_95"] == round(floor["f1_95"] / result["sightings"], 3)
+    # no run joins more with fewer answers unless the machine joined some itself (re-solves, wrong answers)
+    reached = result["answers_to_f1_90"]
+    assert reached is None or reached >= floor["f1_90"] or result["reclustered_before_answers"]["bcubed_recall"] > \
+        result["online"]["bcubed_recall"]
     assert (tmp_path / "report" / "census.png").stat().st_size > 1000
     assert "Census with people in the loop" in (tmp_path / "report" / "report.md").read_text()
     assert "the graph's ceiling" in (tmp_path / "report" / "report.md").read_text()
+    assert "the floor (people join every sighting" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_eval_census_offline_with_the_coat_fits_and_carries_its_components(tmp_path, nyala_rows, nyala_paths):

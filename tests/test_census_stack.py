@@ -512,6 +512,8 @@ async def test_eval_census_protocol_reports_the_curve_and_todays_way(stack, cens
     assert result["tally"]["wrong_answers"] == 0  # --reviewer-error 0
     for key in ("answers_to_f1_90", "answers_to_f1_95"):
         assert result[key] is None or 0 <= result[key] <= 15
+    # 4 animals of 3 one-photo sightings: F1 0.90 needs three joined whole (6 answers), 0.95 all four (8)
+    assert result["answers_floor"] == {"f1_90": 6, "f1_95": 8, "per_sighting_f1_95": 0.667}
     assert result["baseline"]["property"].endswith("-today") and result["baseline"]["curve"][0]["answers"] == 0
     assert json.loads((tmp_path / "census.json").read_text())["curve"] == json.loads(json.dumps(curve))
     assert (tmp_path / "report" / "census.png").exists()

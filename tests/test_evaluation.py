@@ -84,6 +84,51 @@ def test_bcubed_known_example():
     assert b["f1"] == pytest.approx(11 / 15)
 
 
+def _partitions(items: list) -> list[list[list]]:
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for p in _partitions(rest):
+        out.append([[first], *p])
+        out += [[*p[:k], [first, *p[k]], *p[k + 1:]] for k in range(len(p))]
+    return out
+
+
+def test_the_answers_floor_is_the_fewest_joins_of_any_grouping_that_reaches_the_f1():
+    from itertools import product
+
+    from deer_reid.evaluation.metrics import answers_floor
+
+    # animal A: sightings of 3, 1, 1 and 2 photos; B: 2 and 1; C: one sighting of 2 (a photo's sighting is its unit)
+    sizes = {"A": [3, 1, 1, 2], "B": [2, 1], "C": [2]}
+    truth, sightings = [], []
+    for animal, counts in sizes.items():
+        for k, count in enumerate(counts):
+            truth += [animal] * count
+            sightings += [f"{animal}{k}"] * count
+    targets = (0.6, 0.8, 0.9, 0.95, 1.0)
+    floor = answers_floor(truth, sightings, targets)
+    # every grouping of each animal's sightings (people join only one animal), by brute force
+    fewest = {t: None for t in targets}
+    for groups in product(*(_partitions(list(range(len(c)))) for c in sizes.values())):
+        block = {}
+        for animal, grouping in zip(sizes, groups):
+            for b, members in enumerate(grouping):
+                block.update({f"{animal}{k}": f"{animal}-{b}" for k in members})
+        joins = sum(len(c) - len(g) for c, g in zip(sizes.values(), groups))
+        f1 = bcubed([block[s] for s in sightings], truth)["f1"]
+        for t in targets:
+            if f1 >= t - 1e-12 and (fewest[t] is None or joins < fewest[t]):
+                fewest[t] = joins
+    assert floor == fewest and floor[1.0] == 4  # all joined: 3 + 1 + 0
+    assert floor[0.6] == 0 < floor[0.8]  # the sightings apart: recall 0.484, F1 0.652
+    assert answers_floor(truth, sightings, (1.01,)) == {1.01: None}  # no F1 above 1
+    assert answers_floor([], [], (0.9,)) == {0.9: None}
+    with pytest.raises(ValueError):
+        answers_floor(["A"], [], (0.9,))
+
+
 def test_merges_splits_and_review():
     pred = [1, 1, 2, None, 3]
     truth = ["A", "B", "B", "C", "C"]

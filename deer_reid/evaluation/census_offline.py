@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from deer_reid.evaluation.calibration import fit_fusion, split_identities
-from deer_reid.evaluation.census import answers_to, point, sighting_order
+from deer_reid.evaluation.census import answers_to, floor_of_answers, point, sighting_order
 from deer_reid.evaluation.coat import coat_features, coat_matrices, coat_shortlists, service_variants
 from deer_reid.evaluation.dataset import load_dataset
 from deer_reid.evaluation.features import embed_samples
@@ -237,7 +237,9 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
                                   "weights": fusion["weights"]},
         "sightings": len({enc[i] for i in order}), "budget": budget, "reviewer_error": reviewer_error,
         "recluster_every": recluster_every, "refit_rule": refit and asdict(refit), "online": tally.pop("online"),
-        "graph_ceiling": tally.pop("graph_ceiling"), "curve": curve,
+        "graph_ceiling": tally.pop("graph_ceiling"),
+        "answers_floor": floor_of_answers([ids[i] for i in order], [enc[i] for i in order], len({enc[i] for i in order})),
+        "curve": curve,
         "tally": tally,
         "reclustered_before_answers": curve[0], "answers_to_f1_90": answers_to(curve, 0.90),
         "answers_to_f1_95": answers_to(curve, 0.95), "baseline": None,

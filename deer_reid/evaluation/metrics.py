@@ -128,6 +128,43 @@ def bcubed(predicted: Sequence[Hashable], truth: Sequence[Hashable]) -> dict:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def answers_floor(truth: Sequence[Hashable], sightings: Sequence[Hashable],
+                  targets: Sequence[float] = (0.90, 0.95)) -> dict[float, int | None]:
+    """For each B-cubed F1 target, the fewest answers that can reach it when people do all the joining: the
+    sightings (each photo's unit, one animal) start apart, every question asked is a pair that turns out to
+    be one animal, and every answer is right. No question policy and no reviewer does better without the
+    machine joining sightings on its own; None where even every join falls short (no target above 1).
+
+    Precision stays 1, and an animal's share of recall after k of its joins is largest when its k + 1
+    largest sightings are the ones joined: moving a fragment from a smaller joined group to a larger one
+    only adds to the sum of squared group sizes that B-cubed recall counts. So each animal offers a curve
+    of recall against joins, and the cheapest way to a recall across animals is a knapsack over those
+    curves, solved exactly by dynamic programming over the number of joins (`best[m]`: the most recall
+    mass m joins buy)."""
+    if len(truth) != len(sightings):
+        raise ValueError("truth and sightings differ in length")
+    units: dict[Hashable, Counter] = defaultdict(Counter)
+    for t, s in zip(truth, sightings):
+        units[t][(t, s)] += 1  # a sighting of two labelled animals counts as one per animal
+    n = len(truth)
+    joins = sum(len(c) - 1 for c in units.values())
+    best = np.full(joins + 1, -np.inf)
+    best[0] = 0.0
+    reach = 0
+    for counts in units.values():
+        sizes = np.sort(np.fromiter(counts.values(), float))[::-1]
+        total = sizes.sum()
+        gain = (np.cumsum(sizes) ** 2 + (np.sum(sizes ** 2) - np.cumsum(sizes ** 2))) / total  # k = 0 .. len-1
+        merged = np.full(joins + 1, -np.inf)
+        for k, g in enumerate(gain):
+            merged[k:reach + k + 1] = np.maximum(merged[k:reach + k + 1], best[:reach + 1] + g)
+        reach += len(sizes) - 1
+        best = merged
+    recall = best / n if n else best
+    f1 = np.where(recall > 0, 2 * recall / (1 + recall), 0.0)
+    return {t: (int(np.argmax(f1 >= t - 1e-12)) if n and f1.max() >= t - 1e-12 else None) for t in targets}
+
+
 def merges_and_splits(predicted: Sequence[Hashable | None], truth: Sequence[Hashable]) -> dict:
     """False merges and splits over the detections placed in an individual (None: not placed, e.g. review).
 

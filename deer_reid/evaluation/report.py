@@ -230,6 +230,11 @@ def _census_lines(result: dict) -> list[str]:
              f"{result['budget']}.",
              "", f"- answers to F1 0.90: {reached(result['answers_to_f1_90'])}; to F1 0.95: "
              f"{reached(result['answers_to_f1_95'])} ({reached(result['answers_per_sighting_to_f1_95'])} per sighting)"]
+    if result.get("answers_floor"):
+        f = result["answers_floor"]
+        lines.append(f"- the floor (people join every sighting, each question a `same`, each answer right): F1 0.90 "
+                     f"after {reached(f['f1_90'])} answers, 0.95 after {reached(f['f1_95'])} "
+                     f"({reached(f['per_sighting_f1_95'])} per sighting)")
     if result.get("graph_ceiling"):
         c = result["graph_ceiling"]
         lines.append(f"- the graph's ceiling (every pair of it that is one animal answered `same`): F1 "

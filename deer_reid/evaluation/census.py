@@ -199,7 +199,7 @@ def run_census(data: Path, *, mode: str, body_model: str | None, limit: int | No
                    "upload_s": round(upload_s, 1), "budget": budget, "reviewer_error": reviewer_error,
                    "recluster_every": recluster_every, "online": point(0, online, truth)})
     result["answers_floor"] = floor_of_answers([s.identity for s in samples], [s.encounter for s in samples],
-                                    result["sightings"])
+                                               result["sightings"])
     with httpx.Client(base_url=api_url, headers=headers, timeout=120) as client:
         started = time.monotonic()
         curve, tally = ask_and_answer(client, prop, truth, budget=budget, reviewer_error=reviewer_error,

@@ -77,13 +77,14 @@ def answers_to(curve: list[dict], f1: float) -> int | None:
     return next((p["answers"] for p in curve if p["bcubed_f1"] >= f1), None)
 
 
-def floor_of_answers(identities: list[str], sightings: list, count: int) -> dict:
+def floor_of_answers(identities: list[str], sightings: list) -> dict:
     """`answers_floor` for F1 0.90 and 0.95, and the latter per sighting: what the answers could reach at best
     if the machine joined nothing (a target needing more than the budget per sighting is out of reach of any
     question policy, and only stronger machine evidence brings it closer)."""
     at = answers_floor(identities, sightings, (0.90, 0.95))
+    count = len(set(zip(identities, sightings)))
     return {"f1_90": at[0.90], "f1_95": at[0.95],
-            "per_sighting_f1_95": None if at[0.95] is None or not count else round(at[0.95] / count, 3)}
+            "per_sighting_f1_95": None if at[0.95] is None else round(at[0.95] / count, 3)}
 
 
 def ask_and_answer(client: httpx.Client, prop: str, truth: dict[str, str], *, budget: int, reviewer_error: float,
@@ -198,8 +199,7 @@ def run_census(data: Path, *, mode: str, body_model: str | None, limit: int | No
                    "sightings": len({(s.identity, s.encounter) for s in samples}),
                    "upload_s": round(upload_s, 1), "budget": budget, "reviewer_error": reviewer_error,
                    "recluster_every": recluster_every, "online": point(0, online, truth)})
-    result["answers_floor"] = floor_of_answers([s.identity for s in samples], [s.encounter for s in samples],
-                                               result["sightings"])
+    result["answers_floor"] = floor_of_answers([s.identity for s in samples], [s.encounter for s in samples])
     with httpx.Client(base_url=api_url, headers=headers, timeout=120) as client:
         started = time.monotonic()
         curve, tally = ask_and_answer(client, prop, truth, budget=budget, reviewer_error=reviewer_error,

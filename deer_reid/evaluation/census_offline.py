@@ -112,8 +112,8 @@ def simulate(per_component: Mapping[str, np.ndarray], fusion: Mapping, body: str
     """The census of the nodes (the matrices' rows, in upload order) with the labels answering its questions:
     the curve (a point after every re-solve) and the tallies (`online`: the sightings as individuals, before
     any re-solve; `graph_ceiling`: the best its graph allows). `fusion`: the calibration's fusion section;
-    `body`: the component neighbours are drawn by; `kept`: questions a run leaves open; `refit`: the rule to refit the calibration from
-    the answers as the census job does (None: never)."""
+    `body`: the component neighbours are drawn by; `kept`: questions a run leaves open; `refit`: the rule to
+    refit the calibration from the answers as the census job does (None: never)."""
     model = FusionModel.from_artifact({"fusion": fusion, "version_id": "offline"})
     n = len(identities)
     ids = [str(i) for i in range(n)]
@@ -221,9 +221,10 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
         on_edges.update({name: np.where(drawn.mask, m, np.nan) for name, m in scored.items()})
     fusion = fit_fusion(per_component, fit_rows, ids, enc)
     order = [positions[k] for k in sighting_order([samples[i] for i in positions], seed)]
+    order_ids, order_enc = [ids[i] for i in order], [enc[i] for i in order]
     nodes = {name: m[np.ix_(order, order)] for name, m in on_edges.items()}
     refit = RefitRule.of(settings) if refits else None
-    curve, tally = simulate(nodes, fusion, body, [ids[i] for i in order], [enc[i] for i in order], budget=budget,
+    curve, tally = simulate(nodes, fusion, body, order_ids, order_enc, budget=budget,
                             reviewer_error=reviewer_error, recluster_every=recluster_every, seed=seed,
                             neighbours=settings.census_neighbours, candidates_k=settings.candidates_k,
                             assumed_error=settings.census_reviewer_error,
@@ -235,11 +236,10 @@ def run_census_offline(data: Path, *, body_model: str | None, limit: int | None,
         "embedding_versions": {name: loaded.version}, "weights_real": not loaded.random_weights,
         "calibration_fitted_on": {"identities": len(fitted), "pairs": fusion["pairs"],
                                   "weights": fusion["weights"]},
-        "sightings": len({enc[i] for i in order}), "budget": budget, "reviewer_error": reviewer_error,
+        "sightings": len(set(order_enc)), "budget": budget, "reviewer_error": reviewer_error,
         "recluster_every": recluster_every, "refit_rule": refit and asdict(refit), "online": tally.pop("online"),
         "graph_ceiling": tally.pop("graph_ceiling"),
-        "answers_floor": floor_of_answers([ids[i] for i in order], [enc[i] for i in order],
-                                          len({enc[i] for i in order})),
+        "answers_floor": floor_of_answers(order_ids, order_enc),
         "curve": curve,
         "tally": tally,
         "reclustered_before_answers": curve[0], "answers_to_f1_90": answers_to(curve, 0.90),

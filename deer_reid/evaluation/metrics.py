@@ -145,7 +145,7 @@ def answers_floor(truth: Sequence[Hashable], sightings: Sequence[Hashable],
         raise ValueError("truth and sightings differ in length")
     units: dict[Hashable, Counter] = defaultdict(Counter)
     for t, s in zip(truth, sightings):
-        units[t][(t, s)] += 1  # a sighting of two labelled animals counts as one per animal
+        units[t][s] += 1  # a sighting of two labelled animals counts as one per animal
     n = len(truth)
     joins = sum(len(c) - 1 for c in units.values())
     best = np.full(joins + 1, -np.inf)

@@ -47,6 +47,9 @@ async def run_handler(name: str, make_handler: Callable[[Settings], Awaitable[Ha
         batch_wait_ms=settings.batch_wait_ms,
         max_retries=settings.max_retries,
         retry_backoff_ms=settings.retry_backoff_ms,
+        # the reconciler counts a queue whose committed offset stood still for stuck_after_s as stuck: a
+        # batch sized to end within a quarter of that leaves room for one that runs four times slower
+        batch_budget_s=settings.stuck_after_s / 4,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.body.extractor import BodyExtractor
 from services.body.service import BodyHandler
-from shared.broker import BrokerRunner, Handled, consumer_for, producer_for
+from shared.broker import BatchPace, BrokerRunner, Handled, consumer_for, producer_for
 from shared.config import Settings
 from shared.images import crop_jpeg, decode_upload
 from shared.models import load_model
@@ -158,6 +158,72 @@ async def test_an_optional_extractors_bug_is_dead_lettered_as_missing_not_retrie
     assert len(letters) == 1 and letters[0].detection_id == buggy.detection_id
     assert "missing-lut.bin" in letters[0].reason
     assert letters[0].fails_detection is False  # coat, antler and pose are optional: missing, not failed
+
+
+def test_a_batch_is_sized_to_end_within_its_budget_and_grows_back_from_one_after_an_idle_fetch():
+    """The reconciler sees a queue flow by its committed offset, which moves once a batch: a batch must end
+    well within its patience. The pace (seconds a record) is taken at once when it slows, half-way when it
+    quickens; after an idle fetch the size starts from one and at most doubles."""
+    pace = BatchPace(16, budget_s=2.0)
+    assert [pace.size()] == [1]  # nothing known: one record, then twice the last
+    sizes = []
+    for _ in range(6):
+        sizes.append(pace.size())
+        pace.handled(sizes[-1], 0.01 * sizes[-1])
+    assert sizes == [1, 2, 4, 8, 16, 16]
+    pace.handled(16, 16 * 0.5)  # the work slowed to 0.5 s a record: 4 fit in 2 s, from the next batch on
+    assert pace.per_record_s == 0.5 and pace.size() == 4
+    pace.handled(4, 4 * 0.1)  # one quick batch: trusted half-way (0.3 s a record)
+    assert pace.per_record_s == pytest.approx(0.3) and pace.size() == 6
+    pace.handled(6, 60.0)  # slower than the whole budget: one record at a time, never none
+    assert pace.size() == 1
+    pace.handled(0, 0.0)  # idle: one record first whatever the pace
+    assert pace.size() == 1
+    unbounded = BatchPace(16)  # no budget (a runner outside a stack): the doubling alone
+    for n in (1, 2, 4, 8, 16):
+        unbounded.handled(n, 100.0 * n)
+    assert unbounded.size() == 16
+
+
+class _Slow:
+    """A handler that takes `seconds` a record and remembers its batches' sizes."""
+
+    name = "slow-test"
+    input_schema = DetectionEvent
+
+    def __init__(self, topic: Topic, seconds: float):
+        self.input_topics = (topic,)
+        self.seconds = seconds
+        self.sizes: list[int] = []
+
+    async def handle(self, events):
+        self.sizes.append(len(events))
+        await asyncio.sleep(self.seconds * len(events))
+        return [Handled([]) for _ in events]
+
+
+async def test_a_slow_handlers_batches_end_within_the_budget_on_the_broker(broker):
+    """Twenty events waiting, 0.2 s a record and a 0.7 s budget: the runner takes 1, 2, then 3 at a time
+    (never the 16 it may), so its committed offset moves at least every 0.7 s or so."""
+    topic = Topic(f"test.pace.{uuid.uuid4().hex[:8]}", 1)
+    await ensure_topics(broker.bootstrap, (topic, dead_letter_of(topic)))
+    producer = producer_for(broker.bootstrap, "test")
+    await producer.start()
+    for _ in range(20):
+        await producer.send_and_wait(topic.name, detection(b"x").to_bytes(), key=b"k")
+    await producer.stop()
+    handler = _Slow(topic, 0.2)
+    runner = BrokerRunner(handler, broker.bootstrap, batch_max=16, batch_wait_ms=100, batch_budget_s=0.7,
+                          group=f"pace-{uuid.uuid4().hex[:8]}")
+    task = asyncio.create_task(runner.run())
+    try:
+        await until(lambda: sum(handler.sizes), lambda n: n >= 20, timeout=60,
+                    what="the twenty events to be handled")
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 60)
+    assert sum(handler.sizes) == 20 and handler.sizes[:3] == [1, 2, 3], handler.sizes
+    assert max(handler.sizes) == 3, handler.sizes
 
 
 class _Idle:

@@ -151,6 +151,47 @@ def test_a_detection_is_queued_while_its_event_waits_in_a_queue_that_flows():
     assert watch.flowing({d: Position({0: 9}, {0: 12}), coat: Position({0: 1}, {0: 9})}, 10, now=131.0) == {(coat, 0)}
 
 
+def test_a_partition_waiting_its_turn_in_a_queue_that_moves_flows_until_the_queue_has_passed_it_by():
+    """One consumer serves its partitions in turns: one that stands still past the window while the queue
+    moves is waiting its turn, until the queue has committed as much as ever waited in it at once since the
+    partition last moved (then it is passed over: stuck), the queue itself stands still for the window, or
+    the partition has stood still for `longest_s`."""
+    from shared.topics import DETECTIONS
+
+    coat = ("deer-coat", DETECTIONS.name)
+    watch = QueueWatch()
+
+    def flows(committed: dict, end: dict, now: float) -> set:
+        return {p for _, p in watch.flowing({coat: Position(committed, end)}, 10, now=now, longest_s=60)}
+
+    end = {0: 10, 1: 10, 2: 10}  # thirty wait at once
+    assert flows({}, end, 0.0) == {0, 1, 2}
+    assert flows({0: 4}, end, 8.0) == {0, 1, 2}
+    # 2 stood still for 15 s, 1 for 12 s, yet the queue moves and has served 4 + 2 of the 30: their turns come
+    assert flows({0: 8, 1: 2}, end, 15.0) == {0, 1, 2}
+    assert flows({0: 10, 1: 10}, end, 40.0) == {0, 1, 2}  # 20 served: still fewer than the 30
+    assert flows({0: 10, 1: 10, 2: 3}, end, 45.0) == {0, 1, 2}  # 2's turn came
+    # passed over: the queue served more than ever waited in it since 2 last moved, and 2 never moved
+    watch = QueueWatch()
+    assert flows({}, {0: 30, 1: 4}, 0.0) == {0, 1}
+    assert flows({0: 20}, {0: 40, 1: 4}, 15.0) == {0, 1}  # 20 served, 34 waited at once (peak since 1 moved)
+    assert flows({0: 36}, {0: 40, 1: 4}, 20.0) == {0}  # 36 served while 1 stood still: it is being passed over
+    # a queue that stood still for the window holds no one's turn
+    watch = QueueWatch()
+    assert flows({}, end, 0.0) == {0, 1, 2}
+    assert flows({0: 5}, end, 5.0) == {0, 1, 2}
+    assert flows({0: 5}, end, 16.0) == frozenset()
+    # nor does any partition stand still past longest_s, however long the queue
+    watch = QueueWatch()
+    big = {0: 10_000, 1: 10}
+    assert flows({}, big, 0.0) == {0, 1}
+    assert flows({0: 100}, big, 50.0) == {0, 1} and flows({0: 120}, big, 61.0) == {0}
+    # without longest_s only the window counts, as before
+    watch = QueueWatch()
+    assert watch.flowing({coat: Position({}, end)}, 10, now=0.0) == {(coat, p) for p in end}
+    assert watch.flowing({coat: Position({0: 8}, end)}, 10, now=15.0) == {(coat, 0)}
+
+
 def test_a_join_waits_past_its_deadline_only_on_components_whose_queues_flow():
     """The adaptive join deadline: a missing component whose work is behind in a queue that moves is waited
     for one more deadline; one whose queue stands still (stuck, or its service down), or whose queue has

@@ -274,24 +274,27 @@ class BatchPace:
         self.per_record_s: float | None = None
         self._last = 0  # the last batch's size; 0 after an idle fetch
 
+    def _paced(self) -> int:
+        """The most records the pace fits in the budget (batch_max when either is not known)."""
+        if not (self.budget_s and self.per_record_s):
+            return self.batch_max
+        return min(self.batch_max, max(1, int(self.budget_s / self.per_record_s)))
+
     def size(self) -> int:
-        cap = min(self.batch_max, max(1, 2 * self._last))
-        if self.budget_s and self.per_record_s:
-            cap = min(cap, max(1, int(self.budget_s / self.per_record_s)))
-        return cap
+        return min(self._paced(), max(1, 2 * self._last))
 
     def handled(self, records: int, seconds: float) -> None:
-        """A batch of `records` took `seconds` to handle (0 records: an idle fetch). A slower pace is taken
-        at once; a faster one is trusted half-way each batch, so one quick batch does not size the next
-        from an outlier."""
+        """A batch of `records` took `seconds` to handle (0 records: an idle fetch). A slower pace from a
+        batch as large as the pace allowed is taken at once; a faster one, or one from a smaller batch
+        (slow start, or nothing more waiting: a batch's fixed cost weighs on few records), is trusted
+        half-way, so one such batch does not size the next on its own."""
+        if records > 0:
+            pace = seconds / records
+            if self.per_record_s is None or (pace >= self.per_record_s and records >= self._paced()):
+                self.per_record_s = pace
+            else:
+                self.per_record_s = (self.per_record_s + pace) / 2
         self._last = records
-        if records <= 0:
-            return
-        pace = seconds / records
-        if self.per_record_s is None or pace >= self.per_record_s:
-            self.per_record_s = pace
-        else:
-            self.per_record_s = (self.per_record_s + pace) / 2
 
 
 class BrokerRunner:

@@ -49,6 +49,7 @@ async def run_handler(name: str, make_handler: Callable[[Settings], Awaitable[Ha
         retry_backoff_ms=settings.retry_backoff_ms,
         # the reconciler counts a queue whose committed offset stood still for stuck_after_s as stuck: a
         # batch sized to end within a quarter of that leaves room for one that runs four times slower
+        # (every service must read the reconciler's DEER_STUCK_AFTER_S: compose, Stack and k8s share it)
         batch_budget_s=settings.stuck_after_s / 4,
     )
     loop = asyncio.get_running_loop()

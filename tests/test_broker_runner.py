@@ -162,8 +162,9 @@ async def test_an_optional_extractors_bug_is_dead_lettered_as_missing_not_retrie
 
 def test_a_batch_is_sized_to_end_within_its_budget_and_grows_back_from_one_after_an_idle_fetch():
     """The reconciler sees a queue flow by its committed offset, which moves once a batch: a batch must end
-    well within its patience. The pace (seconds a record) is taken at once when it slows, half-way when it
-    quickens; after an idle fetch the size starts from one and at most doubles."""
+    well within its patience. The pace (seconds a record) is taken at once when a batch as large as it
+    allowed was slower, half-way otherwise; after an idle fetch the size starts from one and at most
+    doubles."""
     pace = BatchPace(16, budget_s=2.0)
     assert [pace.size()] == [1]  # nothing known: one record, then twice the last
     sizes = []
@@ -179,6 +180,12 @@ def test_a_batch_is_sized_to_end_within_its_budget_and_grows_back_from_one_after
     assert pace.size() == 1
     pace.handled(0, 0.0)  # idle: one record first whatever the pace
     assert pace.size() == 1
+    # after a pause, one record that carries a batch's fixed cost (or a model's warm-up) is averaged in
+    warm = BatchPace(16, budget_s=2.0)
+    warm.handled(16, 16 * 0.01)
+    warm.handled(0, 0.0)
+    warm.handled(1, 1.0)
+    assert warm.per_record_s == pytest.approx(0.505) and warm.size() == 2
     unbounded = BatchPace(16)  # no budget (a runner outside a stack): the doubling alone
     for n in (1, 2, 4, 8, 16):
         unbounded.handled(n, 100.0 * n)
@@ -203,8 +210,8 @@ class _Slow:
 
 
 async def test_a_slow_handlers_batches_end_within_the_budget_on_the_broker(broker):
-    """Twenty events waiting, 0.2 s a record and a 0.7 s budget: the runner takes 1, 2, then 3 at a time
-    (never the 16 it may), so its committed offset moves at least every 0.7 s or so."""
+    """Twenty events waiting, 0.2 s a record at least and a 0.7 s budget: the runner starts from one and
+    never takes more than 3 at a time (not the 16 it may), so its committed offset moves about every 0.7 s."""
     topic = Topic(f"test.pace.{uuid.uuid4().hex[:8]}", 1)
     await ensure_topics(broker.bootstrap, (topic, dead_letter_of(topic)))
     producer = producer_for(broker.bootstrap, "test")
@@ -222,8 +229,8 @@ async def test_a_slow_handlers_batches_end_within_the_budget_on_the_broker(broke
     finally:
         runner.stop()
         await asyncio.wait_for(task, 60)
-    assert sum(handler.sizes) == 20 and handler.sizes[:3] == [1, 2, 3], handler.sizes
-    assert max(handler.sizes) == 3, handler.sizes
+    assert sum(handler.sizes) == 20 and handler.sizes[0] == 1, handler.sizes
+    assert 2 <= max(handler.sizes) <= 3, handler.sizes  # grown from one, and within the budget
 
 
 class _Idle:

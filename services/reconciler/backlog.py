@@ -143,9 +143,10 @@ class _Standing:
     """Since when one (queue, partition) has stood still with work waiting, and what its queue did since."""
 
     offset: int  # the group's committed offset then
+    end: int  # the partition's log end then (a lower one later: the log was re-created)
     since: float  # when the offset last moved, or last had nothing waiting
     served: int  # the queue's messages committed up to then (`QueueWatch._served`)
-    peak: int  # the most messages waiting in the whole queue at any round since
+    ahead: int  # the most messages waiting in the queue's other partitions at any round since
 
 
 class QueueWatch:
@@ -158,19 +159,20 @@ class QueueWatch:
     longer than the window while the queue around it moves (seen on a loaded 2-core runner: one coat
     consumer at 1.4 s a detection left 3 of its 8 partitions unmoved for over 8 s, and their joins were
     decided without coat). So a partition that stood still longer than the window still flows while the
-    queue moved within the window and has committed fewer messages since the partition last moved than the
-    most that waited in the queue at once since then: its turn may yet come. Once the queue has served
-    that much and the partition is still passed over, or the queue itself stood still for the window, or
-    the partition stood still for `longest_s`, it is stuck (a wedged consumer, or a fetcher stuck on it)."""
+    queue moved within the window and has committed, since the partition last moved, no more than the
+    most that waited in the queue's other partitions at once since then, plus `slack` (a batch in
+    flight): its turn may yet come. Once the queue has served more and the partition is still passed over
+    (a fetcher wedged on it, or a hung replica holding it while others work), or the queue itself stood
+    still for the window, or the partition stood still for `longest_s`, it is stuck."""
 
     def __init__(self):
         self._standing: dict[tuple[Queue, int], _Standing] = {}
+        self._offsets: dict[tuple[Queue, int], int] = {}  # each partition's committed offset at the last round
         self._served: dict[Queue, int] = {}  # messages the queue's group committed, summed over rounds
-        self._committed: dict[Queue, int] = {}  # the queue's committed offsets, summed, at the last round
-        self._moved: dict[Queue, float] = {}  # when the queue's committed offsets last moved forward
+        self._queue_moved_at: dict[Queue, float] = {}  # when some partition of the queue last moved forward
 
     def flowing(self, positions: Mapping[Queue, Position], within_s: float, now: float | None = None,
-                longest_s: float | None = None) -> frozenset:
+                longest_s: float | None = None, slack: int = 0) -> frozenset:
         """(queue, partition) that flow: moved, or had nothing waiting, within `within_s` (a first sighting
         counts as a move), or wait their turn in a queue that moves (the class's rule), for at most
         `longest_s` (default: `within_s`, which leaves that rule out)."""
@@ -178,23 +180,27 @@ class QueueWatch:
         longest_s = within_s if longest_s is None else longest_s
         out = set()
         for queue, position in positions.items():
-            committed = sum(position.committed.get(p, 0) for p in position.end)
-            # a broker restarted empty starts the offsets again: a fall is not work served
-            moved_by = max(0, committed - self._committed.get(queue, committed))
-            self._committed[queue] = committed
-            served = self._served[queue] = self._served.get(queue, 0) + moved_by
-            if moved_by or queue not in self._moved:
-                self._moved[queue] = now
-            waiting = lag(position)
-            queue_moves = now - self._moved[queue] <= within_s
+            # work served is each partition's gain; a first sighting, or a fall (a broker restarted empty
+            # starts the offsets again), only sets the partition's baseline
+            gained = 0
             for p in position.end:
                 offset = position.committed.get(p, 0)
+                gained += max(0, offset - self._offsets.get((queue, p), offset))
+                self._offsets[(queue, p)] = offset
+            served = self._served[queue] = self._served.get(queue, 0) + gained
+            if gained or queue not in self._queue_moved_at:
+                self._queue_moved_at[queue] = now
+            queue_moves = now - self._queue_moved_at[queue] <= within_s
+            waiting = lag(position)
+            for p, end in position.end.items():
+                offset = position.committed.get(p, 0)
+                ahead = waiting - max(0, end - offset)
                 standing = self._standing.get((queue, p))
-                if standing is None or standing.offset != offset or not position.waiting(p):
-                    standing = self._standing[(queue, p)] = _Standing(offset, now, served, waiting)
-                standing.peak = max(standing.peak, waiting)
+                if standing is None or standing.offset != offset or end < standing.end or not position.waiting(p):
+                    standing = self._standing[(queue, p)] = _Standing(offset, end, now, served, ahead)
+                standing.end, standing.ahead = end, max(standing.ahead, ahead)
                 still_s = now - standing.since
                 if still_s <= within_s or (still_s <= longest_s and queue_moves
-                                           and served - standing.served < standing.peak):
+                                           and served - standing.served <= standing.ahead + slack):
                     out.add((queue, p))
         return frozenset(out)

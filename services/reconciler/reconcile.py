@@ -157,8 +157,10 @@ class StuckWork:
         if positions is not None:
             for (group, topic), position in positions.items():
                 GROUP_LAG.labels(group, topic).set(lag(position))
-            # a partition waiting its turn in a queue that moves counts as queued for up to queued_max_s
-            flowing = self.watch.flowing(positions, self.settings.stuck_after_s, longest_s=self.settings.queued_max_s)
+            # a partition waiting its turn in a queue that moves counts as queued for up to queued_max_s; a
+            # batch of the consumer's in flight is the slack of what it may serve before that turn
+            flowing = self.watch.flowing(positions, self.settings.stuck_after_s, longest_s=self.settings.queued_max_s,
+                                         slack=self.settings.batch_max)
             backlog = dataclasses.replace(backlog_of(positions), flowing=flowing)
         self.backlog = backlog
         _, _, self.queued = await reconcile_once(self.pool, self.settings.stuck_after_s, self.settings.max_attempts,

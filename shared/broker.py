@@ -181,8 +181,8 @@ class _PositionFromCommitted(ConsumerRebalanceListener):
     Against the ends Tansu reports, short by up to a batch (shared.log_end), an offset is surely past
     only beyond RECREATED_SLACK; one within the slack is checked against the true end, read by a
     consumer of its own (`true_end_offsets`). Going by the slack alone, a group that had committed 1 to
-    16 on a partition before the restart skipped the first events of its new log (a restart test saw 3
-    detections re-published again and again into those offsets, never read).
+    16 on a partition before the restart skipped the first events of its new log (likely why a restart
+    test once left 3 detections re-published again and again, never read).
     """
 
     def __init__(self, consumer: AIOKafkaConsumer, bootstrap: str):

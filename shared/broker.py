@@ -167,6 +167,22 @@ def producer_for(bootstrap: str, client_id: str) -> AIOKafkaProducer:
     )
 
 
+async def read_true_ends(bootstrap: str, partitions: list[TopicPartition], timeout_s: float
+                         ) -> dict[TopicPartition, int]:
+    """The partitions' true ends (`true_end_offsets`), read by a consumer of its own, in no group, whose
+    start and reading are each abandoned after `timeout_s` (asyncio.TimeoutError)."""
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000,
+                              max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+    try:
+        await abandon_after(reader.start(), timeout_s)
+        return await abandon_after(true_end_offsets(reader, partitions), timeout_s)
+    finally:
+        try:
+            await abandon_after(reader.stop(), 2.0)
+        except Exception as exc:  # noqa: BLE001 - a failed clean-up must not hide the answer or its error
+            log.warning("an end-offsets reader did not stop cleanly: %r", exc)
+
+
 class _PositionFromCommitted(ConsumerRebalanceListener):
     """On every assignment, start from the committed offset, or from the beginning when there is none
     or when it lies past the end of the log.
@@ -195,19 +211,11 @@ class _PositionFromCommitted(ConsumerRebalanceListener):
     async def _true_ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         """The partitions' true ends; none where they cannot be read soon (this runs inside the group's
         rebalance, and right after a restart the broker may hang)."""
-        reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                  request_timeout_ms=5_000, max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
         try:
-            await abandon_after(reader.start(), 5.0)
-            return await abandon_after(true_end_offsets(reader, partitions), 5.0)
+            return await read_true_ends(self.bootstrap, partitions, 5.0)
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:
             log.warning("cannot read the true end offsets of %s: %r", sorted(partitions), exc)
             return {}
-        finally:
-            try:
-                await abandon_after(reader.stop(), 2.0)
-            except (KafkaError, asyncio.TimeoutError, OSError) as exc:
-                log.warning("an end-offsets reader did not stop cleanly: %r", exc)
 
     async def on_partitions_assigned(self, assigned) -> None:
         if not assigned:

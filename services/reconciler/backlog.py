@@ -142,7 +142,7 @@ def backlog_of(positions: dict[Queue, Position], body_group: str = BODY_GROUP,
 class _Standing:
     """Since when one (queue, partition) has stood still with work waiting, and what its queue did since."""
 
-    offset: int  # the group's committed offset then
+    offset: int  # the group's committed offset then, and at the last round (a move starts a new standing)
     end: int  # the partition's log end then (a lower one later: the log was re-created)
     since: float  # when the offset last moved, or last had nothing waiting
     served: int  # the queue's messages committed up to then (`QueueWatch._served`)
@@ -167,7 +167,6 @@ class QueueWatch:
 
     def __init__(self):
         self._standing: dict[tuple[Queue, int], _Standing] = {}
-        self._offsets: dict[tuple[Queue, int], int] = {}  # each partition's committed offset at the last round
         self._served: dict[Queue, int] = {}  # messages the queue's group committed, summed over rounds
         self._queue_moved_at: dict[Queue, float] = {}  # when some partition of the queue last moved forward
 
@@ -180,13 +179,12 @@ class QueueWatch:
         longest_s = within_s if longest_s is None else longest_s
         out = set()
         for queue, position in positions.items():
-            # work served is each partition's gain; a first sighting, or a fall (a broker restarted empty
-            # starts the offsets again), only sets the partition's baseline
+            # work served is each partition's gain over its offset at the last round (its standing's); a first
+            # sighting, or a fall (a broker restarted empty starts the offsets again), gains nothing
             gained = 0
             for p in position.end:
-                offset = position.committed.get(p, 0)
-                gained += max(0, offset - self._offsets.get((queue, p), offset))
-                self._offsets[(queue, p)] = offset
+                offset, standing = position.committed.get(p, 0), self._standing.get((queue, p))
+                gained += max(0, offset - standing.offset) if standing is not None else 0
             served = self._served[queue] = self._served.get(queue, 0) + gained
             if gained or queue not in self._queue_moved_at:
                 self._queue_moved_at[queue] = now

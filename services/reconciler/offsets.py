@@ -9,13 +9,12 @@ import asyncio
 import logging
 from typing import Sequence
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.reconciler.backlog import ANTLER_GROUP, BODY_GROUP, COAT_GROUP, FUSION_GROUP, POSE_GROUP, Backlog, \
     Position, Queue, backlog_of
-from shared.broker import abandon_after, refuse_topic_auto_creation
-from shared.log_end import true_end_offsets
+from shared.broker import abandon_after, read_true_ends, refuse_topic_auto_creation
 from shared.topics import DETECTIONS, FEATURES_ANTLER, FEATURES_BODY, FEATURES_COAT, FEATURES_POSE, \
     JOIN_DEADLINES, POSE_REQUESTS, Topic
 
@@ -53,11 +52,9 @@ async def read_backlog(bootstrap: str, body_group: str = BODY_GROUP, fusion_grou
 async def _read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]]) -> dict[Queue, Position] | None:
     refuse_topic_auto_creation()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000)
     try:
         await admin.start()
-        await consumer.start()
-        ends = await _ends(consumer, list({t.name: t for _, t in pairs}.values()))
+        ends = await _ends(bootstrap, list({t.name: t for _, t in pairs}.values()))
         positions = {}
         for group in dict.fromkeys(g for g, _ in pairs):
             mine = [t for g, t in pairs if g == group]
@@ -69,11 +66,10 @@ async def _read_positions(bootstrap: str, pairs: Sequence[tuple[str, Topic]]) ->
         log.warning("reconciler: cannot read the consumer groups' offsets (%r): going by time alone", exc)
         return None
     finally:
-        for closing in (consumer.stop, admin.close):
-            try:
-                await closing()
-            except Exception as exc:  # noqa: BLE001 - a failed clean-up must not fail the round
-                log.warning("reconciler: closing an offsets client: %r", exc)
+        try:
+            await admin.close()
+        except Exception as exc:  # noqa: BLE001 - a failed clean-up must not fail the round
+            log.warning("reconciler: closing an offsets client: %r", exc)
     return positions
 
 
@@ -89,9 +85,9 @@ async def _committed(admin: AIOKafkaAdminClient, group: str, topics: list[Topic]
     return out
 
 
-async def _ends(consumer: AIOKafkaConsumer, topics: list[Topic]) -> dict[str, dict[int, int]]:
+async def _ends(bootstrap: str, topics: list[Topic]) -> dict[str, dict[int, int]]:
     """topic name -> partition -> the log's true end, for all the topics in one round trip of each kind."""
     out: dict[str, dict[int, int]] = {t.name: {} for t in topics}
-    for tp, end in (await true_end_offsets(consumer, _partitions(topics))).items():
+    for tp, end in (await read_true_ends(bootstrap, _partitions(topics), BROKER_CALL_S)).items():
         out[tp.topic][tp.partition] = end
     return out
